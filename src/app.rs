@@ -1,0 +1,193 @@
+//! Wiring: builds every part from a config, runs them on one task tracker, and shuts them
+//! down in order (stop intake, flush and ack, close) when the token fires.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{self, BrokerChoice};
+use crate::config::Config;
+use crate::ingest::Ingest;
+use crate::mqtt::{MqttHandle, MqttLink};
+use crate::observability::Metrics;
+use crate::simulate::{self, SimConfig};
+use crate::store::{self, Committed, Store};
+use crate::web;
+
+/// How long shutdown may take before we stop waiting.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Options of `telebridge run` beyond the config file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Also start simulated devices.
+    pub demo: bool,
+}
+
+/// Shared state the HTTP side reads.
+#[derive(Clone)]
+pub struct Shared {
+    /// Read access to storage.
+    pub store: Store,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The MQTT link.
+    pub mqtt: MqttHandle,
+    /// Seq of the last committed reading.
+    pub last_seq: watch::Receiver<i64>,
+}
+
+/// A built, not yet running, daemon.
+pub struct App {
+    config: Config,
+    options: RunOptions,
+    shared: Shared,
+    broker: BrokerChoice,
+    link: MqttLink,
+    writer: store::Writer,
+    committed: Committed,
+    http: web::Server,
+}
+
+impl App {
+    /// Starts the broker if needed, opens storage and binds the HTTP listener.
+    pub async fn build(config: Config, options: RunOptions) -> anyhow::Result<App> {
+        let broker = broker::start(&config.broker)?;
+        let (store, writer) = Store::open(&config.storage)
+            .await
+            .with_context(|| format!("opening storage at {}", config.storage.path.display()))?;
+        let metrics = Arc::new(Metrics::default());
+        let link = MqttLink::new(&config.mqtt, &config.topics, metrics.clone());
+        let (last_seq_tx, last_seq) = watch::channel(0);
+        let shared = Shared {
+            store,
+            metrics,
+            mqtt: link.handle(),
+            last_seq,
+        };
+        let http = web::Server::bind(config.http.listen, shared.clone())
+            .await
+            .with_context(|| format!("listening for HTTP on {}", config.http.listen))?;
+        Ok(App {
+            config,
+            options,
+            shared,
+            broker,
+            link,
+            writer,
+            committed: Committed {
+                last_seq: last_seq_tx,
+            },
+            http,
+        })
+    }
+
+    /// The address the HTTP server listens on.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr()
+    }
+
+    /// Whether the embedded broker was started.
+    pub fn broker(&self) -> BrokerChoice {
+        self.broker
+    }
+
+    /// Runs until `shutdown` fires, then stops intake, commits and acknowledges everything
+    /// pending, and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let App {
+            config,
+            options,
+            shared,
+            link,
+            writer,
+            committed,
+            http,
+            ..
+        } = self;
+        let tracker = TaskTracker::new();
+        let writer_done = CancellationToken::new();
+
+        let (items_tx, items_rx) = mpsc::channel(config.storage.queue);
+        let (control_tx, control_rx) = mpsc::channel(16);
+        let acker = Box::new(link.acker());
+        {
+            let metrics = shared.metrics.clone();
+            let storage = config.storage.clone();
+            let done = writer_done.clone();
+            tracker.spawn(async move {
+                writer
+                    .run(storage, items_rx, control_rx, acker, metrics, committed)
+                    .await;
+                done.cancel();
+            });
+        }
+        let ingest = Arc::new(Ingest::new(
+            config.topics.clone(),
+            config.mqtt.max_payload,
+            shared.metrics.clone(),
+        ));
+        tracker.spawn(link.run(
+            ingest,
+            items_tx,
+            shutdown.child_token(),
+            writer_done.clone(),
+        ));
+        tracker.spawn(store::run_housekeeping(
+            control_tx,
+            config.storage.retention,
+            config.storage.retention_interval,
+            config.presence.timeout,
+            shutdown.child_token(),
+        ));
+        tracker.spawn(http.run(shutdown.child_token()));
+        if options.demo {
+            let sim = SimConfig {
+                url: config.mqtt.url.clone(),
+                devices: 5,
+                rate: 1.0,
+                prefix: "demo".into(),
+                topics: config.topics.clone(),
+            };
+            simulate::spawn(&sim, &tracker, &shutdown.child_token()).map_err(anyhow::Error::msg)?;
+            tracing::info!(devices = sim.devices, "demo: simulated devices started");
+        }
+        tracker.close();
+        tracing::info!(
+            http = %shared_addr(&config),
+            mqtt = %config.mqtt.url,
+            db = %config.storage.path.display(),
+            "telebridge running"
+        );
+
+        shutdown.cancelled().await;
+        tracing::info!(
+            "shutting down: stopping intake, committing and acknowledging pending readings"
+        );
+        if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
+            .await
+            .is_err()
+        {
+            anyhow::bail!(
+                "shutdown took longer than {SHUTDOWN_DEADLINE:?}; some tasks were abandoned"
+            );
+        }
+        tracing::info!(
+            stored = shared
+                .metrics
+                .stored
+                .load(std::sync::atomic::Ordering::Relaxed),
+            "stopped cleanly"
+        );
+        Ok(())
+    }
+}
+
+fn shared_addr(config: &Config) -> String {
+    format!("http://{}/", config.http.listen)
+}

@@ -1,0 +1,887 @@
+//! The TOML configuration: strict serde structs, defaults, and validation that reports
+//! every problem with its key and line instead of stopping at the first.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+use toml::de::{DeTable, DeValue};
+
+use crate::domain::TopicTemplate;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The embedded MQTT broker.
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    /// The MQTT client connection.
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    /// Topic templates.
+    #[serde(default)]
+    pub topics: TopicsConfig,
+    /// The HTTP server (dashboard, SSE, WebSocket, API).
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// SQLite storage.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// Device presence.
+    #[serde(default)]
+    pub presence: PresenceConfig,
+    /// Operator commands.
+    #[serde(default)]
+    pub commands: CommandsConfig,
+    /// Access tokens.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// How the embedded broker is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerMode {
+    /// Start the embedded broker only when nothing listens at `listen`.
+    #[default]
+    Auto,
+    /// Always start the embedded broker.
+    Embedded,
+    /// Never start it; connect to `[mqtt] url`.
+    External,
+}
+
+/// `[broker]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// auto, embedded or external.
+    pub mode: BrokerMode,
+    /// Where the embedded broker listens.
+    pub listen: SocketAddr,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            mode: BrokerMode::Auto,
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+        }
+    }
+}
+
+/// A broker address from `mqtt://host:port` (or `mqtts://` for TLS).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct MqttUrl {
+    /// Whether the URL asks for TLS.
+    pub tls: bool,
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl TryFrom<String> for MqttUrl {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl std::str::FromStr for MqttUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(r) = s.strip_prefix("mqtt://") {
+            (false, r)
+        } else if let Some(r) = s.strip_prefix("mqtts://") {
+            (true, r)
+        } else {
+            return Err(format!("{s:?} is not an MQTT URL: write mqtt://HOST:PORT"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                let port = p
+                    .parse::<u16>()
+                    .map_err(|_| format!("{p:?} is not a port number in {s:?}"))?;
+                (h, port)
+            }
+            _ => (rest, if tls { 8883 } else { 1883 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') {
+            return Err(format!("{s:?} has no valid host"));
+        }
+        Ok(Self {
+            tls,
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for MqttUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A secret that never prints.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// `[mqtt]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// The broker to connect to.
+    pub url: MqttUrl,
+    /// Our client id; fixed, so the broker keeps our session across restarts.
+    pub client_id: String,
+    /// Optional user name.
+    pub username: Option<String>,
+    /// Optional password.
+    pub password: Option<Secret>,
+    /// Subscription QoS for telemetry and status (0, 1 or 2).
+    pub qos: u8,
+    /// MQTT keep-alive interval.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Largest telemetry payload stored, in bytes; larger ones are rejected and counted.
+    pub max_payload: usize,
+    /// Optional shared-subscription group so several instances split the ingest.
+    pub shared_group: Option<String>,
+    /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            url: MqttUrl {
+                tls: false,
+                host: "127.0.0.1".into(),
+                port: 1883,
+            },
+            client_id: "telebridge".into(),
+            username: None,
+            password: None,
+            qos: 1,
+            keep_alive: Duration::from_secs(30),
+            max_payload: 65_536,
+            shared_group: None,
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[topics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    /// Devices publish readings here.
+    pub telemetry: TopicTemplate,
+    /// Devices publish `online` / `offline` here (retained, and as last will).
+    pub status: TopicTemplate,
+    /// telebridge publishes commands here.
+    pub command: TopicTemplate,
+    /// Devices answer commands here.
+    pub ack: TopicTemplate,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        let t = |s| TopicTemplate::parse(s).expect("default template is valid");
+        Self {
+            telemetry: t("devices/{device}/telemetry"),
+            status: t("devices/{device}/status"),
+            command: t("devices/{device}/commands"),
+            ack: t("devices/{device}/commands/ack"),
+        }
+    }
+}
+
+impl TryFrom<String> for TopicTemplate {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        TopicTemplate::parse(&s).map_err(|e| format!("topic template {s:?} {e}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for TopicTemplate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        TopicTemplate::try_from(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where the dashboard, SSE, WebSocket and API listen.
+    pub listen: SocketAddr,
+    /// Origins allowed to open WebSockets and call the API from a browser.
+    pub allowed_origins: Vec<String>,
+    /// SSE heartbeat comment interval.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Listen beyond loopback even with no tokens configured.
+    pub allow_public_without_auth: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            allowed_origins: Vec::new(),
+            heartbeat: Duration::from_secs(15),
+            allow_public_without_auth: false,
+        }
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// SQLite database file.
+    pub path: PathBuf,
+    /// Readings older than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the retention task runs.
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
+    /// Most readings committed in one transaction.
+    pub batch_size: usize,
+    /// How long a batch may wait for more readings before it is committed.
+    #[serde(with = "humantime_serde")]
+    pub batch_delay: Duration,
+    /// Readings waiting for the writer; when full, MQTT intake pauses (back-pressure).
+    pub queue: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("telebridge.db"),
+            retention: Duration::from_secs(30 * 86_400),
+            retention_interval: Duration::from_secs(60),
+            batch_size: 1000,
+            batch_delay: Duration::ZERO,
+            queue: 10_000,
+        }
+    }
+}
+
+/// `[presence]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// A device silent for this long is marked offline.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[commands]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// How long a sent command waits for the device's ack.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long a command for an offline device may wait in the queue.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A role that a token grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Feeds, history and the device list.
+    Viewer,
+    /// Also commands.
+    Operator,
+}
+
+/// One `[[auth.tokens]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds the token.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// SHA-256 of the token, hex.
+    pub hash: Secret,
+    /// Device id globs it may see.
+    #[serde(default = "all_devices")]
+    pub devices: Vec<String>,
+}
+
+fn all_devices() -> Vec<String> {
+    vec!["*".into()]
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Tokens; none means no authentication (loopback only).
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `telebridge=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+    /// text or json.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key, such as `mqtt.qos`.
+    pub key: String,
+    /// 1-based line, when the key is in the file.
+    pub line: Option<usize>,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}: {}", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file has problems.
+    #[error("config file {path} has {} problem(s):\n{}", problems.len(), ProblemList(problems))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+}
+
+struct ProblemList<'a>(&'a [Problem]);
+
+impl fmt::Display for ProblemList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for p in self.0 {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Keys each section accepts; kept in step with the structs by a test on `config.toml`.
+const SCHEMA: &[(&str, &[&str])] = &[
+    ("broker", &["mode", "listen"]),
+    (
+        "mqtt",
+        &[
+            "url",
+            "client_id",
+            "username",
+            "password",
+            "qos",
+            "keep_alive",
+            "max_payload",
+            "shared_group",
+            "reconnect_min",
+            "reconnect_max",
+        ],
+    ),
+    ("topics", &["telemetry", "status", "command", "ack"]),
+    (
+        "http",
+        &[
+            "listen",
+            "allowed_origins",
+            "heartbeat",
+            "allow_public_without_auth",
+        ],
+    ),
+    (
+        "storage",
+        &[
+            "path",
+            "retention",
+            "retention_interval",
+            "batch_size",
+            "batch_delay",
+            "queue",
+        ],
+    ),
+    ("presence", &["timeout"]),
+    ("commands", &["timeout", "ttl"]),
+    ("auth", &["tokens"]),
+    ("log", &["level", "format"]),
+];
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+
+    /// Parses and validates config text, returning every problem found.
+    pub fn parse(text: &str) -> Result<Self, Vec<Problem>> {
+        let doc = match DeTable::parse(text) {
+            Ok(doc) => doc,
+            Err(e) => {
+                return Err(vec![Problem {
+                    key: "(syntax)".into(),
+                    line: e.span().map(|s| line_of(text, s.start)),
+                    message: e.message().trim().to_owned(),
+                }]);
+            }
+        };
+        let doc = doc.get_ref();
+        let (mut problems, unknown_spans) = unknown_keys(text, doc);
+        // Blank unknown keys out (keeping every offset and line) so that each section's own
+        // errors show up too, not just serde's first "unknown field".
+        let mut cleaned = text.to_owned().into_bytes();
+        for span in unknown_spans {
+            for b in &mut cleaned[span] {
+                if *b != b'\n' {
+                    *b = b' ';
+                }
+            }
+        }
+        let cleaned = String::from_utf8_lossy(&cleaned);
+        problems.extend(section_errors(&cleaned, doc));
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let config: Config = toml::from_str(text).map_err(|e| {
+            vec![Problem {
+                key: "(file)".into(),
+                line: e.span().map(|s| line_of(text, s.start)),
+                message: e.message().trim().to_owned(),
+            }]
+        })?;
+        let problems = config.semantic_problems(text, doc);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Checks that need more than one value's type.
+    fn semantic_problems(&self, text: &str, doc: &DeTable<'_>) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            out.push(Problem {
+                key: key.into(),
+                line: key_line(text, doc, key),
+                message,
+            });
+        };
+        if self.mqtt.qos > 2 {
+            bad(
+                "mqtt.qos",
+                format!("{} is not a QoS: use 0, 1 or 2", self.mqtt.qos),
+            );
+        }
+        if self.mqtt.client_id.is_empty() || self.mqtt.client_id.len() > 128 {
+            bad("mqtt.client_id", "must be 1 to 128 characters".into());
+        }
+        if self.mqtt.max_payload == 0 || self.mqtt.max_payload > 16 * 1024 * 1024 {
+            bad(
+                "mqtt.max_payload",
+                "must be between 1 and 16777216 bytes".into(),
+            );
+        }
+        if self.mqtt.keep_alive < Duration::from_secs(5) {
+            bad("mqtt.keep_alive", "must be at least 5s".into());
+        }
+        if self.mqtt.reconnect_min.is_zero() || self.mqtt.reconnect_min > self.mqtt.reconnect_max {
+            bad(
+                "mqtt.reconnect_min",
+                "must be above 0 and not above mqtt.reconnect_max".into(),
+            );
+        }
+        if let Some(g) = &self.mqtt.shared_group
+            && (g.is_empty() || g.contains(['/', '+', '#']))
+        {
+            bad(
+                "mqtt.shared_group",
+                "must be a non-empty name without '/', '+' or '#'".into(),
+            );
+        }
+        let t = &self.topics;
+        let pairs = [
+            ("telemetry", &t.telemetry, "status", &t.status),
+            ("telemetry", &t.telemetry, "ack", &t.ack),
+            ("status", &t.status, "ack", &t.ack),
+        ];
+        for (an, a, bn, b) in pairs {
+            if a.overlaps(b) {
+                bad(
+                    &format!("topics.{bn}"),
+                    format!("{:?} can match the same topics as topics.{an}", b.as_str()),
+                );
+            }
+        }
+        if t.command.overlaps(&t.ack) || t.command.overlaps(&t.telemetry) {
+            bad(
+                "topics.command",
+                "must differ from the telemetry and ack topics".into(),
+            );
+        }
+        if self.storage.batch_size == 0 || self.storage.batch_size > 100_000 {
+            bad("storage.batch_size", "must be between 1 and 100000".into());
+        }
+        if self.storage.queue < 16 || self.storage.queue > 10_000_000 {
+            bad("storage.queue", "must be between 16 and 10000000".into());
+        }
+        if self.storage.batch_delay > Duration::from_secs(1) {
+            bad("storage.batch_delay", "must be at most 1s".into());
+        }
+        if self.storage.retention < Duration::from_secs(60) {
+            bad("storage.retention", "must be at least 1m".into());
+        }
+        if self.storage.retention_interval.is_zero() {
+            bad("storage.retention_interval", "must be above 0".into());
+        }
+        if self.storage.path.as_os_str().is_empty() {
+            bad("storage.path", "must not be empty".into());
+        }
+        if self.presence.timeout < Duration::from_secs(1) {
+            bad("presence.timeout", "must be at least 1s".into());
+        }
+        if self.http.heartbeat < Duration::from_secs(1) {
+            bad("http.heartbeat", "must be at least 1s".into());
+        }
+        if self.commands.timeout.is_zero() {
+            bad("commands.timeout", "must be above 0".into());
+        }
+        if self.commands.ttl.is_zero() {
+            bad("commands.ttl", "must be above 0".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            bad(
+                "log.level",
+                format!("{:?} is not a log filter: {e}", self.log.level),
+            );
+        }
+        if self.auth.tokens.is_empty()
+            && !self.http.listen.ip().is_loopback()
+            && !self.http.allow_public_without_auth
+        {
+            bad(
+                "http.listen",
+                format!(
+                    "{} is not a loopback address and no [[auth.tokens]] are configured: add tokens, \
+                     listen on 127.0.0.1, or set http.allow_public_without_auth = true",
+                    self.http.listen
+                ),
+            );
+        }
+        out
+    }
+}
+
+/// Every key that no section accepts, and the byte ranges of those `key = value` pairs.
+fn unknown_keys(text: &str, doc: &DeTable<'_>) -> (Vec<Problem>, Vec<std::ops::Range<usize>>) {
+    let mut out = Vec::new();
+    let mut spans = Vec::new();
+    for (key, value) in doc.iter() {
+        let name: &str = key.get_ref();
+        let Some((_, known)) = SCHEMA.iter().find(|(s, _)| *s == name) else {
+            out.push(Problem {
+                key: name.to_owned(),
+                line: Some(line_of(text, key.span().start)),
+                message: format!(
+                    "unknown section; known sections are {}",
+                    SCHEMA
+                        .iter()
+                        .map(|(s, _)| *s)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+            continue;
+        };
+        let DeValue::Table(table) = value.get_ref() else {
+            out.push(Problem {
+                key: name.to_owned(),
+                line: Some(line_of(text, key.span().start)),
+                message: format!("must be a table, like [{name}]"),
+            });
+            continue;
+        };
+        for (k, v) in table.iter() {
+            let key: &str = k.get_ref();
+            if !known.contains(&key) {
+                out.push(Problem {
+                    key: format!("{name}.{key}"),
+                    line: Some(line_of(text, k.span().start)),
+                    message: format!("unknown key; [{name}] accepts {}", known.join(", ")),
+                });
+                spans.push(k.span().start..v.span().end.min(text.len()));
+            }
+        }
+    }
+    (out, spans)
+}
+
+/// Deserializes each section on its own, so one bad section does not hide another.
+fn section_errors(text: &str, doc: &DeTable<'_>) -> Vec<Problem> {
+    macro_rules! check {
+        ($($name:ident: $ty:ty),* $(,)?) => {{
+            let mut errors = Vec::new();
+            $(
+                #[derive(Deserialize)]
+                #[allow(dead_code, reason = "only deserialized to find errors")]
+                struct $name {
+                    #[serde(default)]
+                    $name: $ty,
+                }
+                if let Err(e) = toml::from_str::<$name>(text) {
+                    errors.push((stringify!($name), e));
+                }
+            )*
+            errors
+        }};
+    }
+    #[allow(non_camel_case_types, reason = "struct named after its section")]
+    let errors = check!(
+        broker: BrokerConfig,
+        mqtt: MqttConfig,
+        topics: TopicsConfig,
+        http: HttpConfig,
+        storage: StorageConfig,
+        presence: PresenceConfig,
+        commands: CommandsConfig,
+        auth: AuthConfig,
+        log: LogConfig,
+    );
+    let mut out = Vec::new();
+    for (section, e) in errors {
+        let message = e.message().trim().to_owned();
+        // Unknown keys are reported, all of them, by `unknown_keys`.
+        if message.starts_with("unknown field") {
+            continue;
+        }
+        let start = e.span().map(|s| s.start);
+        out.push(Problem {
+            key: start
+                .and_then(|s| key_at(doc, section, s))
+                .unwrap_or_else(|| section.to_owned()),
+            line: start.map(|s| line_of(text, s)),
+            message,
+        });
+    }
+    out
+}
+
+/// The dotted key whose value holds byte offset `pos`.
+fn key_at(doc: &DeTable<'_>, section: &str, pos: usize) -> Option<String> {
+    let (_, value) = doc.iter().find(|(k, _)| k.get_ref() == section)?;
+    let DeValue::Table(table) = value.get_ref() else {
+        return None;
+    };
+    table
+        .iter()
+        .find(|(k, v)| k.span().contains(&pos) || v.span().contains(&pos) || v.span().start == pos)
+        .map(|(k, _)| format!("{section}.{}", k.get_ref()))
+}
+
+/// The line of a dotted key in the file, if it is there.
+fn key_line(text: &str, doc: &DeTable<'_>, dotted: &str) -> Option<usize> {
+    let (section, key) = dotted.split_once('.')?;
+    let (_, value) = doc.iter().find(|(k, _)| k.get_ref() == section)?;
+    let DeValue::Table(table) = value.get_ref() else {
+        return None;
+    };
+    let (k, _) = table.iter().find(|(k, _)| k.get_ref() == key)?;
+    Some(line_of(text, k.span().start))
+}
+
+fn line_of(text: &str, pos: usize) -> usize {
+    text.as_bytes()[..pos.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses_and_writes_out_every_default() {
+        let text = include_str!("../config.toml");
+        let doc = DeTable::parse(text).unwrap();
+        for (section, keys) in SCHEMA {
+            let (_, table) = doc
+                .get_ref()
+                .iter()
+                .find(|(k, _)| k.get_ref() == section)
+                .unwrap_or_else(|| panic!("config.toml lacks [{section}]"));
+            let DeValue::Table(table) = table.get_ref() else {
+                panic!("[{section}] is not a table")
+            };
+            for key in *keys {
+                let commented = text.contains(&format!("# {key} = "));
+                let present = table.iter().any(|(k, _)| k.get_ref() == key);
+                assert!(present || commented, "config.toml lacks {section}.{key}");
+            }
+        }
+        let parsed = Config::parse(text).expect("config.toml is valid");
+        let defaults = Config::default();
+        assert_eq!(parsed.mqtt.url, defaults.mqtt.url);
+        assert_eq!(parsed.broker.listen, defaults.broker.listen);
+        assert_eq!(parsed.storage.retention, defaults.storage.retention);
+        assert_eq!(parsed.topics.telemetry, defaults.topics.telemetry);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_key_and_line() {
+        let text = "[mqtt]\nqos = 7\nurl = \"http://x\"\n\n[storage]\nretention = \"forever\"\nbogus = 1\n\n[nope]\n";
+        let problems = Config::parse(text).unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert!(keys.contains(&("storage.bogus", Some(7))), "{problems:?}");
+        assert!(keys.contains(&("nope", Some(9))), "{problems:?}");
+        assert!(keys.contains(&("mqtt.url", Some(3))), "{problems:?}");
+        assert!(
+            keys.contains(&("storage.retention", Some(6))),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn semantic_problems_are_all_reported() {
+        let text = "[mqtt]\nqos = 7\n[topics]\nstatus = \"devices/{device}/telemetry\"\n";
+        let problems = Config::parse(text).unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert!(keys.contains(&("mqtt.qos", Some(2))), "{problems:?}");
+        assert!(keys.contains(&("topics.status", Some(4))), "{problems:?}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let problems = Config::parse("[mqtt]\nqos = = 1\n").unwrap_err();
+        assert_eq!(problems[0].line, Some(2));
+    }
+
+    #[test]
+    fn mqtt_urls_parse() {
+        let u: MqttUrl = "mqtt://example.com:1884".parse().unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.tls),
+            ("example.com", 1884, false)
+        );
+        let u: MqttUrl = "mqtts://h".parse().unwrap();
+        assert_eq!((u.port, u.tls), (8883, true));
+        assert!("tcp://h:1".parse::<MqttUrl>().is_err());
+        assert!("mqtt://h:port".parse::<MqttUrl>().is_err());
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret("hunter2".into());
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

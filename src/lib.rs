@@ -1,0 +1,33 @@
+//! telebridge: an IoT telemetry bridge.
+//!
+//! How data flows:
+//!
+//! ```text
+//! broker ──MQTT──▶ mqtt (poll loop) ──▶ ingest (classify) ──bounded queue──▶ store (one writer)
+//!                       ▲                                                      │ commit
+//!                       └──────────── acks, only after the commit ◀────────────┘
+//! ```
+//!
+//! - [`config`]: the TOML file, validated with every problem reported.
+//! - [`broker`]: the embedded MQTT broker for the demo.
+//! - [`mqtt`]: the client connection, reconnects, manual acks.
+//! - [`ingest`]: parse at the edge; [`domain`] holds the validated types.
+//! - [`store`]: SQLite, the batching writer, retention and presence timeouts.
+//! - [`web`]: HTTP routes (health, readiness, metrics).
+//! - [`observability`]: logging and metrics.
+//! - [`simulate`]: simulated devices.
+//! - [`app`]: wiring and shutdown.
+
+pub mod app;
+pub mod broker;
+pub mod config;
+pub mod domain;
+pub mod ingest;
+pub mod mqtt;
+pub mod observability;
+pub mod simulate;
+pub mod store;
+pub mod web;
+
+pub use app::App;
+pub use config::Config;

@@ -1,0 +1,165 @@
+//! The telebridge command line: wiring only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use telebridge::app::RunOptions;
+use telebridge::config::{Config, ConfigError, MqttUrl, TopicsConfig};
+use telebridge::observability;
+use telebridge::simulate::{self, SimConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// IoT telemetry bridge: MQTT in, SQLite history, SSE feeds and WebSocket commands out.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        /// Config file.
+        #[arg(long, default_value = "config.toml")]
+        config: PathBuf,
+        /// Also start simulated devices that publish telemetry and answer commands.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Validate a config file: exit 0, or print every problem and exit 1.
+    Check {
+        /// Config file.
+        #[arg(long, default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Run simulated devices against any MQTT broker.
+    Simulate {
+        /// Broker URL.
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        url: MqttUrl,
+        /// Number of devices.
+        #[arg(long, default_value_t = 5)]
+        devices: usize,
+        /// Readings per second per device.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        /// Device id prefix.
+        #[arg(long, default_value = "sim")]
+        prefix: String,
+    },
+}
+
+/// Exit code for an invalid or unreadable config.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: OK", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failed(&e),
+        },
+        Command::Run { config, demo } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_failed(&e),
+            };
+            observability::init_logging(&cfg.log);
+            runtime(|| run(cfg, RunOptions { demo }))
+        }
+        Command::Simulate {
+            url,
+            devices,
+            rate,
+            prefix,
+        } => {
+            observability::init_logging(&Default::default());
+            if !(rate > 0.0 && rate <= 100_000.0) || devices == 0 {
+                eprintln!("error: --devices must be at least 1 and --rate between 0 and 100000");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let sim = SimConfig {
+                url,
+                devices,
+                rate,
+                prefix,
+                topics: TopicsConfig::default(),
+            };
+            runtime(|| simulate_only(sim))
+        }
+    }
+}
+
+fn config_failed(e: &ConfigError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn runtime<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Config, options: RunOptions) -> anyhow::Result<()> {
+    let app = telebridge::App::build(cfg, options).await?;
+    println!("telebridge dashboard: http://{}/", app.http_addr());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_on(shutdown.clone()));
+    app.run(shutdown).await
+}
+
+async fn simulate_only(sim: SimConfig) -> anyhow::Result<()> {
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    simulate::spawn(&sim, &tracker, &cancel).map_err(anyhow::Error::msg)?;
+    tracker.close();
+    println!(
+        "simulating {} devices at {}/s each against {}",
+        sim.devices, sim.rate, sim.url
+    );
+    signal_on(cancel.clone()).await;
+    tracker.wait().await;
+    Ok(())
+}
+
+/// Fires `token` on SIGTERM or SIGINT.
+async fn signal_on(token: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+    token.cancel();
+}

@@ -1,0 +1,317 @@
+//! The MQTT client connection: one task polls rumqttc's event loop and forwards every
+//! message to ingest; acks flow back from the writer only after the commit.
+//!
+//! Acks are tied to the connection a message arrived on. After a reconnect, a late ack
+//! could carry a packet id that now names a different, uncommitted message, so acks
+//! from an older connection are dropped (the broker redelivers those messages).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::RngExt as _;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{MqttConfig, TopicsConfig};
+use crate::ingest::{AckSink, AckToken, Ingest, Item};
+use crate::observability::Metrics;
+
+/// Largest MQTT packet we accept. Refusing a big packet would close the connection and the
+/// broker would redeliver it forever (a poison message); instead it is read, rejected by
+/// ingest against `max_payload`, and acknowledged.
+const MAX_INCOMING_PACKET: usize = 268_435_455;
+/// Room for requests (acks, publishes) queued to the event loop.
+const REQUEST_CAPACITY: usize = 10_000;
+
+/// Which connection is current; shared by the poll task and the acker.
+#[derive(Debug, Default)]
+struct Connection {
+    generation: u64,
+    connected: bool,
+}
+
+/// The client side of the MQTT link: publish commands, acknowledge messages.
+#[derive(Clone)]
+pub struct MqttHandle {
+    client: AsyncClient,
+    conn: Arc<Mutex<Connection>>,
+    metrics: Arc<Metrics>,
+}
+
+impl MqttHandle {
+    /// Whether the broker connection is up.
+    pub fn connected(&self) -> bool {
+        self.conn.lock().map(|c| c.connected).unwrap_or(false)
+    }
+
+    /// The rumqttc client, for publishing.
+    pub fn client(&self) -> &AsyncClient {
+        &self.client
+    }
+}
+
+/// Sends acks for committed messages through rumqttc without ever waiting on it.
+pub struct Acker(MqttHandle);
+
+impl AckSink for Acker {
+    fn ack(&mut self, tokens: &mut Vec<AckToken>) {
+        // Held while enqueueing so that a reconnect cannot slip between the generation
+        // check and the enqueue; the poll task takes it to bump the generation.
+        let Ok(conn) = self.0.conn.lock() else {
+            tokens.clear();
+            return;
+        };
+        let mut sent = 0;
+        for token in tokens.iter() {
+            if token.generation != conn.generation || !conn.connected {
+                self.0.metrics.stale_acks.fetch_add(1, Ordering::Relaxed);
+                sent += 1;
+                continue;
+            }
+            let qos = if token.qos == 2 {
+                QoS::ExactlyOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            let mut stub = rumqttc::Publish::new(String::new(), qos, Vec::new());
+            stub.pkid = token.pkid;
+            if self.0.client.try_ack(&stub).is_err() {
+                // The request queue is full: keep the rest for the writer's next retry.
+                break;
+            }
+            sent += 1;
+        }
+        tokens.drain(..sent);
+    }
+}
+
+/// A configured, not yet connected, MQTT link.
+pub struct MqttLink {
+    handle: MqttHandle,
+    eventloop: EventLoop,
+    subscriptions: Vec<(String, QoS)>,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+}
+
+/// QoS from its number.
+pub fn qos(n: u8) -> QoS {
+    match n {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+impl MqttLink {
+    /// Builds the client: persistent session, manual acks, TCP_NODELAY.
+    pub fn new(cfg: &MqttConfig, topics: &TopicsConfig, metrics: Arc<Metrics>) -> Self {
+        let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.url.host.clone(), cfg.url.port);
+        opts.set_keep_alive(cfg.keep_alive)
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_max_packet_size(MAX_INCOMING_PACKET, 1024 * 1024);
+        if let Some(user) = &cfg.username {
+            let pass = cfg
+                .password
+                .as_ref()
+                .map(|p| p.expose().to_owned())
+                .unwrap_or_default();
+            opts.set_credentials(user.clone(), pass);
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
+        let mut net = NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
+        let shared = |filter: String| match &cfg.shared_group {
+            Some(g) => format!("$share/{g}/{filter}"),
+            None => filter,
+        };
+        let q = qos(cfg.qos);
+        let subscriptions = vec![
+            (shared(topics.telemetry.filter()), q),
+            // Presence is retained per device: every instance must see it, never shared.
+            (topics.status.filter(), q),
+        ];
+        Self {
+            handle: MqttHandle {
+                client,
+                conn: Arc::new(Mutex::new(Connection::default())),
+                metrics,
+            },
+            eventloop,
+            subscriptions,
+            reconnect_min: cfg.reconnect_min,
+            reconnect_max: cfg.reconnect_max,
+        }
+    }
+
+    /// A handle for publishing and status.
+    pub fn handle(&self) -> MqttHandle {
+        self.handle.clone()
+    }
+
+    /// The ack sink for the store writer.
+    pub fn acker(&self) -> Acker {
+        Acker(self.handle.clone())
+    }
+
+    /// Polls the connection until shutdown. On `cancel` it stops forwarding (closing the
+    /// writer's queue), keeps the connection up until `writer_done` so the final acks go
+    /// out, then disconnects.
+    pub async fn run(
+        mut self,
+        ingest: Arc<Ingest>,
+        items: mpsc::Sender<Item>,
+        cancel: CancellationToken,
+        writer_done: CancellationToken,
+    ) {
+        let metrics = self.handle.metrics.clone();
+        let mut items = Some(items);
+        let mut backoff = self.reconnect_min;
+        let mut generation = 0u64;
+        let mut ever_connected = false;
+        let mut failures = 0u64;
+        let mut disconnect_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            if let Some(deadline) = disconnect_deadline
+                && tokio::time::Instant::now() >= deadline
+            {
+                break;
+            }
+            let event = tokio::select! {
+                biased;
+                _ = cancel.cancelled(), if items.is_some() => {
+                    // Closing the queue lets the writer drain, commit and ack what it has.
+                    items = None;
+                    continue;
+                }
+                _ = writer_done.cancelled(), if items.is_none() && disconnect_deadline.is_none() => {
+                    if !self.handle.connected() {
+                        break;
+                    }
+                    // Queued behind the final acks, so they reach the broker first.
+                    let _ = self.handle.client.try_disconnect();
+                    disconnect_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+                    continue;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(100)), if disconnect_deadline.is_some() => continue,
+                event = self.eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Some(tx) = &items else {
+                        // Shutting down: not acknowledged, so the broker delivers it again.
+                        continue;
+                    };
+                    let ack = match p.qos {
+                        QoS::AtMostOnce => None,
+                        q => Some(AckToken {
+                            pkid: p.pkid,
+                            qos: q as u8,
+                            generation,
+                        }),
+                    };
+                    let item = ingest.classify(&p.topic, p.payload, ack);
+                    metrics.queue_depth.store(
+                        (tx.max_capacity() - tx.capacity()) as i64,
+                        Ordering::Relaxed,
+                    );
+                    // Waiting here when the writer is behind is the back-pressure: the broker
+                    // holds the rest instead of our memory.
+                    if tx.send(item).await.is_err() {
+                        items = None;
+                    }
+                }
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    generation = self.begin_connection();
+                    if ever_connected {
+                        metrics.mqtt_reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::info!(
+                        session_present = ack.session_present,
+                        generation,
+                        "connected to the MQTT broker"
+                    );
+                    ever_connected = true;
+                    failures = 0;
+                    backoff = self.reconnect_min;
+                    // Never awaited inside the poll loop: the request queue is drained by
+                    // this very loop.
+                    if let Err(e) = self.handle.client.try_subscribe_many(
+                        self.subscriptions
+                            .iter()
+                            .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), *q)),
+                    ) {
+                        tracing::error!(error = %e, "could not queue the subscriptions");
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    {
+                        tracing::error!(filters = ?self.subscriptions, "the broker refused a subscription");
+                    } else {
+                        tracing::debug!(filters = ?self.subscriptions, "subscribed");
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    if disconnect_deadline.is_some() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.end_connection();
+                    if disconnect_deadline.is_some()
+                        || (items.is_none() && writer_done.is_cancelled())
+                    {
+                        break;
+                    }
+                    failures += 1;
+                    // The first failure and then every tenth, so a long outage stays readable.
+                    if failures == 1 || failures % 10 == 0 {
+                        tracing::warn!(error = %e, failures, retry_in = ?backoff, "MQTT connection failed; reconnecting");
+                    }
+                    let jitter = rand::rng().random_range(0.5..1.0);
+                    let delay = backoff.mul_f64(jitter);
+                    backoff = (backoff * 2).min(self.reconnect_max);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancel.cancelled(), if items.is_some() => { items = None; }
+                        _ = writer_done.cancelled(), if items.is_none() => break,
+                    }
+                }
+            }
+        }
+        self.end_connection();
+        tracing::debug!("MQTT link stopped");
+    }
+
+    fn begin_connection(&mut self) -> u64 {
+        let mut conn = self.handle.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.generation += 1;
+        conn.connected = true;
+        self.handle
+            .metrics
+            .mqtt_connected
+            .store(1, Ordering::Relaxed);
+        conn.generation
+    }
+
+    fn end_connection(&mut self) {
+        let mut conn = self.handle.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.generation += 1;
+        conn.connected = false;
+        // Drops any ack that slipped into the request queue for the old connection.
+        self.eventloop.clean();
+        self.handle
+            .metrics
+            .mqtt_connected
+            .store(0, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,188 @@
+//! Logging setup and the daemon's counters, rendered in Prometheus text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::config::{LogConfig, LogFormat};
+use crate::ingest::Reject;
+
+/// Installs the global tracing subscriber; `RUST_LOG` overrides the configured level.
+pub fn init_logging(cfg: &LogConfig) {
+    // rumqttd logs every ordinary client disconnect, some at ERROR; keep it quiet unless
+    // the filter names it.
+    let level = if cfg.level.contains("rumqttd") {
+        cfg.level.clone()
+    } else {
+        format!("{},rumqttd=off", cfg.level)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests run several apps in one process) is harmless.
+    let _ = match cfg.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Counters and gauges shared by every part of the daemon.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// MQTT messages received on our subscriptions.
+    pub received: AtomicU64,
+    /// Readings committed to SQLite.
+    pub stored: AtomicU64,
+    /// Presence changes committed.
+    pub presence: AtomicU64,
+    rejected_too_large: AtomicU64,
+    rejected_bad_device: AtomicU64,
+    rejected_unknown_topic: AtomicU64,
+    rejected_bad_status: AtomicU64,
+    /// Write transactions committed.
+    pub batches: AtomicU64,
+    /// Sum of commit latencies, microseconds.
+    pub commit_micros: AtomicU64,
+    /// Items waiting for the writer.
+    pub queue_depth: AtomicI64,
+    /// 1 while connected to the broker.
+    pub mqtt_connected: AtomicI64,
+    /// Connections made to the broker after the first.
+    pub mqtt_reconnects: AtomicU64,
+    /// Acks dropped because their connection was gone.
+    pub stale_acks: AtomicU64,
+    /// Readings deleted by retention.
+    pub retention_deleted: AtomicU64,
+    /// Devices marked offline for silence.
+    pub presence_timeouts: AtomicU64,
+}
+
+impl Metrics {
+    fn rejected_counter(&self, reason: Reject) -> &AtomicU64 {
+        match reason {
+            Reject::TooLarge => &self.rejected_too_large,
+            Reject::BadDevice => &self.rejected_bad_device,
+            Reject::UnknownTopic => &self.rejected_unknown_topic,
+            Reject::BadStatus => &self.rejected_bad_status,
+        }
+    }
+
+    /// Counts one rejected message.
+    pub fn rejected(&self, reason: Reject) {
+        self.rejected_counter(reason)
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Rejected messages of all reasons.
+    pub fn rejected_total(&self) -> u64 {
+        Reject::ALL.iter().map(|r| self.rejected_count(*r)).sum()
+    }
+
+    /// Rejected messages of one reason.
+    pub fn rejected_count(&self, reason: Reject) -> u64 {
+        self.rejected_counter(reason).load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        counter(
+            &mut out,
+            "telebridge_messages_received_total",
+            "MQTT messages received.",
+            g(&self.received),
+        );
+        counter(
+            &mut out,
+            "telebridge_readings_stored_total",
+            "Readings committed to SQLite.",
+            g(&self.stored),
+        );
+        counter(
+            &mut out,
+            "telebridge_presence_changes_total",
+            "Presence reports committed.",
+            g(&self.presence),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP telebridge_messages_rejected_total MQTT messages rejected, by reason."
+        );
+        let _ = writeln!(out, "# TYPE telebridge_messages_rejected_total counter");
+        for r in Reject::ALL {
+            let _ = writeln!(
+                out,
+                "telebridge_messages_rejected_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                self.rejected_count(r)
+            );
+        }
+        counter(
+            &mut out,
+            "telebridge_store_batches_total",
+            "Write transactions committed.",
+            g(&self.batches),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP telebridge_store_commit_seconds_total Time spent in write transactions."
+        );
+        let _ = writeln!(out, "# TYPE telebridge_store_commit_seconds_total counter");
+        let _ = writeln!(
+            out,
+            "telebridge_store_commit_seconds_total {}",
+            g(&self.commit_micros) as f64 / 1e6
+        );
+        gauge(
+            &mut out,
+            "telebridge_ingest_queue_depth",
+            "Items waiting for the SQLite writer.",
+            self.queue_depth.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "telebridge_mqtt_connected",
+            "1 while connected to the broker.",
+            self.mqtt_connected.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "telebridge_mqtt_reconnects_total",
+            "Reconnections to the broker.",
+            g(&self.mqtt_reconnects),
+        );
+        counter(
+            &mut out,
+            "telebridge_mqtt_stale_acks_total",
+            "Acks dropped because their connection had closed.",
+            g(&self.stale_acks),
+        );
+        counter(
+            &mut out,
+            "telebridge_retention_deleted_total",
+            "Readings deleted by retention.",
+            g(&self.retention_deleted),
+        );
+        counter(
+            &mut out,
+            "telebridge_presence_timeouts_total",
+            "Devices marked offline after silence.",
+            g(&self.presence_timeouts),
+        );
+        out
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, v: i64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}

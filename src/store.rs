@@ -1,0 +1,530 @@
+//! SQLite storage: the schema (`migrations/`), the single writer task that commits readings
+//! in batches and then acknowledges them, retention, presence timeouts, and every query.
+//! SQL lives only here.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Connection, Row};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::StorageConfig;
+use crate::domain::{self, DeviceId};
+use crate::ingest::{AckSink, AckToken, Item, Reading};
+use crate::observability::Metrics;
+
+/// Rows per multi-row INSERT: one statement round trip per 100 rows instead of per row.
+const ROWS_PER_INSERT: usize = 100;
+/// Rows deleted per retention statement, so the writer is never held for long.
+const RETENTION_CHUNK: i64 = 5_000;
+
+/// Storage failures.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The database could not be opened or created.
+    #[error("cannot open SQLite database {path}: {source}")]
+    Open {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: sqlx::Error,
+    },
+    /// A migration failed.
+    #[error("cannot migrate the database schema: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A query failed.
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+    /// The writer task is gone (shutting down).
+    #[error("the storage writer has stopped")]
+    WriterGone,
+}
+
+/// Read access to the database, shared by the HTTP side.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// A device row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRow {
+    /// Device id.
+    pub id: String,
+    /// First message (Unix ms).
+    pub first_seen: i64,
+    /// Last message (Unix ms).
+    pub last_seen: i64,
+    /// Presence.
+    pub online: bool,
+}
+
+/// A stored reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredReading {
+    /// Row id and SSE event id.
+    pub seq: i64,
+    /// Device id.
+    pub device: String,
+    /// Topic it arrived on.
+    pub topic: String,
+    /// Device time (Unix ms).
+    pub ts: i64,
+    /// Receive time (Unix ms).
+    pub received_at: i64,
+    /// Payload as sent.
+    pub payload: Vec<u8>,
+    /// `domain::flags` bits.
+    pub flags: i64,
+}
+
+fn options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // In WAL mode NORMAL survives a process crash (kill -9); only an OS crash or power
+        // loss can roll back the last commits.
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(false)
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database; returns the read side and the
+    /// one writer connection.
+    pub async fn open(cfg: &StorageConfig) -> Result<(Store, Writer), StoreError> {
+        let path_str = cfg.path.display().to_string();
+        if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                path: path_str.clone(),
+                source: sqlx::Error::Io(e),
+            })?;
+        }
+        let opts = options(&cfg.path);
+        let mut conn = SqliteConnection::connect_with(&opts)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path_str.clone(),
+                source,
+            })?;
+        sqlx::migrate!("./migrations").run(&mut conn).await?;
+        let next_seq: i64 = sqlx::query_scalar(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'readings'), 0), \
+             coalesce((SELECT max(seq) FROM readings), 0)) + 1",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path_str,
+                source,
+            })?;
+        Ok((
+            Store { pool },
+            Writer {
+                conn,
+                next_seq,
+                insert_sql: HashMap::new(),
+            },
+        ))
+    }
+
+    /// Number of stored readings.
+    pub async fn count_readings(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM readings")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Every device.
+    pub async fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
+        let rows = sqlx::query("SELECT id, first_seen, last_seen, online FROM devices ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(DeviceRow {
+                    id: r.try_get("id")?,
+                    first_seen: r.try_get("first_seen")?,
+                    last_seen: r.try_get("last_seen")?,
+                    online: r.try_get::<i64, _>("online")? != 0,
+                })
+            })
+            .collect()
+    }
+
+    /// Readings of one device after `after`, oldest first.
+    pub async fn readings(
+        &self,
+        device: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredReading>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
+             FROM readings WHERE device = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(device)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(reading_from_row).collect()
+    }
+
+    /// Whether the database answers and accepts writes.
+    pub async fn writable(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+fn reading_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<StoredReading, StoreError> {
+    Ok(StoredReading {
+        seq: r.try_get("seq")?,
+        device: r.try_get("device")?,
+        topic: r.try_get("topic")?,
+        ts: r.try_get("ts")?,
+        received_at: r.try_get("received_at")?,
+        payload: r.try_get("payload")?,
+        flags: r.try_get("flags")?,
+    })
+}
+
+/// Work for the writer besides readings.
+#[derive(Debug)]
+pub enum Control {
+    /// Delete readings received before `cutoff` (Unix ms); replies with the count.
+    Retention {
+        /// Cutoff, Unix ms.
+        cutoff: i64,
+        /// Rows deleted.
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    /// Mark devices silent since before `cutoff` offline; replies with their ids.
+    PresenceSweep {
+        /// Cutoff, Unix ms.
+        cutoff: i64,
+        /// Devices marked offline.
+        reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
+    },
+}
+
+/// The one connection that writes.
+pub struct Writer {
+    conn: SqliteConnection,
+    next_seq: i64,
+    insert_sql: HashMap<usize, String>,
+}
+
+/// Where committed work is announced.
+pub struct Committed {
+    /// The seq of the last committed reading.
+    pub last_seq: watch::Sender<i64>,
+}
+
+/// Per-device changes gathered over one batch.
+struct DeviceChange {
+    first: i64,
+    last: i64,
+    online: Option<bool>,
+    presence_at: Option<i64>,
+}
+
+impl Writer {
+    /// Runs the writer until `items` is closed and drained: every item received is committed
+    /// and then acknowledged, so a shutdown loses nothing.
+    pub async fn run(
+        mut self,
+        cfg: StorageConfig,
+        mut items: mpsc::Receiver<Item>,
+        mut control: mpsc::Receiver<Control>,
+        mut acks: Box<dyn AckSink>,
+        metrics: Arc<Metrics>,
+        committed: Committed,
+    ) {
+        let _ = committed.last_seq.send(self.next_seq - 1);
+        let mut batch: Vec<Item> = Vec::with_capacity(cfg.batch_size);
+        let mut pending_acks: Vec<AckToken> = Vec::new();
+        let mut retry = tokio::time::interval(Duration::from_millis(5));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                n = items.recv_many(&mut batch, cfg.batch_size) => {
+                    if n == 0 {
+                        break;
+                    }
+                    if !cfg.batch_delay.is_zero() && batch.len() < cfg.batch_size {
+                        let deadline = tokio::time::Instant::now() + cfg.batch_delay;
+                        while batch.len() < cfg.batch_size {
+                            let room = cfg.batch_size - batch.len();
+                            match tokio::time::timeout_at(deadline, items.recv_many(&mut batch, room)).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(_) => {}
+                            }
+                        }
+                    }
+                    metrics.queue_depth.store(items.len() as i64, Ordering::Relaxed);
+                    self.commit_with_retry(&mut batch, &mut pending_acks, &metrics, &committed).await;
+                    acks.ack(&mut pending_acks);
+                }
+                Some(ctl) = control.recv() => self.control(ctl, &metrics).await,
+                _ = retry.tick(), if !pending_acks.is_empty() => acks.ack(&mut pending_acks),
+            }
+        }
+        // Shutting down: whatever was committed must reach the broker as acks.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !pending_acks.is_empty() && Instant::now() < deadline {
+            acks.ack(&mut pending_acks);
+            if !pending_acks.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        if let Err(e) = self.conn.close().await {
+            tracing::warn!(error = %e, "closing the writer connection failed");
+        }
+    }
+
+    /// Commits a batch, retrying on failure (disk full, locked) rather than dropping it.
+    /// Unacknowledged messages stay with the broker meanwhile, so nothing is lost.
+    async fn commit_with_retry(
+        &mut self,
+        batch: &mut Vec<Item>,
+        acks: &mut Vec<AckToken>,
+        metrics: &Metrics,
+        committed: &Committed,
+    ) {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let started = Instant::now();
+            match self.commit(batch).await {
+                Ok((readings, presence, last_seq)) => {
+                    metrics.stored.fetch_add(readings, Ordering::Relaxed);
+                    metrics.presence.fetch_add(presence, Ordering::Relaxed);
+                    metrics.batches.fetch_add(1, Ordering::Relaxed);
+                    metrics
+                        .commit_micros
+                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    if readings > 0 {
+                        let _ = committed.last_seq.send(last_seq);
+                    }
+                    acks.extend(batch.drain(..).filter_map(|item| match item {
+                        Item::Reading(_, ack) | Item::Skip(ack) | Item::Presence { ack, .. } => ack,
+                    }));
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?delay, items = batch.len(), "committing a batch failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// One transaction for the whole batch. Returns (readings, presence changes, last seq).
+    async fn commit(&mut self, batch: &[Item]) -> Result<(u64, u64, i64), StoreError> {
+        let mut devices: HashMap<&DeviceId, DeviceChange> = HashMap::new();
+        let mut readings: Vec<&Reading> = Vec::with_capacity(batch.len());
+        let mut presence = 0u64;
+        for item in batch {
+            match item {
+                Item::Reading(r, _) => {
+                    readings.push(r);
+                    let c = devices.entry(&r.device).or_insert(DeviceChange {
+                        first: r.received_at,
+                        last: r.received_at,
+                        online: None,
+                        presence_at: None,
+                    });
+                    c.last = c.last.max(r.received_at);
+                    // A device that sends telemetry is evidently online.
+                    if c.online != Some(true) {
+                        c.presence_at = Some(r.received_at);
+                    }
+                    c.online = Some(true);
+                }
+                Item::Presence {
+                    device, online, at, ..
+                } => {
+                    presence += 1;
+                    let c = devices.entry(device).or_insert(DeviceChange {
+                        first: *at,
+                        last: *at,
+                        online: None,
+                        presence_at: None,
+                    });
+                    c.last = c.last.max(*at);
+                    c.online = Some(*online);
+                    c.presence_at = Some(*at);
+                }
+                Item::Skip(_) => {}
+            }
+        }
+        if readings.is_empty() && devices.is_empty() {
+            return Ok((0, 0, self.next_seq - 1));
+        }
+        let mut seq = self.next_seq;
+        let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
+        for chunk in readings.chunks(ROWS_PER_INSERT) {
+            let sql = self
+                .insert_sql
+                .entry(chunk.len())
+                .or_insert_with(|| insert_sql(chunk.len()))
+                .clone();
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(seq)
+                    .bind(Arc::<str>::from(r.device.as_str()))
+                    .bind(r.topic.clone())
+                    .bind(r.ts)
+                    .bind(r.received_at);
+                q = if r.flags & domain::flags::RAW == 0 {
+                    // Checked to be UTF-8 JSON by ingest; stored as TEXT for SQLite's JSON functions.
+                    q.bind(String::from_utf8_lossy(&r.payload).into_owned())
+                } else {
+                    q.bind(r.payload.to_vec())
+                };
+                q = q.bind(r.flags);
+                seq += 1;
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for (device, c) in &devices {
+            sqlx::query(
+                "INSERT INTO devices (id, first_seen, last_seen, online, status_at) \
+                 VALUES (?1, ?2, ?3, coalesce(?5, 0), ?4) \
+                 ON CONFLICT(id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen), \
+                 status_at = CASE WHEN ?5 IS NOT NULL AND ?5 != online THEN ?4 ELSE status_at END, \
+                 online = coalesce(?5, online)",
+            )
+            .bind(device.as_str())
+            .bind(c.first)
+            .bind(c.last)
+            .bind(c.presence_at)
+            .bind(c.online)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.next_seq = seq;
+        Ok((readings.len() as u64, presence, seq - 1))
+    }
+
+    async fn control(&mut self, ctl: Control, metrics: &Metrics) {
+        match ctl {
+            Control::Retention { cutoff, reply } => {
+                let result = self.retention(cutoff).await;
+                if let Ok(n) = &result {
+                    metrics.retention_deleted.fetch_add(*n, Ordering::Relaxed);
+                }
+                let _ = reply.send(result);
+            }
+            Control::PresenceSweep { cutoff, reply } => {
+                let result = sqlx::query_scalar(
+                    "UPDATE devices SET online = 0, status_at = ? WHERE online = 1 AND last_seen < ? RETURNING id",
+                )
+                .bind(domain::now_ms())
+                .bind(cutoff)
+                .fetch_all(&mut self.conn)
+                .await
+                .map_err(StoreError::from);
+                if let Ok(ids) = &result {
+                    metrics
+                        .presence_timeouts
+                        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                }
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Deletes old readings oldest-first in small chunks, walking the rowid order.
+    async fn retention(&mut self, cutoff: i64) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM readings WHERE seq IN \
+                 (SELECT seq FROM readings ORDER BY seq LIMIT ?) AND received_at < ?",
+            )
+            .bind(RETENTION_CHUNK)
+            .bind(cutoff)
+            .execute(&mut self.conn)
+            .await?
+            .rows_affected();
+            total += n;
+            if n < RETENTION_CHUNK as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO readings (seq, device, topic, ts, received_at, payload, flags) VALUES ",
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?,?,?,?,?,?,?)");
+    }
+    sql
+}
+
+/// Sends retention and presence work to the writer on a timer until cancelled.
+pub async fn run_housekeeping(
+    control: mpsc::Sender<Control>,
+    retention: Duration,
+    retention_every: Duration,
+    presence_timeout: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut retention_tick = tokio::time::interval(retention_every);
+    let sweep_every =
+        (presence_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+    let mut sweep_tick = tokio::time::interval(sweep_every);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = retention_tick.tick() => {
+                let cutoff = domain::now_ms() - retention.as_millis() as i64;
+                let (reply, rx) = oneshot::channel();
+                if control.send(Control::Retention { cutoff, reply }).await.is_err() {
+                    return;
+                }
+                match rx.await {
+                    Ok(Ok(n)) if n > 0 => tracing::info!(deleted = n, "retention removed old readings"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "retention failed; will retry"),
+                    _ => {}
+                }
+            }
+            _ = sweep_tick.tick() => {
+                let cutoff = domain::now_ms() - presence_timeout.as_millis() as i64;
+                let (reply, rx) = oneshot::channel();
+                if control.send(Control::PresenceSweep { cutoff, reply }).await.is_err() {
+                    return;
+                }
+                match rx.await {
+                    Ok(Ok(ids)) if !ids.is_empty() => tracing::info!(devices = ?ids, "marked offline after silence"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "presence sweep failed; will retry"),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
