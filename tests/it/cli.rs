@@ -1,0 +1,136 @@
+//! The command line: `check`, config errors, `--help`, `--version`, a taken broker port.
+
+use std::process::Command;
+
+use crate::support::{BIN, free_port};
+
+fn check(config: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, config).expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run check");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn the_example_config_passes_check() {
+    let out = Command::new(BIN)
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
+        ])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_config_problem_is_printed_with_key_and_line_and_a_nonzero_exit() {
+    let (code, text) = check(
+        "[mqtt]\nqos = 3\nurl = \"tcp://x\"\n\n[storage]\nbatchsize = 10\nretention = \"soon\"\n\n[topics]\ntelemetry = \"devices/telemetry\"\n[extra]\n",
+    );
+    assert_eq!(code, 2, "{text}");
+    for expected in [
+        "line 3: mqtt.url",
+        "line 6: storage.batchsize: unknown key",
+        "line 7: storage.retention",
+        "line 10: topics.telemetry",
+        "line 11: extra: unknown section",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn a_bad_value_names_its_key_and_line() {
+    let (code, text) = check("[mqtt]\nqos = 3\n");
+    assert_eq!(code, 2);
+    assert!(text.contains("line 2: mqtt.qos"), "{text}");
+    let (code, text) = check("[http]\nlisten = \"0.0.0.0:8080\"\n");
+    assert_eq!(code, 2);
+    assert!(
+        text.contains("line 2: http.listen") && text.contains("loopback"),
+        "{text}"
+    );
+    let (code, text) = check("[broker]\nmode = \"sometimes\"\n");
+    assert_eq!(code, 2);
+    assert!(text.contains("line 2: broker.mode"), "{text}");
+    let (code, text) = check("[topics]\nstatus = \"devices/{device}/telemetry\"\n");
+    assert_eq!(code, 2);
+    assert!(
+        text.contains("topics.status") && text.contains("same topics"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_toml_syntax_error_names_its_line() {
+    let (code, text) = check("[mqtt]\n\nqos = = 1\n");
+    assert_eq!(code, 2);
+    assert!(text.contains("line 3"), "{text}");
+}
+
+#[test]
+fn an_unreadable_config_file_is_a_clear_error() {
+    let out = Command::new(BIN)
+        .args(["run", "--config", "/nonexistent/telebridge.toml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot read config file /nonexistent/telebridge.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_and_version_work() {
+    let out = Command::new(BIN).arg("--help").output().expect("run");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["run", "check", "simulate"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+    let out = Command::new(BIN).arg("--version").output().expect("run");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn a_taken_embedded_broker_port_is_a_clear_error_with_the_remedy() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[storage]\npath = \"{}\"\n",
+            free_port(),
+            dir.path().join("t.db").display()
+        ),
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already in use") && err.contains("mode = \"external\""),
+        "{err}"
+    );
+}

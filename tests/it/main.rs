@@ -1,0 +1,7 @@
+//! Integration tests: the real daemon binary on free ports, a real broker (Mosquitto or the
+//! embedded one), a real SQLite file, real HTTP.
+
+mod cli;
+mod durability;
+mod ingest;
+mod support;
