@@ -17,7 +17,7 @@ use crate::mqtt::{MqttHandle, MqttLink};
 use crate::observability::Metrics;
 use crate::simulate::{self, SimConfig};
 use crate::store::{self, Committed, Store};
-use crate::web;
+use crate::{service, web};
 
 /// How long shutdown may take before we stop waiting.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
@@ -110,6 +110,7 @@ impl App {
             http,
             ..
         } = self;
+        let http_addr = http.local_addr();
         let tracker = TaskTracker::new();
         let writer_done = CancellationToken::new();
 
@@ -157,15 +158,21 @@ impl App {
             simulate::spawn(&sim, &tracker, &shutdown.child_token()).map_err(anyhow::Error::msg)?;
             tracing::info!(devices = sim.devices, "demo: simulated devices started");
         }
+        tracker.spawn(service::watchdog(
+            shared.store.clone(),
+            shutdown.child_token(),
+        ));
         tracker.close();
+        service::ready();
         tracing::info!(
-            http = %shared_addr(&config),
+            http = %http_addr,
             mqtt = %config.mqtt.url,
             db = %config.storage.path.display(),
             "telebridge running"
         );
 
         shutdown.cancelled().await;
+        service::stopping();
         tracing::info!(
             "shutting down: stopping intake, committing and acknowledging pending readings"
         );
@@ -186,8 +193,4 @@ impl App {
         );
         Ok(())
     }
-}
-
-fn shared_addr(config: &Config) -> String {
-    format!("http://{}/", config.http.listen)
 }

@@ -15,6 +15,7 @@
 //! - [`store`]: SQLite, the batching writer, retention and presence timeouts.
 //! - [`web`]: HTTP routes (health, readiness, metrics).
 //! - [`observability`]: logging and metrics.
+//! - [`service`]: systemd readiness and watchdog.
 //! - [`simulate`]: simulated devices.
 //! - [`app`]: wiring and shutdown.
 
@@ -25,6 +26,7 @@ pub mod domain;
 pub mod ingest;
 pub mod mqtt;
 pub mod observability;
+pub mod service;
 pub mod simulate;
 pub mod store;
 pub mod web;
