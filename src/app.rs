@@ -12,12 +12,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::{self, BrokerChoice};
 use crate::config::Config;
+use crate::feed::Feed;
 use crate::ingest::Ingest;
 use crate::mqtt::{MqttHandle, MqttLink};
 use crate::observability::Metrics;
 use crate::simulate::{self, SimConfig};
 use crate::store::{self, Committed, Store};
 use crate::{service, web};
+
+/// Events the live feed keeps for clients that are briefly behind (about 1 s at 65,000 readings/s).
+const FEED_CAPACITY: usize = 65_536;
 
 /// How long shutdown may take before we stop waiting.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
@@ -40,6 +44,12 @@ pub struct Shared {
     pub mqtt: MqttHandle,
     /// Seq of the last committed reading.
     pub last_seq: watch::Receiver<i64>,
+    /// The live feed.
+    pub feed: Arc<Feed>,
+    /// SSE heartbeat interval.
+    pub heartbeat: Duration,
+    /// Fires on shutdown so that every stream ends with a final event.
+    pub streams_stop: CancellationToken,
 }
 
 /// A built, not yet running, daemon.
@@ -64,11 +74,15 @@ impl App {
         let metrics = Arc::new(Metrics::default());
         let link = MqttLink::new(&config.mqtt, &config.topics, metrics.clone());
         let (last_seq_tx, last_seq) = watch::channel(0);
+        let feed = Feed::new(FEED_CAPACITY);
         let shared = Shared {
             store,
             metrics,
             mqtt: link.handle(),
             last_seq,
+            feed: feed.clone(),
+            heartbeat: config.http.heartbeat,
+            streams_stop: CancellationToken::new(),
         };
         let http = web::Server::bind(config.http.listen, shared.clone())
             .await
@@ -82,6 +96,7 @@ impl App {
             writer,
             committed: Committed {
                 last_seq: last_seq_tx,
+                feed,
             },
             http,
         })
@@ -173,6 +188,7 @@ impl App {
 
         shutdown.cancelled().await;
         service::stopping();
+        shared.streams_stop.cancel();
         tracing::info!(
             "shutting down: stopping intake, committing and acknowledging pending readings"
         );

@@ -5,7 +5,9 @@
 //! ```text
 //! broker ──MQTT──▶ mqtt (poll loop) ──▶ ingest (classify) ──bounded queue──▶ store (one writer)
 //!                       ▲                                                      │ commit
-//!                       └──────────── acks, only after the commit ◀────────────┘
+//!                       └──────────── acks, only after the commit ◀────────────┤
+//!                                                                              ▼
+//!                              browsers ◀── SSE /events ◀── sse ◀── feed (encoded once)
 //! ```
 //!
 //! - [`config`]: the TOML file, validated with every problem reported.
@@ -13,21 +15,26 @@
 //! - [`mqtt`]: the client connection, reconnects, manual acks.
 //! - [`ingest`]: parse at the edge; [`domain`] holds the validated types.
 //! - [`store`]: SQLite, the batching writer, retention and presence timeouts.
-//! - [`web`]: HTTP routes (health, readiness, metrics).
+//! - [`feed`]: committed readings encoded once into a shared ring; [`sse`] streams it
+//!   to each client with replay and resume; [`api`] serves `/events` and the history.
+//! - [`web`]: the HTTP server, routes and JSON errors.
 //! - [`observability`]: logging and metrics.
 //! - [`service`]: systemd readiness and watchdog.
 //! - [`simulate`]: simulated devices.
 //! - [`app`]: wiring and shutdown.
 
+pub mod api;
 pub mod app;
 pub mod broker;
 pub mod config;
 pub mod domain;
+pub mod feed;
 pub mod ingest;
 pub mod mqtt;
 pub mod observability;
 pub mod service;
 pub mod simulate;
+pub mod sse;
 pub mod store;
 pub mod web;
 

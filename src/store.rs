@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::StorageConfig;
 use crate::domain::{self, DeviceId};
+use crate::feed::{self, Event, Feed, Kind};
 use crate::ingest::{AckSink, AckToken, Item, Reading};
 use crate::observability::Metrics;
 
@@ -184,9 +185,107 @@ impl Store {
         rows.iter().map(reading_from_row).collect()
     }
 
+    /// Readings after `after` in seq order, of the given devices (all when `None`).
+    pub async fn replay(
+        &self,
+        after: i64,
+        devices: Option<&[String]>,
+        limit: i64,
+    ) -> Result<Vec<StoredReading>, StoreError> {
+        let mut sql = String::from(
+            "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
+             FROM readings WHERE seq > ?",
+        );
+        push_device_filter(&mut sql, devices);
+        sql.push_str(" ORDER BY seq LIMIT ?");
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(after);
+        for d in devices.unwrap_or_default() {
+            q = q.bind(d.as_str());
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        rows.iter().map(reading_from_row).collect()
+    }
+
+    /// The latest reading of each device (of the given devices, or all), oldest first.
+    pub async fn latest(
+        &self,
+        devices: Option<&[String]>,
+    ) -> Result<Vec<StoredReading>, StoreError> {
+        let mut sql = String::from(
+            "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
+             FROM readings WHERE seq IN (SELECT max(seq) FROM readings GROUP BY device)",
+        );
+        push_device_filter(&mut sql, devices);
+        sql.push_str(" ORDER BY seq");
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for d in devices.unwrap_or_default() {
+            q = q.bind(d.as_str());
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(reading_from_row).collect()
+    }
+
+    /// The oldest seq still stored, if any.
+    pub async fn oldest_seq(&self) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT min(seq) FROM readings")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// One device.
+    pub async fn device(&self, id: &str) -> Result<Option<DeviceRow>, StoreError> {
+        let row = sqlx::query("SELECT id, first_seen, last_seen, online FROM devices WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(DeviceRow {
+                id: r.try_get("id")?,
+                first_seen: r.try_get("first_seen")?,
+                last_seen: r.try_get("last_seen")?,
+                online: r.try_get::<i64, _>("online")? != 0,
+            })
+        })
+        .transpose()
+    }
+
+    /// History of one device: seq after `after`, device time within [from, to], oldest first.
+    pub async fn history(
+        &self,
+        device: &str,
+        after: i64,
+        from: Option<i64>,
+        to: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<StoredReading>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
+             FROM readings WHERE device = ? AND seq > ? AND ts >= ? AND ts <= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(device)
+        .bind(after)
+        .bind(from.unwrap_or(i64::MIN))
+        .bind(to.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(reading_from_row).collect()
+    }
+
     /// Whether the database answers and accepts writes.
     pub async fn writable(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+/// Appends `AND device IN (?, ...)` for a device filter.
+fn push_device_filter(sql: &mut String, devices: Option<&[String]>) {
+    if let Some(devices) = devices {
+        sql.push_str(" AND device IN (");
+        for i in 0..devices.len() {
+            sql.push_str(if i == 0 { "?" } else { ",?" });
+        }
+        sql.push(')');
     }
 }
 
@@ -232,6 +331,60 @@ pub struct Writer {
 pub struct Committed {
     /// The seq of the last committed reading.
     pub last_seq: watch::Sender<i64>,
+    /// The live feed; events are encoded only while someone listens.
+    pub feed: Arc<Feed>,
+}
+
+impl Committed {
+    /// Publishes a committed batch: readings numbered from `first_seq`, presence changes.
+    fn publish(&self, batch: &[Item], first_seq: i64) {
+        if !self.feed.has_subscribers() {
+            return;
+        }
+        let mut seq = first_seq;
+        let events = batch.iter().filter_map(|item| match item {
+            Item::Reading(r, _) => {
+                let frame = feed::encode(&feed::ReadingRef {
+                    seq,
+                    device: r.device.as_str(),
+                    topic: &r.topic,
+                    ts: r.ts,
+                    received_at: r.received_at,
+                    payload: &r.payload,
+                    flags: r.flags,
+                });
+                seq += 1;
+                Some(Event {
+                    kind: Kind::Reading,
+                    device: r.device.shared(),
+                    seq: Some(seq - 1),
+                    frame,
+                })
+            }
+            Item::Presence {
+                device, online, at, ..
+            } => Some(status_event(device.as_str(), *online, *at)),
+            Item::Skip(_) => None,
+        });
+        self.feed.push(events.collect::<Vec<_>>());
+    }
+}
+
+/// A `status` event for the feed.
+pub fn status_event(device: &str, online: bool, at: i64) -> Event {
+    Event {
+        kind: Kind::Status,
+        device: Arc::from(device),
+        seq: None,
+        frame: feed::encode_plain(
+            "status",
+            &feed::StatusData {
+                device,
+                online,
+                at: domain::format_ms(at),
+            },
+        ),
+    }
 }
 
 /// Per-device changes gathered over one batch.
@@ -280,7 +433,7 @@ impl Writer {
                     self.commit_with_retry(&mut batch, &mut pending_acks, &metrics, &committed).await;
                     acks.ack(&mut pending_acks);
                 }
-                Some(ctl) = control.recv() => self.control(ctl, &metrics).await,
+                Some(ctl) = control.recv() => self.control(ctl, &metrics, &committed).await,
                 _ = retry.tick(), if !pending_acks.is_empty() => acks.ack(&mut pending_acks),
             }
         }
@@ -311,6 +464,7 @@ impl Writer {
             let started = Instant::now();
             match self.commit(batch).await {
                 Ok((readings, presence, last_seq)) => {
+                    committed.publish(batch, last_seq - readings as i64 + 1);
                     metrics.stored.fetch_add(readings, Ordering::Relaxed);
                     metrics.presence.fetch_add(presence, Ordering::Relaxed);
                     metrics.batches.fetch_add(1, Ordering::Relaxed);
@@ -388,7 +542,7 @@ impl Writer {
             for r in chunk {
                 q = q
                     .bind(seq)
-                    .bind(Arc::<str>::from(r.device.as_str()))
+                    .bind(r.device.shared())
                     .bind(r.topic.clone())
                     .bind(r.ts)
                     .bind(r.received_at);
@@ -424,7 +578,7 @@ impl Writer {
         Ok((readings.len() as u64, presence, seq - 1))
     }
 
-    async fn control(&mut self, ctl: Control, metrics: &Metrics) {
+    async fn control(&mut self, ctl: Control, metrics: &Metrics, committed: &Committed) {
         match ctl {
             Control::Retention { cutoff, reply } => {
                 let result = self.retention(cutoff).await;
@@ -446,6 +600,12 @@ impl Writer {
                     metrics
                         .presence_timeouts
                         .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    let now = domain::now_ms();
+                    committed.feed.push(
+                        ids.iter()
+                            .map(|id: &String| status_event(id, false, now))
+                            .collect::<Vec<_>>(),
+                    );
                 }
                 let _ = reply.send(result);
             }

@@ -9,6 +9,7 @@ use salvo::prelude::*;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::api;
 use crate::app::Shared;
 
 /// The bound HTTP server.
@@ -68,12 +69,74 @@ pub fn router(shared: Shared) -> Router {
         .push(Router::with_path("healthz").get(healthz))
         .push(Router::with_path("readyz").get(readyz))
         .push(Router::with_path("metrics").get(metrics))
+        .push(Router::with_path("events").get(api::events))
+        .push(Router::with_path("api/devices").get(api::list_devices))
+        .push(Router::with_path("api/devices/{id}/readings").get(api::device_readings))
+        .push(Router::with_path("{**rest}").goal(not_found))
 }
 
-fn shared(depot: &Depot) -> &Shared {
+/// The shared state injected into every request.
+pub fn shared(depot: &Depot) -> &Shared {
     depot
         .get_typed::<Shared>()
         .expect("Shared is injected by the router")
+}
+
+/// An API error: a status, a stable code and a message, rendered as
+/// `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// Any error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A 400.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// Writes the error; server errors are logged once, with their cause.
+    pub fn render(self, res: &mut Response) {
+        if self.status.is_server_error() {
+            tracing::error!(code = self.code, message = %self.message, "request failed");
+        }
+        res.status_code(self.status);
+        res.render(Json(
+            json!({"error": {"code": self.code, "message": self.message}}),
+        ));
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_error",
+            e.to_string(),
+        )
+    }
+}
+
+/// Unknown paths get a JSON 404 too.
+#[handler]
+async fn not_found(req: &mut Request, res: &mut Response) {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no such endpoint: {} {}", req.method(), req.uri().path()),
+    )
+    .render(res);
 }
 
 /// Liveness: the process answers.

@@ -1,0 +1,318 @@
+//! The HTTP API: `/events` (SSE), devices and their history. Parameters are parsed and
+//! validated here; every failure is a JSON error naming what was wrong.
+
+use salvo::http::header::{self, HeaderValue};
+use salvo::prelude::*;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::domain::{self, DeviceId};
+use crate::feed::{Kind, Kinds};
+use crate::sse::{self, Client};
+use crate::store::StoredReading;
+use crate::web::{ApiError, shared};
+
+/// Most readings one history request returns.
+pub const HISTORY_MAX_LIMIT: i64 = 10_000;
+/// Readings returned when `limit` is not given.
+pub const HISTORY_DEFAULT_LIMIT: i64 = 100;
+
+/// `GET /events`
+#[handler]
+pub async fn events(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let s = shared(depot).clone();
+    let params = match sse_params(req) {
+        Ok(p) => p,
+        Err(e) => return e.render(res),
+    };
+    let client = Client::new(
+        s.feed.clone(),
+        s.store.clone(),
+        s.last_seq.clone(),
+        params,
+        s.heartbeat,
+        s.streams_stop.clone(),
+    );
+    let headers = res.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tells nginx-style proxies not to buffer the stream.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    res.stream(client.into_stream());
+}
+
+fn sse_params(req: &Request) -> Result<sse::Params, ApiError> {
+    let devices = match req.query::<String>("device") {
+        Some(list) if !list.is_empty() => Some(parse_devices(&list)?),
+        _ => None,
+    };
+    let kinds = match req.query::<String>("type") {
+        Some(list) if !list.is_empty() => {
+            let mut k = Kinds::NONE;
+            for t in list.split(',') {
+                k = k.with(Kind::parse(t.trim()).ok_or_else(|| {
+                    ApiError::bad_request(
+                        "bad_parameter",
+                        format!("type: {t:?} is not an event type; use reading, status or command"),
+                    )
+                })?);
+            }
+            k
+        }
+        _ => Kinds::ALL,
+    };
+    let header_id = req
+        .headers()
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?").to_owned());
+    let query_id = req.query::<String>("last_event_id");
+    let last_event_id = match header_id.or(query_id) {
+        Some(v) if v.trim().is_empty() => None,
+        Some(v) => Some(
+            v.trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "bad_parameter",
+                        format!(
+                            "Last-Event-ID / last_event_id: {v:?} is not a non-negative integer"
+                        ),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let snapshot = match req.query::<String>("snapshot").as_deref() {
+        None | Some("") => false,
+        Some("latest") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "bad_parameter",
+                format!("snapshot: {other:?} is not supported; use snapshot=latest"),
+            ));
+        }
+    };
+    Ok(sse::Params {
+        devices,
+        kinds,
+        last_event_id,
+        snapshot,
+    })
+}
+
+fn parse_devices(list: &str) -> Result<Vec<String>, ApiError> {
+    let mut out = Vec::new();
+    for d in list.split(',') {
+        let d = d.trim();
+        DeviceId::check(d)
+            .map_err(|e| ApiError::bad_request("invalid_device", format!("device: {d:?}: {e}")))?;
+        if !out.iter().any(|x: &String| x == d) {
+            out.push(d.to_owned());
+        }
+    }
+    if out.len() > 1000 {
+        return Err(ApiError::bad_request(
+            "bad_parameter",
+            "device: at most 1000 devices",
+        ));
+    }
+    Ok(out)
+}
+
+/// A reading as the API returns it.
+#[derive(Serialize)]
+struct ReadingOut {
+    seq: i64,
+    device: String,
+    topic: String,
+    ts: String,
+    received_at: String,
+    payload: serde_json::Value,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    raw: bool,
+}
+
+impl From<StoredReading> for ReadingOut {
+    fn from(r: StoredReading) -> Self {
+        let raw = r.flags & domain::flags::RAW != 0;
+        let payload = if raw {
+            serde_json::Value::String(String::from_utf8_lossy(&r.payload).into_owned())
+        } else {
+            serde_json::from_slice(&r.payload).unwrap_or(serde_json::Value::Null)
+        };
+        ReadingOut {
+            seq: r.seq,
+            device: r.device,
+            topic: r.topic,
+            ts: domain::format_ms(r.ts),
+            received_at: domain::format_ms(r.received_at),
+            payload,
+            raw,
+        }
+    }
+}
+
+/// `GET /api/devices`
+#[handler]
+pub async fn list_devices(depot: &mut Depot, res: &mut Response) {
+    let s = shared(depot);
+    let result = async {
+        let devices = s.store.devices().await?;
+        let latest = s.store.latest(None).await?;
+        Ok::<_, crate::store::StoreError>((devices, latest))
+    }
+    .await;
+    let (devices, latest) = match result {
+        Ok(v) => v,
+        Err(e) => return ApiError::from(e).render(res),
+    };
+    let mut latest: std::collections::HashMap<String, StoredReading> =
+        latest.into_iter().map(|r| (r.device.clone(), r)).collect();
+    let out: Vec<_> = devices
+        .into_iter()
+        .map(|d| {
+            json!({
+                "id": d.id,
+                "online": d.online,
+                "first_seen": domain::format_ms(d.first_seen),
+                "last_seen": domain::format_ms(d.last_seen),
+                "latest": latest.remove(&d.id).map(ReadingOut::from),
+            })
+        })
+        .collect();
+    res.render(Json(json!({ "devices": out })));
+}
+
+/// `GET /api/devices/{id}/readings?from=&to=&after=&limit=&format=`
+#[handler]
+pub async fn device_readings(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let s = shared(depot);
+    let result = async {
+        let id = req.param::<String>("id").unwrap_or_default();
+        DeviceId::check(&id).map_err(|e| {
+            ApiError::bad_request("invalid_device", format!("device id {id:?}: {e}"))
+        })?;
+        let after = int_param(req, "after")?.unwrap_or(0);
+        let limit = int_param(req, "limit")?.unwrap_or(HISTORY_DEFAULT_LIMIT);
+        if !(1..=HISTORY_MAX_LIMIT).contains(&limit) {
+            return Err(ApiError::bad_request(
+                "bad_parameter",
+                format!("limit: must be between 1 and {HISTORY_MAX_LIMIT}"),
+            ));
+        }
+        let from = time_param(req, "from")?;
+        let to = time_param(req, "to")?;
+        if let (Some(f), Some(t)) = (from, to)
+            && f > t
+        {
+            return Err(ApiError::bad_request(
+                "bad_parameter",
+                "from: must not be after to",
+            ));
+        }
+        let csv = match req.query::<String>("format").as_deref() {
+            None | Some("") | Some("json") => false,
+            Some("csv") => true,
+            Some(other) => {
+                return Err(ApiError::bad_request(
+                    "bad_parameter",
+                    format!("format: {other:?} is not supported; use json or csv"),
+                ));
+            }
+        };
+        if s.store.device(&id).await?.is_none() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no device {id:?}"),
+            ));
+        }
+        let rows = s.store.history(&id, after, from, to, limit).await?;
+        Ok((id, rows, limit, csv))
+    }
+    .await;
+    let (id, rows, limit, csv) = match result {
+        Ok(v) => v,
+        Err(e) => return e.render(res),
+    };
+    let next_after = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.seq))
+        .flatten();
+    if csv {
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/csv; charset=utf-8"),
+        );
+        if let Some(n) = next_after
+            && let Ok(v) = HeaderValue::from_str(&n.to_string())
+        {
+            res.headers_mut().insert("x-next-after", v);
+        }
+        res.body(to_csv(&rows));
+        return;
+    }
+    let readings: Vec<ReadingOut> = rows.into_iter().map(ReadingOut::from).collect();
+    res.render(Json(
+        json!({ "device": id, "readings": readings, "next_after": next_after }),
+    ));
+}
+
+fn to_csv(rows: &[StoredReading]) -> String {
+    let mut out = String::from("seq,device,topic,ts,received_at,payload,flags\n");
+    for r in rows {
+        let payload = String::from_utf8_lossy(&r.payload);
+        out.push_str(&format!(
+            "{},{},{},{},{},\"{}\",{}\n",
+            r.seq,
+            r.device,
+            r.topic,
+            domain::format_ms(r.ts),
+            domain::format_ms(r.received_at),
+            payload.replace('"', "\"\""),
+            r.flags
+        ));
+    }
+    out
+}
+
+fn int_param(req: &Request, name: &str) -> Result<Option<i64>, ApiError> {
+    match req.query::<String>(name) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "bad_parameter",
+                    format!("{name}: {v:?} is not a non-negative integer"),
+                )
+            }),
+    }
+}
+
+/// RFC 3339 or Unix milliseconds.
+fn time_param(req: &Request, name: &str) -> Result<Option<i64>, ApiError> {
+    match req.query::<String>(name) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .or_else(|| domain::parse_rfc3339_ms(&v))
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "bad_parameter",
+                    format!("{name}: {v:?} is neither RFC 3339 nor Unix milliseconds"),
+                )
+            }),
+    }
+}

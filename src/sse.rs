@@ -1,0 +1,267 @@
+//! `GET /events`: one client's Server-Sent-Events stream. It starts with a `retry:` hint,
+//! an optional `gap` notice and `snapshot=latest`, replays from storage after
+//! `Last-Event-ID`, then follows the live feed, deduplicated by seq, with heartbeats.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::feed::{self, Cursor, Event, Feed, Kind, Kinds, Read, Subscription};
+use crate::store::Store;
+
+/// Readings fetched from storage per replay query.
+const REPLAY_PAGE: i64 = 1_000;
+/// Most bytes written in one chunk.
+const CHUNK_MAX: usize = 256 * 1024;
+/// How often a replay may restart because the live ring moved past it, before giving up.
+const REPLAY_ROUNDS: u32 = 3;
+/// The reconnect delay browsers are told to use.
+const RETRY_MS: u64 = 1_000;
+
+/// What a client asked for.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Devices to follow; `None` is all.
+    pub devices: Option<Vec<String>>,
+    /// Event kinds to receive.
+    pub kinds: Kinds,
+    /// Resume after this seq.
+    pub last_event_id: Option<i64>,
+    /// Start with the latest reading of each device.
+    pub snapshot: bool,
+}
+
+enum Phase {
+    Intro,
+    Replay { after: i64, round: u32 },
+    Live,
+    Done,
+}
+
+/// One client's stream state.
+pub struct Client {
+    feed: Arc<Feed>,
+    store: Store,
+    cursor: Cursor,
+    _subscription: Subscription,
+    devices: Option<HashSet<Arc<str>>>,
+    params: Params,
+    /// Highest reading seq sent; live readings at or below it were already sent by replay.
+    last_sent: i64,
+    phase: Phase,
+    heartbeat: tokio::time::Interval,
+    stop: CancellationToken,
+    last_seq: watch::Receiver<i64>,
+}
+
+impl Client {
+    /// Subscribes to the feed now, so nothing committed from here on can be missed.
+    pub fn new(
+        feed: Arc<Feed>,
+        store: Store,
+        last_seq: watch::Receiver<i64>,
+        params: Params,
+        heartbeat: Duration,
+        stop: CancellationToken,
+    ) -> Client {
+        let (cursor, subscription) = feed.subscribe();
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Client {
+            feed,
+            store,
+            cursor,
+            _subscription: subscription,
+            devices: params
+                .devices
+                .as_ref()
+                .map(|d| d.iter().map(|s| Arc::<str>::from(s.as_str())).collect()),
+            last_sent: params.last_event_id.unwrap_or(0),
+            params,
+            phase: Phase::Intro,
+            heartbeat,
+            stop,
+            last_seq,
+        }
+    }
+
+    /// The stream of chunks for the HTTP body; it ends on shutdown or when the client lags.
+    pub fn into_stream(
+        self,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+        futures_util::stream::unfold(self, |mut c| async move {
+            c.next_chunk().await.map(|b| (Ok(b), c))
+        })
+    }
+
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        loop {
+            match self.phase {
+                Phase::Done => return None,
+                Phase::Intro => return Some(self.intro().await),
+                Phase::Replay { after, round } => {
+                    if let Some(chunk) = self.replay(after, round).await {
+                        return Some(chunk);
+                    }
+                }
+                Phase::Live => return self.live().await,
+            }
+        }
+    }
+
+    /// `retry:`, then a `gap` notice or a snapshot, as asked.
+    async fn intro(&mut self) -> Bytes {
+        let mut out = BytesMut::new();
+        out.extend_from_slice(format!("retry: {RETRY_MS}\n\n").as_bytes());
+        let wants_readings = self.params.kinds.has(Kind::Reading);
+        self.phase = Phase::Live;
+        match self.params.last_event_id {
+            Some(n) if wants_readings => {
+                let last = *self.last_seq.borrow();
+                if n > last {
+                    // An id from the future (another database?): say so and go live.
+                    out.extend_from_slice(&feed::encode_plain(
+                        "gap",
+                        &json!({"requested_after": n, "first_available": last + 1, "reason": "unknown_id"}),
+                    ));
+                    self.last_sent = last;
+                } else {
+                    match self.store.oldest_seq().await {
+                        Ok(Some(oldest)) if oldest > n + 1 => {
+                            out.extend_from_slice(&feed::encode_plain(
+                                "gap",
+                                &json!({"requested_after": n, "first_available": oldest, "reason": "retention"}),
+                            ));
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot read the oldest seq"),
+                    }
+                    self.phase = Phase::Replay { after: n, round: 0 };
+                }
+            }
+            Some(_) => {}
+            None if self.params.snapshot && wants_readings => {
+                match self.store.latest(self.params.devices.as_deref()).await {
+                    Ok(rows) => {
+                        for r in &rows {
+                            out.extend_from_slice(&feed::encode_reading(r));
+                            self.last_sent = self.last_sent.max(r.seq);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "snapshot query failed"),
+                }
+            }
+            None => {}
+        }
+        out.freeze()
+    }
+
+    /// One page of stored readings after `after`; `None` when the replay is over.
+    async fn replay(&mut self, after: i64, round: u32) -> Option<Bytes> {
+        let page = tokio::select! {
+            _ = self.stop.cancelled() => { self.phase = Phase::Done; return Some(shutdown_frame()); }
+            page = self.store.replay(after, self.params.devices.as_deref(), REPLAY_PAGE) => page,
+        };
+        let rows = match page {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "replay query failed; closing the stream so the client resumes");
+                self.phase = Phase::Done;
+                return Some(Bytes::from_static(
+                    b": storage error, reconnect to resume\n\n",
+                ));
+            }
+        };
+        if !rows.is_empty() {
+            let mut out = BytesMut::new();
+            for r in &rows {
+                out.extend_from_slice(&feed::encode_reading(r));
+            }
+            if let Some(last) = rows.last() {
+                self.last_sent = last.seq;
+            }
+            self.phase = if rows.len() as i64 == REPLAY_PAGE {
+                Phase::Replay {
+                    after: self.last_sent,
+                    round,
+                }
+            } else {
+                self.after_replay(round)
+            };
+            return Some(out.freeze());
+        }
+        self.phase = self.after_replay(round);
+        None
+    }
+
+    /// Live from our cursor if the ring still holds it; else replay again from storage.
+    fn after_replay(&mut self, round: u32) -> Phase {
+        if self.feed.holds(self.cursor.pos) {
+            return Phase::Live;
+        }
+        if round + 1 >= REPLAY_ROUNDS {
+            return Phase::Done;
+        }
+        self.cursor = self.feed.cursor_at_head();
+        Phase::Replay {
+            after: self.last_sent,
+            round: round + 1,
+        }
+    }
+
+    async fn live(&mut self) -> Option<Bytes> {
+        loop {
+            let last_sent = self.last_sent;
+            let kinds = self.params.kinds;
+            let devices = &self.devices;
+            let wanted = |e: &Event| {
+                kinds.has(e.kind)
+                    && devices.as_ref().is_none_or(|d| d.contains(&e.device))
+                    && e.seq.is_none_or(|s| s > last_sent)
+            };
+            match self.feed.read(&mut self.cursor, CHUNK_MAX, wanted) {
+                Read::Lagged => {
+                    self.phase = Phase::Done;
+                    return Some(Bytes::from_static(
+                        b": too slow: this stream is closed, reconnect with Last-Event-ID to resume\n\n",
+                    ));
+                }
+                Read::Events(chunk, last) => {
+                    if let Some(s) = last {
+                        self.last_sent = s;
+                    }
+                    if !chunk.is_empty() {
+                        self.heartbeat.reset();
+                        return Some(chunk);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => {
+                    self.phase = Phase::Done;
+                    return Some(shutdown_frame());
+                }
+                changed = self.cursor.head.changed() => {
+                    if changed.is_err() {
+                        self.phase = Phase::Done;
+                        return None;
+                    }
+                }
+                _ = self.heartbeat.tick() => return Some(Bytes::from_static(b": heartbeat\n\n")),
+            }
+        }
+    }
+}
+
+fn shutdown_frame() -> Bytes {
+    feed::encode_plain(
+        "shutdown",
+        &json!({"reason": "server shutting down; reconnect with Last-Event-ID to resume"}),
+    )
+}
