@@ -32,6 +32,7 @@ pub async fn events(req: &mut Request, depot: &mut Depot, res: &mut Response) {
         params,
         s.heartbeat,
         s.streams_stop.clone(),
+        s.metrics.clone(),
     );
     let headers = res.headers_mut();
     headers.insert(

@@ -20,9 +20,6 @@ use crate::simulate::{self, SimConfig};
 use crate::store::{self, Committed, Store};
 use crate::{service, web};
 
-/// Events the live feed keeps for clients that are briefly behind (about 1 s at 65,000 readings/s).
-const FEED_CAPACITY: usize = 65_536;
-
 /// How long shutdown may take before we stop waiting.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -74,7 +71,7 @@ impl App {
         let metrics = Arc::new(Metrics::default());
         let link = MqttLink::new(&config.mqtt, &config.topics, metrics.clone());
         let (last_seq_tx, last_seq) = watch::channel(0);
-        let feed = Feed::new(FEED_CAPACITY);
+        let feed = Feed::new(config.http.sse_buffer);
         let shared = Shared {
             store,
             metrics,

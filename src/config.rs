@@ -260,6 +260,9 @@ pub struct HttpConfig {
     pub heartbeat: Duration,
     /// Listen beyond loopback even with no tokens configured.
     pub allow_public_without_auth: bool,
+    /// Events kept for SSE clients that are behind; one further behind is cut off and
+    /// resumes from storage.
+    pub sse_buffer: usize,
 }
 
 impl Default for HttpConfig {
@@ -269,6 +272,7 @@ impl Default for HttpConfig {
             allowed_origins: Vec::new(),
             heartbeat: Duration::from_secs(15),
             allow_public_without_auth: false,
+            sse_buffer: 65_536,
         }
     }
 }
@@ -490,6 +494,7 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "allowed_origins",
             "heartbeat",
             "allow_public_without_auth",
+            "sse_buffer",
         ],
     ),
     (
@@ -648,6 +653,12 @@ impl Config {
         }
         if self.presence.timeout < Duration::from_secs(1) {
             bad("presence.timeout", "must be at least 1s".into());
+        }
+        if self.http.sse_buffer < 16 || self.http.sse_buffer > 10_000_000 {
+            bad(
+                "http.sse_buffer",
+                "must be between 16 and 10000000 events".into(),
+            );
         }
         if self.http.heartbeat < Duration::from_secs(1) {
             bad("http.heartbeat", "must be at least 1s".into());

@@ -57,6 +57,12 @@ pub struct Metrics {
     pub retention_deleted: AtomicU64,
     /// Devices marked offline for silence.
     pub presence_timeouts: AtomicU64,
+    /// Open SSE streams.
+    pub sse_clients: AtomicI64,
+    /// SSE streams closed because the client fell behind.
+    pub sse_cut: AtomicU64,
+    /// SSE streams served in all.
+    pub sse_connections: AtomicU64,
 }
 
 impl Metrics {
@@ -171,6 +177,24 @@ impl Metrics {
             "telebridge_presence_timeouts_total",
             "Devices marked offline after silence.",
             g(&self.presence_timeouts),
+        );
+        gauge(
+            &mut out,
+            "telebridge_sse_clients",
+            "Open SSE streams.",
+            self.sse_clients.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "telebridge_sse_connections_total",
+            "SSE streams opened.",
+            g(&self.sse_connections),
+        );
+        counter(
+            &mut out,
+            "telebridge_sse_clients_cut_total",
+            "SSE streams closed because the client fell behind the live buffer.",
+            g(&self.sse_cut),
         );
         out
     }

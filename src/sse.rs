@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -12,6 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::feed::{self, Cursor, Event, Feed, Kind, Kinds, Read, Subscription};
+use crate::observability::Metrics;
 use crate::store::Store;
 
 /// Readings fetched from storage per replay query.
@@ -57,6 +59,13 @@ pub struct Client {
     heartbeat: tokio::time::Interval,
     stop: CancellationToken,
     last_seq: watch::Receiver<i64>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.metrics.sse_clients.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Client {
@@ -68,7 +77,10 @@ impl Client {
         params: Params,
         heartbeat: Duration,
         stop: CancellationToken,
+        metrics: Arc<Metrics>,
     ) -> Client {
+        metrics.sse_clients.fetch_add(1, Ordering::Relaxed);
+        metrics.sse_connections.fetch_add(1, Ordering::Relaxed);
         let (cursor, subscription) = feed.subscribe();
         let mut heartbeat =
             tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
@@ -88,6 +100,7 @@ impl Client {
             heartbeat,
             stop,
             last_seq,
+            metrics,
         }
     }
 
@@ -227,6 +240,7 @@ impl Client {
             };
             match self.feed.read(&mut self.cursor, CHUNK_MAX, wanted) {
                 Read::Lagged => {
+                    self.metrics.sse_cut.fetch_add(1, Ordering::Relaxed);
                     self.phase = Phase::Done;
                     return Some(Bytes::from_static(
                         b": too slow: this stream is closed, reconnect with Last-Event-ID to resume\n\n",

@@ -3,5 +3,7 @@
 
 mod cli;
 mod durability;
+mod history;
 mod ingest;
+mod sse;
 mod support;

@@ -293,6 +293,19 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no {sample} in /metrics:\n{text}"))
     }
 
+    /// Resident memory of the daemon process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .expect("VmRSS")
+    }
+
     /// A read-only view of the daemon's database.
     pub async fn db(&self) -> Db {
         Db::open(&self.db).await
@@ -523,4 +536,171 @@ pub fn reading(n: i64) -> String {
         r#"{{"n":{n},"ts":{},"temperature":21.5}}"#,
         1_700_000_000_000i64 + n
     )
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
+}
+
+impl SseEvent {
+    /// The data as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {}", self.data))
+    }
+
+    /// The reading's `n` field.
+    pub fn n(&self) -> i64 {
+        self.json()["payload"]["n"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no payload.n in {}", self.data))
+    }
+}
+
+/// A real streaming HTTP client for `/events`, parsing the SSE wire format.
+pub struct SseClient {
+    response: reqwest::Response,
+    buf: String,
+    /// Comment lines seen (heartbeats and notices).
+    pub comments: Vec<String>,
+    /// Whether the server ended the stream.
+    pub ended: bool,
+}
+
+impl SseClient {
+    /// Opens `path` on the daemon, optionally with a `Last-Event-ID` header, and waits for the
+    /// stream to start (the `retry:` line), so that the client is subscribed on return.
+    pub async fn connect(addr: SocketAddr, path: &str, last_event_id: Option<&str>) -> SseClient {
+        let mut req = reqwest::Client::new().get(format!("http://{addr}{path}"));
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let response = req.send().await.expect("GET /events");
+        assert_eq!(response.status(), 200, "GET {path}");
+        assert_eq!(
+            response
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
+            Some("text/event-stream")
+        );
+        let mut c = SseClient {
+            response,
+            buf: String::new(),
+            comments: Vec::new(),
+            ended: false,
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !c.buf.contains("retry: ") {
+                c.fill().await;
+                assert!(!c.ended, "stream ended before it started");
+            }
+        })
+        .await
+        .expect("the stream starts with retry:");
+        c
+    }
+
+    async fn fill(&mut self) {
+        match self.response.chunk().await {
+            Ok(Some(bytes)) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
+            _ => self.ended = true,
+        }
+    }
+
+    /// The next event (comments and `retry:` are recorded, not returned); None when the
+    /// stream ends or `timeout` passes.
+    pub async fn next(&mut self, timeout: Duration) -> Option<SseEvent> {
+        tokio::time::timeout(timeout, async {
+            loop {
+                while let Some(end) = self.buf.find("\n\n") {
+                    let block: String = self.buf.drain(..end + 2).collect();
+                    let mut ev = SseEvent {
+                        id: None,
+                        event: "message".into(),
+                        data: String::new(),
+                    };
+                    let mut has_data = false;
+                    for line in block.lines() {
+                        if let Some(c) = line.strip_prefix(':') {
+                            self.comments.push(c.trim().to_owned());
+                        } else if let Some(v) = line.strip_prefix("id: ") {
+                            ev.id = Some(v.to_owned());
+                        } else if let Some(v) = line.strip_prefix("event: ") {
+                            ev.event = v.to_owned();
+                        } else if let Some(v) = line.strip_prefix("data: ") {
+                            if has_data {
+                                ev.data.push('\n');
+                            }
+                            ev.data.push_str(v);
+                            has_data = true;
+                        }
+                    }
+                    if has_data {
+                        return Some(ev);
+                    }
+                }
+                if self.ended {
+                    return None;
+                }
+                self.fill().await;
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// The next `count` events of kind `event`, skipping others; panics if they do not come.
+    pub async fn take(&mut self, event: &str, count: usize, timeout: Duration) -> Vec<SseEvent> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left).await {
+                Some(e) if e.event == event => out.push(e),
+                Some(_) => {}
+                None => panic!(
+                    "got {} of {count} {event} events (ended: {})",
+                    out.len(),
+                    self.ended
+                ),
+            }
+        }
+        out
+    }
+}
+
+/// Reads `count` `reading` events from `path` the way a browser's EventSource does: when the
+/// server closes the stream, reconnect with the last id seen.
+/// `client` must already be connected (subscribed) to `path`.
+pub async fn collect_resuming(
+    mut client: SseClient,
+    addr: SocketAddr,
+    path: &str,
+    count: usize,
+    timeout: Duration,
+) -> (Vec<SseEvent>, u32) {
+    let deadline = Instant::now() + timeout;
+    let mut out: Vec<SseEvent> = Vec::new();
+    let mut reconnects = 0;
+    while out.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "got {} of {count} readings", out.len());
+        match client.next(left).await {
+            Some(e) if e.event == "reading" => out.push(e),
+            Some(_) => {}
+            None if client.ended => {
+                reconnects += 1;
+                let last = out.last().and_then(|e| e.id.clone());
+                client = SseClient::connect(addr, path, last.as_deref()).await;
+            }
+            None => panic!("got {} of {count} readings", out.len()),
+        }
+    }
+    (out, reconnects)
 }

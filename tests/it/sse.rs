@@ -1,0 +1,365 @@
+//! `GET /events`: the contract's fields, filters, exact resume, gaps, snapshots, slow
+//! clients, heartbeats and shutdown.
+
+use std::io::{Read as _, Write as _};
+use std::time::Duration;
+
+use rumqttc::QoS;
+
+use crate::support::{
+    Daemon, Mosquitto, Publisher, SseClient, collect_resuming, reading, wait_for,
+};
+
+const T: Duration = Duration::from_secs(30);
+
+async fn setup(extra: &str) -> (Mosquitto, Daemon, Publisher) {
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(&broker.url(), extra).await;
+    let publisher = Publisher::connect(&broker.url(), "sse-pub").await;
+    (broker, daemon, publisher)
+}
+
+#[tokio::test]
+async fn readings_arrive_on_events_with_the_contract_fields_filtered_by_device_and_type() {
+    // Arrange
+    let (_broker, daemon, publisher) = setup("").await;
+    let mut all = SseClient::connect(daemon.http, "/events", None).await;
+    let mut only_s2 = SseClient::connect(daemon.http, "/events?device=s2&type=reading", None).await;
+    let mut only_status = SseClient::connect(daemon.http, "/events?type=status", None).await;
+
+    // Act
+    publisher
+        .publish("devices/s1/telemetry", QoS::AtLeastOnce, false, reading(1))
+        .await;
+    publisher
+        .publish("devices/s2/telemetry", QoS::AtLeastOnce, false, reading(2))
+        .await;
+    publisher
+        .publish("devices/s1/status", QoS::AtLeastOnce, false, "offline")
+        .await;
+    publisher
+        .publish("devices/s2/telemetry", QoS::AtLeastOnce, false, reading(3))
+        .await;
+
+    // Assert
+    let readings = all.take("reading", 3, T).await;
+    let rows = daemon.db().await.rows().await;
+    for (ev, row) in readings.iter().zip(&rows) {
+        let data = ev.json();
+        assert_eq!(
+            ev.id.as_deref(),
+            Some(row.seq.to_string().as_str()),
+            "id is the row's seq"
+        );
+        assert_eq!(data["seq"], row.seq);
+        assert_eq!(data["device"], row.device.as_str());
+        assert_eq!(data["topic"], row.topic.as_str());
+        assert_eq!(data["ts"], telebridge::domain::format_ms(row.ts).as_str());
+        assert_eq!(
+            data["received_at"],
+            telebridge::domain::format_ms(row.received_at).as_str()
+        );
+        let sent: serde_json::Value = serde_json::from_slice(&row.payload).expect("json");
+        assert_eq!(
+            data["payload"], sent,
+            "payload is the device's JSON as sent"
+        );
+    }
+    assert_eq!(
+        readings.iter().map(|e| e.n()).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let s2: Vec<i64> = only_s2
+        .take("reading", 2, T)
+        .await
+        .iter()
+        .map(|e| e.n())
+        .collect();
+    assert_eq!(s2, vec![2, 3]);
+    let status = only_status.take("status", 1, T).await;
+    assert_eq!(status[0].json()["device"], "s1");
+    assert_eq!(status[0].json()["online"], false);
+    // The filtered streams got nothing else.
+    assert!(only_s2.next(Duration::from_millis(300)).await.is_none());
+    assert!(only_status.next(Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn resume_replays_exactly_the_missed_readings_in_order_then_goes_live_without_gap_or_duplicate()
+ {
+    // Arrange: a client reads the first 10 readings and disconnects.
+    let (_broker, daemon, publisher) = setup("").await;
+    let mut first = SseClient::connect(daemon.http, "/events?type=reading", None).await;
+    for n in 0..10 {
+        publisher
+            .publish("devices/r1/telemetry", QoS::AtLeastOnce, false, reading(n))
+            .await;
+    }
+    let seen = first.take("reading", 10, T).await;
+    let last_id = seen.last().and_then(|e| e.id.clone()).expect("id");
+    drop(first);
+
+    // Act: many readings while it is away, then a reconnect with more published during
+    // the replay.
+    const AWAY: i64 = 3_000;
+    const DURING: i64 = 500;
+    for n in 10..10 + AWAY {
+        publisher
+            .publish(
+                &format!("devices/r{}/telemetry", n % 3),
+                QoS::AtLeastOnce,
+                false,
+                reading(n),
+            )
+            .await;
+    }
+    daemon.db().await.wait_count(10 + AWAY, T).await;
+    let mut resumed = SseClient::connect(daemon.http, "/events?type=reading", Some(&last_id)).await;
+    for n in 10 + AWAY..10 + AWAY + DURING {
+        publisher
+            .publish(
+                &format!("devices/r{}/telemetry", n % 3),
+                QoS::AtLeastOnce,
+                false,
+                reading(n),
+            )
+            .await;
+    }
+
+    // Assert: exactly 10.., in order, once each.
+    let got = resumed.take("reading", (AWAY + DURING) as usize, T).await;
+    let numbers: Vec<i64> = got.iter().map(|e| e.n()).collect();
+    assert_eq!(numbers, (10..10 + AWAY + DURING).collect::<Vec<_>>());
+    let ids: Vec<i64> = got
+        .iter()
+        .map(|e| e.id.as_deref().and_then(|i| i.parse().ok()).expect("id"))
+        .collect();
+    assert!(ids.windows(2).all(|w| w[1] > w[0]), "ids increase");
+    assert!(
+        resumed.next(Duration::from_millis(300)).await.is_none(),
+        "no duplicate after the end"
+    );
+
+    // The query parameter works like the header, filtered by device too.
+    let mut by_query = SseClient::connect(
+        daemon.http,
+        &format!("/events?device=r1&last_event_id={last_id}"),
+        None,
+    )
+    .await;
+    let r1: Vec<i64> = by_query
+        .take("reading", (AWAY / 3) as usize, T)
+        .await
+        .iter()
+        .map(|e| e.n())
+        .collect();
+    assert!(r1.iter().all(|n| n % 3 == 1));
+    assert_eq!(r1.first(), Some(&10));
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_without_slowing_ingest_and_resumes_without_loss() {
+    // Arrange: a small live buffer, and a client that never reads its socket.
+    let (_broker, daemon, publisher) = setup("[http]\nsse_buffer = 500").await;
+    let mut slow = std::net::TcpStream::connect(daemon.http).expect("connect");
+    write!(
+        slow,
+        "GET /events?type=reading HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let reader = SseClient::connect(daemon.http, "/events?type=reading", None).await;
+    let reader = tokio::spawn({
+        let addr = daemon.http;
+        async move {
+            collect_resuming(
+                reader,
+                addr,
+                "/events?type=reading",
+                6_000,
+                Duration::from_secs(60),
+            )
+            .await
+        }
+    });
+
+    // Act: far more than the buffer and the socket buffers hold (1 KiB readings).
+    const N: i64 = 6_000;
+    let pad = "x".repeat(1000);
+    for n in 0..N {
+        let body = format!(r#"{{"n":{n},"pad":"{pad}"}}"#);
+        publisher
+            .publish("devices/slow/telemetry", QoS::AtLeastOnce, false, body)
+            .await;
+    }
+
+    // Assert: ingest kept up, a reading client got everything, memory stayed bounded.
+    daemon.db().await.wait_count(N, T).await;
+    let (got, _reconnects) = reader.await.expect("reader");
+    assert_eq!(
+        got.iter().map(|e| e.n()).collect::<Vec<_>>(),
+        (0..N).collect::<Vec<_>>(),
+        "a reader that resumes like a browser misses nothing"
+    );
+    let rss_kib = daemon.rss_kib();
+    assert!(rss_kib < 200 * 1024, "resident memory {rss_kib} KiB");
+
+    // The slow client's stream was closed: reading its socket now ends, after a notice.
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut text = Vec::new();
+    let _ = slow.read_to_end(&mut text);
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("too slow"), "the stream ends with a notice");
+    let last_id = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .last()
+        .expect("it got some events first")
+        .to_owned();
+    assert!(daemon.metric("telebridge_sse_clients_cut_total").await >= 1.0);
+
+    // It resumes from storage and gets the rest, in order.
+    let first_missing: i64 = text.split("\n\n").filter(|b| b.contains("id: ")).count() as i64;
+    let mut resumed = SseClient::connect(daemon.http, "/events?type=reading", Some(&last_id)).await;
+    let rest = resumed
+        .take("reading", (N - first_missing) as usize, T)
+        .await;
+    assert_eq!(
+        rest.iter().map(|e| e.n()).collect::<Vec<_>>(),
+        (first_missing..N).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn snapshot_latest_starts_with_the_latest_reading_of_each_device() {
+    let (_broker, daemon, publisher) = setup("").await;
+    for n in 0..9 {
+        publisher
+            .publish(
+                &format!("devices/k{}/telemetry", n % 3),
+                QoS::AtLeastOnce,
+                false,
+                reading(n),
+            )
+            .await;
+    }
+    daemon.db().await.wait_count(9, T).await;
+
+    let mut all = SseClient::connect(daemon.http, "/events?snapshot=latest", None).await;
+    let snap: Vec<i64> = all
+        .take("reading", 3, T)
+        .await
+        .iter()
+        .map(|e| e.n())
+        .collect();
+    assert_eq!(snap, vec![6, 7, 8]);
+    let mut one =
+        SseClient::connect(daemon.http, "/events?snapshot=latest&device=k1,k2", None).await;
+    let snap: Vec<i64> = one
+        .take("reading", 2, T)
+        .await
+        .iter()
+        .map(|e| e.n())
+        .collect();
+    assert_eq!(snap, vec![7, 8]);
+
+    // Live continues after the snapshot, without repeating it.
+    publisher
+        .publish("devices/k1/telemetry", QoS::AtLeastOnce, false, reading(9))
+        .await;
+    assert_eq!(one.take("reading", 1, T).await[0].n(), 9);
+}
+
+#[tokio::test]
+async fn a_resume_point_older_than_storage_gets_a_gap_event_first() {
+    // Arrange: readings 1..=20, then retention removes the first ten.
+    let (_broker, mut daemon, publisher) =
+        setup("[storage]\nretention = \"1d\"\nretention_interval = \"200ms\"").await;
+    for n in 0..20 {
+        publisher
+            .publish("devices/g1/telemetry", QoS::AtLeastOnce, false, reading(n))
+            .await;
+    }
+    daemon.db().await.wait_count(20, T).await;
+    assert!(daemon.sigterm().success());
+    {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", daemon.db.display()))
+            .await
+            .expect("db");
+        sqlx::query("UPDATE readings SET received_at = received_at - 2 * 86400000 WHERE seq <= 10")
+            .execute(&pool)
+            .await
+            .expect("age rows");
+        pool.close().await;
+    }
+    daemon.spawn().await;
+    wait_for(T, "retention", || async {
+        (daemon.db().await.count().await == 10).then_some(())
+    })
+    .await;
+
+    // Act
+    let mut client = SseClient::connect(daemon.http, "/events?type=reading", Some("3")).await;
+
+    // Assert
+    let gap = client.next(T).await.expect("gap event");
+    assert_eq!(gap.event, "gap");
+    assert_eq!(gap.json()["first_available"], 11);
+    let rest: Vec<i64> = client
+        .take("reading", 10, T)
+        .await
+        .iter()
+        .map(|e| e.n())
+        .collect();
+    assert_eq!(rest, (10..20).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn bad_event_parameters_get_a_json_400_naming_the_parameter() {
+    let (_broker, daemon, _publisher) = setup("").await;
+    for (query, code, word) in [
+        ("device=a%2Bb", "invalid_device", "device"),
+        ("device=a%2Fb", "invalid_device", "device"),
+        ("type=readings", "bad_parameter", "type"),
+        ("last_event_id=abc", "bad_parameter", "last_event_id"),
+        ("last_event_id=-1", "bad_parameter", "last_event_id"),
+        ("snapshot=all", "bad_parameter", "snapshot"),
+    ] {
+        let r = daemon.get(&format!("/events?{query}")).await;
+        assert_eq!(r.status(), 400, "{query}");
+        let body: serde_json::Value = r.json().await.expect("json error");
+        assert_eq!(body["error"]["code"], code, "{query}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains(word),
+            "{query}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn heartbeats_keep_an_idle_stream_alive_and_shutdown_ends_it_with_a_final_event() {
+    let (_broker, mut daemon, _publisher) = setup("[http]\nheartbeat = \"1s\"").await;
+    let mut client = SseClient::connect(daemon.http, "/events", None).await;
+    assert!(client.next(Duration::from_millis(2_500)).await.is_none());
+    assert!(
+        client.comments.iter().any(|c| c == "heartbeat"),
+        "{:?}",
+        client.comments
+    );
+
+    let status = tokio::task::spawn_blocking(move || {
+        let s = daemon.sigterm();
+        (s, daemon)
+    });
+    let last = client.next(T).await.expect("a final event");
+    assert_eq!(last.event, "shutdown");
+    assert!(
+        client.next(T).await.is_none() && client.ended,
+        "the stream ends"
+    );
+    let (status, _daemon) = status.await.expect("join");
+    assert!(status.success());
+}
