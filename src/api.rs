@@ -317,3 +317,119 @@ fn time_param(req: &Request, name: &str) -> Result<Option<i64>, ApiError> {
             }),
     }
 }
+
+/// Largest command body over HTTP.
+const COMMAND_BODY_MAX: usize = crate::ws::MAX_MESSAGE;
+
+/// `POST /api/devices/{id}/commands`: like a WebSocket command; `202` with the id.
+#[handler]
+pub async fn post_command(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let s = shared(depot).clone();
+    let device = req.param::<String>("id").unwrap_or_default();
+    let body = match req.payload_with_max_size(COMMAND_BODY_MAX).await {
+        Ok(b) => b.clone(),
+        Err(salvo::http::ParseError::PayloadTooLarge) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the body is over {COMMAND_BODY_MAX} bytes"),
+            )
+            .render(res);
+        }
+        Err(e) => {
+            return ApiError::bad_request("bad_json", format!("cannot read the body: {e}"))
+                .render(res);
+        }
+    };
+    let obj = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(o)) => o,
+        Ok(_) => {
+            return ApiError::bad_request("bad_json", "the body must be a JSON object").render(res);
+        }
+        Err(e) => return ApiError::bad_request("bad_json", format!("not JSON: {e}")).render(res),
+    };
+    let mut obj = obj;
+    let reference = obj.remove("ref");
+    let mut cmd = match crate::protocol::parse_command_fields(obj, reference, false) {
+        Ok(c) => c,
+        Err(r) => return ApiError::bad_request(r.code, r.message).render(res),
+    };
+    if let Err(e) = DeviceId::check(&device) {
+        return ApiError::bad_request("invalid_device", format!("device id {device:?}: {e}"))
+            .render(res);
+    }
+    cmd.device = device;
+    match s.commands.submit(cmd).await {
+        Ok(crate::protocol::ServerMessage::Accepted {
+            id,
+            status,
+            duplicate,
+            reference,
+        }) => {
+            res.status_code(StatusCode::ACCEPTED);
+            res.render(Json(
+                json!({"id": id, "status": status, "duplicate": duplicate, "ref": reference}),
+            ));
+        }
+        Ok(other) => res.render(Json(other)),
+        Err(r) => {
+            let status = if r.code == "unavailable" {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            ApiError::new(status, r.code, r.message).render(res)
+        }
+    }
+}
+
+/// `GET /api/commands?device=&limit=`: the command log, newest first.
+#[handler]
+pub async fn list_commands(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let s = shared(depot);
+    let result = async {
+        let device = match req.query::<String>("device") {
+            Some(d) if !d.is_empty() => {
+                DeviceId::check(&d).map_err(|e| {
+                    ApiError::bad_request("invalid_device", format!("device: {d:?}: {e}"))
+                })?;
+                Some(d)
+            }
+            _ => None,
+        };
+        let limit = int_param(req, "limit")?.unwrap_or(100);
+        if !(1..=HISTORY_MAX_LIMIT).contains(&limit) {
+            return Err(ApiError::bad_request(
+                "bad_parameter",
+                format!("limit: must be between 1 and {HISTORY_MAX_LIMIT}"),
+            ));
+        }
+        Ok(s.store.commands(device.as_deref(), limit).await?)
+    }
+    .await;
+    let rows = match result {
+        Ok(r) => r,
+        Err(e) => return e.render(res),
+    };
+    let ms = |v: Option<i64>| v.map(domain::format_ms);
+    let out: Vec<_> = rows
+        .into_iter()
+        .map(|c| {
+            json!({
+                "id": c.id,
+                "device": c.device,
+                "name": c.name,
+                "params": serde_json::from_str::<serde_json::Value>(&c.params).unwrap_or(serde_json::Value::Null),
+                "status": c.status,
+                "key": c.key,
+                "created_at": domain::format_ms(c.created_at),
+                "expires_at": domain::format_ms(c.expires_at),
+                "sent_at": ms(c.sent_at),
+                "finished_at": ms(c.finished_at),
+                "result": c.result.as_deref().and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok()),
+                "error": c.error,
+            })
+        })
+        .collect();
+    res.render(Json(json!({ "commands": out })));
+}

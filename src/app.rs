@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{self, BrokerChoice};
+use crate::commands::Commands;
 use crate::config::Config;
 use crate::feed::Feed;
 use crate::ingest::Ingest;
@@ -47,6 +48,12 @@ pub struct Shared {
     pub heartbeat: Duration,
     /// Fires on shutdown so that every stream ends with a final event.
     pub streams_stop: CancellationToken,
+    /// The command service.
+    pub commands: Arc<Commands>,
+    /// Origins allowed besides the page's own.
+    pub allowed_origins: Arc<Vec<String>>,
+    /// Commands per second per WebSocket connection.
+    pub command_rate: u32,
 }
 
 /// A built, not yet running, daemon.
@@ -58,6 +65,7 @@ pub struct App {
     link: MqttLink,
     writer: store::Writer,
     committed: Committed,
+    command_changes: mpsc::Receiver<crate::store::CommandChange>,
     http: web::Server,
 }
 
@@ -72,7 +80,19 @@ impl App {
         let link = MqttLink::new(&config.mqtt, &config.topics, metrics.clone());
         let (last_seq_tx, last_seq) = watch::channel(0);
         let feed = Feed::new(config.http.sse_buffer);
+        let commands = Commands::new(
+            store.clone(),
+            link.handle(),
+            config.topics.command.clone(),
+            config.commands.clone(),
+            feed.clone(),
+            metrics.clone(),
+        );
+        let (changes_tx, changes_rx) = mpsc::channel(4096);
         let shared = Shared {
+            commands,
+            allowed_origins: Arc::new(config.http.allowed_origins.clone()),
+            command_rate: config.commands.rate_limit,
             store,
             metrics,
             mqtt: link.handle(),
@@ -94,7 +114,9 @@ impl App {
             committed: Committed {
                 last_seq: last_seq_tx,
                 feed,
+                commands: changes_tx,
             },
+            command_changes: changes_rx,
             http,
         })
     }
@@ -119,6 +141,7 @@ impl App {
             link,
             writer,
             committed,
+            command_changes,
             http,
             ..
         } = self;
@@ -158,6 +181,12 @@ impl App {
             config.presence.timeout,
             shutdown.child_token(),
         ));
+        tracker.spawn(
+            shared
+                .commands
+                .clone()
+                .run(command_changes, shutdown.child_token()),
+        );
         tracker.spawn(http.run(shutdown.child_token()));
         if options.demo {
             let sim = SimConfig {

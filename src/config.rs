@@ -338,6 +338,8 @@ pub struct CommandsConfig {
     /// How long a command for an offline device may wait in the queue.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// Commands per second one WebSocket connection may send (bursts of twice that).
+    pub rate_limit: u32,
 }
 
 impl Default for CommandsConfig {
@@ -345,6 +347,7 @@ impl Default for CommandsConfig {
         Self {
             timeout: Duration::from_secs(30),
             ttl: Duration::from_secs(3600),
+            rate_limit: 20,
         }
     }
 }
@@ -509,7 +512,7 @@ const SCHEMA: &[(&str, &[&str])] = &[
         ],
     ),
     ("presence", &["timeout"]),
-    ("commands", &["timeout", "ttl"]),
+    ("commands", &["timeout", "ttl", "rate_limit"]),
     ("auth", &["tokens"]),
     ("log", &["level", "format"]),
 ];
@@ -665,6 +668,9 @@ impl Config {
         }
         if self.commands.timeout.is_zero() {
             bad("commands.timeout", "must be above 0".into());
+        }
+        if self.commands.rate_limit == 0 || self.commands.rate_limit > 100_000 {
+            bad("commands.rate_limit", "must be between 1 and 100000".into());
         }
         if self.commands.ttl.is_zero() {
             bad("commands.ttl", "must be above 0".into());

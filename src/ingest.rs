@@ -60,8 +60,39 @@ pub enum Item {
         /// Ack for the status message.
         ack: Option<AckToken>,
     },
+    /// A device's answer to a command.
+    CommandAck(CommandAck),
     /// A message that is not stored, acknowledged in order with the rest.
     Skip(Option<AckToken>),
+}
+
+/// A device's answer on its ack topic.
+#[derive(Debug, Clone)]
+pub struct CommandAck {
+    /// The device.
+    pub device: DeviceId,
+    /// The command id it answers.
+    pub id: String,
+    /// Success.
+    pub ok: bool,
+    /// Result (JSON text), when ok.
+    pub result: Option<String>,
+    /// Error text, when not ok.
+    pub error: Option<String>,
+    /// Receive time (Unix ms).
+    pub at: i64,
+    /// Ack for the MQTT message.
+    pub ack: Option<AckToken>,
+}
+
+#[derive(serde::Deserialize)]
+struct AckPayload<'a> {
+    id: String,
+    ok: bool,
+    #[serde(borrow, default)]
+    result: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
 }
 
 /// Why a message was not stored.
@@ -75,15 +106,18 @@ pub enum Reject {
     UnknownTopic,
     /// A status message that is neither `online` nor `offline`.
     BadStatus,
+    /// A command ack that is not `{"id", "ok", ...}`.
+    BadAck,
 }
 
 impl Reject {
     /// Every reason.
-    pub const ALL: [Reject; 4] = [
+    pub const ALL: [Reject; 5] = [
         Reject::TooLarge,
         Reject::BadDevice,
         Reject::UnknownTopic,
         Reject::BadStatus,
+        Reject::BadAck,
     ];
 
     /// Label for metrics and logs.
@@ -93,6 +127,7 @@ impl Reject {
             Reject::BadDevice => "invalid_device",
             Reject::UnknownTopic => "unknown_topic",
             Reject::BadStatus => "bad_status",
+            Reject::BadAck => "bad_ack",
         }
     }
 }
@@ -163,6 +198,31 @@ impl Ingest {
                 at: now,
                 ack,
             });
+        }
+        if let Some(raw) = self.topics.ack.match_device(topic) {
+            let device = DeviceId::parse(raw).map_err(|_| Reject::BadDevice)?;
+            if payload.len() > self.max_payload {
+                return Err(Reject::TooLarge);
+            }
+            let p: AckPayload<'_> = serde_json::from_slice(&payload).map_err(|_| Reject::BadAck)?;
+            let error = match p.error {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(s)) => Some(s),
+                Some(other) => Some(other.to_string()),
+            };
+            return Ok(Item::CommandAck(CommandAck {
+                device,
+                id: p.id,
+                ok: p.ok,
+                result: p.result.map(|r| r.get().to_owned()),
+                error: if p.ok {
+                    None
+                } else {
+                    error.or_else(|| Some("failed".into()))
+                },
+                at: now,
+                ack,
+            }));
         }
         Err(Reject::UnknownTopic)
     }

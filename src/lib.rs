@@ -8,6 +8,9 @@
 //!                       └──────────── acks, only after the commit ◀────────────┤
 //!                                                                              ▼
 //!                              browsers ◀── SSE /events ◀── sse ◀── feed (encoded once)
+//! browsers ──WebSocket /ws──▶ ws ──▶ commands ──MQTT QoS 1──▶ devices ──ack──▶ mqtt ──▶ store
+//!                              ▲                                                      │
+//!                              └────────────── ack / timeout to the sender ◀──────────┘
 //! ```
 //!
 //! - [`config`]: the TOML file, validated with every problem reported.
@@ -17,6 +20,8 @@
 //! - [`store`]: SQLite, the batching writer, retention and presence timeouts.
 //! - [`feed`]: committed readings encoded once into a shared ring; [`sse`] streams it
 //!   to each client with replay and resume; [`api`] serves `/events` and the history.
+//! - [`commands`]: operator commands over [`ws`] (`/ws`, wire types in [`protocol`]) and
+//!   HTTP, published to devices and followed to their ack, timeout or expiry.
 //! - [`web`]: the HTTP server, routes and JSON errors.
 //! - [`observability`]: logging and metrics.
 //! - [`service`]: systemd readiness and watchdog.
@@ -26,17 +31,20 @@
 pub mod api;
 pub mod app;
 pub mod broker;
+pub mod commands;
 pub mod config;
 pub mod domain;
 pub mod feed;
 pub mod ingest;
 pub mod mqtt;
 pub mod observability;
+pub mod protocol;
 pub mod service;
 pub mod simulate;
 pub mod sse;
 pub mod store;
 pub mod web;
+pub mod ws;
 
 pub use app::App;
 pub use config::Config;

@@ -134,6 +134,8 @@ impl MqttLink {
             (shared(topics.telemetry.filter()), q),
             // Presence is retained per device: every instance must see it, never shared.
             (topics.status.filter(), q),
+            // Answers to commands: every instance must see the answers to its own commands.
+            (topics.ack.filter(), QoS::AtLeastOnce),
         ];
         Self {
             handle: MqttHandle {

@@ -41,6 +41,7 @@ pub struct Metrics {
     rejected_bad_device: AtomicU64,
     rejected_unknown_topic: AtomicU64,
     rejected_bad_status: AtomicU64,
+    rejected_bad_ack: AtomicU64,
     /// Write transactions committed.
     pub batches: AtomicU64,
     /// Sum of commit latencies, microseconds.
@@ -63,6 +64,24 @@ pub struct Metrics {
     pub sse_cut: AtomicU64,
     /// SSE streams served in all.
     pub sse_connections: AtomicU64,
+    /// Acks for unknown or already finished commands.
+    pub unknown_acks: AtomicU64,
+    /// Open WebSocket connections.
+    pub ws_clients: AtomicI64,
+    /// Commands accepted.
+    pub commands_accepted: AtomicU64,
+    /// Commands by final status: acked, failed, timeout, expired.
+    pub commands_acked: AtomicU64,
+    /// Commands the device answered with ok: false.
+    pub commands_failed: AtomicU64,
+    /// Commands without an answer in time.
+    pub commands_timeout: AtomicU64,
+    /// Queued commands whose ttl ran out.
+    pub commands_expired: AtomicU64,
+    /// Bad WebSocket or API command messages, all codes.
+    pub command_errors: AtomicU64,
+    /// Sum of command round trips, microseconds.
+    pub command_rtt_micros: AtomicU64,
 }
 
 impl Metrics {
@@ -72,6 +91,7 @@ impl Metrics {
             Reject::BadDevice => &self.rejected_bad_device,
             Reject::UnknownTopic => &self.rejected_unknown_topic,
             Reject::BadStatus => &self.rejected_bad_status,
+            Reject::BadAck => &self.rejected_bad_ack,
         }
     }
 
@@ -195,6 +215,57 @@ impl Metrics {
             "telebridge_sse_clients_cut_total",
             "SSE streams closed because the client fell behind the live buffer.",
             g(&self.sse_cut),
+        );
+        counter(
+            &mut out,
+            "telebridge_command_acks_unknown_total",
+            "Acks for unknown or finished commands.",
+            g(&self.unknown_acks),
+        );
+        gauge(
+            &mut out,
+            "telebridge_ws_clients",
+            "Open WebSocket connections.",
+            self.ws_clients.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "telebridge_commands_accepted_total",
+            "Commands accepted.",
+            g(&self.commands_accepted),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP telebridge_commands_finished_total Commands by final status."
+        );
+        let _ = writeln!(out, "# TYPE telebridge_commands_finished_total counter");
+        for (status, c) in [
+            ("acked", &self.commands_acked),
+            ("failed", &self.commands_failed),
+            ("timeout", &self.commands_timeout),
+            ("expired", &self.commands_expired),
+        ] {
+            let _ = writeln!(
+                out,
+                "telebridge_commands_finished_total{{status=\"{status}\"}} {}",
+                g(c)
+            );
+        }
+        counter(
+            &mut out,
+            "telebridge_command_errors_total",
+            "Refused command messages.",
+            g(&self.command_errors),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP telebridge_command_rtt_seconds_total Sum of command round trips (divide by acked+failed)."
+        );
+        let _ = writeln!(out, "# TYPE telebridge_command_rtt_seconds_total counter");
+        let _ = writeln!(
+            out,
+            "telebridge_command_rtt_seconds_total {}",
+            g(&self.command_rtt_micros) as f64 / 1e6
         );
         out
     }

@@ -272,10 +272,221 @@ impl Store {
         rows.iter().map(reading_from_row).collect()
     }
 
+    /// Stores a new command, or returns the existing one for a repeated idempotency key.
+    pub async fn insert_command(&self, c: &NewCommand<'_>) -> Result<Inserted, StoreError> {
+        let result = sqlx::query(
+            "INSERT INTO commands (id, device, name, params, status, idem_key, created_at, expires_at, sent_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(c.id)
+        .bind(c.device)
+        .bind(c.name)
+        .bind(c.params)
+        .bind(c.status)
+        .bind(c.key)
+        .bind(c.created_at)
+        .bind(c.expires_at)
+        .bind(c.sent_at)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(Inserted::New),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && c.key.is_some() => {
+                let (id, status): (String, String) = sqlx::query_as(
+                    "SELECT id, status FROM commands WHERE device = ? AND idem_key = ?",
+                )
+                .bind(c.device)
+                .bind(c.key)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(Inserted::Existing { id, status })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Marks a queued command as published; false when it is no longer queued.
+    pub async fn mark_sent(&self, id: &str, at: i64) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE commands SET status = 'sent', sent_at = ? WHERE id = ? AND status = 'queued'",
+        )
+        .bind(at)
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Queued commands whose ttl ran out become `expired`; returns (id, device).
+    pub async fn expire_due(&self, now: i64) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "UPDATE commands SET status = 'expired', finished_at = ? \
+             WHERE status = 'queued' AND expires_at <= ? RETURNING id, device",
+        )
+        .bind(now)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Sent commands without an answer since before `cutoff` become `timeout`.
+    pub async fn timeout_due(
+        &self,
+        cutoff: i64,
+        now: i64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "UPDATE commands SET status = 'timeout', finished_at = ? \
+             WHERE status = 'sent' AND sent_at <= ? RETURNING id, device",
+        )
+        .bind(now)
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Queued commands of devices that are online now, oldest first.
+    pub async fn queued_for_online(&self, now: i64) -> Result<Vec<CommandRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT c.* FROM commands c JOIN devices d ON d.id = c.device \
+             WHERE c.status = 'queued' AND d.online = 1 AND c.expires_at > ? ORDER BY c.created_at LIMIT 1000",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(command_from_row).collect()
+    }
+
+    /// The command log, newest first.
+    pub async fn commands(
+        &self,
+        device: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<CommandRow>, StoreError> {
+        let rows = match device {
+            Some(d) => {
+                sqlx::query("SELECT * FROM commands WHERE device = ? ORDER BY created_at DESC, rowid DESC LIMIT ?")
+                    .bind(d)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM commands ORDER BY created_at DESC, rowid DESC LIMIT ?")
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(command_from_row).collect()
+    }
+
+    /// Whether any command is queued or waiting for its answer.
+    pub async fn has_open_commands(&self) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM commands WHERE status IN ('queued', 'sent'))",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// One command.
+    pub async fn command(&self, id: &str) -> Result<Option<CommandRow>, StoreError> {
+        let row = sqlx::query("SELECT * FROM commands WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(command_from_row).transpose()
+    }
+
     /// Whether the database answers and accepts writes.
     pub async fn writable(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
+}
+
+/// A command to store.
+#[derive(Debug)]
+pub struct NewCommand<'a> {
+    /// uuid.
+    pub id: &'a str,
+    /// Device id.
+    pub device: &'a str,
+    /// Command name.
+    pub name: &'a str,
+    /// Parameters, JSON text.
+    pub params: &'a str,
+    /// `queued` (device known offline) or `sent` (published right after the insert).
+    pub status: &'a str,
+    /// Idempotency key.
+    pub key: Option<&'a str>,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms after which a queued command expires.
+    pub expires_at: i64,
+    /// Unix ms, for `sent`.
+    pub sent_at: Option<i64>,
+}
+
+/// What inserting a command did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// A new row.
+    New,
+    /// The key was used before: that command.
+    Existing {
+        /// Its id.
+        id: String,
+        /// Its status.
+        status: String,
+    },
+}
+
+/// A stored command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandRow {
+    /// uuid.
+    pub id: String,
+    /// Device id.
+    pub device: String,
+    /// Name.
+    pub name: String,
+    /// Parameters, JSON text.
+    pub params: String,
+    /// queued, sent, acked, failed, timeout or expired.
+    pub status: String,
+    /// Idempotency key.
+    pub key: Option<String>,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms.
+    pub expires_at: i64,
+    /// Unix ms.
+    pub sent_at: Option<i64>,
+    /// Unix ms.
+    pub finished_at: Option<i64>,
+    /// The device's result, JSON text.
+    pub result: Option<String>,
+    /// The device's error.
+    pub error: Option<String>,
+}
+
+fn command_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<CommandRow, StoreError> {
+    Ok(CommandRow {
+        id: r.try_get("id")?,
+        device: r.try_get("device")?,
+        name: r.try_get("name")?,
+        params: r.try_get("params")?,
+        status: r.try_get("status")?,
+        key: r.try_get("idem_key")?,
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        sent_at: r.try_get("sent_at")?,
+        finished_at: r.try_get("finished_at")?,
+        result: r.try_get("result")?,
+        error: r.try_get("error")?,
+    })
 }
 
 /// Appends `AND device IN (?, ...)` for a device filter.
@@ -333,6 +544,27 @@ pub struct Committed {
     pub last_seq: watch::Sender<i64>,
     /// The live feed; events are encoded only while someone listens.
     pub feed: Arc<Feed>,
+    /// Command status changes from device acks, for the command service.
+    pub commands: mpsc::Sender<CommandChange>,
+}
+
+/// A command's status changed (from the writer: a device's ack).
+#[derive(Debug, Clone)]
+pub struct CommandChange {
+    /// Command id.
+    pub id: String,
+    /// Device id.
+    pub device: String,
+    /// New status: acked or failed (or unknown: no such sent command).
+    pub status: &'static str,
+    /// The device's result, JSON text.
+    pub result: Option<String>,
+    /// The device's error.
+    pub error: Option<String>,
+    /// When it happened, Unix ms.
+    pub at: i64,
+    /// When it was sent, Unix ms.
+    pub sent_at: Option<i64>,
 }
 
 impl Committed {
@@ -364,7 +596,7 @@ impl Committed {
             Item::Presence {
                 device, online, at, ..
             } => Some(status_event(device.as_str(), *online, *at)),
-            Item::Skip(_) => None,
+            Item::Skip(_) | Item::CommandAck(_) => None,
         });
         self.feed.push(events.collect::<Vec<_>>());
     }
@@ -460,11 +692,21 @@ impl Writer {
         committed: &Committed,
     ) {
         let mut delay = Duration::from_millis(50);
+        let mut self_changes = Vec::new();
         loop {
             let started = Instant::now();
-            match self.commit(batch).await {
+            match self.commit(batch, &mut self_changes).await {
                 Ok((readings, presence, last_seq)) => {
                     committed.publish(batch, last_seq - readings as i64 + 1);
+                    for change in self_changes.drain(..) {
+                        if change.status == "unknown" {
+                            metrics.unknown_acks.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(id = %change.id, device = %change.device, "ack for an unknown or already finished command");
+                        } else if let Err(e) = committed.commands.try_send(change) {
+                            // The status is stored; only the live notification is lost.
+                            tracing::warn!(error = %e, "command notification queue full");
+                        }
+                    }
                     metrics.stored.fetch_add(readings, Ordering::Relaxed);
                     metrics.presence.fetch_add(presence, Ordering::Relaxed);
                     metrics.batches.fetch_add(1, Ordering::Relaxed);
@@ -476,6 +718,7 @@ impl Writer {
                     }
                     acks.extend(batch.drain(..).filter_map(|item| match item {
                         Item::Reading(_, ack) | Item::Skip(ack) | Item::Presence { ack, .. } => ack,
+                        Item::CommandAck(a) => a.ack,
                     }));
                     return;
                 }
@@ -489,8 +732,14 @@ impl Writer {
     }
 
     /// One transaction for the whole batch. Returns (readings, presence changes, last seq).
-    async fn commit(&mut self, batch: &[Item]) -> Result<(u64, u64, i64), StoreError> {
+    async fn commit(
+        &mut self,
+        batch: &[Item],
+        changes: &mut Vec<CommandChange>,
+    ) -> Result<(u64, u64, i64), StoreError> {
+        changes.clear();
         let mut devices: HashMap<&DeviceId, DeviceChange> = HashMap::new();
+        let mut command_acks = Vec::new();
         let mut readings: Vec<&Reading> = Vec::with_capacity(batch.len());
         let mut presence = 0u64;
         for item in batch {
@@ -523,6 +772,16 @@ impl Writer {
                     c.last = c.last.max(*at);
                     c.online = Some(*online);
                     c.presence_at = Some(*at);
+                }
+                Item::CommandAck(ack) => {
+                    let c = devices.entry(&ack.device).or_insert(DeviceChange {
+                        first: ack.at,
+                        last: ack.at,
+                        online: None,
+                        presence_at: None,
+                    });
+                    c.last = c.last.max(ack.at);
+                    command_acks.push(ack);
                 }
                 Item::Skip(_) => {}
             }
@@ -572,6 +831,31 @@ impl Writer {
             .bind(c.online)
             .execute(&mut *tx)
             .await?;
+        }
+        for ack in command_acks {
+            let status = if ack.ok { "acked" } else { "failed" };
+            // Only a sent command can be answered; anything else is an unknown or late ack.
+            let sent_at: Option<Option<i64>> = sqlx::query_scalar(
+                "UPDATE commands SET status = ?, finished_at = ?, result = ?, error = ? \
+                 WHERE id = ? AND device = ? AND status = 'sent' RETURNING sent_at",
+            )
+            .bind(status)
+            .bind(ack.at)
+            .bind(ack.result.as_deref())
+            .bind(ack.error.as_deref())
+            .bind(&ack.id)
+            .bind(ack.device.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            changes.push(CommandChange {
+                id: ack.id.clone(),
+                device: ack.device.to_string(),
+                status: if sent_at.is_some() { status } else { "unknown" },
+                result: ack.result.clone(),
+                error: ack.error.clone(),
+                at: ack.at,
+                sent_at: sent_at.flatten(),
+            });
         }
         tx.commit().await?;
         self.next_seq = seq;

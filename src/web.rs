@@ -9,8 +9,8 @@ use salvo::prelude::*;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::api;
 use crate::app::Shared;
+use crate::{api, ws};
 
 /// The bound HTTP server.
 pub struct Server {
@@ -72,6 +72,9 @@ pub fn router(shared: Shared) -> Router {
         .push(Router::with_path("events").get(api::events))
         .push(Router::with_path("api/devices").get(api::list_devices))
         .push(Router::with_path("api/devices/{id}/readings").get(api::device_readings))
+        .push(Router::with_path("api/devices/{id}/commands").post(api::post_command))
+        .push(Router::with_path("api/commands").get(api::list_commands))
+        .push(Router::with_path("ws").goal(ws::ws))
         .push(Router::with_path("{**rest}").goal(not_found))
 }
 

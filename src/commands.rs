@@ -1,0 +1,267 @@
+//! Operator commands: stored, published to the device with QoS 1 (or queued while it is
+//! offline), and followed to their end (acked, failed, timeout, expired). Every change goes
+//! to the WebSocket client that sent the command and to `/events` as `event: command`.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::QoS;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::CommandsConfig;
+use crate::domain::{self, DeviceId, TopicTemplate};
+use crate::feed::{self, Event, Feed, Kind};
+use crate::mqtt::MqttHandle;
+use crate::observability::Metrics;
+use crate::protocol::{CommandRequest, Refusal, ServerMessage};
+use crate::store::{CommandChange, Inserted, NewCommand, Store};
+
+/// How often timeouts, expiries and queued commands are checked.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A message for the WebSocket client that owns command `id`.
+#[derive(Debug, Clone)]
+pub struct Update {
+    /// Command id.
+    pub id: String,
+    /// What to send.
+    pub message: ServerMessage,
+}
+
+/// The command service, shared by WebSocket and HTTP handlers.
+pub struct Commands {
+    store: Store,
+    mqtt: MqttHandle,
+    topic: TopicTemplate,
+    cfg: CommandsConfig,
+    feed: Arc<Feed>,
+    metrics: Arc<Metrics>,
+    updates: broadcast::Sender<Arc<Update>>,
+    /// When each command in flight was published, for a precise round trip.
+    sent: Mutex<HashMap<String, Instant>>,
+}
+
+impl Commands {
+    /// A command service publishing on `topic`.
+    pub fn new(
+        store: Store,
+        mqtt: MqttHandle,
+        topic: TopicTemplate,
+        cfg: CommandsConfig,
+        feed: Arc<Feed>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Commands> {
+        let (updates, _) = broadcast::channel(4096);
+        Arc::new(Commands {
+            store,
+            mqtt,
+            topic,
+            cfg,
+            feed,
+            metrics,
+            updates,
+            sent: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Updates for every command; each client keeps those of its own.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Update>> {
+        self.updates.subscribe()
+    }
+
+    /// Stores and sends (or queues) a command; the answer is the `accepted` message.
+    pub async fn submit(&self, req: CommandRequest) -> Result<ServerMessage, Refusal> {
+        let unavailable = |e: &dyn std::fmt::Display| Refusal {
+            reference: req.reference.clone(),
+            code: "unavailable",
+            message: format!("cannot store the command: {e}"),
+        };
+        let device = DeviceId::parse(&req.device).map_err(|e| Refusal {
+            reference: req.reference.clone(),
+            code: "invalid_device",
+            message: e.to_string(),
+        })?;
+        let now = domain::now_ms();
+        // A device never seen is treated as reachable; only one known to be offline waits.
+        let offline = matches!(self.store.device(device.as_str()).await, Ok(Some(d)) if !d.online);
+        let id = uuid::Uuid::new_v4().to_string();
+        let params = Value::Object(req.params.clone()).to_string();
+        let ttl = req.ttl_ms.unwrap_or(self.cfg.ttl.as_millis() as i64);
+        let status = if offline { "queued" } else { "sent" };
+        let inserted = self
+            .store
+            .insert_command(&NewCommand {
+                id: &id,
+                device: device.as_str(),
+                name: &req.name,
+                params: &params,
+                status,
+                key: req.key.as_deref(),
+                created_at: now,
+                expires_at: now + ttl,
+                sent_at: (!offline).then_some(now),
+            })
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if let Inserted::Existing { id, status } = inserted {
+            return Ok(ServerMessage::Accepted {
+                id,
+                reference: req.reference,
+                status,
+                duplicate: true,
+            });
+        }
+        self.metrics
+            .commands_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        self.command_event(&id, device.as_str(), status, None);
+        if !offline {
+            self.publish(&id, &device, &req.name, &params);
+        }
+        Ok(ServerMessage::Accepted {
+            id,
+            reference: req.reference,
+            status: status.to_owned(),
+            duplicate: false,
+        })
+    }
+
+    /// Publishes with QoS 1; rumqttc keeps it for the next connection if the broker is away.
+    fn publish(&self, id: &str, device: &DeviceId, name: &str, params_json: &str) {
+        let params: Value = serde_json::from_str(params_json).unwrap_or_else(|_| json!({}));
+        let payload = json!({"id": id, "name": name, "params": params}).to_string();
+        if let Ok(mut sent) = self.sent.lock() {
+            sent.insert(id.to_owned(), Instant::now());
+        }
+        if let Err(e) = self.mqtt.client().try_publish(
+            self.topic.topic_for(device),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+        ) {
+            tracing::error!(id, error = %e, "could not queue a command for the broker; it will time out");
+        }
+    }
+
+    fn command_event(&self, id: &str, device: &str, status: &str, extra: Option<Value>) {
+        let mut data = json!({"id": id, "device": device, "status": status, "at": domain::format_ms(domain::now_ms())});
+        if let (Some(Value::Object(extra)), Value::Object(d)) = (extra, &mut data) {
+            d.extend(extra);
+        }
+        self.feed.push([Event {
+            kind: Kind::Command,
+            device: Arc::from(device),
+            seq: None,
+            frame: feed::encode_plain("command", &data),
+        }]);
+    }
+
+    fn notify(&self, id: String, message: ServerMessage) {
+        // No receiver means no WebSocket client is open: the status is stored anyway.
+        let _ = self.updates.send(Arc::new(Update { id, message }));
+    }
+
+    /// Applies device answers from the writer and runs timeouts, expiries and the
+    /// dispatch of queued commands until cancelled.
+    pub async fn run(
+        self: Arc<Self>,
+        mut changes: mpsc::Receiver<CommandChange>,
+        cancel: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                Some(change) = changes.recv() => self.answered(change),
+                _ = tick.tick() => {
+                    if let Err(e) = self.housekeeping().await {
+                        tracing::warn!(error = %e, "command housekeeping failed; will retry");
+                    }
+                }
+            }
+        }
+    }
+
+    fn answered(&self, c: CommandChange) {
+        let started = self.sent.lock().ok().and_then(|mut s| s.remove(&c.id));
+        let rtt_ms = match (started, c.sent_at) {
+            (Some(t), _) => t.elapsed().as_secs_f64() * 1000.0,
+            (None, Some(sent)) => (c.at - sent) as f64,
+            (None, None) => 0.0,
+        };
+        let ok = c.status == "acked";
+        let counter = if ok {
+            &self.metrics.commands_acked
+        } else {
+            &self.metrics.commands_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .command_rtt_micros
+            .fetch_add((rtt_ms * 1000.0) as u64, Ordering::Relaxed);
+        let result = c
+            .result
+            .as_deref()
+            .and_then(|r| serde_json::from_str::<Value>(r).ok());
+        self.command_event(
+            &c.id,
+            &c.device,
+            c.status,
+            Some(json!({"ok": ok, "result": result, "error": c.error, "rtt_ms": rtt_ms})),
+        );
+        self.notify(
+            c.id.clone(),
+            ServerMessage::Ack {
+                id: c.id,
+                ok,
+                result: if ok { result } else { None },
+                error: c.error,
+                rtt_ms: (rtt_ms * 1000.0).round() / 1000.0,
+            },
+        );
+    }
+
+    async fn housekeeping(&self) -> Result<(), crate::store::StoreError> {
+        if !self.store.has_open_commands().await? {
+            return Ok(());
+        }
+        let now = domain::now_ms();
+        for (id, device) in self
+            .store
+            .timeout_due(now - self.cfg.timeout.as_millis() as i64, now)
+            .await?
+        {
+            if let Ok(mut s) = self.sent.lock() {
+                s.remove(&id);
+            }
+            self.metrics
+                .commands_timeout
+                .fetch_add(1, Ordering::Relaxed);
+            self.command_event(&id, &device, "timeout", None);
+            self.notify(id.clone(), ServerMessage::Timeout { id });
+        }
+        for (id, device) in self.store.expire_due(now).await? {
+            self.metrics
+                .commands_expired
+                .fetch_add(1, Ordering::Relaxed);
+            self.command_event(&id, &device, "expired", None);
+            self.notify(id.clone(), ServerMessage::Expired { id });
+        }
+        for c in self.store.queued_for_online(now).await? {
+            // Only the caller that moves it out of `queued` publishes it.
+            if self.store.mark_sent(&c.id, domain::now_ms()).await? {
+                let Ok(device) = DeviceId::parse(&c.device) else {
+                    continue;
+                };
+                self.command_event(&c.id, &c.device, "sent", None);
+                self.publish(&c.id, &device, &c.name, &c.params);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! `GET /ws`: one operator connection. Commands in, `accepted` / `ack` / `timeout` / `error`
+//! out. A bad message gets an error frame and the connection stays open; a dead peer is
+//! noticed by ping/pong and closed.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use salvo::prelude::*;
+use salvo::websocket::{Message, WebSocket, WebSocketUpgrade};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::app::Shared;
+use crate::protocol::{self, Refusal, ServerMessage};
+use crate::web::{ApiError, shared};
+
+/// Largest text frame handled; a larger one gets `too_large`.
+pub const MAX_MESSAGE: usize = 16 * 1024;
+/// Frames above this close the connection (the protocol layer refuses them).
+const HARD_LIMIT: usize = 1024 * 1024;
+/// Ping interval; a peer silent for three of them is considered dead.
+const PING_EVERY: Duration = Duration::from_secs(20);
+
+/// `GET /ws`
+#[handler]
+pub async fn ws(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let s = shared(depot).clone();
+    if let Err(e) = check_origin(req, &s) {
+        return e.render(res);
+    }
+    let upgrade = WebSocketUpgrade::new()
+        .max_frame_size(HARD_LIMIT)
+        .max_message_size(HARD_LIMIT)
+        .upgrade(req, res, move |socket| serve(socket, s))
+        .await;
+    if let Err(e) = upgrade {
+        ApiError::bad_request("bad_upgrade", format!("not a WebSocket upgrade: {e}")).render(res);
+    }
+}
+
+/// Browsers always send `Origin`; it must be the page's own host or an allowed origin, so a
+/// foreign page cannot drive an operator's session (cross-site WebSocket hijacking).
+pub fn check_origin(req: &Request, s: &Shared) -> Result<(), ApiError> {
+    let Some(origin) = req.headers().get("origin").and_then(|v| v.to_str().ok()) else {
+        return Ok(());
+    };
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let same = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|o| o == host);
+    if same || s.allowed_origins.iter().any(|a| a == origin || a == "*") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("origin {origin:?} is not allowed; add it to [http] allowed_origins"),
+        ))
+    }
+}
+
+/// A token bucket: `rate` per second, bursts of twice that.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        RateLimit {
+            rate,
+            tokens: rate * 2.0,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
+            .min(self.rate * 2.0);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn serve(socket: WebSocket, s: Shared) {
+    s.metrics.ws_clients.fetch_add(1, Ordering::Relaxed);
+    let (mut tx, mut rx) = socket.split();
+    let mut updates = s.commands.subscribe();
+    let mut mine: HashSet<String> = HashSet::new();
+    let mut limit = RateLimit::new(s.command_rate);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    let mut last_heard = Instant::now();
+    loop {
+        let out: Option<ServerMessage> = tokio::select! {
+            _ = s.streams_stop.cancelled() => {
+                let _ = tx.send(Message::close_with(1001u16, "server shutting down")).await;
+                break;
+            }
+            frame = rx.next() => {
+                let Some(Ok(frame)) = frame else { break };
+                last_heard = Instant::now();
+                if frame.is_close() {
+                    break;
+                }
+                if frame.is_ping() || frame.is_pong() {
+                    continue;
+                }
+                Some(match frame.as_str() {
+                    Ok(text) => handle_text(text, &s, &mut limit, &mut mine).await,
+                    Err(_) => refuse(&s, Refusal { reference: None, code: "bad_json", message: "binary frames are not supported; send JSON text".into() }),
+                })
+            }
+            update = updates.recv() => match update {
+                Ok(u) if mine.contains(&u.id) => {
+                    if !matches!(u.message, ServerMessage::Accepted { .. }) {
+                        mine.remove(&u.id);
+                    }
+                    Some(u.message.clone())
+                }
+                Ok(_) => None,
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "a WebSocket client missed command updates; they are in /api/commands");
+                    None
+                }
+                Err(RecvError::Closed) => break,
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > PING_EVERY * 3 {
+                    tracing::info!("closing a WebSocket whose peer stopped answering pings");
+                    break;
+                }
+                if tx.send(Message::ping(Vec::new())).await.is_err() {
+                    break;
+                }
+                None
+            }
+        };
+        if let Some(msg) = out {
+            let text = serde_json::to_string(&msg).unwrap_or_default();
+            if tx.send(Message::text(text)).await.is_err() {
+                break;
+            }
+        }
+    }
+    s.metrics.ws_clients.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn handle_text(
+    text: &str,
+    s: &Shared,
+    limit: &mut RateLimit,
+    mine: &mut HashSet<String>,
+) -> ServerMessage {
+    if text.len() > MAX_MESSAGE {
+        return refuse(
+            s,
+            Refusal {
+                reference: None,
+                code: "too_large",
+                message: format!(
+                    "message is {} bytes; the limit is {MAX_MESSAGE}",
+                    text.len()
+                ),
+            },
+        );
+    }
+    let req = match protocol::parse_client_message(text) {
+        Ok(r) => r,
+        Err(r) => return refuse(s, r),
+    };
+    if !limit.allow() {
+        return refuse(
+            s,
+            Refusal {
+                reference: req.reference,
+                code: "rate_limited",
+                message: format!(
+                    "more than {} commands per second on this connection",
+                    s.command_rate
+                ),
+            },
+        );
+    }
+    match s.commands.submit(req).await {
+        Ok(msg) => {
+            if let ServerMessage::Accepted { id, .. } = &msg {
+                mine.insert(id.clone());
+            }
+            msg
+        }
+        Err(r) => refuse(s, r),
+    }
+}
+
+fn refuse(s: &Shared, r: Refusal) -> ServerMessage {
+    s.metrics.command_errors.fetch_add(1, Ordering::Relaxed);
+    r.into_message()
+}
