@@ -2,6 +2,7 @@
 //! embedded one), a real SQLite file, real HTTP.
 
 mod cli;
+mod commands;
 mod durability;
 mod history;
 mod ingest;

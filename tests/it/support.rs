@@ -704,3 +704,171 @@ pub async fn collect_resuming(
     }
     (out, reconnects)
 }
+
+/// A device played by an MQTT client: it receives commands and answers them when told.
+pub struct FakeDevice {
+    client: AsyncClient,
+    commands: tokio::sync::mpsc::Receiver<serde_json::Value>,
+    task: tokio::task::JoinHandle<()>,
+    pub id: String,
+}
+
+impl FakeDevice {
+    /// Connects and subscribes to `filter` (normally `devices/{id}/commands`), returning once
+    /// the subscription is acknowledged.
+    pub async fn connect(url: &str, id: &str, filter: &str) -> FakeDevice {
+        let rest = url.trim_start_matches("mqtt://");
+        let (host, port) = rest.rsplit_once(':').expect("host:port");
+        let mut opts = MqttOptions::new(
+            format!("fake-{id}-{}", free_port()),
+            host,
+            port.parse::<u16>().expect("port"),
+        );
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
+        let (tx, commands) = tokio::sync::mpsc::channel(1000);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let sub = client.clone();
+        let filter = filter.to_owned();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = sub.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let mut v: serde_json::Value =
+                            serde_json::from_slice(&p.payload).unwrap_or(serde_json::Value::Null);
+                        if let serde_json::Value::Object(o) = &mut v {
+                            o.insert("_topic".into(), p.topic.clone().into());
+                        }
+                        let _ = tx.send(v).await;
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("device subscribes within 10 s")
+            .expect("device task");
+        FakeDevice {
+            client,
+            commands,
+            task,
+            id: id.to_owned(),
+        }
+    }
+
+    /// The next command received, or None after `timeout`.
+    pub async fn next_command(&mut self, timeout: Duration) -> Option<serde_json::Value> {
+        tokio::time::timeout(timeout, self.commands.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Publishes an answer on `devices/{id}/commands/ack`.
+    pub async fn answer(&self, body: serde_json::Value) {
+        self.client
+            .publish(
+                format!("devices/{}/commands/ack", self.id),
+                QoS::AtLeastOnce,
+                false,
+                body.to_string(),
+            )
+            .await
+            .expect("publish ack");
+    }
+
+    /// Publishes presence.
+    pub async fn presence(&self, status: &str) {
+        self.client
+            .publish(
+                format!("devices/{}/status", self.id),
+                QoS::AtLeastOnce,
+                true,
+                status,
+            )
+            .await
+            .expect("publish status");
+    }
+}
+
+impl Drop for FakeDevice {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A WebSocket client of `/ws`.
+pub struct Ws {
+    stream: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl Ws {
+    /// Connects to the daemon's `/ws`.
+    pub async fn connect(addr: SocketAddr) -> Ws {
+        let (stream, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .expect("connect /ws");
+        Ws { stream }
+    }
+
+    /// Sends a text frame.
+    pub async fn send(&mut self, text: impl Into<String>) {
+        use futures_util::SinkExt;
+        self.stream
+            .send(tokio_tungstenite::tungstenite::Message::Text(
+                text.into().into(),
+            ))
+            .await
+            .expect("send");
+    }
+
+    /// Sends a JSON value.
+    pub async fn send_json(&mut self, v: serde_json::Value) {
+        self.send(v.to_string()).await;
+    }
+
+    /// The next JSON text message (pings are answered by the library), or None.
+    pub async fn recv(&mut self, timeout: Duration) -> Option<serde_json::Value> {
+        use futures_util::StreamExt;
+        tokio::time::timeout(timeout, async {
+            while let Some(Ok(msg)) = self.stream.next().await {
+                if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+                    return Some(serde_json::from_str(t.as_str()).expect("server sends JSON"));
+                }
+                if msg.is_close() {
+                    return None;
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// The next message, which must have `"type": ty`.
+    pub async fn expect(&mut self, ty: &str, timeout: Duration) -> serde_json::Value {
+        let m = self
+            .recv(timeout)
+            .await
+            .unwrap_or_else(|| panic!("no {ty} message"));
+        assert_eq!(m["type"], ty, "{m}");
+        m
+    }
+}
