@@ -6,11 +6,12 @@ use salvo::prelude::*;
 use serde::Serialize;
 use serde_json::json;
 
+use crate::auth::Principal;
 use crate::domain::{self, DeviceId};
 use crate::feed::{Kind, Kinds};
 use crate::sse::{self, Client};
 use crate::store::StoredReading;
-use crate::web::{ApiError, shared};
+use crate::web::{ApiError, principal, shared};
 
 /// Most readings one history request returns.
 pub const HISTORY_MAX_LIMIT: i64 = 10_000;
@@ -21,19 +22,16 @@ pub const HISTORY_DEFAULT_LIMIT: i64 = 100;
 #[handler]
 pub async fn events(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let s = shared(depot).clone();
-    let params = match sse_params(req) {
+    let who = principal(depot);
+    let params = match sse_params(req).and_then(|p| scoped(p, &who, &s)) {
         Ok(p) => p,
         Err(e) => return e.render(res),
     };
-    let client = Client::new(
-        s.feed.clone(),
-        s.store.clone(),
-        s.last_seq.clone(),
-        params,
-        s.heartbeat,
-        s.streams_stop.clone(),
-        s.metrics.clone(),
-    );
+    let slot = match crate::web::acquire_slot(&s, crate::limits::Kind::Sse, req) {
+        Ok(slot) => slot,
+        Err(e) => return e.render(res),
+    };
+    let client = Client::new(&s, slot, params);
     let headers = res.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -43,6 +41,32 @@ pub async fn events(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     // Tells nginx-style proxies not to buffer the stream.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     res.stream(client.into_stream());
+}
+
+/// Limits a stream to what the principal may see; naming a device outside it is refused.
+fn scoped(
+    mut p: sse::Params,
+    who: &Principal,
+    s: &crate::app::Shared,
+) -> Result<sse::Params, ApiError> {
+    if let Some(devices) = &p.devices
+        && let Some(d) = devices.iter().find(|d| !who.sees(d))
+    {
+        return Err(forbidden(
+            s,
+            format!("device {d:?} is outside this token's scope"),
+        ));
+    }
+    p.scope = who.devices.clone();
+    Ok(p)
+}
+
+/// A 403, counted.
+pub fn forbidden(s: &crate::app::Shared, message: String) -> ApiError {
+    s.metrics
+        .forbidden
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
 }
 
 fn sse_params(req: &Request) -> Result<sse::Params, ApiError> {
@@ -103,6 +127,7 @@ fn sse_params(req: &Request) -> Result<sse::Params, ApiError> {
         kinds,
         last_event_id,
         snapshot,
+        scope: None,
     })
 }
 
@@ -161,6 +186,7 @@ impl From<StoredReading> for ReadingOut {
 /// `GET /api/devices`
 #[handler]
 pub async fn list_devices(depot: &mut Depot, res: &mut Response) {
+    let who = principal(depot);
     let s = shared(depot);
     let result = async {
         let devices = s.store.devices().await?;
@@ -176,6 +202,7 @@ pub async fn list_devices(depot: &mut Depot, res: &mut Response) {
         latest.into_iter().map(|r| (r.device.clone(), r)).collect();
     let out: Vec<_> = devices
         .into_iter()
+        .filter(|d| who.sees(&d.id))
         .map(|d| {
             json!({
                 "id": d.id,
@@ -192,12 +219,19 @@ pub async fn list_devices(depot: &mut Depot, res: &mut Response) {
 /// `GET /api/devices/{id}/readings?from=&to=&after=&limit=&format=`
 #[handler]
 pub async fn device_readings(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let who = principal(depot);
     let s = shared(depot);
     let result = async {
         let id = req.param::<String>("id").unwrap_or_default();
         DeviceId::check(&id).map_err(|e| {
             ApiError::bad_request("invalid_device", format!("device id {id:?}: {e}"))
         })?;
+        if !who.sees(&id) {
+            return Err(forbidden(
+                s,
+                format!("device {id:?} is outside this token's scope"),
+            ));
+        }
         let after = int_param(req, "after")?.unwrap_or(0);
         let limit = int_param(req, "limit")?.unwrap_or(HISTORY_DEFAULT_LIMIT);
         if !(1..=HISTORY_MAX_LIMIT).contains(&limit) {
@@ -325,7 +359,25 @@ const COMMAND_BODY_MAX: usize = crate::ws::MAX_MESSAGE;
 #[handler]
 pub async fn post_command(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let s = shared(depot).clone();
+    let who = principal(depot);
     let device = req.param::<String>("id").unwrap_or_default();
+    if !who.may_command() {
+        return forbidden(
+            &s,
+            format!(
+                "token {:?} is a viewer; commands need an operator token",
+                who.name
+            ),
+        )
+        .render(res);
+    }
+    if DeviceId::check(&device).is_ok() && !who.sees(&device) {
+        return forbidden(
+            &s,
+            format!("device {device:?} is outside this token's scope"),
+        )
+        .render(res);
+    }
     let body = match req.payload_with_max_size(COMMAND_BODY_MAX).await {
         Ok(b) => b.clone(),
         Err(salvo::http::ParseError::PayloadTooLarge) => {
@@ -386,6 +438,7 @@ pub async fn post_command(req: &mut Request, depot: &mut Depot, res: &mut Respon
 /// `GET /api/commands?device=&limit=`: the command log, newest first.
 #[handler]
 pub async fn list_commands(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let who = principal(depot);
     let s = shared(depot);
     let result = async {
         let device = match req.query::<String>("device") {
@@ -414,6 +467,7 @@ pub async fn list_commands(req: &mut Request, depot: &mut Depot, res: &mut Respo
     let ms = |v: Option<i64>| v.map(domain::format_ms);
     let out: Vec<_> = rows
         .into_iter()
+        .filter(|c| who.sees(&c.device))
         .map(|c| {
             json!({
                 "id": c.id,

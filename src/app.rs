@@ -10,11 +10,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Auth;
 use crate::broker::{self, BrokerChoice};
 use crate::commands::Commands;
 use crate::config::Config;
 use crate::feed::Feed;
 use crate::ingest::Ingest;
+use crate::limits::Limits;
 use crate::mqtt::{MqttHandle, MqttLink};
 use crate::observability::Metrics;
 use crate::simulate::{self, SimConfig};
@@ -54,6 +56,10 @@ pub struct Shared {
     pub allowed_origins: Arc<Vec<String>>,
     /// Commands per second per WebSocket connection.
     pub command_rate: u32,
+    /// Tokens and sessions.
+    pub auth: Auth,
+    /// Connection limits.
+    pub limits: Arc<Limits>,
 }
 
 /// A built, not yet running, daemon.
@@ -89,7 +95,17 @@ impl App {
             metrics.clone(),
         );
         let (changes_tx, changes_rx) = mpsc::channel(4096);
+        let session_key = store
+            .session_key()
+            .await
+            .context("reading the session key")?;
         let shared = Shared {
+            auth: Auth::new(config.auth.tokens.clone(), session_key),
+            limits: Limits::new(
+                config.http.max_sse_clients,
+                config.http.max_ws_clients,
+                config.http.max_streams_per_ip,
+            ),
             commands,
             allowed_origins: Arc::new(config.http.allowed_origins.clone()),
             command_rate: config.commands.rate_limit,

@@ -263,6 +263,12 @@ pub struct HttpConfig {
     /// Events kept for SSE clients that are behind; one further behind is cut off and
     /// resumes from storage.
     pub sse_buffer: usize,
+    /// Most SSE streams open at once.
+    pub max_sse_clients: usize,
+    /// Most WebSockets open at once.
+    pub max_ws_clients: usize,
+    /// Most SSE streams and WebSockets open from one client address.
+    pub max_streams_per_ip: usize,
 }
 
 impl Default for HttpConfig {
@@ -273,6 +279,9 @@ impl Default for HttpConfig {
             heartbeat: Duration::from_secs(15),
             allow_public_without_auth: false,
             sse_buffer: 65_536,
+            max_sse_clients: 15_000,
+            max_ws_clients: 1_000,
+            max_streams_per_ip: 1_000,
         }
     }
 }
@@ -498,6 +507,9 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "heartbeat",
             "allow_public_without_auth",
             "sse_buffer",
+            "max_sse_clients",
+            "max_ws_clients",
+            "max_streams_per_ip",
         ],
     ),
     (
@@ -662,6 +674,45 @@ impl Config {
                 "http.sse_buffer",
                 "must be between 16 and 10000000 events".into(),
             );
+        }
+        for (key, v) in [
+            ("http.max_sse_clients", self.http.max_sse_clients),
+            ("http.max_ws_clients", self.http.max_ws_clients),
+            ("http.max_streams_per_ip", self.http.max_streams_per_ip),
+        ] {
+            if v == 0 || v > 1_000_000 {
+                bad(key, "must be between 1 and 1000000".into());
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            let key = format!("auth.tokens[{i}]");
+            if t.name.is_empty() || !names.insert(t.name.clone()) {
+                bad(
+                    &key,
+                    format!("name {:?} must be non-empty and unique", t.name),
+                );
+            }
+            let h = t.hash.expose();
+            if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+                bad(
+                    &key,
+                    "hash must be the 64 hex digits that `telebridge token` prints".into(),
+                );
+            }
+            if t.devices.is_empty()
+                || t.devices.iter().any(|g| {
+                    g.is_empty()
+                        || !g
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "._-*?".contains(c))
+                })
+            {
+                bad(
+                    &key,
+                    "devices must be globs of A-Z a-z 0-9 . _ - * ?, like [\"sensor-*\"]".into(),
+                );
+            }
         }
         if self.http.heartbeat < Duration::from_secs(1) {
             bad("http.heartbeat", "must be at least 1s".into());

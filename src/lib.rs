@@ -22,6 +22,7 @@
 //!   to each client with replay and resume; [`api`] serves `/events` and the history.
 //! - [`commands`]: operator commands over [`ws`] (`/ws`, wire types in [`protocol`]) and
 //!   HTTP, published to devices and followed to their ack, timeout or expiry.
+//! - [`auth`]: tokens, roles, device scopes and browser sessions; [`limits`]: connection caps.
 //! - [`web`]: the HTTP server, routes and JSON errors.
 //! - [`observability`]: logging and metrics.
 //! - [`service`]: systemd readiness and watchdog.
@@ -30,12 +31,14 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod broker;
 pub mod commands;
 pub mod config;
 pub mod domain;
 pub mod feed;
 pub mod ingest;
+pub mod limits;
 pub mod mqtt;
 pub mod observability;
 pub mod protocol;

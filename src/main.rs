@@ -36,6 +36,18 @@ enum Command {
         #[arg(long, default_value = "config.toml")]
         config: PathBuf,
     },
+    /// Make a new access token and print the [[auth.tokens]] entry to paste into the config.
+    Token {
+        /// Who holds it.
+        #[arg(long)]
+        name: String,
+        /// viewer (feeds and history) or operator (also commands).
+        #[arg(long, default_value = "viewer", value_parser = ["viewer", "operator"])]
+        role: String,
+        /// Device id globs it may see, comma-separated.
+        #[arg(long, default_value = "*")]
+        devices: String,
+    },
     /// Run simulated devices against any MQTT broker.
     Simulate {
         /// Broker URL.
@@ -73,6 +85,25 @@ fn main() -> ExitCode {
             };
             observability::init_logging(&cfg.log);
             runtime(|| run(cfg, RunOptions { demo }))
+        }
+        Command::Token {
+            name,
+            role,
+            devices,
+        } => {
+            let (token, hash) = telebridge::auth::new_token();
+            let globs: Vec<String> = devices
+                .split(',')
+                .map(|d| format!("{:?}", d.trim()))
+                .collect();
+            println!(
+                "# Token for {name:?} (shown once; telebridge keeps only its hash):\n# {token}\n"
+            );
+            println!(
+                "[[auth.tokens]]\nname = {name:?}\nrole = {role:?}\nhash = \"{hash}\"\ndevices = [{}]",
+                globs.join(", ")
+            );
+            ExitCode::SUCCESS
         }
         Command::Simulate {
             url,

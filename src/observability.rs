@@ -82,6 +82,12 @@ pub struct Metrics {
     pub command_errors: AtomicU64,
     /// Sum of command round trips, microseconds.
     pub command_rtt_micros: AtomicU64,
+    /// Requests refused for a missing or bad token.
+    pub auth_failures: AtomicU64,
+    /// Requests refused for lack of a role or device scope.
+    pub forbidden: AtomicU64,
+    /// Connections refused by a limit.
+    pub limit_refusals: AtomicU64,
 }
 
 impl Metrics {
@@ -256,6 +262,24 @@ impl Metrics {
             "telebridge_command_errors_total",
             "Refused command messages.",
             g(&self.command_errors),
+        );
+        counter(
+            &mut out,
+            "telebridge_auth_failures_total",
+            "Requests refused for a missing or bad token.",
+            g(&self.auth_failures),
+        );
+        counter(
+            &mut out,
+            "telebridge_forbidden_total",
+            "Requests refused for lack of a role or device scope.",
+            g(&self.forbidden),
+        );
+        counter(
+            &mut out,
+            "telebridge_limit_refusals_total",
+            "Connections refused by a configured limit.",
+            g(&self.limit_refusals),
         );
         let _ = writeln!(
             out,

@@ -5,13 +5,13 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::Shared;
 use crate::feed::{self, Cursor, Event, Feed, Kind, Kinds, Read, Subscription};
 use crate::observability::Metrics;
 use crate::store::Store;
@@ -36,6 +36,8 @@ pub struct Params {
     pub last_event_id: Option<i64>,
     /// Start with the latest reading of each device.
     pub snapshot: bool,
+    /// Device globs the client may see (`None`: all).
+    pub scope: Option<Arc<Vec<String>>>,
 }
 
 enum Phase {
@@ -60,6 +62,7 @@ pub struct Client {
     stop: CancellationToken,
     last_seq: watch::Receiver<i64>,
     metrics: Arc<Metrics>,
+    _slot: crate::limits::Slot,
 }
 
 impl Drop for Client {
@@ -70,15 +73,13 @@ impl Drop for Client {
 
 impl Client {
     /// Subscribes to the feed now, so nothing committed from here on can be missed.
-    pub fn new(
-        feed: Arc<Feed>,
-        store: Store,
-        last_seq: watch::Receiver<i64>,
-        params: Params,
-        heartbeat: Duration,
-        stop: CancellationToken,
-        metrics: Arc<Metrics>,
-    ) -> Client {
+    pub fn new(shared: &Shared, slot: crate::limits::Slot, params: Params) -> Client {
+        let feed = shared.feed.clone();
+        let store = shared.store.clone();
+        let last_seq = shared.last_seq.clone();
+        let heartbeat = shared.heartbeat;
+        let stop = shared.streams_stop.clone();
+        let metrics = shared.metrics.clone();
         metrics.sse_clients.fetch_add(1, Ordering::Relaxed);
         metrics.sse_connections.fetch_add(1, Ordering::Relaxed);
         let (cursor, subscription) = feed.subscribe();
@@ -101,6 +102,7 @@ impl Client {
             stop,
             last_seq,
             metrics,
+            _slot: slot,
         }
     }
 
@@ -162,7 +164,10 @@ impl Client {
             None if self.params.snapshot && wants_readings => {
                 match self.store.latest(self.params.devices.as_deref()).await {
                     Ok(rows) => {
-                        for r in &rows {
+                        for r in rows
+                            .iter()
+                            .filter(|r| in_scope(&self.params.scope, &r.device))
+                        {
                             out.extend_from_slice(&feed::encode_reading(r));
                             self.last_sent = self.last_sent.max(r.seq);
                         }
@@ -193,7 +198,10 @@ impl Client {
         };
         if !rows.is_empty() {
             let mut out = BytesMut::new();
-            for r in &rows {
+            for r in rows
+                .iter()
+                .filter(|r| in_scope(&self.params.scope, &r.device))
+            {
                 out.extend_from_slice(&feed::encode_reading(r));
             }
             if let Some(last) = rows.last() {
@@ -233,10 +241,12 @@ impl Client {
             let last_sent = self.last_sent;
             let kinds = self.params.kinds;
             let devices = &self.devices;
+            let scope = &self.params.scope;
             let wanted = |e: &Event| {
                 kinds.has(e.kind)
                     && devices.as_ref().is_none_or(|d| d.contains(&e.device))
                     && e.seq.is_none_or(|s| s > last_sent)
+                    && in_scope(scope, &e.device)
             };
             match self.feed.read(&mut self.cursor, CHUNK_MAX, wanted) {
                 Read::Lagged => {
@@ -271,6 +281,12 @@ impl Client {
             }
         }
     }
+}
+
+fn in_scope(scope: &Option<Arc<Vec<String>>>, device: &str) -> bool {
+    scope
+        .as_ref()
+        .is_none_or(|globs| globs.iter().any(|g| crate::auth::glob_match(g, device)))
 }
 
 fn shutdown_frame() -> Bytes {

@@ -400,6 +400,20 @@ impl Store {
         row.as_ref().map(command_from_row).transpose()
     }
 
+    /// The key that signs session cookies: made once, kept in the database.
+    pub async fn session_key(&self) -> Result<Vec<u8>, StoreError> {
+        let fresh: [u8; 32] = rand::random();
+        sqlx::query("INSERT OR IGNORE INTO meta (key, value) VALUES ('session_key', ?)")
+            .bind(fresh.to_vec())
+            .execute(&self.pool)
+            .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'session_key'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     /// Whether the database answers and accepts writes.
     pub async fn writable(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()

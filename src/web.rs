@@ -10,6 +10,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Shared;
+use crate::auth::{self, Principal};
 use crate::{api, ws};
 
 /// The bound HTTP server.
@@ -64,18 +65,202 @@ impl Server {
 
 /// Every route.
 pub fn router(shared: Shared) -> Router {
-    Router::new()
-        .hoop(affix_state::inject(shared))
-        .push(Router::with_path("healthz").get(healthz))
-        .push(Router::with_path("readyz").get(readyz))
-        .push(Router::with_path("metrics").get(metrics))
+    let protected = Router::new()
+        .hoop(authenticate)
         .push(Router::with_path("events").get(api::events))
         .push(Router::with_path("api/devices").get(api::list_devices))
         .push(Router::with_path("api/devices/{id}/readings").get(api::device_readings))
         .push(Router::with_path("api/devices/{id}/commands").post(api::post_command))
         .push(Router::with_path("api/commands").get(api::list_commands))
-        .push(Router::with_path("ws").goal(ws::ws))
+        .push(Router::with_path("ws").goal(ws::ws));
+    Router::new()
+        .hoop(affix_state::inject(shared))
+        .hoop(cors)
+        .push(Router::with_path("healthz").get(healthz))
+        .push(Router::with_path("readyz").get(readyz))
+        .push(Router::with_path("metrics").get(metrics))
+        .push(
+            Router::with_path("api/session")
+                .get(session::get)
+                .post(session::post)
+                .delete(session::delete),
+        )
+        .push(protected)
         .push(Router::with_path("{**rest}").goal(not_found))
+}
+
+/// The principal that `authenticate` found for this request.
+pub fn principal(depot: &Depot) -> Principal {
+    depot
+        .get_typed::<Principal>()
+        .cloned()
+        .unwrap_or_else(|_| Principal::anonymous())
+}
+
+/// Finds who is asking (bearer token or session cookie); 401 when auth is on and neither
+/// is valid.
+#[handler]
+async fn authenticate(
+    req: &mut Request,
+    depot: &mut Depot,
+    res: &mut Response,
+    ctrl: &mut FlowCtrl,
+) {
+    let s = shared(depot).clone();
+    if !s.auth.enabled() {
+        depot.insert_typed(Principal::anonymous());
+        return;
+    }
+    let bearer = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let found = match bearer {
+        Some(token) => s.auth.by_token(token.trim()),
+        None => req
+            .cookie(auth::COOKIE)
+            .and_then(|c| s.auth.by_session(c.value(), crate::domain::now_ms())),
+    };
+    match found {
+        Some(p) => {
+            depot.insert_typed(p);
+        }
+        None => {
+            s.metrics
+                .auth_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            res.add_header("www-authenticate", "Bearer", true).ok();
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid token is needed: send Authorization: Bearer <token>, or log in through POST /api/session",
+            )
+            .render(res);
+            ctrl.skip_rest();
+        }
+    }
+}
+
+/// CORS for browsers on the origins in `[http] allowed_origins`.
+#[handler]
+async fn cors(req: &mut Request, depot: &mut Depot, res: &mut Response, ctrl: &mut FlowCtrl) {
+    let Some(origin) = req
+        .headers()
+        .get("origin")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    else {
+        return;
+    };
+    let s = shared(depot);
+    let allowed = s.allowed_origins.iter().any(|a| a == &origin);
+    if allowed {
+        res.add_header("access-control-allow-origin", origin.as_str(), true)
+            .ok();
+        res.add_header("access-control-allow-credentials", "true", true)
+            .ok();
+        res.add_header("vary", "Origin", true).ok();
+    }
+    if req.method() == salvo::http::Method::OPTIONS {
+        if allowed {
+            res.add_header(
+                "access-control-allow-methods",
+                "GET, POST, DELETE, OPTIONS",
+                true,
+            )
+            .ok();
+            res.add_header(
+                "access-control-allow-headers",
+                "Authorization, Content-Type, Last-Event-ID",
+                true,
+            )
+            .ok();
+            res.add_header("access-control-max-age", "600", true).ok();
+            res.status_code(StatusCode::NO_CONTENT);
+        } else {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("origin {origin:?} is not allowed"),
+            )
+            .render(res);
+        }
+        ctrl.skip_rest();
+    }
+}
+
+/// `/api/session`: a browser trades its token for an HttpOnly cookie.
+mod session {
+    use super::*;
+
+    /// `GET /api/session`: whether auth is on, and who the caller is.
+    #[handler]
+    pub async fn get(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+        let s = shared(depot);
+        if !s.auth.enabled() {
+            return res.render(Json(
+                json!({"auth": false, "name": null, "role": "operator"}),
+            ));
+        }
+        let p = req
+            .cookie(auth::COOKIE)
+            .and_then(|c| s.auth.by_session(c.value(), crate::domain::now_ms()));
+        res.render(Json(json!({
+            "auth": true,
+            "name": p.as_ref().map(|p| p.name.clone()),
+            "role": p.as_ref().map(|p| if p.may_command() { "operator" } else { "viewer" }),
+        })));
+    }
+
+    /// `POST /api/session` with `{"token": "..."}`: sets the session cookie.
+    #[handler]
+    pub async fn post(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+        let s = shared(depot).clone();
+        let token = match req.payload_with_max_size(4096).await {
+            Ok(b) => serde_json::from_slice::<serde_json::Value>(b)
+                .ok()
+                .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_owned)),
+            Err(_) => None,
+        };
+        let Some(token) = token else {
+            return ApiError::bad_request("bad_json", "send {\"token\": \"...\"}").render(res);
+        };
+        if !s.auth.enabled() {
+            res.status_code(StatusCode::NO_CONTENT);
+            return;
+        }
+        let Some(p) = s.auth.by_token(token.trim()) else {
+            s.metrics
+                .auth_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")
+                .render(res);
+        };
+        let value = s
+            .auth
+            .session_for(&p, crate::domain::now_ms() + auth::SESSION_MS);
+        let mut cookie = salvo::http::cookie::Cookie::new(auth::COOKIE, value);
+        cookie.set_http_only(true);
+        cookie.set_same_site(salvo::http::cookie::SameSite::Strict);
+        cookie.set_path("/");
+        cookie.set_max_age(salvo::http::cookie::time::Duration::milliseconds(
+            auth::SESSION_MS,
+        ));
+        res.add_cookie(cookie);
+        res.status_code(StatusCode::NO_CONTENT);
+    }
+
+    /// `DELETE /api/session`: logs out.
+    #[handler]
+    pub async fn delete(res: &mut Response) {
+        let mut cookie = salvo::http::cookie::Cookie::new(auth::COOKIE, "");
+        cookie.set_path("/");
+        cookie.set_http_only(true);
+        cookie.set_max_age(salvo::http::cookie::time::Duration::ZERO);
+        res.add_cookie(cookie);
+        res.status_code(StatusCode::NO_CONTENT);
+    }
 }
 
 /// The shared state injected into every request.
@@ -129,6 +314,42 @@ impl From<crate::store::StoreError> for ApiError {
             e.to_string(),
         )
     }
+}
+
+/// Takes a connection slot, or the error to answer with.
+pub fn acquire_slot(
+    s: &Shared,
+    kind: crate::limits::Kind,
+    req: &Request,
+) -> Result<crate::limits::Slot, ApiError> {
+    let ip = req
+        .remote_addr()
+        .as_ipv4()
+        .map(|a| std::net::IpAddr::V4(*a.ip()))
+        .or_else(|| {
+            req.remote_addr()
+                .as_ipv6()
+                .map(|a| std::net::IpAddr::V6(*a.ip()))
+        });
+    s.limits.acquire(kind, ip).map_err(|r| {
+        s.metrics
+            .limit_refusals
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match r {
+            crate::limits::Refused::Total(n) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_clients",
+                format!(
+                    "{n} connections of this kind are open, the configured maximum; retry later"
+                ),
+            ),
+            crate::limits::Refused::PerAddress(n) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                format!("this address already has {n} streams open, the configured maximum"),
+            ),
+        }
+    })
 }
 
 /// Unknown paths get a JSON 404 too.

@@ -12,8 +12,9 @@ use salvo::websocket::{Message, WebSocket, WebSocketUpgrade};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::app::Shared;
+use crate::auth::Principal;
 use crate::protocol::{self, Refusal, ServerMessage};
-use crate::web::{ApiError, shared};
+use crate::web::{ApiError, principal, shared};
 
 /// Largest text frame handled; a larger one gets `too_large`.
 pub const MAX_MESSAGE: usize = 16 * 1024;
@@ -26,13 +27,18 @@ const PING_EVERY: Duration = Duration::from_secs(20);
 #[handler]
 pub async fn ws(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let s = shared(depot).clone();
+    let who = principal(depot);
     if let Err(e) = check_origin(req, &s) {
         return e.render(res);
     }
+    let slot = match crate::web::acquire_slot(&s, crate::limits::Kind::Ws, req) {
+        Ok(slot) => slot,
+        Err(e) => return e.render(res),
+    };
     let upgrade = WebSocketUpgrade::new()
         .max_frame_size(HARD_LIMIT)
         .max_message_size(HARD_LIMIT)
-        .upgrade(req, res, move |socket| serve(socket, s))
+        .upgrade(req, res, move |socket| serve(socket, s, who, slot))
         .await;
     if let Err(e) = upgrade {
         ApiError::bad_request("bad_upgrade", format!("not a WebSocket upgrade: {e}")).render(res);
@@ -96,7 +102,7 @@ impl RateLimit {
     }
 }
 
-async fn serve(socket: WebSocket, s: Shared) {
+async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limits::Slot) {
     s.metrics.ws_clients.fetch_add(1, Ordering::Relaxed);
     let (mut tx, mut rx) = socket.split();
     let mut updates = s.commands.subscribe();
@@ -120,7 +126,7 @@ async fn serve(socket: WebSocket, s: Shared) {
                     continue;
                 }
                 Some(match frame.as_str() {
-                    Ok(text) => handle_text(text, &s, &mut limit, &mut mine).await,
+                    Ok(text) => handle_text(text, &s, &who, &mut limit, &mut mine).await,
                     Err(_) => refuse(&s, Refusal { reference: None, code: "bad_json", message: "binary frames are not supported; send JSON text".into() }),
                 })
             }
@@ -162,6 +168,7 @@ async fn serve(socket: WebSocket, s: Shared) {
 async fn handle_text(
     text: &str,
     s: &Shared,
+    who: &Principal,
     limit: &mut RateLimit,
     mine: &mut HashSet<String>,
 ) -> ServerMessage {
@@ -182,6 +189,25 @@ async fn handle_text(
         Ok(r) => r,
         Err(r) => return refuse(s, r),
     };
+    if !who.may_command() || !who.sees(&req.device) {
+        s.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
+        let message = if who.may_command() {
+            format!("device {:?} is outside this token's scope", req.device)
+        } else {
+            format!(
+                "token {:?} is a viewer; commands need an operator token",
+                who.name
+            )
+        };
+        return refuse(
+            s,
+            Refusal {
+                reference: req.reference,
+                code: "forbidden",
+                message,
+            },
+        );
+    }
     if !limit.allow() {
         return refuse(
             s,

@@ -1,6 +1,7 @@
 //! Integration tests: the real daemon binary on free ports, a real broker (Mosquitto or the
 //! embedded one), a real SQLite file, real HTTP.
 
+mod access;
 mod cli;
 mod commands;
 mod durability;

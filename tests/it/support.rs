@@ -872,3 +872,27 @@ impl Ws {
         m
     }
 }
+
+impl SseClient {
+    /// Like `connect`, with `Authorization: Bearer`.
+    pub async fn connect_with_token(addr: SocketAddr, path: &str, token: &str) -> SseClient {
+        let response = reqwest::Client::new()
+            .get(format!("http://{addr}{path}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET /events");
+        assert_eq!(response.status(), 200, "GET {path}");
+        let mut c = SseClient {
+            response,
+            buf: String::new(),
+            comments: Vec::new(),
+            ended: false,
+        };
+        while !c.buf.contains("retry: ") {
+            c.fill().await;
+            assert!(!c.ended, "stream ended before it started");
+        }
+        c
+    }
+}
