@@ -204,6 +204,13 @@ impl App {
                 .run(command_changes, shutdown.child_token()),
         );
         tracker.spawn(http.run(shutdown.child_token()));
+        if !config.log.summary.is_zero() {
+            tracker.spawn(crate::observability::summarize(
+                shared.metrics.clone(),
+                config.log.summary,
+                shutdown.child_token(),
+            ));
+        }
         if options.demo {
             let sim = SimConfig {
                 url: config.mqtt.url.clone(),

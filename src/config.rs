@@ -417,6 +417,9 @@ pub struct LogConfig {
     pub level: String,
     /// text or json.
     pub format: LogFormat,
+    /// Interval of the one-line summary of rates at info level; "0s" turns it off.
+    #[serde(with = "humantime_serde")]
+    pub summary: Duration,
 }
 
 impl Default for LogConfig {
@@ -424,6 +427,7 @@ impl Default for LogConfig {
         Self {
             level: "info".into(),
             format: LogFormat::Text,
+            summary: Duration::from_secs(60),
         }
     }
 }
@@ -526,7 +530,7 @@ const SCHEMA: &[(&str, &[&str])] = &[
     ("presence", &["timeout"]),
     ("commands", &["timeout", "ttl", "rate_limit"]),
     ("auth", &["tokens"]),
-    ("log", &["level", "format"]),
+    ("log", &["level", "format", "summary"]),
 ];
 
 impl Config {

@@ -28,6 +28,39 @@ pub fn init_logging(cfg: &LogConfig) {
     };
 }
 
+/// Logs a one-line summary of rates at info level every `every`, until cancelled.
+pub async fn summarize(
+    metrics: std::sync::Arc<Metrics>,
+    every: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let (mut received, mut stored) = (0u64, 0u64);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let r = metrics.received.load(Ordering::Relaxed);
+        let s = metrics.stored.load(Ordering::Relaxed);
+        let secs = every.as_secs_f64();
+        tracing::info!(
+            received_per_s = format!("{:.1}", (r - received) as f64 / secs),
+            stored_per_s = format!("{:.1}", (s - stored) as f64 / secs),
+            stored_total = s,
+            rejected_total = metrics.rejected_total(),
+            queue = metrics.queue_depth.load(Ordering::Relaxed),
+            mqtt_connected = metrics.mqtt_connected.load(Ordering::Relaxed) == 1,
+            sse_clients = metrics.sse_clients.load(Ordering::Relaxed),
+            ws_clients = metrics.ws_clients.load(Ordering::Relaxed),
+            commands = metrics.commands_accepted.load(Ordering::Relaxed),
+            "summary"
+        );
+        (received, stored) = (r, s);
+    }
+}
+
 /// Counters and gauges shared by every part of the daemon.
 #[derive(Debug, Default)]
 pub struct Metrics {

@@ -134,3 +134,68 @@ fn a_taken_embedded_broker_port_is_a_clear_error_with_the_remedy() {
         "{err}"
     );
 }
+
+#[test]
+fn the_systemd_unit_scores_an_exposure_of_2_or_less() {
+    // The threshold is on systemd's 0-100 scale: 20 is the "2.0" that it prints.
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/telebridge.service");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--threshold=20", unit])
+        .output()
+        .expect("systemd-analyze (from Debian's systemd package) must be installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "exposure above 2.0:\n{text}");
+    let score = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .expect("a score");
+    assert!(score.contains("OK"), "{score}");
+    let unit_text = std::fs::read_to_string(unit).expect("unit");
+    for key in [
+        "Type=notify",
+        "WatchdogSec=",
+        "DynamicUser=yes",
+        "StateDirectory=telebridge",
+    ] {
+        assert!(unit_text.contains(key), "the unit lacks {key}");
+    }
+}
+
+#[test]
+fn sd_notify_readiness_is_sent_once_the_daemon_is_up() {
+    // A fake NOTIFY_SOCKET: the datagram systemd would receive.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
+    let port = free_port();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n",
+            dir.path().join("t.db").display()
+        ),
+    )
+    .expect("write");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start");
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf);
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let status = child.wait().expect("wait");
+    let msg = String::from_utf8_lossy(&buf[..n.expect("a notification within 20 s")]).into_owned();
+    assert!(msg.contains("READY=1"), "{msg}");
+    assert!(status.success());
+}
