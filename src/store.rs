@@ -22,8 +22,10 @@ use crate::feed::{self, Event, Feed, Kind};
 use crate::ingest::{AckSink, AckToken, Item, Reading};
 use crate::observability::Metrics;
 
-/// Rows per multi-row INSERT: one statement round trip per 100 rows instead of per row.
-const ROWS_PER_INSERT: usize = 100;
+/// Rows per multi-row INSERT: one statement round trip per 250 rows instead of per row.
+const ROWS_PER_INSERT: usize = 250;
+/// Devices per multi-row upsert.
+const DEVICES_PER_UPSERT: usize = 100;
 /// Rows deleted per retention statement, so the writer is never held for long.
 const RETENTION_CHUNK: i64 = 5_000;
 
@@ -97,6 +99,10 @@ fn options(path: &Path) -> SqliteConnectOptions {
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(false)
+        // Multi-row INSERTs inside a transaction keep a statement journal; in memory it
+        // does not spill to a temp file on every batch.
+        .pragma("temp_store", "memory")
+        .pragma("cache_size", "-32768")
 }
 
 impl Store {
@@ -138,6 +144,7 @@ impl Store {
                 conn,
                 next_seq,
                 insert_sql: HashMap::new(),
+                upsert_sql: HashMap::new(),
             },
         ))
     }
@@ -550,6 +557,7 @@ pub struct Writer {
     conn: SqliteConnection,
     next_seq: i64,
     insert_sql: HashMap<usize, String>,
+    upsert_sql: HashMap<usize, String>,
 }
 
 /// Where committed work is announced.
@@ -830,21 +838,29 @@ impl Writer {
             }
             q.execute(&mut *tx).await?;
         }
-        for (device, c) in &devices {
-            sqlx::query(
-                "INSERT INTO devices (id, first_seen, last_seen, online, status_at) \
-                 VALUES (?1, ?2, ?3, coalesce(?5, 0), ?4) \
-                 ON CONFLICT(id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen), \
-                 status_at = CASE WHEN ?5 IS NOT NULL AND ?5 != online THEN ?4 ELSE status_at END, \
-                 online = coalesce(?5, online)",
-            )
-            .bind(device.as_str())
-            .bind(c.first)
-            .bind(c.last)
-            .bind(c.presence_at)
-            .bind(c.online)
-            .execute(&mut *tx)
-            .await?;
+        // One statement per 100 devices; -1 marks "presence unchanged" (a command ack only).
+        let devices: Vec<(&&DeviceId, &DeviceChange)> = devices.iter().collect();
+        for chunk in devices.chunks(DEVICES_PER_UPSERT) {
+            let sql = self
+                .upsert_sql
+                .entry(chunk.len())
+                .or_insert_with(|| upsert_sql(chunk.len()))
+                .clone();
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (device, c) in chunk {
+                q = q
+                    .bind(device.shared())
+                    .bind(c.first)
+                    .bind(c.last)
+                    .bind(c.online.map_or(-1, i64::from))
+                    .bind(c.presence_at);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        if devices.iter().any(|(_, c)| c.online.is_none()) {
+            sqlx::query("UPDATE devices SET online = 0 WHERE online = -1")
+                .execute(&mut *tx)
+                .await?;
         }
         for ack in command_acks {
             let status = if ack.ok { "acked" } else { "failed" };
@@ -929,6 +945,24 @@ impl Writer {
             }
         }
     }
+}
+
+fn upsert_sql(rows: usize) -> String {
+    let mut sql =
+        String::from("INSERT INTO devices (id, first_seen, last_seen, online, status_at) VALUES ");
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?,?,?,?,?)");
+    }
+    sql.push_str(
+        " ON CONFLICT(id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen), \
+         status_at = CASE WHEN excluded.online != -1 AND excluded.online != online \
+         THEN excluded.status_at ELSE status_at END, \
+         online = CASE WHEN excluded.online = -1 THEN online ELSE excluded.online END",
+    );
+    sql
 }
 
 fn insert_sql(rows: usize) -> String {
