@@ -35,6 +35,7 @@ pub mod auth;
 pub mod broker;
 pub mod commands;
 pub mod config;
+pub mod dashboard;
 pub mod domain;
 pub mod feed;
 pub mod ingest;

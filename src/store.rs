@@ -130,6 +130,13 @@ impl Store {
         )
         .fetch_one(&mut conn)
         .await?;
+        let online: HashMap<Arc<str>, bool> =
+            sqlx::query_as::<_, (String, bool)>("SELECT id, online FROM devices")
+                .fetch_all(&mut conn)
+                .await?
+                .into_iter()
+                .map(|(id, online)| (Arc::from(id), online))
+                .collect();
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts)
@@ -145,6 +152,7 @@ impl Store {
                 next_seq,
                 insert_sql: HashMap::new(),
                 upsert_sql: HashMap::new(),
+                online,
             },
         ))
     }
@@ -558,6 +566,9 @@ pub struct Writer {
     next_seq: i64,
     insert_sql: HashMap<usize, String>,
     upsert_sql: HashMap<usize, String>,
+    /// Presence as stored, so that a device that comes back by sending telemetry gets a
+    /// `status` event too.
+    online: HashMap<Arc<str>, bool>,
 }
 
 /// Where committed work is announced.
@@ -590,37 +601,56 @@ pub struct CommandChange {
 }
 
 impl Committed {
-    /// Publishes a committed batch: readings numbered from `first_seq`, presence changes.
-    fn publish(&self, batch: &[Item], first_seq: i64) {
-        if !self.feed.has_subscribers() {
-            return;
-        }
+    /// Publishes a committed batch in order: readings numbered from `first_seq`, presence
+    /// reports, and an `online` status for a device whose telemetry brings it back.
+    /// `online` (presence as stored) is kept up to date even when nobody listens.
+    fn publish(&self, batch: &[Item], first_seq: i64, online: &mut HashMap<Arc<str>, bool>) {
+        let listening = self.feed.has_subscribers();
+        let mut events = Vec::new();
         let mut seq = first_seq;
-        let events = batch.iter().filter_map(|item| match item {
-            Item::Reading(r, _) => {
-                let frame = feed::encode(&feed::ReadingRef {
-                    seq,
-                    device: r.device.as_str(),
-                    topic: &r.topic,
-                    ts: r.ts,
-                    received_at: r.received_at,
-                    payload: &r.payload,
-                    flags: r.flags,
-                });
-                seq += 1;
-                Some(Event {
-                    kind: Kind::Reading,
-                    device: r.device.shared(),
-                    seq: Some(seq - 1),
-                    frame,
-                })
+        for item in batch {
+            match item {
+                Item::Reading(r, _) => {
+                    seq += 1;
+                    let back = online.insert(r.device.shared(), true) != Some(true);
+                    if !listening {
+                        continue;
+                    }
+                    if back {
+                        events.push(status_event(r.device.as_str(), true, r.received_at));
+                    }
+                    events.push(Event {
+                        kind: Kind::Reading,
+                        device: r.device.shared(),
+                        seq: Some(seq - 1),
+                        frame: feed::encode(&feed::ReadingRef {
+                            seq: seq - 1,
+                            device: r.device.as_str(),
+                            topic: &r.topic,
+                            ts: r.ts,
+                            received_at: r.received_at,
+                            payload: &r.payload,
+                            flags: r.flags,
+                        }),
+                    });
+                }
+                Item::Presence {
+                    device,
+                    online: now,
+                    at,
+                    ..
+                } => {
+                    online.insert(device.shared(), *now);
+                    if listening {
+                        events.push(status_event(device.as_str(), *now, *at));
+                    }
+                }
+                Item::Skip(_) | Item::CommandAck(_) => {}
             }
-            Item::Presence {
-                device, online, at, ..
-            } => Some(status_event(device.as_str(), *online, *at)),
-            Item::Skip(_) | Item::CommandAck(_) => None,
-        });
-        self.feed.push(events.collect::<Vec<_>>());
+        }
+        if !events.is_empty() {
+            self.feed.push(events);
+        }
     }
 }
 
@@ -719,7 +749,12 @@ impl Writer {
             let started = Instant::now();
             match self.commit(batch, &mut self_changes).await {
                 Ok((readings, presence, last_seq)) => {
-                    committed.publish(batch, last_seq - readings as i64 + 1);
+                    // The seq first, so a client resuming from a seq it saw live never finds
+                    // it above the newest one.
+                    if readings > 0 {
+                        let _ = committed.last_seq.send(last_seq);
+                    }
+                    committed.publish(batch, last_seq - readings as i64 + 1, &mut self.online);
                     for change in self_changes.drain(..) {
                         if change.status == "unknown" {
                             metrics.unknown_acks.fetch_add(1, Ordering::Relaxed);
@@ -735,9 +770,6 @@ impl Writer {
                     metrics
                         .commit_micros
                         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    if readings > 0 {
-                        let _ = committed.last_seq.send(last_seq);
-                    }
                     acks.extend(batch.drain(..).filter_map(|item| match item {
                         Item::Reading(_, ack) | Item::Skip(ack) | Item::Presence { ack, .. } => ack,
                         Item::CommandAck(a) => a.ack,
@@ -902,7 +934,7 @@ impl Writer {
                 let _ = reply.send(result);
             }
             Control::PresenceSweep { cutoff, reply } => {
-                let result = sqlx::query_scalar(
+                let result: Result<Vec<String>, StoreError> = sqlx::query_scalar(
                     "UPDATE devices SET online = 0, status_at = ? WHERE online = 1 AND last_seen < ? RETURNING id",
                 )
                 .bind(domain::now_ms())
@@ -915,6 +947,9 @@ impl Writer {
                         .presence_timeouts
                         .fetch_add(ids.len() as u64, Ordering::Relaxed);
                     let now = domain::now_ms();
+                    for id in ids {
+                        self.online.insert(Arc::from(id.as_str()), false);
+                    }
                     committed.feed.push(
                         ids.iter()
                             .map(|id: &String| status_event(id, false, now))

@@ -86,6 +86,7 @@ pub fn router(shared: Shared) -> Router {
                 .delete(session::delete),
         )
         .push(protected)
+        .push(crate::dashboard::router())
         .push(Router::with_path("{**rest}").goal(not_found))
 }
 

@@ -2,6 +2,7 @@
 //! embedded one), a real SQLite file, real HTTP.
 
 mod access;
+mod browser;
 mod cli;
 mod commands;
 mod durability;

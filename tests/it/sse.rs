@@ -76,9 +76,26 @@ async fn readings_arrive_on_events_with_the_contract_fields_filtered_by_device_a
         .map(|e| e.n())
         .collect();
     assert_eq!(s2, vec![2, 3]);
-    let status = only_status.take("status", 1, T).await;
-    assert_eq!(status[0].json()["device"], "s1");
-    assert_eq!(status[0].json()["online"], false);
+    // New devices appear online with their first reading; then s1 reports offline.
+    let status: Vec<(String, bool)> = only_status
+        .take("status", 3, T)
+        .await
+        .iter()
+        .map(|e| {
+            (
+                e.json()["device"].as_str().unwrap_or("").to_owned(),
+                e.json()["online"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(
+        status,
+        vec![
+            ("s1".into(), true),
+            ("s2".into(), true),
+            ("s1".into(), false)
+        ]
+    );
     // The filtered streams got nothing else.
     assert!(only_s2.next(Duration::from_millis(300)).await.is_none());
     assert!(only_status.next(Duration::from_millis(300)).await.is_none());
@@ -362,4 +379,39 @@ async fn heartbeats_keep_an_idle_stream_alive_and_shutdown_ends_it_with_a_final_
     );
     let (status, _daemon) = status.await.expect("join");
     assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_device_that_comes_back_by_sending_telemetry_gets_an_online_status_event() {
+    let (_broker, daemon, publisher) = setup("").await;
+    let mut status = SseClient::connect(daemon.http, "/events?type=status", None).await;
+    publisher
+        .publish("devices/back/status", QoS::AtLeastOnce, false, "offline")
+        .await;
+    assert_eq!(status.take("status", 1, T).await[0].json()["online"], false);
+
+    publisher
+        .publish(
+            "devices/back/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            reading(1),
+        )
+        .await;
+    publisher
+        .publish(
+            "devices/back/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            reading(2),
+        )
+        .await;
+
+    let back = status.take("status", 1, T).await;
+    assert_eq!(back[0].json()["device"], "back");
+    assert_eq!(back[0].json()["online"], true);
+    assert!(
+        status.next(Duration::from_millis(400)).await.is_none(),
+        "one event per change, not per reading"
+    );
 }

@@ -1,0 +1,1136 @@
+// telebridge dashboard: one plain ES module, no build step, no CDN.
+//
+// Data flow:
+//   GET api/devices            -> the device list, and the highest reading seq so far (M)
+//   EventSource events?last_event_id=M
+//                              -> every reading after M exactly once (the daemon replays from
+//                                 storage after a reconnect: the browser sends Last-Event-ID,
+//                                 or we reopen with our own last seq), presence and command events
+//   GET api/devices/{id}/readings?from=  -> a chart's history, merged with the live points by seq
+//   WebSocket ws               -> commands out, accepted / ack / timeout / error back
+//   GET api/commands           -> the command log
+// Rendering is batched into one requestAnimationFrame; the device list redraws at most 4x/s.
+
+const $ = (id) => document.getElementById(id);
+const uPlot = globalThis.uPlot;
+
+const LIST_EVERY_MS = 250;
+const MAX_POINTS = 20000;
+const MAX_METRICS = 12;
+const HISTORY_PAGE = 10000;
+const HISTORY_MAX_PAGES = 5;
+const LOG_LIMIT = 25;
+const RESULTS_KEEP = 30;
+
+const state = {
+  started: false,
+  viewer: false, // a viewer token may not send commands
+  auth: { on: false, name: null, role: null },
+  devices: new Map(), // id -> Device
+  order: [], // device ids, sorted
+  orderDirty: false,
+  selected: null,
+  chart: null,
+  lastSeq: 0,
+  sse: { es: null, state: "connecting", opens: 0, errors: 0, timer: null, retries: 0, down: false, downAt: 0, resumedAfter: 0, shutdown: false },
+  ws: { sock: null, state: "connecting", opens: 0, timer: null, retries: 0, down: false },
+  results: new Map(), // ref -> entry
+  resultsById: new Map(), // command id -> entry
+  refCounter: 0,
+  frameQueued: false,
+  listRenderedAt: 0,
+  listTimer: null,
+  bannerTimer: null,
+  logTimer: null,
+  readings: 0,
+};
+
+// ---------------------------------------------------------------- helpers
+
+class AuthRequired extends Error {}
+
+async function api(path, options = {}) {
+  const res = await fetch(path, {
+    credentials: "same-origin",
+    cache: "no-store",
+    ...options,
+    headers: { accept: "application/json", ...(options.headers || {}) },
+  });
+  if (res.status === 401) {
+    requireLogin();
+    throw new AuthRequired("sign-in needed");
+  }
+  if (!res.ok) {
+    let message = `${res.status} ${res.statusText}`;
+    try {
+      const body = await res.json();
+      if (body && body.error && body.error.message) message = body.error.message;
+    } catch (_) { /* not JSON */ }
+    const err = new Error(message);
+    err.status = res.status;
+    throw err;
+  }
+  if (res.status === 204) return null;
+  return res.json();
+}
+
+const ms = (s) => (s ? Date.parse(s) : 0);
+const timeFormat = new Intl.DateTimeFormat([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
+const fmtTime = (t) => (t ? timeFormat.format(t) : "–");
+const intFormat = new Intl.NumberFormat("en-US", { maximumFractionDigits: 0 });
+const fmtInt = (n) => (Math.abs(n) < 1000 ? String(n) : intFormat.format(n));
+
+function ago(t) {
+  if (!t) return "never";
+  const s = Math.max(0, Math.round((Date.now() - t) / 1000));
+  if (s < 2) return "just now";
+  if (s < 60) return `${s} s ago`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m} min ago`;
+  const h = Math.floor(m / 60);
+  if (h < 48) return `${h} h ago`;
+  return `${Math.floor(h / 24)} d ago`;
+}
+
+function fmtValue(v) {
+  if (typeof v !== "number" || !Number.isFinite(v)) return "–";
+  if (Number.isInteger(v)) return fmtInt(v);
+  const a = Math.abs(v);
+  return v.toFixed(a >= 100 ? 1 : a >= 1 ? 2 : 3);
+}
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function setText(node, text) {
+  if (node.textContent !== text) node.textContent = text;
+}
+
+/** Numeric top-level fields of a payload, without the device's own `ts`. */
+function numericFields(payload) {
+  const out = [];
+  if (payload && typeof payload === "object" && !Array.isArray(payload)) {
+    for (const [k, v] of Object.entries(payload)) {
+      if (k !== "ts" && typeof v === "number" && Number.isFinite(v)) out.push([k, v]);
+    }
+  }
+  return out;
+}
+
+function cssVar(name, fallback) {
+  const v = getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+  return v || fallback;
+}
+
+// ---------------------------------------------------------------- rendering loop
+
+function schedule() {
+  if (state.frameQueued) return;
+  state.frameQueued = true;
+  requestAnimationFrame(frame);
+}
+
+function frame() {
+  state.frameQueued = false;
+  const now = performance.now();
+  if (now - state.listRenderedAt >= LIST_EVERY_MS) {
+    state.listRenderedAt = now;
+    renderDevices();
+  } else if (!state.listTimer) {
+    state.listTimer = setTimeout(() => {
+      state.listTimer = null;
+      schedule();
+    }, LIST_EVERY_MS - (now - state.listRenderedAt));
+  }
+  if (state.chart) state.chart.render();
+  renderDetailHead();
+}
+
+// ---------------------------------------------------------------- connection state
+
+function setLink(which, linkState, text) {
+  const link = state[which];
+  link.state = linkState;
+  const node = $(which === "sse" ? "sse-state" : "ws-state");
+  node.dataset.state = linkState;
+  setText(node.querySelector(".link-text"), text || linkState);
+  updateBanner();
+}
+
+function updateBanner() {
+  const b = $("banner");
+  const down = [];
+  if (state.sse.down) down.push("live feed");
+  if (state.ws.down) down.push("commands");
+  if (down.length) {
+    clearTimeout(state.bannerTimer);
+    state.bannerTimer = null;
+    b.dataset.kind = "warn";
+    const why = state.sse.shutdown ? "The daemon is restarting" : "Lost the connection to telebridge";
+    const resume = state.sse.down && state.lastSeq
+      ? ` Readings will resume after #${state.sse.downAt || state.lastSeq}, with nothing missed.`
+      : "";
+    setText(b, `${why}: reconnecting the ${down.join(" and ")} automatically…${resume}`);
+    b.hidden = false;
+  } else if (b.dataset.kind === "warn") {
+    b.dataset.kind = "ok";
+    const after = state.sse.resumedAfter;
+    setText(b, after
+      ? `Reconnected. The live feed resumed after reading #${after}; nothing was missed.`
+      : "Reconnected.");
+    b.hidden = false;
+    clearTimeout(state.bannerTimer);
+    state.bannerTimer = setTimeout(() => { b.hidden = true; b.dataset.kind = ""; }, 6000);
+  }
+}
+
+// ---------------------------------------------------------------- devices
+
+function ensureDevice(id) {
+  let d = state.devices.get(id);
+  if (!d) {
+    d = { id, online: false, statusAt: 0, firstSeen: 0, lastSeen: 0, latest: null, row: null, dirty: true };
+    state.devices.set(id, d);
+    state.orderDirty = true;
+  }
+  return d;
+}
+
+function applyDeviceList(list) {
+  for (const x of list) {
+    const d = ensureDevice(x.id);
+    // The daemon's word on presence as of `last_seen`; only later readings or status
+    // changes override it (readings replayed after a reconnect are older).
+    d.online = !!x.online;
+    d.statusAt = Math.max(d.statusAt, ms(x.last_seen));
+    d.firstSeen = ms(x.first_seen);
+    d.lastSeen = Math.max(d.lastSeen, ms(x.last_seen));
+    if (x.latest && (!d.latest || x.latest.seq > d.latest.seq)) d.latest = x.latest;
+    d.dirty = true;
+  }
+}
+
+async function loadDevices() {
+  const body = await api("api/devices");
+  applyDeviceList(body.devices || []);
+  let max = 0;
+  for (const x of body.devices || []) if (x.latest && x.latest.seq > max) max = x.latest.seq;
+  schedule();
+  return max;
+}
+
+function renderDevices() {
+  const list = $("device-list");
+  if (state.orderDirty) {
+    state.orderDirty = false;
+    state.order = [...state.devices.keys()].sort((a, b) => a.localeCompare(b, "en", { numeric: true }));
+    const frag = document.createDocumentFragment();
+    for (const id of state.order) {
+      const d = state.devices.get(id);
+      if (!d.row) d.row = makeRow(d);
+      frag.appendChild(d.row.li);
+    }
+    list.replaceChildren(frag);
+    syncCommandDevices();
+    applyFilter();
+    if (!state.selected && state.order.length) {
+      const first = state.order.find((id) => state.devices.get(id).online) || state.order[0];
+      select(first, { auto: true });
+    }
+  }
+  let online = 0;
+  for (const id of state.order) {
+    const d = state.devices.get(id);
+    if (d.online) online++;
+    const r = d.row;
+    // Rows out of view keep their changes until they scroll in (see `rowObserver`).
+    if (!r.visible) continue;
+    if (d.dirty) {
+      d.dirty = false;
+      r.li.classList.toggle("online", d.online);
+      r.dot.title = d.online ? "online" : "offline";
+      setText(r.state, d.online ? "online" : "offline");
+      if (d.latest) {
+        const fields = numericFields(d.latest.payload).slice(0, 3);
+        setText(r.summary, fields.length
+          ? fields.map(([k, v]) => `${k} ${fmtValue(v)}`).join(" · ")
+          : d.latest.raw ? "raw payload" : "no numeric fields");
+      }
+    }
+    setText(r.seen, ago(d.lastSeen));
+  }
+  setText($("device-count"), state.order.length ? `${online} of ${state.order.length} online` : "");
+  $("devices-empty").hidden = state.order.length > 0;
+}
+
+/** Tracks which rows are in view, so that only those are redrawn. */
+let rowObserver = null;
+
+function observeRow(row) {
+  if (!rowObserver) {
+    rowObserver = new IntersectionObserver((entries) => {
+      for (const e of entries) {
+        const d = state.devices.get(e.target.dataset.id);
+        if (d && d.row) d.row.visible = e.isIntersecting;
+      }
+      state.listRenderedAt = 0;
+      schedule();
+    }, { root: $("device-list"), rootMargin: "200px 0px" });
+  }
+  rowObserver.observe(row.li);
+}
+
+function makeRow(d) {
+  const li = el("li", "device");
+  li.setAttribute("role", "option");
+  li.tabIndex = 0;
+  li.dataset.id = d.id;
+  li.setAttribute("aria-selected", String(d.id === state.selected));
+  const dot = el("span", "dot");
+  const name = el("span", "dev-id", d.id);
+  const stateText = el("span", "visually-hidden", "offline");
+  const seen = el("span", "dev-seen", "");
+  const summary = el("span", "dev-summary", "");
+  li.append(dot, name, stateText, seen, summary);
+  li.addEventListener("click", () => select(d.id));
+  li.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") {
+      e.preventDefault();
+      select(d.id);
+    }
+  });
+  const row = { li, dot, state: stateText, seen, summary, visible: false };
+  observeRow(row);
+  return row;
+}
+
+function applyFilter() {
+  const q = $("device-filter").value.trim().toLowerCase();
+  for (const id of state.order) {
+    const d = state.devices.get(id);
+    d.row.li.hidden = q !== "" && !id.toLowerCase().includes(q);
+  }
+}
+
+/** Scrolls the device list (only the list, never the page) to the selected device. */
+function revealSelected() {
+  const d = state.selected && state.devices.get(state.selected);
+  if (!d || !d.row || d.row.li.hidden) return;
+  const list = $("device-list");
+  const top = d.row.li.offsetTop - list.offsetTop;
+  const bottom = top + d.row.li.offsetHeight;
+  if (top < list.scrollTop) list.scrollTop = top;
+  else if (bottom > list.scrollTop + list.clientHeight) list.scrollTop = bottom - list.clientHeight;
+}
+
+function select(id, { auto = false } = {}) {
+  if (state.selected === id && state.chart) return;
+  state.selected = id;
+  for (const d of state.devices.values()) {
+    if (d.row) d.row.li.setAttribute("aria-selected", String(d.id === id));
+  }
+  if (!auto || !location.hash) history.replaceState(null, "", `#device=${encodeURIComponent(id)}`);
+  if (state.chart) state.chart.destroy();
+  state.chart = new DeviceChart(id, Number($("window").value));
+  state.chart.loadHistory();
+  const sel = $("cmd-device");
+  if ([...sel.options].some((o) => o.value === id)) sel.value = id;
+  schedule();
+}
+
+function renderDetailHead() {
+  const id = state.selected;
+  if (!id) return;
+  const d = state.devices.get(id);
+  setText($("detail-title"), id);
+  const p = $("detail-presence");
+  p.hidden = !d;
+  if (!d) return;
+  setText(p, d.online ? "online" : "offline");
+  p.dataset.online = String(d.online);
+  setText($("detail-seen"), `last seen ${ago(d.lastSeen)}`);
+  const latest = d.latest;
+  $("payload-box").hidden = !latest;
+  if (latest && state.chart && state.chart.shownPayloadSeq !== latest.seq) {
+    state.chart.shownPayloadSeq = latest.seq;
+    setText($("payload"), typeof latest.payload === "string" ? latest.payload : JSON.stringify(latest.payload, null, 2));
+    setText($("payload-meta"), `#${latest.seq} · ${latest.topic} · device time ${fmtTime(ms(latest.ts))} · received ${fmtTime(ms(latest.received_at))}`);
+  }
+}
+
+// ---------------------------------------------------------------- charts
+
+/** The live charts of one device: columnar data sorted by seq, one uPlot per numeric field. */
+class DeviceChart {
+  constructor(device, windowSec) {
+    this.device = device;
+    this.windowSec = windowSec;
+    this.seqs = [];
+    this.xs = []; // seconds (device time)
+    this.cols = new Map(); // metric -> values aligned with xs
+    this.plots = new Map(); // metric -> { plot, card, value }
+    this.historyLoaded = false;
+    this.dirty = true;
+    this.destroyed = false;
+    this.shownPayloadSeq = -1;
+    this.generation = 0;
+    this.container = $("charts");
+    this.container.replaceChildren();
+    this.resizer = new ResizeObserver(() => { this.resized = true; schedule(); });
+    this.resizer.observe(this.container);
+    setText($("detail-status"), "Loading history…");
+  }
+
+  destroy() {
+    this.destroyed = true;
+    this.resizer.disconnect();
+    for (const p of this.plots.values()) p.plot.destroy();
+    this.plots.clear();
+    this.container.replaceChildren();
+  }
+
+  /** History for the window, oldest first, paged; merged with whatever arrived live meanwhile. */
+  async loadHistory() {
+    const gen = ++this.generation;
+    const d = state.devices.get(this.device);
+    // The window ends at the device's latest time, so a device with a skewed clock still shows.
+    const end = d && d.latest ? ms(d.latest.ts) : Date.now();
+    const from = Math.min(end, Date.now()) - this.windowSec * 1000;
+    let after = 0;
+    const rows = [];
+    try {
+      for (let page = 0; page < HISTORY_MAX_PAGES; page++) {
+        const q = new URLSearchParams({ from: String(from), limit: String(HISTORY_PAGE) });
+        if (after) q.set("after", String(after));
+        const body = await api(`api/devices/${encodeURIComponent(this.device)}/readings?${q}`);
+        if (this.destroyed || gen !== this.generation) return;
+        rows.push(...body.readings);
+        if (body.next_after == null) break;
+        after = body.next_after;
+      }
+    } catch (e) {
+      if (this.destroyed || e instanceof AuthRequired) return;
+      this.historyFailed = e.status !== 404;
+      if (e.status === 404) {
+        setText($("detail-status"), "No readings stored for this device yet.");
+      } else {
+        setText($("detail-status"), `Could not load history: ${e.message}. Live points still arrive.`);
+      }
+      this.historyLoaded = true;
+      return;
+    }
+    this.merge(rows);
+    this.historyLoaded = true;
+    this.historyFailed = false;
+    this.dirty = true;
+    schedule();
+  }
+
+  /** Adds rows (any order, possibly already present) keeping seq order without duplicates. */
+  merge(rows) {
+    if (!rows.length) return;
+    const points = new Map(); // seq -> [x, [[metric, value], ...]]
+    for (let i = 0; i < this.seqs.length; i++) {
+      const vals = [];
+      for (const [k, col] of this.cols) if (col[i] != null) vals.push([k, col[i]]);
+      points.set(this.seqs[i], [this.xs[i], vals]);
+    }
+    for (const r of rows) {
+      if (!points.has(r.seq)) points.set(r.seq, [ms(r.ts) / 1000, numericFields(r.payload)]);
+    }
+    const seqs = [...points.keys()].sort((a, b) => a - b);
+    const names = [...this.cols.keys()];
+    this.seqs = [];
+    this.xs = [];
+    this.cols = new Map(names.map((k) => [k, []]));
+    for (const seq of seqs) {
+      const [x, vals] = points.get(seq);
+      this.pushPoint(seq, x, vals);
+    }
+  }
+
+  /** Appends one reading (seq above every seq held). */
+  push(r) {
+    this.pushPoint(r.seq, ms(r.ts) / 1000, numericFields(r.payload));
+  }
+
+  pushPoint(seq, x, fields) {
+    const n = this.xs.length;
+    this.seqs.push(seq);
+    this.xs.push(x);
+    for (const [k, v] of fields) {
+      let col = this.cols.get(k);
+      if (!col) {
+        if (this.cols.size >= MAX_METRICS) continue;
+        col = new Array(n).fill(null);
+        this.cols.set(k, col);
+      }
+      col.push(v);
+    }
+    for (const col of this.cols.values()) if (col.length === n) col.push(null);
+  }
+
+  /** A live reading of this device. */
+  live(r) {
+    const last = this.seqs.length ? this.seqs[this.seqs.length - 1] : 0;
+    if (r.seq > last) this.push(r);
+    else this.merge([r]);
+    if (this.xs.length > MAX_POINTS * 1.25) this.trim();
+    this.dirty = true;
+  }
+
+  trim() {
+    const n = this.xs.length;
+    if (!n) return;
+    const newest = this.xs[n - 1];
+    let cut = 0;
+    while (cut < n && this.xs[cut] < newest - this.windowSec) cut++;
+    cut = Math.max(cut, n - MAX_POINTS);
+    if (cut <= 0) return;
+    this.seqs.splice(0, cut);
+    this.xs.splice(0, cut);
+    for (const col of this.cols.values()) col.splice(0, cut);
+  }
+
+  setWindow(sec) {
+    const grow = sec > this.windowSec;
+    this.windowSec = sec;
+    if (grow) {
+      this.loadHistory();
+    }
+    this.dirty = true;
+    schedule();
+  }
+
+  render() {
+    if (this.destroyed) return;
+    if (this.resized) {
+      this.resized = false;
+      for (const p of this.plots.values()) p.plot.setSize(this.size(p.card));
+    }
+    if (!this.dirty) return;
+    this.dirty = false;
+    this.trim();
+    for (const [name, col] of this.cols) {
+      let p = this.plots.get(name);
+      if (!p) p = this.addPlot(name);
+      let v = null;
+      for (let i = col.length - 1; i >= 0 && i >= col.length - 50; i--) if (col[i] != null) { v = col[i]; break; }
+      setText(p.value, fmtValue(v));
+      p.plot.setData([this.xs, col]);
+    }
+    const n = this.seqs.length;
+    if (this.historyLoaded) {
+      let text = n
+        ? `${fmtInt(n)} readings in the last ${fmtWindow(this.windowSec)} · live`
+        : `No readings in the last ${fmtWindow(this.windowSec)}; waiting for live data…`;
+      if (n && !this.cols.size) text += " · no numeric fields to chart (see the payload below)";
+      setText($("detail-status"), text);
+    }
+    this.container.dataset.points = String(n);
+  }
+
+  size(card) {
+    const w = Math.max(200, Math.floor(card.clientWidth - 2));
+    return { width: w, height: 130 };
+  }
+
+  addPlot(name) {
+    const card = el("figure", "chart");
+    card.dataset.metric = name;
+    const head = el("figcaption", "chart-head");
+    const value = el("span", "chart-value", "–");
+    head.append(el("span", "chart-name", name), value);
+    const body = el("div", "chart-body");
+    card.append(head, body);
+    // Keep a stable order: by name.
+    const after = [...this.container.children].find((c) => c.dataset.metric > name);
+    this.container.insertBefore(card, after || null);
+    const palette = ["--c1", "--c2", "--c3", "--c4", "--c5", "--c6"];
+    const color = cssVar(palette[this.plots.size % palette.length], "#2563eb");
+    const axis = cssVar("--muted", "#6b7280");
+    const grid = cssVar("--grid", "#e5e7eb");
+    const font = "11px system-ui, sans-serif";
+    const opts = {
+      ...this.size(card),
+      legend: { show: false },
+      cursor: { drag: { x: false, y: false }, points: { size: 5 }, sync: { key: "telebridge" } },
+      scales: { x: { time: true } },
+      axes: [
+        { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1, size: 4 }, font, size: 26, values: timeTicks },
+        { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { show: false }, font, size: 48, gap: 4 },
+      ],
+      series: [
+        {},
+        { label: name, stroke: color, width: 1.5, fill: color + "22", fillTo: (u) => u.scales.y.min, points: { show: false } },
+      ],
+    };
+    const plot = new uPlot(opts, [this.xs, this.cols.get(name)], body);
+    const p = { plot, card, value };
+    this.plots.set(name, p);
+    return p;
+  }
+}
+
+/** One-line time labels: seconds when the ticks are less than a minute apart. */
+const tickFormats = {
+  day: new Intl.DateTimeFormat([], { month: "short", day: "numeric" }),
+  minute: new Intl.DateTimeFormat([], { hour: "2-digit", minute: "2-digit", hourCycle: "h23" }),
+  second: new Intl.DateTimeFormat([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" }),
+};
+
+function timeTicks(u, splits, _axis, _space, incr) {
+  const f = incr >= 86400 ? tickFormats.day : incr >= 60 ? tickFormats.minute : tickFormats.second;
+  return splits.map((s) => f.format(s * 1000));
+}
+
+function fmtWindow(sec) {
+  return sec >= 3600 ? `${sec / 3600} h` : `${sec / 60} min`;
+}
+
+// ---------------------------------------------------------------- live feed (SSE)
+
+function connectSse() {
+  clearTimeout(state.sse.timer);
+  state.sse.timer = null;
+  if (state.sse.es) state.sse.es.close();
+  const q = new URLSearchParams({ type: "reading,status,command", last_event_id: String(state.lastSeq) });
+  const es = new EventSource(`events?${q}`);
+  state.sse.es = es;
+  es.onopen = () => {
+    if (es !== state.sse.es) return;
+    const wasDown = state.sse.down;
+    state.sse.opens++;
+    state.sse.retries = 0;
+    state.sse.shutdown = false;
+    if (wasDown) {
+      state.sse.resumedAfter = state.sse.downAt;
+      state.sse.down = false;
+      // Presence and command changes carry no id and are not replayed: fetch them again.
+      resync();
+    }
+    setLink("sse", "connected", "live");
+    if (state.ws.timer) connectWs(); // the daemon is back: do not wait for the backoff
+  };
+  es.onerror = () => {
+    if (es !== state.sse.es) return;
+    state.sse.errors++;
+    if (!state.sse.down) {
+      state.sse.down = true;
+      state.sse.downAt = state.lastSeq;
+    }
+    if (es.readyState === EventSource.CLOSED) {
+      // The browser gave up (an HTTP error such as 401 or 503): retry ourselves, resuming
+      // from the last seq we have.
+      es.close();
+      const delay = Math.min(1000 * 2 ** state.sse.retries, 5000);
+      state.sse.retries++;
+      setLink("sse", "reconnecting", "reconnecting");
+      state.sse.timer = setTimeout(async () => {
+        if (state.auth.on && !(await sessionValid())) return;
+        connectSse();
+      }, delay);
+    } else {
+      setLink("sse", "reconnecting", "reconnecting");
+    }
+  };
+  es.addEventListener("reading", onReading);
+  es.addEventListener("status", onStatus);
+  es.addEventListener("command", onCommandEvent);
+  es.addEventListener("gap", onGap);
+  es.addEventListener("shutdown", () => {
+    state.sse.shutdown = true;
+    if (!state.sse.down) {
+      state.sse.down = true;
+      state.sse.downAt = state.lastSeq;
+    }
+    setLink("sse", "reconnecting", "daemon restarting");
+  });
+}
+
+function onReading(e) {
+  let r;
+  try {
+    r = JSON.parse(e.data);
+  } catch (_) {
+    return;
+  }
+  if (!(r.seq > state.lastSeq)) return; // already seen (the feed is in seq order)
+  state.lastSeq = r.seq;
+  state.readings++;
+  const d = ensureDevice(r.device);
+  const received = ms(r.received_at);
+  // A device that sends telemetry is online, unless a later presence change says otherwise.
+  if (received > d.statusAt) d.online = true;
+  if (received > d.lastSeen) d.lastSeen = received;
+  if (!d.latest || r.seq > d.latest.seq) d.latest = r;
+  d.dirty = true;
+  if (state.chart && state.chart.device === r.device) state.chart.live(r);
+  schedule();
+}
+
+function onStatus(e) {
+  const s = JSON.parse(e.data);
+  const d = ensureDevice(s.device);
+  const at = ms(s.at);
+  if (at >= d.statusAt) {
+    d.online = !!s.online;
+    d.statusAt = at;
+  }
+  if (at > d.lastSeen && s.online) d.lastSeen = at;
+  d.dirty = true;
+  schedule();
+}
+
+function onGap(e) {
+  const g = JSON.parse(e.data);
+  const b = $("banner");
+  clearTimeout(state.bannerTimer);
+  state.bannerTimer = null;
+  b.dataset.kind = "info";
+  if (g.reason === "unknown_id") {
+    // The daemon's database is not the one this page read before: start over from its state.
+    setText(b, "The daemon's data was reset; reloading…");
+    b.hidden = false;
+    stopLinks();
+    setTimeout(() => location.reload(), 1500);
+    return;
+  } else {
+    setText(b, `Readings up to #${g.first_available - 1} are no longer stored (retention); the feed continues from #${g.first_available}.`);
+  }
+  b.hidden = false;
+}
+
+/** After a reconnect: presence and the command log (their events have no id to resume by). */
+async function resync() {
+  try {
+    await loadDevices();
+  } catch (_) { /* the next reconnect tries again */ }
+  loadCommandLog();
+  if (state.chart && state.chart.historyFailed) state.chart.loadHistory();
+}
+
+// ---------------------------------------------------------------- commands (WebSocket)
+
+function connectWs() {
+  clearTimeout(state.ws.timer);
+  state.ws.timer = null;
+  if (state.ws.sock) {
+    state.ws.sock.onclose = null;
+    state.ws.sock.close();
+  }
+  const url = new URL("ws", location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  const sock = new WebSocket(url);
+  state.ws.sock = sock;
+  let opened = false;
+  sock.onopen = () => {
+    opened = true;
+    state.ws.opens++;
+    state.ws.retries = 0;
+    state.ws.down = false;
+    setLink("ws", "connected", "ready");
+    $("cmd-send").disabled = !!state.viewer;
+    if (state.sse.timer) connectSse();
+  };
+  sock.onmessage = (e) => {
+    let m;
+    try {
+      m = JSON.parse(e.data);
+    } catch (_) {
+      return;
+    }
+    onWsMessage(m);
+  };
+  sock.onclose = async () => {
+    if (sock !== state.ws.sock) return;
+    state.ws.down = true;
+    $("cmd-send").disabled = true;
+    for (const entry of state.results.values()) {
+      if (entry.status === "sending") {
+        entry.status = "unknown";
+        entry.detail = "connection lost before the daemon confirmed it; see Recent commands";
+        renderResult(entry);
+      }
+    }
+    const delay = Math.min(500 * 2 ** state.ws.retries, 4000) + Math.random() * 250;
+    state.ws.retries++;
+    setLink("ws", "reconnecting", "reconnecting");
+    if (!opened && state.auth.on && !(await sessionValid())) return;
+    state.ws.timer = setTimeout(connectWs, delay);
+  };
+}
+
+function onWsMessage(m) {
+  if (m.type === "accepted") {
+    const entry = state.results.get(m.ref);
+    if (!entry) return;
+    entry.id = m.id;
+    state.resultsById.set(m.id, entry);
+    if (entry.status === "sending") entry.status = m.status || "sent";
+    entry.acceptedAt = performance.now();
+    renderResult(entry);
+    scheduleLogRefresh();
+  } else if (m.type === "error") {
+    const entry = state.results.get(m.ref);
+    if (!entry) {
+      showCommandError(`${m.code}: ${m.message}`);
+      return;
+    }
+    entry.status = "rejected";
+    entry.detail = `${m.code}: ${m.message}`;
+    renderResult(entry);
+  } else if (m.id) {
+    const entry = state.resultsById.get(m.id);
+    if (!entry) return;
+    finish(entry, m.type === "ack" ? (m.ok ? "acked" : "failed") : m.type, m);
+  }
+}
+
+/** A command's final state, from the WebSocket or from a `command` event of the live feed. */
+function finish(entry, status, m) {
+  if (["acked", "failed", "timeout", "expired"].includes(entry.status)) return;
+  entry.status = status;
+  if (typeof m.rtt_ms === "number") entry.rtt = m.rtt_ms;
+  entry.total = performance.now() - entry.sentAt;
+  if (status === "acked") entry.detail = m.result === undefined || m.result === null ? "" : JSON.stringify(m.result);
+  else if (status === "failed") entry.detail = m.error || "the device reported a failure";
+  else if (status === "timeout") entry.detail = "the device did not answer in time";
+  else if (status === "expired") entry.detail = "the device stayed offline until the command expired";
+  renderResult(entry);
+}
+
+function onCommandEvent(e) {
+  const c = JSON.parse(e.data);
+  const entry = state.resultsById.get(c.id);
+  if (entry && ["acked", "failed", "timeout", "expired"].includes(c.status)) finish(entry, c.status, c);
+  scheduleLogRefresh();
+}
+
+function sendCommand(ev) {
+  ev.preventDefault();
+  const device = $("cmd-device").value;
+  const name = $("cmd-name").value.trim();
+  const text = $("cmd-params").value.trim() || "{}";
+  let params;
+  try {
+    params = JSON.parse(text);
+  } catch (e) {
+    return showCommandError(`Params are not valid JSON: ${e.message}`);
+  }
+  if (!params || typeof params !== "object" || Array.isArray(params)) {
+    return showCommandError("Params must be a JSON object, such as {\"seconds\": 5}.");
+  }
+  if (!device) return showCommandError("Pick a device.");
+  if (!/^[A-Za-z0-9._-]{1,64}$/.test(name)) {
+    return showCommandError("A command name is 1–64 letters, digits, '.', '_' or '-'.");
+  }
+  const sock = state.ws.sock;
+  if (!sock || sock.readyState !== WebSocket.OPEN) {
+    return showCommandError("The command channel is reconnecting; try again in a moment.");
+  }
+  $("cmd-error").hidden = true;
+  const ref = `c${++state.refCounter}-${Date.now().toString(36)}`;
+  const entry = { ref, device, name, params, status: "sending", sentAt: performance.now(), at: Date.now(), id: null, detail: "", rtt: null, total: null, node: null };
+  state.results.set(ref, entry);
+  sock.send(JSON.stringify({ type: "command", device, name, params, ref }));
+  renderResult(entry);
+  while (state.results.size > RESULTS_KEEP) {
+    const [oldRef, old] = state.results.entries().next().value;
+    state.results.delete(oldRef);
+    if (old.id) state.resultsById.delete(old.id);
+    if (old.node) old.node.remove();
+  }
+}
+
+function showCommandError(text) {
+  const e = $("cmd-error");
+  setText(e, text);
+  e.hidden = false;
+}
+
+const STATUS_TEXT = {
+  sending: "sending…",
+  sent: "accepted · sent",
+  queued: "accepted · queued (device offline)",
+  acked: "ack",
+  failed: "failed",
+  timeout: "timeout",
+  expired: "expired",
+  rejected: "rejected",
+  unknown: "unknown",
+};
+
+function renderResult(entry) {
+  if (!entry.node) {
+    const li = el("li", "result");
+    li.dataset.ref = entry.ref;
+    const head = el("div", "result-head");
+    entry.nodeCmd = el("span", "result-cmd", `${entry.name} → ${entry.device}`);
+    entry.nodeStatus = el("span", "badge");
+    head.append(entry.nodeCmd, entry.nodeStatus);
+    const meta = el("div", "result-meta muted");
+    entry.nodeMeta = meta;
+    entry.nodeDetail = el("div", "result-detail");
+    li.append(head, meta, entry.nodeDetail);
+    entry.node = li;
+    $("results").prepend(li);
+    $("results-empty").hidden = true;
+  }
+  entry.node.dataset.status = entry.status;
+  entry.nodeStatus.dataset.status = entry.status;
+  setText(entry.nodeStatus, STATUS_TEXT[entry.status] || entry.status);
+  const parts = [fmtTime(entry.at)];
+  if (Object.keys(entry.params).length) parts.push(JSON.stringify(entry.params));
+  if (entry.rtt != null) parts.push(`round trip ${entry.rtt.toFixed(1)} ms`);
+  if (entry.total != null) parts.push(`${Math.round(entry.total)} ms in the browser`);
+  setText(entry.nodeMeta, parts.join(" · "));
+  setText(entry.nodeDetail, entry.detail || "");
+  entry.nodeDetail.hidden = !entry.detail;
+}
+
+function syncCommandDevices() {
+  const sel = $("cmd-device");
+  const current = sel.value || state.selected;
+  const frag = document.createDocumentFragment();
+  for (const id of state.order) {
+    const o = el("option", null, id);
+    o.value = id;
+    frag.appendChild(o);
+  }
+  sel.replaceChildren(frag);
+  if (current && state.devices.has(current)) sel.value = current;
+}
+
+// ---------------------------------------------------------------- command log
+
+function scheduleLogRefresh() {
+  if (state.logTimer) return;
+  state.logTimer = setTimeout(() => {
+    state.logTimer = null;
+    loadCommandLog();
+  }, 400);
+}
+
+async function loadCommandLog() {
+  let body;
+  try {
+    body = await api(`api/commands?limit=${LOG_LIMIT}`);
+  } catch (_) {
+    return;
+  }
+  const rows = document.createDocumentFragment();
+  for (const c of body.commands || []) {
+    const li = el("li", "log-row");
+    li.dataset.id = c.id;
+    const head = el("div", "log-head");
+    const cmd = el("span", "log-cmd");
+    cmd.append(el("span", "log-name", c.name), el("span", "muted", ` → ${c.device}`));
+    const badge = el("span", "badge", c.status);
+    badge.dataset.status = c.status;
+    head.append(cmd, badge);
+    const parts = [fmtTime(ms(c.created_at))];
+    if (c.params && Object.keys(c.params).length) parts.push(JSON.stringify(c.params));
+    if (c.sent_at && c.finished_at && (c.status === "acked" || c.status === "failed")) {
+      parts.push(`${ms(c.finished_at) - ms(c.sent_at)} ms`);
+    }
+    if (c.error) parts.push(c.error);
+    else if (c.result !== null && c.result !== undefined) parts.push(JSON.stringify(c.result));
+    const meta = el("div", "log-meta muted", parts.join(" · "));
+    meta.title = meta.textContent;
+    li.append(head, meta);
+    rows.appendChild(li);
+  }
+  if (!body.commands || !body.commands.length) rows.appendChild(el("li", "log-row muted", "No commands yet."));
+  $("log").replaceChildren(rows);
+}
+
+// ---------------------------------------------------------------- authentication
+
+/** GET api/session: `{auth, name?, role?}`; a 404 means a daemon without sessions (auth off). */
+async function readSession() {
+  const res = await fetch("api/session", { credentials: "same-origin", cache: "no-store", headers: { accept: "application/json" } });
+  if (res.status === 404) return { auth: false, signedIn: true };
+  if (res.status === 401) return { auth: true, signedIn: false };
+  if (!res.ok) throw new Error(`GET api/session: ${res.status}`);
+  const s = await res.json();
+  return { auth: !!s.auth, signedIn: !s.auth || !!(s.name || s.role), name: s.name || null, role: s.role || null };
+}
+
+async function sessionValid() {
+  try {
+    const s = await readSession();
+    if (s.auth && !s.signedIn) {
+      requireLogin();
+      return false;
+    }
+  } catch (_) { /* the daemon is away: keep retrying */ }
+  return true;
+}
+
+function requireLogin() {
+  if (!$("login").hidden) return;
+  stopLinks();
+  $("app").hidden = true;
+  $("who").hidden = true;
+  $("login").hidden = false;
+  setLink("sse", "offline", "sign-in needed");
+  setLink("ws", "offline", "sign-in needed");
+  state.sse.down = false;
+  state.ws.down = false;
+  $("banner").hidden = true;
+  $("token").focus();
+}
+
+function stopLinks() {
+  clearTimeout(state.sse.timer);
+  clearTimeout(state.ws.timer);
+  state.sse.timer = null;
+  state.ws.timer = null;
+  if (state.sse.es) state.sse.es.close();
+  state.sse.es = null;
+  if (state.ws.sock) {
+    state.ws.sock.onclose = null;
+    state.ws.sock.close();
+  }
+  state.ws.sock = null;
+}
+
+async function login(ev) {
+  ev.preventDefault();
+  const token = $("token").value.trim();
+  const err = $("login-error");
+  err.hidden = true;
+  $("login-submit").disabled = true;
+  try {
+    const res = await fetch("api/session", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "content-type": "application/json", accept: "application/json" },
+      body: JSON.stringify({ token }),
+    });
+    if (!res.ok) {
+      let msg = res.status === 401 || res.status === 403 ? "That token was not accepted." : `Sign-in failed (${res.status}).`;
+      try {
+        const b = await res.json();
+        if (b && b.error && b.error.message && res.status !== 401) msg = b.error.message;
+      } catch (_) { /* no body */ }
+      setText(err, msg);
+      err.hidden = false;
+      return;
+    }
+    $("token").value = "";
+    $("login").hidden = true;
+    await boot();
+  } catch (e) {
+    setText(err, `Cannot reach telebridge: ${e.message}`);
+    err.hidden = false;
+  } finally {
+    $("login-submit").disabled = false;
+  }
+}
+
+async function logout() {
+  try {
+    await fetch("api/session", { method: "DELETE", credentials: "same-origin" });
+  } catch (_) { /* signed out locally anyway */ }
+  requireLogin();
+}
+
+// ---------------------------------------------------------------- start
+
+async function boot() {
+  let s;
+  try {
+    s = await readSession();
+  } catch (e) {
+    const b = $("banner");
+    b.dataset.kind = "warn";
+    setText(b, `Cannot reach telebridge (${e.message}); retrying…`);
+    b.hidden = false;
+    setTimeout(boot, 2000);
+    return;
+  }
+  state.auth = { on: s.auth, name: s.name, role: s.role };
+  if (s.auth && !s.signedIn) return requireLogin();
+  $("login").hidden = true;
+  $("app").hidden = false;
+  $("who").hidden = !s.auth;
+  setText($("who-name"), s.auth ? [s.name, s.role].filter(Boolean).join(" · ") : "");
+  state.viewer = s.role === "viewer";
+  $("cmd-viewer").hidden = !state.viewer;
+  for (const id of ["cmd-device", "cmd-name", "cmd-params"]) $(id).disabled = state.viewer;
+  if (!$("banner").dataset.kind) $("banner").hidden = true;
+  let max;
+  try {
+    max = await loadDevices();
+  } catch (e) {
+    if (e instanceof AuthRequired) return;
+    max = state.lastSeq;
+  }
+  // Live readings start right after what the device list showed: no gap, no duplicate.
+  if (!state.started) state.lastSeq = max;
+  state.started = true;
+  const wanted = decodeURIComponent((location.hash.match(/device=([^&]+)/) || [])[1] || "");
+  if (wanted && state.devices.has(wanted)) select(wanted, { auto: true });
+  connectSse();
+  connectWs();
+  loadCommandLog();
+  schedule();
+}
+
+function wire() {
+  $("login-form").addEventListener("submit", login);
+  $("logout").addEventListener("click", logout);
+  $("command-form").addEventListener("submit", sendCommand);
+  $("device-filter").addEventListener("input", () => {
+    applyFilter();
+    revealSelected();
+  });
+  $("log-refresh").addEventListener("click", loadCommandLog);
+  $("window").addEventListener("change", () => {
+    if (state.chart) state.chart.setWindow(Number($("window").value));
+  });
+  $("cmd-send").disabled = true;
+  window.addEventListener("hashchange", () => {
+    const id = decodeURIComponent((location.hash.match(/device=([^&]+)/) || [])[1] || "");
+    if (id && state.devices.has(id)) select(id);
+  });
+  // Relative times ("3 s ago") move on even when no data arrives.
+  setInterval(() => {
+    state.listRenderedAt = 0;
+    schedule();
+  }, 1000);
+}
+
+/** A read-only view for tests and for debugging from the console. */
+globalThis.telebridge = Object.freeze({
+  snapshot() {
+    const c = state.chart;
+    return {
+      sse: state.sse.state,
+      ws: state.ws.state,
+      sseOpens: state.sse.opens,
+      wsOpens: state.ws.opens,
+      lastSeq: state.lastSeq,
+      readings: state.readings,
+      devices: state.order.map((id) => {
+        const d = state.devices.get(id);
+        return { id, online: d.online, lastSeq: d.latest ? d.latest.seq : null };
+      }),
+      selected: state.selected,
+      chart: c ? { device: c.device, historyLoaded: c.historyLoaded, seqs: c.seqs.slice(), metrics: [...c.plots.keys()] } : null,
+    };
+  },
+});
+
+if (!uPlot) {
+  document.body.textContent = "The chart library did not load (assets/vendor/uPlot.iife.min.js).";
+} else {
+  wire();
+  boot();
+}

@@ -1,0 +1,716 @@
+//! The dashboard and `/events` in a real browser: Debian's Chromium driven by Playwright
+//! (`tests/browser/*.mjs`, run with node), against the real daemon, Mosquitto and simulated
+//! devices (`telebridge simulate` as its own process). Screenshots go to
+//! `target/artifacts/browser/` for a person to look at.
+//!
+//! These tests never skip: without node, Chromium or `tests/browser/node_modules` they fail
+//! and say to run `scripts/test`, which installs them.
+
+use std::io::{BufRead as _, Read as _};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{BIN, Daemon, Mosquitto, free_port, wait_for};
+
+/// Upper bound for one browser script.
+const SCRIPT_LIMIT: Duration = Duration::from_secs(60);
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+fn artifacts() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts/browser");
+    std::fs::create_dir_all(&dir).expect("create target/artifacts/browser");
+    dir
+}
+
+/// Fails (never skips) with what to do when the browser tooling is missing.
+fn require_tools() {
+    let chromium =
+        std::env::var("TELEBRIDGE_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).exists(),
+        "no Chromium at {chromium}: run scripts/test, which installs Debian's chromium with apt-get"
+    );
+    let node = Command::new("node").arg("--version").output();
+    assert!(
+        node.as_ref().is_ok_and(|o| o.status.success()),
+        "node is not installed: run scripts/test (or apt-get install nodejs npm)"
+    );
+    assert!(
+        browser_dir()
+            .join("node_modules/playwright-core/package.json")
+            .exists(),
+        "tests/browser/node_modules is missing: run scripts/test (it runs `npm ci --prefix tests/browser`)"
+    );
+}
+
+/// `telebridge simulate` as a child process; killed on drop.
+struct Simulator(Child);
+
+impl Simulator {
+    fn start(broker_url: &str, devices: usize, rate: f64, prefix: &str) -> Simulator {
+        let child = Command::new(BIN)
+            .args(["simulate", "--url", broker_url, "--devices"])
+            .arg(devices.to_string())
+            .arg("--rate")
+            .arg(rate.to_string())
+            .args(["--prefix", prefix])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start telebridge simulate");
+        Simulator(child)
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A browser script (`node tests/browser/NAME.mjs ARGS`) in its own process group, so that
+/// the browser it starts ends with it. Its JSON lines arrive on a channel.
+struct Script {
+    name: String,
+    child: Child,
+    _stdin: Option<ChildStdin>,
+    lines: tokio::sync::mpsc::UnboundedReceiver<Value>,
+    stderr: Arc<Mutex<String>>,
+    started: Instant,
+}
+
+impl Script {
+    fn start(name: &str, args: &[&str]) -> Script {
+        require_tools();
+        let mut child = Command::new("node")
+            .arg(browser_dir().join(format!("{name}.mjs")))
+            .args(args)
+            .current_dir(browser_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("start node");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut err = child.stderr.take().expect("stderr");
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let v = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "stdout": line }));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        Script {
+            name: name.to_owned(),
+            _stdin: child.stdin.take(),
+            child,
+            lines,
+            stderr,
+            started: Instant::now(),
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The next line that is an event `event`, a result or an error.
+    async fn next(&mut self, want: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match tokio::time::timeout(left, self.lines.recv()).await {
+                Ok(Some(v)) => v,
+                Ok(None) => panic!(
+                    "{}.mjs ended before {want} ({:?} in); stderr:\n{}",
+                    self.name,
+                    self.started.elapsed(),
+                    self.stderr()
+                ),
+                Err(_) => panic!(
+                    "{}.mjs: no {want} within {timeout:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                ),
+            };
+            if let Some(e) = line.get("error") {
+                panic!(
+                    "{}.mjs failed: {}\nstderr:\n{}",
+                    self.name,
+                    e.as_str().unwrap_or_default(),
+                    self.stderr()
+                );
+            }
+            if line.get("result").is_some() || line["event"] == want {
+                return line;
+            }
+        }
+    }
+
+    /// Waits for `{"event": name}`.
+    async fn event(&mut self, name: &str, timeout: Duration) -> Value {
+        let v = self.next(name, timeout).await;
+        assert!(
+            v.get("result").is_none(),
+            "{}.mjs finished without the event {name}: {v}",
+            self.name
+        );
+        v
+    }
+
+    /// The final result.
+    async fn result(mut self, timeout: Duration) -> Value {
+        let v = self.next("result", timeout).await;
+        let status = wait_exit(&mut self.child, Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{}.mjs exited with {status:?}; stderr:\n{}",
+            self.name,
+            self.stderr()
+        );
+        v["result"].clone()
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // The whole group: node and the Chromium it started. TERM lets Playwright close the
+        // browser and remove its profile; KILL is the backstop.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        if wait_exit(&mut self.child, Duration::from_secs(3)).is_none() {
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Seqs of `device`'s readings in storage between `first` and `last`, inclusive.
+async fn stored_seqs(daemon: &Daemon, device: &str, first: i64, last: i64) -> Vec<i64> {
+    daemon
+        .db()
+        .await
+        .rows()
+        .await
+        .into_iter()
+        .filter(|r| r.device == device && (first..=last).contains(&r.seq))
+        .map(|r| r.seq)
+        .collect()
+}
+
+fn seqs(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .expect("an array of seqs")
+        .iter()
+        .map(|s| s.as_i64().expect("seq"))
+        .collect()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| s.as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Network errors that Chromium logs while the daemon is down (connection refused or reset).
+fn outage_noise(message: &str) -> bool {
+    message.contains("net::ERR_") || message.contains("WebSocket connection to")
+}
+
+/// Waits until `n` devices whose ids start with `prefix` have a stored reading.
+async fn wait_for_devices(daemon: &Daemon, prefix: &str, n: usize) {
+    let url = format!("http://{}/api/devices", daemon.http);
+    // The token-less request is refused when auth is on; then count in the database.
+    wait_for(
+        Duration::from_secs(20),
+        "the simulated devices' readings",
+        || {
+            let url = url.clone();
+            async move {
+                let seen = match reqwest::get(&url).await {
+                    Ok(r) if r.status().is_success() => {
+                        let body: Value = r.json().await.ok()?;
+                        body["devices"]
+                            .as_array()?
+                            .iter()
+                            .filter(|d| {
+                                d["id"].as_str().is_some_and(|id| id.starts_with(prefix))
+                                    && !d["latest"].is_null()
+                            })
+                            .count()
+                    }
+                    _ => {
+                        let mut ids: Vec<String> = daemon
+                            .db()
+                            .await
+                            .rows()
+                            .await
+                            .into_iter()
+                            .map(|r| r.device)
+                            .filter(|d| d.starts_with(prefix))
+                            .collect();
+                        ids.sort_unstable();
+                        ids.dedup();
+                        ids.len()
+                    }
+                };
+                (seen >= n).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_dashboard_is_built_in_with_strict_headers() {
+    // Arrange
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(&broker.url(), "").await;
+    let client = reqwest::Client::new();
+    let url = |p: &str| format!("http://{}{p}", daemon.http);
+
+    // Act
+    let index = client.get(url("/")).send().await.expect("GET /");
+    let h = index.headers().clone();
+    let html = index.text().await.expect("body");
+    let js = client.get(url("/assets/app.js")).send().await.expect("js");
+    let uplot = client
+        .get(url("/assets/vendor/uPlot.iife.min.js"))
+        .send()
+        .await
+        .expect("uPlot");
+    let etag = js.headers()["etag"].clone();
+    let again = client
+        .get(url("/assets/app.js"))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .expect("revalidate");
+    let missing = client
+        .get(url("/assets/nope.js"))
+        .send()
+        .await
+        .expect("missing");
+
+    // Assert
+    assert_eq!(h["content-type"], "text/html; charset=utf-8");
+    assert_eq!(h["cache-control"], "no-cache");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    let csp = h["content-security-policy"].to_str().expect("csp");
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "connect-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "{directive} in {csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    assert!(html.contains("assets/app.js") && html.contains("assets/vendor/uPlot.iife.min.js"));
+    assert_eq!(js.status(), 200);
+    assert_eq!(
+        js.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    assert_eq!(uplot.status(), 200);
+    assert!(
+        uplot.headers()["cache-control"]
+            .to_str()
+            .unwrap()
+            .contains("max-age="),
+        "vendor files may be cached"
+    );
+    assert_eq!(
+        again.status(),
+        304,
+        "an unchanged asset revalidates by ETag"
+    );
+    assert_eq!(missing.status(), 404);
+    let body: Value = missing.json().await.expect("JSON 404");
+    assert_eq!(body["error"]["code"], "not_found");
+}
+
+#[tokio::test]
+async fn the_dashboard_signs_in_lists_devices_charts_live_points_and_shows_command_acks() {
+    // Arrange: auth on, so the page must ask for the token once and then use its session for
+    // the API, /events and /ws.
+    let (token, hash) = telebridge::auth::new_token();
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(
+        &broker.url(),
+        &format!(
+            "[auth]\ntokens = [ {{ name = \"ops\", role = \"operator\", hash = \"{hash}\" }} ]\n"
+        ),
+    )
+    .await;
+    let _devices = Simulator::start(&broker.url(), 3, 5.0, "sim");
+    wait_for_devices(&daemon, "sim-", 3).await;
+    let dir = artifacts();
+    let url = format!("http://{}/", daemon.http);
+
+    // Act
+    let script = Script::start(
+        "dashboard",
+        &[
+            "--url",
+            &url,
+            "--artifacts",
+            dir.to_str().unwrap(),
+            "--device",
+            "sim-02",
+            "--devices",
+            "3",
+            "--token",
+            &token,
+            "--phone",
+        ],
+    );
+    let r = script.result(SCRIPT_LIMIT).await;
+
+    // Assert
+    assert_eq!(
+        r["refused"], "That token was not accepted.",
+        "a wrong token is refused"
+    );
+    let refused_errors = strings(&r["refusedErrors"]);
+    assert!(
+        refused_errors.iter().all(|e| e.contains("401")),
+        "only Chromium's own note of the refused sign-in: {refused_errors:?}"
+    );
+    let ids: Vec<&str> = r["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["sim-01", "sim-02", "sim-03"]);
+    assert!(
+        r["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["online"] == true)
+    );
+    let metrics = strings(&r["chartMetrics"]);
+    for m in ["battery", "count", "humidity", "rssi", "temperature"] {
+        assert!(
+            metrics.iter().any(|x| x == m),
+            "a chart of {m}: {metrics:?}"
+        );
+    }
+    let chart = seqs(&r["chartSeqs"]);
+    let (first, last) = (chart[0], *chart.last().unwrap());
+    assert_eq!(
+        chart,
+        stored_seqs(&daemon, "sim-02", first, last).await,
+        "the chart holds every stored reading of sim-02 from its history to the live end, once"
+    );
+    let ack = r["ack"].as_str().unwrap();
+    assert!(
+        ack.contains("ping → sim-02")
+            && ack.contains("ack")
+            && ack.contains("\"pong\"")
+            && ack.contains("round trip"),
+        "{ack}"
+    );
+    let failed = r["failed"].as_str().unwrap();
+    assert!(
+        failed.contains("failed") && failed.contains("unknown command"),
+        "{failed}"
+    );
+    let commands: Value = reqwest::Client::new()
+        .get(format!("http://{}/api/commands?device=sim-02", daemon.http))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("GET /api/commands")
+        .json()
+        .await
+        .expect("JSON");
+    let statuses: Vec<(&str, &str)> = commands["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(statuses, [("selfdestruct", "failed"), ("ping", "acked")]);
+    assert_eq!(
+        r["logRows"].as_array().unwrap().len(),
+        2,
+        "{}",
+        r["logRows"]
+    );
+    assert_eq!(
+        r["loggedOut"], true,
+        "after logging out the page asks for the token again"
+    );
+    assert!(
+        r["phoneOverflow"].as_i64().unwrap() <= 0,
+        "no sideways scrolling on a phone"
+    );
+    assert!(
+        strings(&r["consoleErrors"]).is_empty(),
+        "{}",
+        r["consoleErrors"]
+    );
+    assert!(strings(&r["pageErrors"]).is_empty(), "{}", r["pageErrors"]);
+    // Streams that the page itself closes (logging out, reloading) end as ERR_ABORTED.
+    let failed_requests: Vec<String> = strings(&r["failedRequests"])
+        .into_iter()
+        .filter(|f| !f.ends_with("net::ERR_ABORTED"))
+        .collect();
+    assert!(failed_requests.is_empty(), "{failed_requests:?}");
+    for shot in [
+        "dashboard-sign-in",
+        "dashboard-desktop",
+        "dashboard-phone",
+        "dashboard-phone-full",
+    ] {
+        assert!(dir.join(format!("{shot}.png")).exists(), "{shot}.png");
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_a_daemon_restart_reconnects_and_the_chart_has_no_gap() {
+    // Arrange: a fixed HTTP port, so that the restarted daemon is where the page looks.
+    let broker = Mosquitto::start().await;
+    let port = free_port();
+    let mut daemon = Daemon::start(
+        &broker.url(),
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .await;
+    let _devices = Simulator::start(&broker.url(), 3, 5.0, "sim");
+    wait_for_devices(&daemon, "sim-", 3).await;
+    let dir = artifacts();
+    let url = format!("http://{}/", daemon.http);
+    let mut script = Script::start(
+        "dashboard",
+        &[
+            "--url",
+            &url,
+            "--artifacts",
+            dir.to_str().unwrap(),
+            "--device",
+            "sim-02",
+            "--devices",
+            "3",
+            "--restart",
+            "--prefix",
+            "restart",
+        ],
+    );
+
+    // Act
+    script.event("ready", Duration::from_secs(40)).await;
+    let status = daemon.sigterm();
+    assert!(status.success(), "{status:?}");
+    daemon.spawn().await;
+    assert_eq!(daemon.http.port(), port);
+    let r = script.result(SCRIPT_LIMIT).await;
+    eprintln!(
+        "reconnected after {} ms; console during the outage: {}",
+        r["reconnectMs"], r["consoleErrors"]
+    );
+
+    // Assert
+    let outage = r["outageBanner"].as_str().unwrap();
+    assert!(outage.contains("reconnecting the live feed"), "{outage}");
+    assert!(
+        r["outageLinks"].to_string().contains("reconnecting")
+            || r["outageLinks"].to_string().contains("restarting"),
+        "{}",
+        r["outageLinks"]
+    );
+    let back = r["reconnectBanner"].as_str().unwrap();
+    assert!(back.contains("nothing was missed"), "{back}");
+    assert!(
+        r["sseOpens"].as_i64().unwrap() >= 2,
+        "the live feed reopened"
+    );
+    assert!(
+        r["wsOpens"].as_i64().unwrap() >= 2,
+        "the command channel reopened"
+    );
+    let chart = seqs(&r["chartSeqs"]);
+    let (first, last) = (chart[0], *chart.last().unwrap());
+    let before = r["seqBeforeRestart"].as_i64().unwrap();
+    assert!(
+        first < before && before < last,
+        "the chart spans the restart: {first} < {before} < {last}"
+    );
+    assert_eq!(
+        chart,
+        stored_seqs(&daemon, "sim-02", first, last).await,
+        "across the restart the chart holds every reading of sim-02, once"
+    );
+    let again = r["afterRestart"].as_str().unwrap();
+    assert!(
+        again.contains("\"pong\""),
+        "a command after the restart: {again}"
+    );
+    assert!(strings(&r["pageErrors"]).is_empty(), "{}", r["pageErrors"]);
+    let errors: Vec<String> = strings(&r["consoleErrors"])
+        .into_iter()
+        .filter(|e| !outage_noise(e))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "console errors besides the outage's: {errors:?}"
+    );
+    for shot in ["restart-outage", "restart-reconnected"] {
+        assert!(dir.join(format!("{shot}.png")).exists(), "{shot}.png");
+    }
+}
+
+#[tokio::test]
+async fn a_browser_eventsource_resumes_by_itself_after_a_daemon_restart_with_no_gap() {
+    // Arrange
+    let broker = Mosquitto::start().await;
+    let port = free_port();
+    let mut daemon = Daemon::start(
+        &broker.url(),
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .await;
+    let _devices = Simulator::start(&broker.url(), 3, 10.0, "es");
+    let url = format!("http://{}", daemon.http);
+    let mut script = Script::start(
+        "eventsource",
+        &["--url", &url, "--before", "20", "--after", "30"],
+    );
+
+    // Act: restart the daemon under the open EventSource.
+    script.event("ready", Duration::from_secs(30)).await;
+    let status = daemon.sigterm();
+    assert!(status.success(), "{status:?}");
+    daemon.spawn().await;
+    let r = script.result(SCRIPT_LIMIT).await;
+
+    // Assert
+    let ids = seqs(&r["ids"]);
+    let (first, last) = (ids[0], *ids.last().unwrap());
+    let stored: Vec<i64> = daemon
+        .db()
+        .await
+        .rows()
+        .await
+        .into_iter()
+        .map(|row| row.seq)
+        .filter(|s| (first..=last).contains(s))
+        .collect();
+    assert_eq!(
+        ids, stored,
+        "the browser got every reading stored from its first to its last, in order, once"
+    );
+    assert!(
+        r["shutdowns"].as_i64().unwrap() >= 1,
+        "the daemon said it was stopping"
+    );
+    assert!(r["opens"].as_i64().unwrap() >= 2, "{}", r["states"]);
+    assert_eq!(r["readyState"], 1, "the EventSource is open again");
+    assert!(strings(&r["pageErrors"]).is_empty(), "{}", r["pageErrors"]);
+    let errors: Vec<String> = strings(&r["consoleErrors"])
+        .into_iter()
+        .filter(|e| !outage_noise(e))
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+#[tokio::test]
+async fn the_dashboard_stays_responsive_with_100_devices_at_10_readings_per_second() {
+    // Arrange
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(&broker.url(), "").await;
+    let _devices = Simulator::start(&broker.url(), 100, 10.0, "load");
+    wait_for_devices(&daemon, "load-", 100).await;
+    let dir = artifacts();
+    let url = format!("http://{}/", daemon.http);
+
+    // Act
+    let script = Script::start(
+        "load",
+        &[
+            "--url",
+            &url,
+            "--devices",
+            "100",
+            "--artifacts",
+            dir.to_str().unwrap(),
+            "--seconds",
+            "4",
+        ],
+    );
+    let r = script.result(SCRIPT_LIMIT).await;
+    eprintln!("dashboard under load: {r}");
+
+    // Assert
+    assert_eq!(r["devices"], 100);
+    let rate = r["readingsPerSec"].as_f64().unwrap();
+    assert!(
+        rate > 500.0,
+        "the page kept up with the feed: {rate:.0} readings/s"
+    );
+    let fps = r["fps"].as_f64().unwrap();
+    assert!(fps > 15.0, "frames kept coming: {fps:.1} fps");
+    let lag = r["maxLagMs"].as_f64().unwrap();
+    assert!(lag < 500.0, "timers ran on time: {lag:.0} ms late at worst");
+    let select = r["selectMs"].as_i64().unwrap();
+    assert!(select < 3000, "picking a device took {select} ms");
+    let filter = r["filterMs"].as_i64().unwrap();
+    assert!(filter < 1000, "filtering the list took {filter} ms");
+    assert!(
+        strings(&r["consoleErrors"]).is_empty(),
+        "{}",
+        r["consoleErrors"]
+    );
+    assert!(strings(&r["pageErrors"]).is_empty(), "{}", r["pageErrors"]);
+}
