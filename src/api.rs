@@ -315,41 +315,36 @@ fn to_csv(rows: &[StoredReading]) -> String {
     out
 }
 
-fn int_param(req: &Request, name: &str) -> Result<Option<i64>, ApiError> {
+/// An optional query parameter; empty counts as absent, anything `parse` refuses is a 400
+/// that names the parameter and says what was expected.
+fn param(
+    req: &Request,
+    name: &str,
+    expected: &str,
+    parse: impl Fn(&str) -> Option<i64>,
+) -> Result<Option<i64>, ApiError> {
     match req.query::<String>(name) {
         None => Ok(None),
         Some(v) if v.is_empty() => Ok(None),
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| *n >= 0)
-            .map(Some)
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "bad_parameter",
-                    format!("{name}: {v:?} is not a non-negative integer"),
-                )
-            }),
+        Some(v) => parse(&v).map(Some).ok_or_else(|| {
+            ApiError::bad_request("bad_parameter", format!("{name}: {v:?} is {expected}"))
+        }),
     }
+}
+
+fn int_param(req: &Request, name: &str) -> Result<Option<i64>, ApiError> {
+    param(req, name, "not a non-negative integer", |v| {
+        v.parse::<i64>().ok().filter(|n| *n >= 0)
+    })
 }
 
 /// RFC 3339 or Unix milliseconds.
 fn time_param(req: &Request, name: &str) -> Result<Option<i64>, ApiError> {
-    match req.query::<String>(name) {
-        None => Ok(None),
-        Some(v) if v.is_empty() => Ok(None),
-        Some(v) => v
-            .parse::<i64>()
+    param(req, name, "neither RFC 3339 nor Unix milliseconds", |v| {
+        v.parse::<i64>()
             .ok()
-            .or_else(|| domain::parse_rfc3339_ms(&v))
-            .map(Some)
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "bad_parameter",
-                    format!("{name}: {v:?} is neither RFC 3339 nor Unix milliseconds"),
-                )
-            }),
-    }
+            .or_else(|| domain::parse_rfc3339_ms(v))
+    })
 }
 
 /// Largest command body over HTTP.

@@ -50,6 +50,16 @@ async fn setup(extra: &str) -> (Mosquitto, Daemon, Tokens) {
     )
 }
 
+async fn get_json(daemon: &Daemon, path: &str, token: Option<&str>) -> serde_json::Value {
+    get(daemon, path, token)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json")
+}
+
 fn get(daemon: &Daemon, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
     let r = reqwest::Client::new().get(format!("http://{}{}", daemon.http, path));
     match token {
@@ -97,13 +107,7 @@ async fn a_viewer_sees_only_its_devices_and_cannot_command() {
     let (_b, daemon, t) = setup("").await;
     let v = Some(t.viewer.as_str());
 
-    let body: serde_json::Value = get(&daemon, "/api/devices", v)
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let body: serde_json::Value = get_json(&daemon, "/api/devices", v).await;
     let ids: Vec<&str> = body["devices"]
         .as_array()
         .expect("devices")
@@ -175,13 +179,7 @@ async fn a_viewer_sees_only_its_devices_and_cannot_command() {
         .await
         .expect("post");
     assert_eq!(r.status(), 403);
-    let body: serde_json::Value = get(&daemon, "/api/commands", Some(&t.admin))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let body: serde_json::Value = get_json(&daemon, "/api/commands", Some(&t.admin)).await;
     assert_eq!(
         body["commands"].as_array().map(Vec::len),
         Some(0),
@@ -290,13 +288,7 @@ async fn an_operator_commands_only_devices_in_its_scope() {
         post("sensor-1", &t.admin).await.expect("post").status(),
         202
     );
-    let body: serde_json::Value = get(&daemon, "/api/commands", Some(&t.pump_operator))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let body: serde_json::Value = get_json(&daemon, "/api/commands", Some(&t.pump_operator)).await;
     let devices: Vec<&str> = body["commands"]
         .as_array()
         .expect("c")

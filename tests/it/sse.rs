@@ -12,6 +12,16 @@ use crate::support::{
 
 const T: Duration = Duration::from_secs(30);
 
+/// Readings numbered `ns`, spread over devices r0, r1 and r2.
+async fn publish_over_three_devices(publisher: &Publisher, ns: std::ops::Range<i64>) {
+    for n in ns {
+        let topic = format!("devices/r{}/telemetry", n % 3);
+        publisher
+            .publish(&topic, QoS::AtLeastOnce, false, reading(n))
+            .await;
+    }
+}
+
 async fn setup(extra: &str) -> (Mosquitto, Daemon, Publisher) {
     let broker = Mosquitto::start().await;
     let daemon = Daemon::start(&broker.url(), extra).await;
@@ -120,28 +130,10 @@ async fn resume_replays_exactly_the_missed_readings_in_order_then_goes_live_with
     // the replay.
     const AWAY: i64 = 3_000;
     const DURING: i64 = 500;
-    for n in 10..10 + AWAY {
-        publisher
-            .publish(
-                &format!("devices/r{}/telemetry", n % 3),
-                QoS::AtLeastOnce,
-                false,
-                reading(n),
-            )
-            .await;
-    }
+    publish_over_three_devices(&publisher, 10..10 + AWAY).await;
     daemon.db().await.wait_count(10 + AWAY, T).await;
     let mut resumed = SseClient::connect(daemon.http, "/events?type=reading", Some(&last_id)).await;
-    for n in 10 + AWAY..10 + AWAY + DURING {
-        publisher
-            .publish(
-                &format!("devices/r{}/telemetry", n % 3),
-                QoS::AtLeastOnce,
-                false,
-                reading(n),
-            )
-            .await;
-    }
+    publish_over_three_devices(&publisher, 10 + AWAY..10 + AWAY + DURING).await;
 
     // Assert: exactly 10.., in order, once each.
     let got = resumed.take("reading", (AWAY + DURING) as usize, T).await;
