@@ -1,8 +1,12 @@
 //! The embedded MQTT broker (rumqttd), for the demo and first tries. It keeps sessions in
 //! memory only, so production runs against an external broker.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+#[cfg(feature = "embedded-broker")]
+use std::net::TcpListener;
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+#[cfg(feature = "embedded-broker")]
+use std::time::Instant;
 
 use thiserror::Error;
 
@@ -118,7 +122,6 @@ dynamic_filters = true
 }
 
 #[cfg(not(feature = "embedded-broker"))]
-fn start_embedded(addr: SocketAddr) -> Result<(), BrokerError> {
-    let _ = (addr, TcpListener::bind, Instant::now);
+fn start_embedded(_addr: SocketAddr) -> Result<(), BrokerError> {
     Err(BrokerError::NotBuilt)
 }
