@@ -489,3 +489,33 @@ async fn a_websocket_from_a_foreign_origin_is_refused() {
         "the page's own origin"
     );
 }
+
+#[tokio::test]
+async fn on_shutdown_websockets_get_a_close_frame_and_pending_commands_keep_their_status() {
+    let broker = Mosquitto::start().await;
+    let mut daemon = Daemon::start(&broker.url(), "").await;
+    let _device = FakeDevice::connect(&broker.url(), "dev-10", "devices/dev-10/commands").await;
+    let mut ws = Ws::connect(daemon.http).await;
+    ws.send_json(json!({"type": "command", "device": "dev-10", "name": "ping"}))
+        .await;
+    let id = ws.expect("accepted", T).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    let stopping = tokio::task::spawn_blocking(move || {
+        let status = daemon.sigterm();
+        (status, daemon)
+    });
+    let close = ws.close_frame(T).await;
+    let (status, mut daemon) = stopping.await.expect("join");
+
+    assert_eq!(close, Some(1001), "a going-away close frame");
+    assert!(status.success());
+    daemon.spawn().await;
+    assert_eq!(
+        command_status(&daemon, &id).await["status"],
+        "sent",
+        "the pending command is still there"
+    );
+}

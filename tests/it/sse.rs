@@ -407,3 +407,17 @@ async fn a_device_that_comes_back_by_sending_telemetry_gets_an_online_status_eve
         "one event per change, not per reading"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_is_noticed_and_its_stream_freed() {
+    let (_broker, daemon, _publisher) = setup("").await;
+    let client = SseClient::connect(daemon.http, "/events", None).await;
+    assert_eq!(daemon.metric("telebridge_sse_clients").await, 1.0);
+
+    drop(client);
+
+    wait_for(T, "the stream to be freed", || async {
+        (daemon.metric("telebridge_sse_clients").await == 0.0).then_some(())
+    })
+    .await;
+}

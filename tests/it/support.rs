@@ -896,3 +896,21 @@ impl SseClient {
         c
     }
 }
+
+impl Ws {
+    /// Waits for the server's close frame and returns its code.
+    pub async fn close_frame(&mut self, timeout: Duration) -> Option<u16> {
+        use futures_util::StreamExt;
+        tokio::time::timeout(timeout, async {
+            while let Some(Ok(msg)) = self.stream.next().await {
+                if let tokio_tungstenite::tungstenite::Message::Close(frame) = msg {
+                    return frame.map(|f| u16::from(f.code));
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
