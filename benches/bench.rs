@@ -1,7 +1,7 @@
 //! Benchmarks of the telebridge daemon against a real Mosquitto broker.
 //!
 //! ```text
-//! cargo bench --bench bench -- ingest [--seconds N] [--messages N]
+//! cargo bench --bench bench -- ingest [--seconds N] [--messages N] [--no-peer]
 //! ```
 //!
 //! `ingest` checks the ingest goal of PRODUCT.md: for QoS 0 and 1 and payloads of 100 B and
@@ -9,18 +9,26 @@
 //! from Mosquitto with the rate at which the release daemon (`target/release/telebridge`)
 //! commits the same burst to SQLite. Rows are counted in the database, never acknowledgements.
 //!
+//! The same burst then goes to a peer, Node-RED with `node-red-node-sqlite`, running the flow
+//! in `benches/nodered/flows.json` (MQTT in -> JSON -> function -> SQLite insert, and the same
+//! MQTT in -> WebSocket out), and its rows are counted the same way. Its Node.js modules are
+//! pinned by `benches/nodered/package-lock.json` and installed on first use with
+//! `npm ci --prefix benches/nodered` (sqlite3 is compiled from source, which takes minutes).
+//!
 //! - `--seconds N`: the cap on every wait (default 60), so the bench is always bounded.
 //! - `--messages N`: messages per burst for every case (default 200,000 for QoS 0 and
 //!   100,000 for QoS 1).
+//! - `--no-peer`: skip Node-RED.
 //!
-//! Everything (broker, publisher, subscriber, daemon) runs on this machine, as the goal asks
-//! ("on the same machine and load"), so the numbers depend on the number of cores.
+//! Everything (broker, publisher, subscriber, daemon, Node-RED) runs on this machine, as the
+//! goal asks ("on the same machine and load"), so the numbers depend on the number of cores.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -47,6 +55,12 @@ const POLL_EVERY: Duration = Duration::from_millis(5);
 const IDLE_LIMIT: Duration = Duration::from_secs(10);
 /// The Mosquitto binary.
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+/// The Node-RED peer: package.json, package-lock.json, flows.json and its node_modules.
+const NODERED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/nodered");
+/// Longest `npm ci` of the Node-RED modules (it compiles SQLite and node-sqlite3).
+const NPM_CI_LIMIT: Duration = Duration::from_secs(30 * 60);
+/// The path of the WebSocket out node's listener in flows.json.
+const NODERED_WS_PATH: &str = "/ws/telemetry";
 
 fn main() -> ExitCode {
     let args = match Args::parse(std::env::args().skip(1)) {
@@ -80,11 +94,14 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo bench --bench bench -- ingest [--seconds N] [--messages N]
+const USAGE: &str =
+    "usage: cargo bench --bench bench -- ingest [--seconds N] [--messages N] [--no-peer]
 
-  ingest         subscriber vs telebridge ingest rate, QoS 0/1 x 100 B/1 KiB payloads
+  ingest         subscriber vs telebridge vs Node-RED ingest rate, QoS 0/1 x 100 B/1 KiB payloads
   --seconds N    cap on every wait, in seconds (default 60)
-  --messages N   messages per burst (default 200000 for QoS 0, 100000 for QoS 1)";
+  --messages N   messages per burst (default 200000 for QoS 0, 100000 for QoS 1)
+  --no-peer      skip the Node-RED peer (benches/nodered; its modules are installed on
+                 first use with `npm ci --prefix benches/nodered`)";
 
 /// Command-line options.
 #[derive(Debug)]
@@ -94,6 +111,8 @@ struct Args {
     timeout: Duration,
     /// Messages per burst, overriding the per-QoS defaults.
     messages: Option<u64>,
+    /// Skip the Node-RED peer.
+    no_peer: bool,
 }
 
 impl Args {
@@ -102,6 +121,7 @@ impl Args {
             help: false,
             timeout: Duration::from_secs(60),
             messages: None,
+            no_peer: false,
         };
         let number = |name: &str, value: Option<String>| -> anyhow::Result<u64> {
             let value = value.ok_or_else(|| anyhow!("{name} needs a value"))?;
@@ -117,6 +137,7 @@ impl Args {
                 "-h" | "--help" => out.help = true,
                 "--seconds" => out.timeout = Duration::from_secs(number("--seconds", args.next())?),
                 "--messages" => out.messages = Some(number("--messages", args.next())?),
+                "--no-peer" => out.no_peer = true,
                 other => bail!("unknown argument {other:?} (the only benchmark is \"ingest\")"),
             }
         }
@@ -156,6 +177,8 @@ impl Case {
 struct CaseResult {
     subscriber: SubscriberRun,
     daemon: anyhow::Result<DaemonRun>,
+    /// The Node-RED run; None with --no-peer.
+    peer: Option<anyhow::Result<PeerRun>>,
 }
 
 /// What the do-nothing subscriber saw of one burst.
@@ -201,8 +224,44 @@ struct DaemonRun {
     clean_exit: bool,
 }
 
+/// How a wait for committed rows ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finish {
+    /// Every row of the burst is there.
+    All,
+    /// No new row for IDLE_LIMIT: messages were lost or the consumer stalled.
+    Stalled,
+    /// Still committing when the --seconds cap was reached.
+    TimeLimit,
+}
+
+/// What Node-RED did with one burst.
+struct PeerRun {
+    /// Rows committed, and the time from the first publish to the last row.
+    committed: Burst,
+    finish: Finish,
+    /// Seconds the publisher took to hand every message to the broker (QoS 1: acknowledged).
+    publish_seconds: f64,
+    /// CPU seconds Node-RED (node) and the broker used during the burst.
+    peer_cpu: f64,
+    broker_cpu: f64,
+    /// Node-RED's peak resident memory (VmHWM) in KiB.
+    peak_rss_kib: u64,
+    /// Warnings and errors Node-RED logged during the case.
+    log_problems: Vec<String>,
+}
+
 async fn ingest(args: &Args) -> anyhow::Result<bool> {
     let daemon_bin = daemon_binary()?;
+    // Installing the peer (minutes on first use) happens before any measurement.
+    let peer = if args.no_peer {
+        None
+    } else {
+        Some(
+            NodeRedSetup::prepare()
+                .context("preparing the Node-RED peer (benches/nodered); --no-peer skips it")?,
+        )
+    };
     let broker = Mosquitto::start()?;
     let clock_ticks = clock_ticks_per_second();
 
@@ -222,7 +281,7 @@ async fn ingest(args: &Args) -> anyhow::Result<bool> {
         }
     }
 
-    print_conditions(args, &broker, &daemon_bin, &cases);
+    print_conditions(args, &broker, &daemon_bin, peer.as_ref(), &cases);
 
     let mut results = Vec::new();
     for case in &cases {
@@ -246,14 +305,48 @@ async fn ingest(args: &Args) -> anyhow::Result<bool> {
         if let Err(e) = &daemon {
             eprintln!("[{}] telebridge run failed: {e:#}", case.label());
         }
-        results.push((*case, CaseResult { subscriber, daemon }));
+        let peer = match &peer {
+            Some(setup) => {
+                eprintln!("[{}] Node-RED burst", case.label());
+                let run = peer_burst(setup, &broker, case, args.timeout, clock_ticks)
+                    .await
+                    .with_context(|| format!("{}: Node-RED run", case.label()));
+                match &run {
+                    Ok(p) => eprintln!(
+                        "[{}] Node-RED committed {} rows in {:.2} s{}",
+                        case.label(),
+                        p.committed.count,
+                        p.committed.seconds,
+                        match p.finish {
+                            Finish::All => "",
+                            Finish::Stalled => " (stalled)",
+                            Finish::TimeLimit => " (time limit)",
+                        }
+                    ),
+                    Err(e) => eprintln!("[{}] Node-RED run failed: {e:#}", case.label()),
+                }
+                Some(run)
+            }
+            None => None,
+        };
+        results.push((
+            *case,
+            CaseResult {
+                subscriber,
+                daemon,
+                peer,
+            },
+        ));
     }
 
     print_table(&results);
+    // A peer that could not be measured is a failure of the bench; a peer that measured but
+    // did not store every row is a result, shown in the table.
     Ok(results.iter().all(|(case, r)| {
         r.daemon
             .as_ref()
             .is_ok_and(|d| d.committed.count == case.messages)
+            && r.peer.as_ref().is_none_or(|p| p.is_ok())
     }))
 }
 
@@ -272,7 +365,13 @@ fn daemon_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn print_conditions(args: &Args, broker: &Mosquitto, daemon: &Path, cases: &[Case]) {
+fn print_conditions(
+    args: &Args,
+    broker: &Mosquitto,
+    daemon: &Path,
+    peer: Option<&NodeRedSetup>,
+    cases: &[Case],
+) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -302,6 +401,30 @@ fn print_conditions(args: &Args, broker: &Mosquitto, daemon: &Path, cases: &[Cas
     println!(
         "            [broker] mode=external, [mqtt] qos = the case's, [log] level=warn; every other key at its default (see config.toml)"
     );
+    match peer {
+        Some(p) => {
+            println!(
+                "peer:       Node-RED {} on Node.js {}, node-red-node-sqlite {} (sqlite3 {}, SQLite {})",
+                p.node_red, p.node, p.sqlite_node, p.sqlite3, p.sqlite
+            );
+            println!(
+                "            benches/nodered/flows.json: mqtt in (devices/+/telemetry, qos = the case's) -> json -> \
+                 function (device from the topic, ts, received_at) -> sqlite prepared INSERT, one row per \
+                 message; the same mqtt in -> websocket out {NODERED_WS_PATH} (no client connected)"
+            );
+            println!(
+                "            its database: telebridge's readings schema (seq AUTOINCREMENT, index on device), \
+                 WAL, synchronous=NORMAL; editor off, log level warn"
+            );
+            if let Some(t) = p.installed_in {
+                println!(
+                    "            its modules were installed by this run: npm ci took {:.0} s",
+                    t.as_secs_f64()
+                );
+            }
+        }
+        None => println!("peer:       none (--no-peer)"),
+    }
     println!(
         "load:       one rumqttc publisher, topics devices/dev-{{0..{}}}/telemetry, JSON objects padded to the payload size, QoS 1 inflight {PUBLISH_INFLIGHT}",
         DEVICES - 1
@@ -315,8 +438,8 @@ fn print_conditions(args: &Args, broker: &Mosquitto, daemon: &Path, cases: &[Cas
             .join(", ")
     );
     println!(
-        "measure:    subscriber msg/s = received / (last - first received); telebridge rows/s = \
-         rows counted in SQLite / (last row committed - first publish)"
+        "measure:    subscriber msg/s = received / (last - first received); telebridge and Node-RED \
+         rows/s = rows counted in SQLite / (last row committed - first publish)"
     );
     println!(
         "            every wait capped at {} s; stalled after {} s without progress",
@@ -328,14 +451,31 @@ fn print_conditions(args: &Args, broker: &Mosquitto, daemon: &Path, cases: &[Cas
 }
 
 fn print_table(results: &[(Case, CaseResult)]) {
+    let with_peer = results.iter().any(|(_, r)| r.peer.is_some());
     let mut out = String::new();
-    let _ = writeln!(
+    let _ = write!(
         out,
         "{:<14} {:>8} {:>9} {:>12} {:>9} {:>14} {:>6} {:>9}",
         "case", "N", "sub recv", "sub msg/s", "tb rows", "tb rows/s", "ratio", "all rows"
     );
+    if with_peer {
+        let _ = write!(
+            out,
+            " {:>9} {:>14} {:>12} {:>7}",
+            "NR rows", "NR rows/s", "NR all rows", "tb/NR"
+        );
+    }
+    let _ = writeln!(out);
     for (case, r) in results {
         let sub = r.subscriber.received;
+        let _ = write!(
+            out,
+            "{:<14} {:>8} {:>9} {:>12}",
+            case.label(),
+            case.messages,
+            sub.count,
+            thousands(sub.rate()),
+        );
         match &r.daemon {
             Ok(d) => {
                 let ratio = if sub.rate() > 0.0 {
@@ -343,13 +483,9 @@ fn print_table(results: &[(Case, CaseResult)]) {
                 } else {
                     "-".into()
                 };
-                let _ = writeln!(
+                let _ = write!(
                     out,
-                    "{:<14} {:>8} {:>9} {:>12} {:>9} {:>14} {:>6} {:>9}",
-                    case.label(),
-                    case.messages,
-                    sub.count,
-                    thousands(sub.rate()),
+                    " {:>9} {:>14} {:>6} {:>9}",
                     d.committed.count,
                     thousands(d.committed.rate()),
                     ratio,
@@ -361,22 +497,50 @@ fn print_table(results: &[(Case, CaseResult)]) {
                 );
             }
             Err(_) => {
-                let _ = writeln!(
-                    out,
-                    "{:<14} {:>8} {:>9} {:>12} {:>9} {:>14} {:>6} {:>9}",
-                    case.label(),
-                    case.messages,
-                    sub.count,
-                    thousands(sub.rate()),
-                    "-",
-                    "FAILED",
-                    "-",
-                    "NO"
-                );
+                let _ = write!(out, " {:>9} {:>14} {:>6} {:>9}", "-", "FAILED", "-", "NO");
             }
         }
+        match &r.peer {
+            Some(Ok(p)) => {
+                let tb_rate = r.daemon.as_ref().map_or(0.0, |d| d.committed.rate());
+                let times = if tb_rate > 0.0 && p.committed.rate() > 0.0 {
+                    format!("{:.1}", tb_rate / p.committed.rate())
+                } else {
+                    "-".into()
+                };
+                let all = match p.finish {
+                    _ if p.committed.count == case.messages => "yes",
+                    Finish::All => "yes",
+                    Finish::Stalled => "NO: stall",
+                    Finish::TimeLimit => "NO: time",
+                };
+                let _ = write!(
+                    out,
+                    " {:>9} {:>14} {:>12} {:>7}",
+                    p.committed.count,
+                    thousands(p.committed.rate()),
+                    all,
+                    times
+                );
+            }
+            Some(Err(_)) => {
+                let _ = write!(out, " {:>9} {:>14} {:>12} {:>7}", "-", "FAILED", "NO", "-");
+            }
+            None => {}
+        }
+        let _ = writeln!(out);
     }
     let _ = writeln!(out);
+    if with_peer {
+        let _ = writeln!(
+            out,
+            "tb/NR: telebridge rows/s divided by Node-RED rows/s, same burst, broker and machine. \
+             \"NO: stall\": Node-RED committed no row for {} s; \"NO: time\": still committing at \
+             the --seconds cap. Its rows/s then counts the rows it committed up to its last one.",
+            IDLE_LIMIT.as_secs()
+        );
+        let _ = writeln!(out);
+    }
     let _ = writeln!(out, "details of the subscriber runs:");
     for (case, r) in results {
         let s = &r.subscriber;
@@ -422,6 +586,39 @@ fn print_table(results: &[(Case, CaseResult)]) {
             }
             Err(e) => {
                 let _ = writeln!(out, "  {:<14} failed: {e:#}", case.label());
+            }
+        }
+    }
+    if with_peer {
+        let _ = writeln!(out, "details of the Node-RED runs:");
+        for (case, r) in results {
+            match &r.peer {
+                Some(Ok(p)) => {
+                    let _ = writeln!(
+                        out,
+                        "  {:<14} last row after {:.2} s{}, publishing took {:.2} s; CPU node-red {:.2} s, \
+                         mosquitto {:.2} s; peak RSS {} MiB; {} warnings/errors logged",
+                        case.label(),
+                        p.committed.seconds,
+                        match p.finish {
+                            Finish::All => "",
+                            Finish::Stalled => " (then stalled)",
+                            Finish::TimeLimit => " (cut at the time limit)",
+                        },
+                        p.publish_seconds,
+                        p.peer_cpu,
+                        p.broker_cpu,
+                        p.peak_rss_kib / 1024,
+                        p.log_problems.len(),
+                    );
+                    for line in p.log_problems.iter().take(3) {
+                        let _ = writeln!(out, "      {line:.200}");
+                    }
+                }
+                Some(Err(e)) => {
+                    let _ = writeln!(out, "  {:<14} failed: {e:#}", case.label());
+                }
+                None => {}
             }
         }
     }
@@ -1019,6 +1216,79 @@ impl RowCounter {
     }
 }
 
+/// Publishes probe readings until one is stored: proves that messages flow end to end (a
+/// QoS 0 message published before the subscription is in place would be lost). Returns the
+/// row count and max(seq) once late probes have landed; the burst is counted on top of them.
+async fn probe_until_stored(
+    rows: &mut RowCounter,
+    port: u16,
+    case: &Case,
+    limit: Duration,
+    who: &str,
+) -> anyhow::Result<(u64, i64)> {
+    let (probe, mut probe_loop) =
+        connect(&format!("bench-probe-{}", case.tag()), port, true).await?;
+    let probe_poller = tokio::spawn(async move { while probe_loop.poll().await.is_ok() {} });
+    let probe_deadline = Instant::now() + limit.min(Duration::from_secs(15));
+    while rows.count().await? == 0 {
+        if Instant::now() > probe_deadline {
+            probe_poller.abort();
+            bail!("a probe reading never reached SQLite: is {who} subscribed?");
+        }
+        probe
+            .publish(
+                "devices/bench-probe/telemetry",
+                case.qos,
+                false,
+                payload(0, 50),
+            )
+            .await
+            .context("publishing a probe")?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = probe.try_disconnect();
+    let _ = timeout(Duration::from_secs(2), probe_poller).await;
+    // Let late probes land before the baseline is taken.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok((rows.count().await?, rows.max_seq().await?))
+}
+
+/// Polls the cheap max(seq) until it reaches `target`; seqs are assigned consecutively by the
+/// single writer, so that is the moment the last row was committed. Gives up after
+/// IDLE_LIMIT without a new row, or at `limit`. Returns when the last new row was seen and
+/// why the wait ended; the caller's count(*) decides whether every row is there.
+async fn wait_for_rows(
+    rows: &mut RowCounter,
+    target: i64,
+    limit: Duration,
+    who: &str,
+) -> anyhow::Result<(Instant, Finish)> {
+    let start = Instant::now();
+    let idle = IDLE_LIMIT.min(limit);
+    let mut seen = rows.max_seq().await?;
+    let mut progress_at = Instant::now();
+    loop {
+        let seq = rows.max_seq().await?;
+        let now = Instant::now();
+        if seq > seen {
+            seen = seq;
+            progress_at = now;
+        }
+        if seq >= target {
+            return Ok((now, Finish::All));
+        }
+        if now.duration_since(progress_at) > idle {
+            eprintln!("  {who}: no new rows for {idle:?}, stopped waiting");
+            return Ok((progress_at, Finish::Stalled));
+        }
+        if now >= start + limit {
+            eprintln!("  {who}: still committing at the {limit:?} cap, stopped waiting");
+            return Ok((progress_at, Finish::TimeLimit));
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
 /// Runs telebridge, publishes one burst, and measures the rate at which rows are committed.
 async fn daemon_burst(
     bin: &Path,
@@ -1054,35 +1324,9 @@ async fn measure_daemon(
     clock_ticks: f64,
 ) -> anyhow::Result<DaemonRun> {
     let mut rows = RowCounter::open(&daemon.db).await?;
-    // /readyz only says the connection is up; the subscription may still be on its way, and
-    // QoS 0 messages published before it would be lost. A probe reading proves that
-    // messages flow end to end; the burst is then counted on top of it.
-    let (probe, mut probe_loop) =
-        connect(&format!("bench-probe-{}", case.tag()), broker.port, true).await?;
-    let probe_poller = tokio::spawn(async move { while probe_loop.poll().await.is_ok() {} });
-    let probe_deadline = Instant::now() + limit.min(Duration::from_secs(15));
-    while rows.count().await? == 0 {
-        if Instant::now() > probe_deadline {
-            probe_poller.abort();
-            bail!("a probe reading never reached SQLite: is telebridge subscribed?");
-        }
-        probe
-            .publish(
-                "devices/bench-probe/telemetry",
-                case.qos,
-                false,
-                payload(0, 50),
-            )
-            .await
-            .context("publishing a probe")?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = probe.try_disconnect();
-    let _ = timeout(Duration::from_secs(2), probe_poller).await;
-    // Let late probes land before the baseline is taken.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let base_count = rows.count().await?;
-    let base_seq = rows.max_seq().await?;
+    // /readyz only says the connection is up; the subscription may still be on its way.
+    let (base_count, base_seq) =
+        probe_until_stored(&mut rows, broker.port, case, limit, "telebridge").await?;
 
     let n = case.messages;
     let cpu_daemon_0 = cpu_seconds(daemon.pid(), clock_ticks);
@@ -1093,36 +1337,8 @@ async fn measure_daemon(
         format!("bench-pub-tb-{}", case.tag()),
         limit,
     ));
-
-    // Poll the cheap max(seq) until it covers the burst; seqs are assigned consecutively by
-    // the single writer, so this is the moment the last row was committed. The count(*)
-    // afterwards is what decides whether every row is there.
-    let start = Instant::now();
-    let target = base_seq + n as i64;
-    let mut seen = base_seq;
-    let mut progress_at = Instant::now();
-    let mut done_at = None;
-    while Instant::now() < start + limit {
-        let seq = rows.max_seq().await?;
-        let now = Instant::now();
-        if seq > seen {
-            seen = seq;
-            progress_at = now;
-        }
-        if seq >= target {
-            done_at = Some(now);
-            break;
-        }
-        if now.duration_since(progress_at) > IDLE_LIMIT.min(limit) {
-            eprintln!(
-                "  telebridge: no new rows for {:?}, stopped waiting",
-                IDLE_LIMIT.min(limit)
-            );
-            break;
-        }
-        tokio::time::sleep(POLL_EVERY).await;
-    }
-    let last_row_at = done_at.unwrap_or(progress_at);
+    let (last_row_at, _) =
+        wait_for_rows(&mut rows, base_seq + n as i64, limit, "telebridge").await?;
     let published = publisher
         .await
         .context("the publisher task panicked")?
@@ -1148,5 +1364,403 @@ async fn measure_daemon(
         batches: metric(&metrics, "telebridge_store_batches_total").unwrap_or(0.0) as u64,
         commit_seconds: metric(&metrics, "telebridge_store_commit_seconds_total").unwrap_or(0.0),
         clean_exit: false,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The Node-RED peer
+// ---------------------------------------------------------------------------------------
+
+/// The Node-RED installation in benches/nodered and the versions it runs.
+struct NodeRedSetup {
+    dir: PathBuf,
+    node: String,
+    node_red: String,
+    sqlite_node: String,
+    sqlite3: String,
+    sqlite: String,
+    /// How long `npm ci` took, if this run installed the modules.
+    installed_in: Option<Duration>,
+}
+
+impl NodeRedSetup {
+    /// Checks that Node.js runs and the pinned modules load; installs them with `npm ci` if
+    /// they are missing or do not load.
+    fn prepare() -> anyhow::Result<NodeRedSetup> {
+        let dir = PathBuf::from(NODERED_DIR);
+        for file in ["package.json", "package-lock.json", "flows.json"] {
+            if !dir.join(file).is_file() {
+                bail!("{} is missing", dir.join(file).display());
+            }
+        }
+        let node = Command::new("node")
+            .arg("--version")
+            .output()
+            .context("running `node --version`: is Node.js (>= 18.5) installed?")?;
+        if !node.status.success() {
+            bail!("`node --version` failed ({})", node.status);
+        }
+        let node = String::from_utf8_lossy(&node.stdout).trim().to_owned();
+
+        let mut installed_in = None;
+        if let Err(why) = Self::versions(&dir) {
+            eprintln!(
+                "Node-RED peer: its modules are not usable in {}/node_modules ({why:#}).\n\
+                 Installing the versions pinned in benches/nodered/package-lock.json with \
+                 `npm ci --prefix benches/nodered`; this compiles SQLite for node-sqlite3 and \
+                 takes minutes (up to {} min allowed). `--no-peer` skips Node-RED.",
+                dir.display(),
+                NPM_CI_LIMIT.as_secs() / 60
+            );
+            let started = Instant::now();
+            let mut npm = Command::new("npm");
+            npm.arg("ci")
+                .arg("--prefix")
+                .arg(&dir)
+                .args(["--no-audit", "--no-fund"])
+                .current_dir(&dir)
+                .stdin(Stdio::null())
+                // npm's output goes to stderr, beside the bench's progress lines.
+                .stdout(std::io::stderr())
+                .stderr(std::io::stderr());
+            let status = run_bounded(&mut npm, NPM_CI_LIMIT).context("npm ci")?;
+            if !status.success() {
+                bail!(
+                    "`npm ci --prefix {}` failed ({status}); see its output above",
+                    dir.display()
+                );
+            }
+            let took = started.elapsed();
+            eprintln!("Node-RED peer: npm ci took {:.0} s", took.as_secs_f64());
+            installed_in = Some(took);
+        }
+        let v = Self::versions(&dir).context("the modules npm ci installed do not load")?;
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_owned();
+        Ok(NodeRedSetup {
+            node_red: field("nodeRed"),
+            sqlite_node: field("sqliteNode"),
+            sqlite3: field("sqlite3"),
+            sqlite: field("sqlite"),
+            dir,
+            node,
+            installed_in,
+        })
+    }
+
+    /// Loads sqlite3 (the compiled addon) and reads the module versions, in a child node.
+    fn versions(dir: &Path) -> anyhow::Result<serde_json::Value> {
+        if !dir.join("node_modules/node-red/red.js").is_file() {
+            bail!("node_modules/node-red/red.js is missing");
+        }
+        let script = "const s = require('sqlite3'); console.log(JSON.stringify({ \
+                      nodeRed: require('node-red/package.json').version, \
+                      sqliteNode: require('node-red-node-sqlite/package.json').version, \
+                      sqlite3: require('sqlite3/package.json').version, sqlite: s.VERSION }))";
+        let out_path = tempfile::NamedTempFile::new().context("creating a temp file")?;
+        let mut cmd = Command::new("node");
+        cmd.arg("-e")
+            .arg(script)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(out_path.reopen().context("reopening the temp file")?)
+            .stderr(out_path.reopen().context("reopening the temp file")?);
+        let status = run_bounded(&mut cmd, Duration::from_secs(60))?;
+        let out = std::fs::read_to_string(out_path.path()).unwrap_or_default();
+        if !status.success() {
+            bail!(
+                "loading sqlite3 and node-red failed ({status}): {}",
+                out.lines().take(3).collect::<Vec<_>>().join(" / ")
+            );
+        }
+        serde_json::from_str(out.trim()).with_context(|| format!("unreadable versions {out:?}"))
+    }
+}
+
+/// Runs a command in a process group of its own; past `limit`, kills that group (the
+/// command and whatever it started) by its id.
+fn run_bounded(cmd: &mut Command, limit: Duration) -> anyhow::Result<ExitStatus> {
+    let mut child = cmd
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+            bail!(
+                "{:?} did not finish within {limit:?}; killed it",
+                cmd.get_program()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running Node-RED (one node process) with its own userDir, settings and database in a
+/// temp dir; stopped by its pid on drop.
+struct NodeRed {
+    child: Child,
+    port: u16,
+    db: PathBuf,
+    log: PathBuf,
+    /// Holds the userDir, the database and the log.
+    _dir: TempDir,
+}
+
+impl NodeRed {
+    fn start(setup: &NodeRedSetup, broker_port: u16, qos: u8) -> anyhow::Result<NodeRed> {
+        let dir = tempfile::tempdir().context("creating a temp dir for Node-RED")?;
+        let user_dir = dir.path().join("userdir");
+        std::fs::create_dir(&user_dir).context("creating the Node-RED userDir")?;
+        // A copy, so that Node-RED never writes next to the flow in the repository.
+        let flows = user_dir.join("flows.json");
+        std::fs::copy(setup.dir.join("flows.json"), &flows).context("copying flows.json")?;
+        let db = dir.path().join("nodered.db");
+        let log = dir.path().join("node-red.log");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("finding a free loopback port")?
+            .port();
+        let js = |p: &Path| serde_json::Value::String(p.display().to_string()).to_string();
+        // Headless: no editor, no palette manager, no update check, nothing fetched.
+        let settings = format!(
+            "module.exports = {{\n\
+             \x20   uiHost: \"127.0.0.1\",\n\
+             \x20   uiPort: {port},\n\
+             \x20   flowFile: {flows},\n\
+             \x20   credentialSecret: false,\n\
+             \x20   disableEditor: true,\n\
+             \x20   diagnostics: {{ enabled: false, ui: false }},\n\
+             \x20   runtimeState: {{ enabled: false, ui: false }},\n\
+             \x20   telemetry: {{ enabled: false, updateNotification: false }},\n\
+             \x20   externalModules: {{ autoInstall: false, palette: {{ allowInstall: false, allowUpdate: false, allowUpload: false }}, modules: {{ allowInstall: false }} }},\n\
+             \x20   functionExternalModules: false,\n\
+             \x20   mqttReconnectTime: 1000,\n\
+             \x20   logging: {{ console: {{ level: \"warn\", metrics: false, audit: false }} }},\n\
+             }};\n",
+            flows = js(&flows),
+        );
+        let settings_path = user_dir.join("settings.js");
+        std::fs::write(&settings_path, settings).context("writing Node-RED's settings.js")?;
+        let log_file = std::fs::File::create(&log).context("creating the Node-RED log")?;
+        let log_err = log_file
+            .try_clone()
+            .context("duplicating the log file handle")?;
+        let child = Command::new("node")
+            .arg(setup.dir.join("node_modules/node-red/red.js"))
+            .arg("--userDir")
+            .arg(&user_dir)
+            .arg("--settings")
+            .arg(&settings_path)
+            .env("NR_BENCH_MQTT_PORT", broker_port.to_string())
+            .env("NR_BENCH_QOS", qos.to_string())
+            .env("NR_BENCH_DB", &db)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err)
+            .spawn()
+            .context("starting node node_modules/node-red/red.js")?;
+        Ok(NodeRed {
+            child,
+            port,
+            db,
+            log,
+            _dir: dir,
+        })
+    }
+
+    /// Waits until the HTTP port answers, the flow created the readings table and the
+    /// WebSocket listener accepts a handshake. The MQTT subscription is proven afterwards by
+    /// probe readings.
+    async fn wait_ready(&mut self, limit: Duration) -> anyhow::Result<RowCounter> {
+        let deadline = Instant::now() + limit;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let mut last = String::from("nothing tried yet");
+        let rows = loop {
+            if let Some(status) = self.child.try_wait().context("checking on Node-RED")? {
+                bail!(
+                    "Node-RED exited before it was ready ({status}); its log ends:\n{}",
+                    self.log_tail(20)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "Node-RED was not ready within {limit:?} (last: {last}); its log ends:\n{}",
+                    self.log_tail(20)
+                );
+            }
+            if let Err(e) = http_get(addr, "/") {
+                last = format!("HTTP on {addr}: {e}");
+            } else if !self.db.is_file() {
+                last = format!("{} not created yet", self.db.display());
+            } else {
+                match RowCounter::open(&self.db).await {
+                    Ok(mut rows) => match rows.count().await {
+                        Ok(_) => break rows,
+                        Err(e) => last = format!("{e:#}"),
+                    },
+                    Err(e) => last = format!("{e:#}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let url = format!("ws://127.0.0.1:{}{NODERED_WS_PATH}", self.port);
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        match timeout(left, tokio_tungstenite::connect_async(url.as_str())).await {
+            Ok(Ok((mut ws, _))) => {
+                let _ = timeout(Duration::from_secs(2), ws.close(None)).await;
+            }
+            Ok(Err(e)) => bail!("the websocket out listener {url} refused a handshake: {e}"),
+            Err(_) => bail!("no WebSocket handshake from {url} within {left:?}"),
+        }
+        Ok(rows)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident memory so far (VmHWM), in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Warning and error lines of the log (the settings log only those).
+    fn log_problems(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            // Known and harmless with the generated settings: the flow has no credentials,
+            // and projects are an editor feature.
+            .filter(|l| {
+                !l.contains("Using unencrypted credentials") && !l.contains("Projects disabled")
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// SIGTERM (Node-RED closes its flows and the database), then SIGKILL after `limit`.
+    fn stop(&mut self, limit: Duration) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("  Node-RED did not exit within {limit:?} of SIGTERM; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeRed {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs Node-RED with flows.json, publishes one burst, and measures the rate at which rows
+/// are committed to its SQLite database.
+async fn peer_burst(
+    setup: &NodeRedSetup,
+    broker: &Mosquitto,
+    case: &Case,
+    limit: Duration,
+    clock_ticks: f64,
+) -> anyhow::Result<PeerRun> {
+    let mut nr = NodeRed::start(setup, broker.port, case.qos_number())?;
+    let run = measure_peer(&mut nr, broker, case, limit, clock_ticks).await;
+    nr.stop(Duration::from_secs(10));
+    let mut run = run?;
+    run.log_problems = nr.log_problems();
+    for line in run.log_problems.iter().take(5) {
+        eprintln!("  Node-RED log: {line:.300}");
+    }
+    Ok(run)
+}
+
+async fn measure_peer(
+    nr: &mut NodeRed,
+    broker: &Mosquitto,
+    case: &Case,
+    limit: Duration,
+    clock_ticks: f64,
+) -> anyhow::Result<PeerRun> {
+    let started = Instant::now();
+    let mut rows = nr.wait_ready(limit).await?;
+    let (base_count, base_seq) =
+        probe_until_stored(&mut rows, broker.port, case, limit, "Node-RED").await?;
+    eprintln!(
+        "  Node-RED ready after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let n = case.messages;
+    let cpu_peer_0 = cpu_seconds(nr.pid(), clock_ticks);
+    let cpu_broker_0 = cpu_seconds(broker.pid(), clock_ticks);
+    let publisher = tokio::spawn(publish_burst(
+        broker.port,
+        *case,
+        format!("bench-pub-nr-{}", case.tag()),
+        limit,
+    ));
+    let (last_row_at, finish) =
+        wait_for_rows(&mut rows, base_seq + n as i64, limit, "Node-RED").await?;
+    let published = publisher
+        .await
+        .context("the publisher task panicked")?
+        .context("publisher")?;
+    let peer_cpu = cpu_seconds(nr.pid(), clock_ticks) - cpu_peer_0;
+    let broker_cpu = cpu_seconds(broker.pid(), clock_ticks) - cpu_broker_0;
+    let peak_rss_kib = nr.peak_rss_kib();
+    let committed = rows.count().await?.saturating_sub(base_count);
+    let seconds = last_row_at
+        .saturating_duration_since(published.started)
+        .as_secs_f64();
+    Ok(PeerRun {
+        committed: Burst {
+            count: committed,
+            seconds,
+        },
+        finish,
+        publish_seconds: published.seconds,
+        peer_cpu,
+        broker_cpu,
+        peak_rss_kib,
+        log_problems: Vec::new(),
     })
 }
