@@ -1,0 +1,1099 @@
+//! Command round-trip benchmark: WebSocket → daemon → broker → device → broker → daemon →
+//! WebSocket, on loopback.
+//!
+//! ```text
+//! cargo bench --bench commands [-- --commands 10000 --concurrency 1]
+//! ```
+//!
+//! It starts a private Mosquitto and the release daemon (`target/release/telebridge`), a fake
+//! device (a rumqttc client with TCP_NODELAY on `devices/bench-dev/commands` that answers
+//! every command at once on `devices/bench-dev/commands/ack` with `{"id":..,"ok":true}`) and
+//! one WebSocket client (TCP_NODELAY) that sends `{"type":"command","device":"bench-dev",
+//! "name":"ping","ref":N}` and times each command from the send to the `ack` with the same
+//! id (the `accepted` reply maps the id to the ref). 200 warm-up commands, then
+//! `--commands` measured ones, `--concurrency` in flight (1: strictly sequential). Every wait
+//! is bounded; everything started is stopped by Drop guards (children by their pid).
+
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, anyhow, bail};
+use futures_util::{SinkExt as _, StreamExt as _};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, NetworkOptions, Packet, QoS};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{WebSocketStream, client_async};
+use tokio_util::sync::CancellationToken;
+
+const USAGE: &str = "usage: cargo bench --bench commands [-- OPTIONS]
+
+  --commands N      measured commands (default 10000)
+  --concurrency N   commands in flight at once on the one WebSocket (default 1: sequential)
+  --warmup N        warm-up commands, not measured (default 200)
+  --seconds N       cap on the whole measured run (default 300)
+  --no-announce     the device does not publish its retained `online` first (the daemon
+                    then knows it only from its answers)
+  --daemon PATH     the telebridge binary to run (default: the release build)";
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+const DEVICE: &str = "bench-dev";
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longer than the daemon's `[commands] timeout` (30 s), which answers `timeout` itself.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(35);
+/// Target from PRODUCT.md.
+const TARGET_P99_MS: f64 = 10.0;
+
+type Ws = WebSocketStream<TcpStream>;
+
+fn main() -> ExitCode {
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.help {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // On Ctrl-C the benchmark future is dropped, and with it every guard (daemon, broker).
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = run(&args) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Args {
+    help: bool,
+    commands: u64,
+    concurrency: u64,
+    warmup: u64,
+    seconds: u64,
+    announce: bool,
+    daemon: Option<PathBuf>,
+}
+
+impl Args {
+    fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
+        let mut out = Args {
+            help: false,
+            commands: 10_000,
+            concurrency: 1,
+            warmup: 200,
+            seconds: 300,
+            announce: true,
+            daemon: None,
+        };
+        fn number(name: &str, value: Option<String>, min: u64, max: u64) -> anyhow::Result<u64> {
+            let value = value.ok_or_else(|| anyhow!("{name} needs a value"))?;
+            match value.trim().parse::<u64>() {
+                Ok(n) if (min..=max).contains(&n) => Ok(n),
+                _ => bail!("{name} {value:?}: expected a whole number from {min} to {max}"),
+            }
+        }
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                // `cargo bench` passes --bench to harness = false targets.
+                "--bench" => {}
+                "-h" | "--help" => out.help = true,
+                "--commands" => out.commands = number("--commands", args.next(), 1, 10_000_000)?,
+                "--concurrency" => {
+                    out.concurrency = number("--concurrency", args.next(), 1, 1000)?;
+                }
+                "--warmup" => out.warmup = number("--warmup", args.next(), 0, 1_000_000)?,
+                "--seconds" => out.seconds = number("--seconds", args.next(), 1, 3600)?,
+                "--daemon" => {
+                    out.daemon = Some(PathBuf::from(
+                        args.next()
+                            .ok_or_else(|| anyhow!("--daemon needs a path"))?,
+                    ));
+                }
+                "--no-announce" => out.announce = false,
+                other => bail!("unknown argument {other:?}"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+async fn run(args: &Args) -> anyhow::Result<()> {
+    let bin = match &args.daemon {
+        Some(p) if p.exists() => p.clone(),
+        Some(p) => bail!("--daemon {}: no such file", p.display()),
+        None => daemon_binary()?,
+    };
+    let broker = Mosquitto::start()?;
+    let machine = Machine::read();
+    println!("# telebridge command round-trip benchmark (WebSocket -> device -> WebSocket)");
+    println!("machine:    {}", machine.describe());
+    println!("daemon:     {} (built {})", bin.display(), modified(&bin));
+    println!(
+        "            [broker] mode=external, [commands] rate_limit=100000, [http] max_sse_clients=20000 \
+         max_streams_per_ip=20000 sse_buffer=262144, [log] level=warn, other keys default"
+    );
+    println!(
+        "broker:     {} on 127.0.0.1:{}",
+        broker.version, broker.port
+    );
+    println!("            {}", broker.settings.replace('\n', "; "));
+    println!(
+        "device:     rumqttc, TCP_NODELAY, subscribed to devices/{DEVICE}/commands (QoS 1), answers \
+         each at once on devices/{DEVICE}/commands/ack (QoS 1) with {{\"id\":..,\"ok\":true}}; {}",
+        if args.announce {
+            "announced `online` (retained) first"
+        } else {
+            "never announced online (--no-announce)"
+        }
+    );
+    println!(
+        "client:     one WebSocket (tokio-tungstenite, TCP_NODELAY); {} warm-up + {} measured \
+         commands, {} in flight; latency = send of the command frame -> receipt of its `ack`",
+        args.warmup, args.commands, args.concurrency
+    );
+    println!(
+        "everything shares this machine's cores; load average at start {}",
+        load_average()
+    );
+    println!();
+
+    let daemon = Daemon::start(
+        &bin,
+        broker.port,
+        &format!("commands-{}", std::process::id()),
+    )
+    .await?;
+    let device = FakeDevice::start(broker.port, DEVICE, args.announce).await?;
+    if args.announce {
+        wait_online(&daemon, DEVICE).await?;
+    }
+    let mut ws = connect_ws(daemon.addr).await?;
+
+    if args.warmup > 0 {
+        eprintln!("-- warm-up: {} commands", args.warmup);
+        let deadline = Instant::now() + Duration::from_secs(args.seconds);
+        let w = drive(&mut ws, 0, args.warmup, args.concurrency, deadline).await?;
+        if w.done < args.warmup {
+            bail!(
+                "warm-up: only {} of {} commands finished: {}",
+                w.done,
+                args.warmup,
+                w.first_problem.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    eprintln!("-- measuring: {} commands", args.commands);
+    let pids = [daemon.pid(), broker.pid(), std::process::id()];
+    let cpu0 = cpu_snapshot(pids);
+    let t0 = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let mut r = drive(
+        &mut ws,
+        args.warmup,
+        args.commands,
+        args.concurrency,
+        deadline,
+    )
+    .await?;
+    let wall = t0.elapsed().as_secs_f64().max(1e-6);
+    let cpu1 = cpu_snapshot(pids);
+    let cpu_pct = |i: usize| 100.0 * (cpu1[i] - cpu0[i]) / wall;
+    let other_cpu = (cpu_pct(3) - cpu_pct(0) - cpu_pct(1) - cpu_pct(2)).max(0.0);
+    let _ = ws.close(None).await;
+    let metrics = daemon.metrics().await.unwrap_or_default();
+    let answered = device.answered.load(Ordering::Relaxed);
+    device.stop().await;
+
+    r.latency_us.sort_unstable();
+    r.accepted_us.sort_unstable();
+    r.server_rtt_ms.sort_unstable_by(f64::total_cmp);
+    let ms = |v: &[u32], p: f64| percentile(v, p).map(|us| us as f64 / 1000.0);
+    let p99 = ms(&r.latency_us, 0.99);
+
+    println!(
+        "## round trip: {} commands, concurrency {}",
+        args.commands, args.concurrency
+    );
+    println!();
+    println!(
+        "| commands | acked ok | errors | timeouts | queued | wall s | commands/s | p50 ms | p90 ms | p99 ms | max ms | send->accepted p50 / p99 ms | server rtt_ms p50 / p99 | daemon CPU % | broker CPU % | bench CPU % | other processes CPU % | p99 < 10 ms |"
+    );
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|");
+    println!(
+        "| {} | {} | {} | {} | {} | {:.2} | {:.0} | {} | {} | {} | {} | {} / {} | {} / {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+        args.commands,
+        r.ok,
+        r.errors,
+        r.timeouts,
+        r.queued,
+        wall,
+        r.done as f64 / wall,
+        fmt_ms(ms(&r.latency_us, 0.50)),
+        fmt_ms(ms(&r.latency_us, 0.90)),
+        fmt_ms(p99),
+        fmt_ms(r.latency_us.last().map(|&us| us as f64 / 1000.0)),
+        fmt_ms(ms(&r.accepted_us, 0.50)),
+        fmt_ms(ms(&r.accepted_us, 0.99)),
+        fmt_ms(percentile_f(&r.server_rtt_ms, 0.50)),
+        fmt_ms(percentile_f(&r.server_rtt_ms, 0.99)),
+        cpu_pct(0),
+        cpu_pct(1),
+        cpu_pct(2),
+        other_cpu,
+        if p99.is_some_and(|p| p < TARGET_P99_MS) && r.ok == args.commands {
+            "yes"
+        } else {
+            "NO"
+        },
+    );
+    println!();
+    println!(
+        "CPU % is of one core over the measured run (100% = one core busy; the machine has {}); \
+         \"other processes\" is the machine's busy time minus daemon, broker and bench.",
+        machine.nproc
+    );
+    println!(
+        "server rtt_ms: the daemon's own measure, from handing the command to its MQTT client to \
+         the commit of the device's answer (the `ack` frame's rtt_ms)."
+    );
+    println!(
+        "daemon counters: commands_accepted_total {}, finished acked {}, command_errors_total {}; \
+         device answered {answered} commands in all (warm-up included)",
+        metric(&metrics, "telebridge_commands_accepted_total").unwrap_or(-1.0),
+        labelled(&metrics, "telebridge_commands_finished_total", "acked").unwrap_or(-1.0),
+        metric(&metrics, "telebridge_command_errors_total").unwrap_or(-1.0),
+    );
+    if let Some(p) = &r.first_problem {
+        println!("first problem: {p}");
+    }
+    if r.done < args.commands {
+        println!(
+            "note: only {} of {} commands finished within --seconds {}",
+            r.done, args.commands, args.seconds
+        );
+    }
+    println!();
+    println!("## target (PRODUCT.md)");
+    println!(
+        "- commands: round trip p99 {} (target < {TARGET_P99_MS} ms on loopback), {} of {} acked => {}",
+        fmt_ms(p99),
+        r.ok,
+        args.commands,
+        if p99.is_some_and(|p| p < TARGET_P99_MS) && r.ok == args.commands {
+            "MET"
+        } else {
+            "NOT MET"
+        }
+    );
+    drop(daemon);
+    drop(broker);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The WebSocket client
+// ---------------------------------------------------------------------------------------
+
+async fn connect_ws(addr: SocketAddr) -> anyhow::Result<Ws> {
+    let stream = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .context("connecting to the daemon timed out")?
+        .context("connecting to the daemon")?;
+    stream.set_nodelay(true)?;
+    let (ws, resp) = timeout(
+        HANDSHAKE_TIMEOUT,
+        client_async(format!("ws://{addr}/ws"), stream),
+    )
+    .await
+    .context("WebSocket handshake timed out")?
+    .context("WebSocket handshake")?;
+    if resp.status().as_u16() != 101 {
+        bail!("GET /ws answered {}", resp.status());
+    }
+    Ok(ws)
+}
+
+#[derive(Default)]
+struct Driven {
+    /// Commands that got their final answer (ack, error, timeout or expiry).
+    done: u64,
+    ok: u64,
+    errors: u64,
+    timeouts: u64,
+    /// `accepted` with a status other than `sent`.
+    queued: u64,
+    latency_us: Vec<u32>,
+    accepted_us: Vec<u32>,
+    server_rtt_ms: Vec<f64>,
+    first_problem: Option<String>,
+}
+
+/// Sends `count` commands with refs from `first_ref`, keeping `concurrency` in flight, and
+/// times each from its send to its `ack`. Stops at `deadline` with what it has.
+async fn drive(
+    ws: &mut Ws,
+    first_ref: u64,
+    count: u64,
+    concurrency: u64,
+    deadline: Instant,
+) -> anyhow::Result<Driven> {
+    let mut out = Driven {
+        latency_us: Vec::with_capacity(count as usize),
+        accepted_us: Vec::with_capacity(count as usize),
+        server_rtt_ms: Vec::with_capacity(count as usize),
+        ..Driven::default()
+    };
+    // ref -> send time; id -> ref.
+    let mut sent: HashMap<u64, Instant> = HashMap::new();
+    let mut ids: HashMap<String, u64> = HashMap::new();
+    let mut next = 0u64;
+    while next < count && next < concurrency {
+        send_command(ws, first_ref + next, &mut sent).await?;
+        next += 1;
+    }
+    while out.done < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let frame = match timeout(left.min(REPLY_TIMEOUT), ws.next()).await {
+            Err(_) if left <= REPLY_TIMEOUT => break,
+            Err(_) => bail!(
+                "no WebSocket message for {REPLY_TIMEOUT:?} with {} command(s) in flight",
+                sent.len()
+            ),
+            Ok(None) => bail!("the daemon closed the WebSocket"),
+            Ok(Some(Err(e))) => bail!("WebSocket: {e}"),
+            Ok(Some(Ok(f))) => f,
+        };
+        let received = Instant::now();
+        let text = match &frame {
+            Message::Text(t) => t.as_str(),
+            Message::Close(c) => bail!("the daemon closed the WebSocket: {c:?}"),
+            _ => continue,
+        };
+        let v: Value = serde_json::from_str(text)
+            .with_context(|| format!("the daemon sent a frame that is not JSON: {text:?}"))?;
+        let finished = match v["type"].as_str() {
+            Some("accepted") => {
+                let reference = v["ref"].as_u64();
+                let id = v["id"].as_str().unwrap_or_default().to_owned();
+                if let Some(at) = reference.and_then(|r| sent.get(&r)) {
+                    out.accepted_us.push(
+                        received
+                            .duration_since(*at)
+                            .as_micros()
+                            .min(u32::MAX as u128) as u32,
+                    );
+                }
+                if v["status"].as_str() != Some("sent") {
+                    out.queued += 1;
+                    out.first_problem
+                        .get_or_insert_with(|| format!("accepted but not sent: {text}"));
+                }
+                if let Some(r) = reference {
+                    ids.insert(id, r);
+                }
+                None
+            }
+            Some("ack") => {
+                let id = v["id"].as_str().unwrap_or_default();
+                let Some(r) = ids.remove(id) else {
+                    out.first_problem
+                        .get_or_insert_with(|| format!("ack for an unknown id: {text}"));
+                    continue;
+                };
+                if let Some(at) = sent.remove(&r) {
+                    out.latency_us.push(
+                        received
+                            .duration_since(at)
+                            .as_micros()
+                            .min(u32::MAX as u128) as u32,
+                    );
+                }
+                if let Some(rtt) = v["rtt_ms"].as_f64() {
+                    out.server_rtt_ms.push(rtt);
+                }
+                if v["ok"].as_bool() == Some(true) {
+                    out.ok += 1;
+                } else {
+                    out.errors += 1;
+                    out.first_problem
+                        .get_or_insert_with(|| format!("device answered not ok: {text}"));
+                }
+                Some(r)
+            }
+            Some("timeout") | Some("expired") => {
+                out.timeouts += 1;
+                out.first_problem.get_or_insert_with(|| text.to_owned());
+                let id = v["id"].as_str().unwrap_or_default();
+                let r = ids.remove(id);
+                if let Some(r) = r {
+                    sent.remove(&r);
+                }
+                Some(r.unwrap_or(u64::MAX))
+            }
+            Some("error") => {
+                out.errors += 1;
+                out.first_problem.get_or_insert_with(|| text.to_owned());
+                let r = v["ref"].as_u64();
+                if let Some(r) = r {
+                    sent.remove(&r);
+                }
+                Some(r.unwrap_or(u64::MAX))
+            }
+            _ => {
+                out.first_problem
+                    .get_or_insert_with(|| format!("unexpected frame: {text}"));
+                None
+            }
+        };
+        if finished.is_some() {
+            out.done += 1;
+            if next < count {
+                send_command(ws, first_ref + next, &mut sent).await?;
+                next += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn send_command(
+    ws: &mut Ws,
+    reference: u64,
+    sent: &mut HashMap<u64, Instant>,
+) -> anyhow::Result<()> {
+    let text =
+        format!(r#"{{"type":"command","device":"{DEVICE}","name":"ping","ref":{reference}}}"#);
+    sent.insert(reference, Instant::now());
+    timeout(HANDSHAKE_TIMEOUT, ws.send(Message::text(text)))
+        .await
+        .context("sending a command timed out")?
+        .context("sending a command")?;
+    Ok(())
+}
+
+/// Waits until the daemon lists the device as online (its retained `online` was committed).
+async fn wait_online(daemon: &Daemon, device: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(text) = get_text(&daemon.http, daemon.addr, "/api/devices").await {
+            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let online = v["devices"].as_array().is_some_and(|d| {
+                d.iter()
+                    .any(|d| d["id"] == device && d["online"].as_bool() == Some(true))
+            });
+            if online {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the daemon does not list {device} as online after 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The fake device
+// ---------------------------------------------------------------------------------------
+
+struct FakeDevice {
+    answered: Arc<AtomicU64>,
+    stop: CancellationToken,
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeDevice {
+    async fn start(port: u16, device: &str, announce: bool) -> anyhow::Result<FakeDevice> {
+        let commands = format!("devices/{device}/commands");
+        let acks = format!("devices/{device}/commands/ack");
+        let status = format!("devices/{device}/status");
+        let mut opts = MqttOptions::new(
+            format!("{device}-{}", std::process::id()),
+            "127.0.0.1",
+            port,
+        );
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true)
+            .set_inflight(1000)
+            .set_last_will(LastWill::new(&status, "offline", QoS::AtLeastOnce, true));
+        let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+        let mut net = NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
+        match timeout(HANDSHAKE_TIMEOUT, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {}
+            Ok(Ok(other)) => bail!("device: expected a ConnAck, got {other:?}"),
+            Ok(Err(e)) => bail!("device: cannot connect to 127.0.0.1:{port}: {e}"),
+            Err(_) => bail!("device: no ConnAck within {HANDSHAKE_TIMEOUT:?}"),
+        }
+        client
+            .subscribe(&commands, QoS::AtLeastOnce)
+            .await
+            .context("device: subscribing")?;
+        if announce {
+            client
+                .publish(&status, QoS::AtLeastOnce, true, "online")
+                .await
+                .context("device: announcing online")?;
+        }
+        // Until the SubAck and the PubAck of `online`.
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let (mut subscribed, mut announced) = (false, !announce);
+        while !(subscribed && announced) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subscribed = true,
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => announced = true,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => bail!("device: {e}"),
+                Err(_) => bail!("device: no SubAck/PubAck within {HANDSHAKE_TIMEOUT:?}"),
+            }
+        }
+        let answered = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let task = {
+            let answered = answered.clone();
+            let stop = stop.clone();
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut warned = false;
+                loop {
+                    let ev = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        ev = eventloop.poll() => ev,
+                    };
+                    match ev {
+                        Ok(Event::Incoming(Packet::Publish(p))) if p.topic == commands => {
+                            let id = serde_json::from_slice::<Value>(&p.payload)
+                                .ok()
+                                .and_then(|v| v["id"].as_str().map(str::to_owned));
+                            let Some(id) = id else { continue };
+                            let ack = serde_json::json!({"id": id, "ok": true}).to_string();
+                            // From the poll loop itself: never wait on the request channel.
+                            if client
+                                .try_publish(&acks, QoS::AtLeastOnce, false, ack)
+                                .is_ok()
+                            {
+                                answered.fetch_add(1, Ordering::Relaxed);
+                            } else if !warned {
+                                warned = true;
+                                eprintln!("device: could not queue an ack");
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            if !warned && !stop.is_cancelled() {
+                                warned = true;
+                                eprintln!("device connection error: {e}");
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            })
+        };
+        Ok(FakeDevice {
+            answered,
+            stop,
+            client,
+            task,
+        })
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = timeout(Duration::from_secs(2), self.task).await;
+        drop(self.client);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Report helpers
+// ---------------------------------------------------------------------------------------
+
+fn fmt_ms(v: Option<f64>) -> String {
+    match v {
+        Some(ms) if ms < 10.0 => format!("{ms:.2}"),
+        Some(ms) => format!("{ms:.1}"),
+        None => "-".into(),
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[u32], p: f64) -> Option<u32> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn percentile_f(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// The value of a Prometheus sample with one `status` label.
+fn labelled(text: &str, name: &str, status: &str) -> Option<f64> {
+    let prefix = format!("{name}{{status=\"{status}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes: Mosquitto and the daemon, each behind a Drop guard
+// ---------------------------------------------------------------------------------------
+
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    version: String,
+    settings: String,
+    dir: TempDir,
+}
+
+impl Mosquitto {
+    fn start() -> anyhow::Result<Mosquitto> {
+        if !Path::new(MOSQUITTO).exists() {
+            bail!("{MOSQUITTO} is missing: install it with `apt-get install mosquitto`");
+        }
+        let version = Command::new(MOSQUITTO)
+            .arg("-h")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "mosquitto".into());
+        let port = free_port()?;
+        let dir = tempfile::tempdir().context("creating a temp dir for Mosquitto")?;
+        let settings = "allow_anonymous true\n\
+                        max_inflight_messages 0\n\
+                        max_queued_messages 10000000\n\
+                        set_tcp_nodelay true\n\
+                        persistence false"
+            .to_owned();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\n{settings}\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+            ),
+        )?;
+        let log = std::fs::File::create(dir.path().join("mosquitto.log"))?;
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {MOSQUITTO}"))?;
+        let mut broker = Mosquitto {
+            child,
+            port,
+            version,
+            settings,
+            dir,
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = broker.child.try_wait()? {
+                bail!("Mosquitto exited at start-up ({status}): {}", broker.log());
+            }
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(broker);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "Mosquitto does not listen on {addr} after 10 s: {}",
+                    broker.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        // SIGKILL to our own child, by its pid.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    dir: TempDir,
+    http: reqwest::Client,
+}
+
+impl Daemon {
+    async fn start(bin: &Path, mqtt_port: u16, tag: &str) -> anyhow::Result<Daemon> {
+        let dir = tempfile::tempdir().context("creating a temp dir for the daemon")?;
+        let db = dir.path().join("bench.db");
+        let config = dir.path().join("telebridge.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[broker]\nmode = \"external\"\n\n\
+                 [mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt_port}\"\nclient_id = \"telebridge-bench-{tag}\"\n\n\
+                 [http]\nlisten = \"127.0.0.1:0\"\nmax_sse_clients = 20000\nmax_streams_per_ip = 20000\nsse_buffer = 262144\n\n\
+                 [storage]\npath = {:?}\n\n\
+                 [commands]\nrate_limit = 100000\n\n\
+                 [log]\nlevel = \"warn\"\n",
+                db.display().to_string()
+            ),
+        )?;
+        let stderr = std::fs::File::create(dir.path().join("daemon.log"))?;
+        let mut child = Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdout = child.stdout.take();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let mut daemon = Daemon {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir,
+            http,
+        };
+        // A thread reads stdout for the address line, then drains it until the daemon exits.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Some(stdout) = stdout {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(rest) = line.strip_prefix("telebridge dashboard: http://") {
+                        let _ = tx.send(rest.trim_end_matches('/').to_owned());
+                    }
+                }
+            });
+        }
+        let addr = match timeout(DAEMON_START_TIMEOUT, rx.recv()).await {
+            Ok(Some(a)) => a,
+            Ok(None) => bail!("the daemon exited at start-up: {}", daemon.log_tail()),
+            Err(_) => bail!(
+                "the daemon printed no address within {DAEMON_START_TIMEOUT:?}: {}",
+                daemon.log_tail()
+            ),
+        };
+        daemon.addr = addr
+            .parse()
+            .with_context(|| format!("the daemon printed address {addr:?}"))?;
+        let deadline = Instant::now() + DAEMON_START_TIMEOUT;
+        loop {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("the daemon exited ({status}): {}", daemon.log_tail());
+            }
+            let ready = daemon
+                .http
+                .get(format!("http://{}/readyz", daemon.addr))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 200);
+            if ready {
+                return Ok(daemon);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "GET /readyz is not 200 after {DAEMON_START_TIMEOUT:?}: {}",
+                    daemon.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    async fn metrics(&self) -> anyhow::Result<String> {
+        get_text(&self.http, self.addr, "/metrics").await
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM by pid (a clean shutdown), SIGKILL if it is still there after 10 s.
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("the daemon (pid {pid}) ignored SIGTERM for 10 s; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------
+
+async fn get_text(http: &reqwest::Client, addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let resp = http
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .with_context(|| format!("GET {path}"))?;
+    Ok(resp.text().await?)
+}
+
+/// The value of one un-labelled Prometheus sample.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// CPU seconds so far of the daemon, the broker and this process, and the busy seconds of
+/// the whole machine (all cores; the difference is what other processes used).
+fn cpu_snapshot(pids: [u32; 3]) -> [f64; 4] {
+    let [a, b, c] = pids.map(cpu_seconds);
+    [a, b, c, machine_busy_seconds()]
+}
+
+/// Busy CPU seconds of all cores together since boot, from the `cpu` line of /proc/stat.
+fn machine_busy_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(line) = stat.lines().next() else {
+        return 0.0;
+    };
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let at = |i: usize| v.get(i).copied().unwrap_or(0.0);
+    (at(0) + at(1) + at(2) + at(5) + at(6) + at(7)) / 100.0
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// User plus system CPU seconds of a process so far (clock ticks of 1/100 s).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command name may hold spaces; utime and stime are fields 14 and 15, the 12th and
+    // 13th after the closing parenthesis.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (tick(11) + tick(12)) / 100.0
+}
+
+fn open_file_limit() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    // There is a small window in which another process could take it; start-up reports it.
+    Ok(TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free loopback port")?
+        .port())
+}
+
+fn tokio_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The release daemon: the one `cargo bench` just built, else target/release/telebridge,
+/// built with `cargo build --release` when missing.
+fn daemon_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_telebridge") {
+        let p = PathBuf::from(p);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let p = root.join("target/release/telebridge");
+    if !p.exists() {
+        eprintln!(
+            "NOTE: {} is missing; building it now with `cargo build --release`",
+            p.display()
+        );
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--bin", "telebridge"])
+            .current_dir(&root)
+            .status()
+            .context("running cargo build --release")?;
+        if !status.success() || !p.exists() {
+            bail!("`cargo build --release` failed ({status}); build the daemon first");
+        }
+    }
+    Ok(p)
+}
+
+fn modified(p: &Path) -> String {
+    std::fs::metadata(p)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or("?".into(), |d| {
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |n| n.as_secs())
+                .saturating_sub(d.as_secs());
+            format!("{} min ago", secs / 60)
+        })
+}
+
+struct Machine {
+    nproc: String,
+    cpu: String,
+    mem: String,
+    kernel: String,
+}
+
+impl Machine {
+    fn read() -> Machine {
+        let nproc = Command::new("nproc")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| tokio_workers().to_string());
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or("unknown".into(), |(_, v)| v.trim().to_owned());
+        let mhz = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("cpu MHz"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned());
+        let cpu = match mhz {
+            Some(m) => format!("{cpu} @ {m} MHz"),
+            None => cpu,
+        };
+        let mem = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .map(|l| l["MemTotal:".len()..].trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        Machine {
+            nproc,
+            cpu,
+            mem,
+            kernel,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "nproc {}, CPU {}, memory {}, Linux {}, open-file limit {}",
+            self.nproc,
+            self.cpu,
+            self.mem,
+            self.kernel,
+            open_file_limit().map_or("?".into(), |n| n.to_string())
+        )
+    }
+}

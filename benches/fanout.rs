@@ -1,0 +1,1760 @@
+//! Fan-out benchmark: delivery latency from an MQTT publish to its receipt on SSE clients,
+//! and the memory of many idle SSE connections.
+//!
+//! ```text
+//! cargo bench --bench fanout [-- --clients 1,100,1000 --rate 1000 --seconds 10 --idle 10000]
+//! ```
+//!
+//! Everything runs on loopback on this machine: a private Mosquitto, the release daemon
+//! (`target/release/telebridge`, a fresh one with a fresh database for every case), a QoS 1
+//! publisher and the SSE load client (this process). Every load loop is bounded in count
+//! and time, and everything started is stopped by Drop guards (children by their pid).
+//!
+//! For every client count the publisher sends `--rate` readings/s (10 ms ticks) for a
+//! 1 s warm-up plus `--seconds`; each reading carries its publish time `"t":<unix ns>`.
+//! Every client counts every `event: reading`; latency (publish → receipt of the `data:`
+//! line) is taken on every event of up to 10 "sample" clients and on every 10th event of the
+//! others, for readings published inside the measured window only.
+//!
+//! The idle test opens `--idle` SSE connections that receive nothing (`type=status`) and
+//! reports the daemon's resident memory before and after.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, anyhow, bail};
+use futures_util::StreamExt as _;
+use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
+use sqlx::Connection as _;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+const USAGE: &str = "usage: cargo bench --bench fanout [-- OPTIONS]
+
+  --clients LIST   SSE client counts, one case each (default 1,100,1000; none: only idle)
+  --rate N         readings published per second (default 1000)
+  --seconds N      measured seconds per case, after a 1 s warm-up (default 10)
+  --warmup N       warm-up seconds (default 1)
+  --idle N         idle SSE connections for the memory test; 0 skips it (default 10000)
+  --lazy-ms N      clients other than the 10 sample clients read every N ms, which keeps
+                   the load client cheap; 0: every client reads at once and samples every
+                   10th event (default 10)
+  --daemon PATH    the telebridge binary to run (default: the release build)";
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+/// Devices the publisher rotates through (`devices/dev-{i % 10}/telemetry`).
+const DEVICES: u64 = 10;
+/// Size of each published payload, bytes.
+const PAYLOAD_BYTES: usize = 100;
+/// Publisher pacing tick.
+const TICK: Duration = Duration::from_millis(10);
+/// Clients whose every event is sampled for latency; the others sample every 10th.
+const SAMPLE_CLIENTS: usize = 10;
+const SAMPLE_EVERY_OTHERS: u64 = 10;
+/// Read buffer of one SSE client (the daemon writes chunks of up to 256 KiB).
+const READ_BUF: usize = 64 * 1024;
+/// Connections being set up at once (the daemon's listen backlog is 1024).
+const CONNECT_PARALLEL: usize = 128;
+/// Bounds on every wait.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(20);
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+const NO_PROGRESS_LIMIT: Duration = Duration::from_secs(5);
+/// Targets from PRODUCT.md.
+const TARGET_P99_MS: f64 = 50.0;
+const TARGET_IDLE_MB: f64 = 150.0;
+/// Ingest counts as "kept up" when every reading is stored and no more than this share of
+/// a second's readings was ever waiting (published, not yet committed) at a 250 ms poll.
+const LAG_SECONDS_ALLOWED: f64 = 0.5;
+
+fn main() -> ExitCode {
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.help {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // On Ctrl-C the benchmark future is dropped, and with it every guard (daemon, broker).
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = run(&args) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Args {
+    help: bool,
+    clients: Vec<usize>,
+    rate: u64,
+    seconds: u64,
+    warmup: u64,
+    idle: usize,
+    lazy_ms: u64,
+    daemon: Option<PathBuf>,
+}
+
+impl Args {
+    fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
+        let mut out = Args {
+            help: false,
+            clients: vec![1, 100, 1000],
+            rate: 1000,
+            seconds: 10,
+            warmup: 1,
+            idle: 10_000,
+            lazy_ms: 10,
+            daemon: None,
+        };
+        fn number(name: &str, value: Option<String>, min: u64, max: u64) -> anyhow::Result<u64> {
+            let value = value.ok_or_else(|| anyhow!("{name} needs a value"))?;
+            match value.trim().parse::<u64>() {
+                Ok(n) if (min..=max).contains(&n) => Ok(n),
+                _ => bail!("{name} {value:?}: expected a whole number from {min} to {max}"),
+            }
+        }
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                // `cargo bench` passes --bench to harness = false targets.
+                "--bench" => {}
+                "-h" | "--help" => out.help = true,
+                "--clients" => {
+                    let list = args
+                        .next()
+                        .ok_or_else(|| anyhow!("--clients needs a list"))?;
+                    out.clients = list
+                        .split(',')
+                        .filter(|c| *c != "none")
+                        .map(|c| number("--clients", Some(c.to_owned()), 1, 15_000))
+                        .map(|n| n.map(|n| n as usize))
+                        .collect::<anyhow::Result<_>>()?;
+                }
+                "--rate" => out.rate = number("--rate", args.next(), 1, 100_000)?,
+                "--seconds" => out.seconds = number("--seconds", args.next(), 1, 600)?,
+                "--warmup" => out.warmup = number("--warmup", args.next(), 0, 60)?,
+                "--idle" => out.idle = number("--idle", args.next(), 0, 15_000)? as usize,
+                "--daemon" => {
+                    out.daemon = Some(PathBuf::from(
+                        args.next()
+                            .ok_or_else(|| anyhow!("--daemon needs a path"))?,
+                    ));
+                }
+                "--lazy-ms" => out.lazy_ms = number("--lazy-ms", args.next(), 0, 1000)?,
+                other => bail!("unknown argument {other:?}"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+async fn run(args: &Args) -> anyhow::Result<()> {
+    let need = args
+        .clients
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(args.idle) as u64
+        + 200;
+    if let Some(limit) = open_file_limit() {
+        if limit < need {
+            bail!(
+                "the open-file limit of this process is {limit}, and the bench needs about {need}; \
+                 lower --clients/--idle or raise `ulimit -n`"
+            );
+        }
+    }
+    let bin = match &args.daemon {
+        Some(p) if p.exists() => p.clone(),
+        Some(p) => bail!("--daemon {}: no such file", p.display()),
+        None => daemon_binary()?,
+    };
+    let broker = Mosquitto::start()?;
+    let machine = Machine::read();
+    println!("# telebridge fan-out benchmark (MQTT publish -> SSE receipt)");
+    println!("machine:    {}", machine.describe());
+    println!(
+        "daemon:     {} (built {}), a fresh process and database per case",
+        bin.display(),
+        modified(&bin)
+    );
+    println!(
+        "            [broker] mode=external, [http] max_sse_clients=20000 max_streams_per_ip=20000 \
+         sse_buffer=262144, [commands] rate_limit=100000, [log] level=warn, other keys default"
+    );
+    println!(
+        "broker:     {} on 127.0.0.1:{}",
+        broker.version, broker.port
+    );
+    println!("            {}", broker.settings.replace('\n', "; "));
+    println!(
+        "load:       {} readings/s, QoS 1, {PAYLOAD_BYTES}-byte JSON payloads with \"t\":<unix ns>, \
+         to devices/dev-{{0..{}}}/telemetry, paced in {} ms ticks; warm-up {} s, measured {} s",
+        args.rate,
+        DEVICES - 1,
+        TICK.as_millis(),
+        args.warmup,
+        args.seconds
+    );
+    println!(
+        "clients:    raw HTTP/1.1 `GET /events?type=reading` with TCP_NODELAY, all in this process \
+         (tokio, {} worker threads), each counting every event; latency (publish time -> receipt \
+         of the data line) on every event of {SAMPLE_CLIENTS} sample clients spread over the \
+         connection order, which read at once; {}",
+        tokio_workers(),
+        if args.lazy_ms > 0 {
+            format!(
+                "the others read every {} ms (their data waits in the socket buffer; the daemon's \
+                 work is the same) and take no latency samples",
+                args.lazy_ms
+            )
+        } else {
+            format!("the others read at once too and sample every {SAMPLE_EVERY_OTHERS}th event")
+        }
+    );
+    println!(
+        "everything (broker, daemon, publisher, clients) shares this machine's cores; load average \
+         at start {} (other processes on the machine are shown in their own CPU column)",
+        load_average()
+    );
+    println!();
+
+    let mut results = Vec::new();
+    for &n in &args.clients {
+        eprintln!("-- case: {n} SSE client(s)");
+        match fanout_case(&bin, &broker, args, n).await {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                eprintln!("case with {n} clients failed: {e:#}");
+                results.push(CaseResult::failed(n, format!("{e:#}")));
+            }
+        }
+    }
+    if !results.is_empty() {
+        print_fanout_table(args, &results);
+    }
+
+    let idle = if args.idle > 0 {
+        eprintln!("-- idle test: {} SSE connections", args.idle);
+        Some(idle_case(&bin, &broker, args.idle).await)
+    } else {
+        None
+    };
+    if let Some(idle) = &idle {
+        print_idle_table(args.idle, idle);
+    }
+
+    println!();
+    println!("## targets (PRODUCT.md)");
+    let big = results
+        .iter()
+        .filter(|r| r.error.is_none())
+        .max_by_key(|r| r.clients);
+    match big {
+        Some(r) => {
+            let complete = r.received == r.expected;
+            let p99_ok = r.p99_ms.is_some_and(|p| p < TARGET_P99_MS);
+            println!(
+                "- fan-out, {} clients x {} readings/s: p99 {} (target < {TARGET_P99_MS} ms): {}; \
+                 every client got every reading: {}; ingest kept up: {} => {}",
+                r.clients,
+                args.rate,
+                fmt_ms(r.p99_ms),
+                if p99_ok { "met" } else { "MISSED" },
+                yes_no(complete),
+                yes_no(r.ingest_kept_up),
+                if p99_ok && complete && r.ingest_kept_up && r.clients >= 1000 && args.rate >= 1000
+                {
+                    "MET"
+                } else if r.clients < 1000 || args.rate < 1000 {
+                    "not measured at the target load (1,000 clients x 1,000/s)"
+                } else {
+                    "NOT MET"
+                }
+            );
+        }
+        None if args.clients.is_empty() => println!("- fan-out: skipped (--clients none)"),
+        None => println!("- fan-out: no case completed"),
+    }
+    match &idle {
+        Some(Ok(i)) => println!(
+            "- idle: {} connections, daemon resident {:.1} MB in all (target < {TARGET_IDLE_MB} MB) => {}",
+            i.opened,
+            i.rss_after_kb as f64 / 1024.0,
+            if i.opened == args.idle && (i.rss_after_kb as f64 / 1024.0) < TARGET_IDLE_MB {
+                "MET"
+            } else {
+                "NOT MET"
+            }
+        ),
+        Some(Err(e)) => println!("- idle: failed: {e:#}"),
+        None => println!("- idle: skipped (--idle 0)"),
+    }
+    drop(broker);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The fan-out case
+// ---------------------------------------------------------------------------------------
+
+struct CaseResult {
+    clients: usize,
+    published: u64,
+    expected: u64,
+    received: u64,
+    samples: usize,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    max_ms: Option<f64>,
+    daemon_cpu: f64,
+    broker_cpu: f64,
+    bench_cpu: f64,
+    /// Everything else on the machine (other users' builds and tests).
+    other_cpu: f64,
+    rows: Option<u64>,
+    max_lag: u64,
+    max_queue: u64,
+    ingest_kept_up: bool,
+    drain_ms: Option<f64>,
+    cut: u64,
+    /// Write transactions per second in the measured window (each one is a feed push).
+    commits_per_s: Option<f64>,
+    /// Mean time of one write transaction.
+    commit_ms: Option<f64>,
+    p90_ms: Option<f64>,
+    p999_ms: Option<f64>,
+    /// Reads per second of one sample client, and events per read.
+    sample_reads_per_s: Option<f64>,
+    events_per_read: Option<f64>,
+    client_errors: usize,
+    first_error: Option<String>,
+    error: Option<String>,
+}
+
+impl CaseResult {
+    fn failed(clients: usize, error: String) -> CaseResult {
+        CaseResult {
+            clients,
+            published: 0,
+            expected: 0,
+            received: 0,
+            samples: 0,
+            p50_ms: None,
+            p99_ms: None,
+            max_ms: None,
+            daemon_cpu: 0.0,
+            broker_cpu: 0.0,
+            bench_cpu: 0.0,
+            other_cpu: 0.0,
+            rows: None,
+            max_lag: 0,
+            max_queue: 0,
+            ingest_kept_up: false,
+            drain_ms: None,
+            cut: 0,
+            commits_per_s: None,
+            commit_ms: None,
+            p90_ms: None,
+            p999_ms: None,
+            sample_reads_per_s: None,
+            events_per_read: None,
+            client_errors: 0,
+            first_error: None,
+            error: Some(error),
+        }
+    }
+}
+
+/// The measured window, in unix nanoseconds of publish time.
+struct Window {
+    start: AtomicU64,
+    end: AtomicU64,
+}
+
+async fn fanout_case(
+    bin: &Path,
+    broker: &Mosquitto,
+    args: &Args,
+    n: usize,
+) -> anyhow::Result<CaseResult> {
+    let tag = format!("fanout-{n}-{}", std::process::id());
+    let daemon = Daemon::start(bin, broker.port, &tag).await?;
+    let stop = CancellationToken::new();
+    // Cancels the client tasks however this function ends.
+    let _stop_guard = stop.clone().drop_guard();
+    let counters: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let window = Arc::new(Window {
+        start: AtomicU64::new(u64::MAX),
+        end: AtomicU64::new(0),
+    });
+    let ready = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(CONNECT_PARALLEL));
+    let sample_stride = (n / SAMPLE_CLIENTS).max(1);
+    let mut tasks = Vec::with_capacity(n);
+    for idx in 0..n {
+        let sample_client = idx % sample_stride == 0 && idx / sample_stride < SAMPLE_CLIENTS;
+        let (sample_every, lazy) = if sample_client {
+            (1, None)
+        } else if args.lazy_ms > 0 {
+            (0, Some(Duration::from_millis(args.lazy_ms)))
+        } else {
+            (SAMPLE_EVERY_OTHERS, None)
+        };
+        tasks.push(tokio::spawn(sse_client(SseClient {
+            addr: daemon.addr,
+            idx,
+            sample_every,
+            lazy,
+            window: window.clone(),
+            counters: counters.clone(),
+            ready: ready.clone(),
+            gate: gate.clone(),
+            stop: stop.clone(),
+        })));
+    }
+    // Every client connected (and so subscribed to the feed) before the first publish.
+    let deadline = Instant::now() + Duration::from_secs(30 + n as u64 / 50);
+    while ready.load(Ordering::Acquire) < n {
+        if let Some(i) = tasks.iter().position(|t| t.is_finished()) {
+            let failed = tasks.iter().filter(|t| t.is_finished()).count();
+            let why = match tasks.swap_remove(i).await {
+                Ok(outcome) => outcome.error.unwrap_or_else(|| "ended early".into()),
+                Err(e) => format!("client task: {e}"),
+            };
+            bail!(
+                "{failed} of {n} SSE clients failed to connect (only {} ready); first: {why}",
+                ready.load(Ordering::Acquire)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {n} SSE clients connected within the deadline",
+                ready.load(Ordering::Acquire)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sse_clients = metric(&daemon.metrics().await?, "telebridge_sse_clients").unwrap_or(-1.0);
+    eprintln!("   {n} clients connected (telebridge_sse_clients = {sse_clients})");
+
+    let publisher = Publisher::connect(broker.port, &format!("pub-{tag}")).await?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let monitor_stop = CancellationToken::new();
+    let _monitor_guard = monitor_stop.clone().drop_guard();
+    let monitor = tokio::spawn(ingest_monitor(
+        daemon.http.clone(),
+        daemon.addr,
+        sent.clone(),
+        monitor_stop.clone(),
+    ));
+
+    let warmup = Duration::from_secs(args.warmup);
+    let total = warmup + Duration::from_secs(args.seconds);
+    let total_target = args.rate * (args.warmup + args.seconds);
+    let start = Instant::now();
+    let start_ns = now_ns();
+    window
+        .start
+        .store(start_ns + warmup.as_nanos() as u64, Ordering::Release);
+    window
+        .end
+        .store(start_ns + total.as_nanos() as u64, Ordering::Release);
+    let pids = [daemon.pid(), broker.pid(), std::process::id()];
+    let mut cpu_start = if warmup.is_zero() {
+        Some((Instant::now(), cpu_snapshot(pids)))
+    } else {
+        None
+    };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n_sent = 0u64;
+    let mut payload = Vec::with_capacity(PAYLOAD_BYTES + 32);
+    let topics: Vec<String> = (0..DEVICES)
+        .map(|i| format!("devices/dev-{i}/telemetry"))
+        .collect();
+    while n_sent < total_target {
+        tick.tick().await;
+        let elapsed = start.elapsed();
+        if cpu_start.is_none() && elapsed >= warmup {
+            cpu_start = Some((Instant::now(), cpu_snapshot(pids)));
+        }
+        if elapsed > total + Duration::from_secs(5) {
+            eprintln!(
+                "   the publisher fell behind by more than 5 s; stopping at {n_sent} of {total_target}"
+            );
+            break;
+        }
+        // Everything due up to the end of this tick.
+        let due = ((args.rate as u128 * (elapsed + TICK).as_micros()) / 1_000_000) as u64;
+        let due = due.min(total_target);
+        while n_sent < due {
+            let device = (n_sent % DEVICES) as usize;
+            make_payload(&mut payload, n_sent, device);
+            timeout(
+                Duration::from_secs(5),
+                publisher.client.publish(
+                    topics[device].as_str(),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload.clone(),
+                ),
+            )
+            .await
+            .context("the publisher's queue did not move for 5 s")?
+            .context("publishing")?;
+            n_sent += 1;
+        }
+        sent.store(n_sent, Ordering::Relaxed);
+    }
+    let publish_end = Instant::now();
+    let cpu_end = cpu_snapshot(pids);
+    let (cpu_t0, cpu_start) = cpu_start.unwrap_or((start, [0.0; 4]));
+    let cpu_wall = publish_end.duration_since(cpu_t0).as_secs_f64().max(1e-6);
+    let cpu_pct = |i: usize| 100.0 * (cpu_end[i] - cpu_start[i]) / cpu_wall;
+    eprintln!(
+        "   published {n_sent} readings in {:.2} s; waiting for delivery",
+        start.elapsed().as_secs_f64()
+    );
+
+    // Drain: broker acks, stored rows, every client's count; bounded, and cut short when
+    // nothing moves for NO_PROGRESS_LIMIT.
+    let drain_deadline = Instant::now() + DRAIN_LIMIT;
+    let mut last_progress = Instant::now();
+    let mut last_total = u64::MAX;
+    let mut drain_ms = None;
+    loop {
+        let received: u64 = counters.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        let all =
+            received >= n_sent * n as u64 && publisher.acked.load(Ordering::Relaxed) >= n_sent;
+        if all {
+            drain_ms = Some(publish_end.elapsed().as_secs_f64() * 1000.0);
+            break;
+        }
+        if received != last_total {
+            last_total = received;
+            last_progress = Instant::now();
+        }
+        if Instant::now() > drain_deadline || last_progress.elapsed() > NO_PROGRESS_LIMIT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Stored rows settle too (they precede delivery, so this is normally immediate).
+    let stored_deadline = Instant::now() + Duration::from_secs(10);
+    let mut stored = 0;
+    while Instant::now() < stored_deadline {
+        stored = metric(&daemon.metrics().await?, "telebridge_readings_stored_total").unwrap_or(0.0)
+            as u64;
+        if stored >= n_sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    monitor_stop.cancel();
+    let seen = monitor.await.unwrap_or_default();
+    let (max_lag, max_queue) = (seen.max_lag, seen.max_queue);
+    // Commits per second over the measured window, from the polls inside it.
+    let window_start = start + warmup;
+    let inside: Vec<&(Instant, f64, f64)> = seen
+        .batches
+        .iter()
+        .filter(|(at, _, _)| *at >= window_start && *at <= publish_end)
+        .collect();
+    let (commits_per_s, commit_ms) = match (inside.first(), inside.last()) {
+        (Some(a), Some(b)) if b.0 > a.0 && b.1 > a.1 => (
+            Some((b.1 - a.1) / b.0.duration_since(a.0).as_secs_f64()),
+            Some(1000.0 * (b.2 - a.2) / (b.1 - a.1)),
+        ),
+        _ => (None, None),
+    };
+    let metrics_text = daemon.metrics().await?;
+    let cut = metric(&metrics_text, "telebridge_sse_clients_cut_total").unwrap_or(0.0) as u64;
+    let rows = count_rows(&daemon.db).await.ok();
+
+    stop.cancel();
+    let mut latencies: Vec<u32> = Vec::new();
+    let mut received = 0;
+    let (mut sample_events, mut sample_reads) = (0u64, 0u64);
+    let mut client_errors = 0;
+    let mut first_error = None;
+    for t in tasks {
+        match timeout(Duration::from_secs(10), t).await {
+            Ok(Ok(outcome)) => {
+                received += outcome.events;
+                if outcome.sample_client {
+                    sample_events += outcome.events;
+                    sample_reads += outcome.reads;
+                }
+                latencies.extend_from_slice(&outcome.latencies);
+                if let Some(e) = outcome.error {
+                    client_errors += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+            Ok(Err(e)) => {
+                client_errors += 1;
+                first_error.get_or_insert(format!("client task: {e}"));
+            }
+            Err(_) => {
+                client_errors += 1;
+                first_error.get_or_insert("client task did not stop in 10 s".into());
+            }
+        }
+    }
+    publisher.stop().await;
+    latencies.sort_unstable();
+    let ms = |p: f64| percentile(&latencies, p).map(|us| us as f64 / 1000.0);
+    let ingest_kept_up = rows.unwrap_or(stored) == n_sent
+        && stored == n_sent
+        && (max_lag as f64) <= args.rate as f64 * LAG_SECONDS_ALLOWED;
+    let result = CaseResult {
+        clients: n,
+        published: n_sent,
+        expected: n_sent * n as u64,
+        received,
+        samples: latencies.len(),
+        p50_ms: ms(0.50),
+        p99_ms: ms(0.99),
+        max_ms: latencies.last().map(|&us| us as f64 / 1000.0),
+        daemon_cpu: cpu_pct(0),
+        broker_cpu: cpu_pct(1),
+        bench_cpu: cpu_pct(2),
+        other_cpu: (cpu_pct(3) - cpu_pct(0) - cpu_pct(1) - cpu_pct(2)).max(0.0),
+        rows,
+        max_lag,
+        max_queue,
+        ingest_kept_up,
+        drain_ms,
+        cut,
+        commits_per_s,
+        commit_ms,
+        p90_ms: ms(0.90),
+        p999_ms: ms(0.999),
+        sample_reads_per_s: (sample_reads > 0).then(|| {
+            sample_reads as f64
+                / SAMPLE_CLIENTS.min(n) as f64
+                / publish_end.duration_since(start).as_secs_f64().max(1e-6)
+        }),
+        events_per_read: (sample_reads > 0).then(|| sample_events as f64 / sample_reads as f64),
+        client_errors,
+        first_error,
+        error: None,
+    };
+    eprintln!(
+        "   received {}/{} events, p99 {}, daemon CPU {:.0}%",
+        result.received,
+        result.expected,
+        fmt_ms(result.p99_ms),
+        result.daemon_cpu
+    );
+    drop(daemon);
+    Ok(result)
+}
+
+/// What the /metrics poller saw.
+#[derive(Default)]
+struct Seen {
+    /// The most readings ever published but not yet stored.
+    max_lag: u64,
+    /// The deepest ingest queue.
+    max_queue: u64,
+    /// `telebridge_store_batches_total` and `telebridge_store_commit_seconds_total` at each
+    /// poll.
+    batches: Vec<(Instant, f64, f64)>,
+}
+
+/// Polls /metrics every 250 ms until stopped.
+async fn ingest_monitor(
+    http: reqwest::Client,
+    addr: SocketAddr,
+    sent: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> Seen {
+    let mut seen = Seen::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return seen,
+            _ = tick.tick() => {}
+        }
+        // Read the count first: the lag is then never under-estimated.
+        let published = sent.load(Ordering::Relaxed);
+        let Ok(Ok(text)) = timeout(Duration::from_secs(2), get_text(&http, addr, "/metrics")).await
+        else {
+            continue;
+        };
+        let stored = metric(&text, "telebridge_readings_stored_total").unwrap_or(0.0) as u64;
+        let queue = metric(&text, "telebridge_ingest_queue_depth").unwrap_or(0.0) as u64;
+        seen.max_lag = seen.max_lag.max(published.saturating_sub(stored));
+        seen.max_queue = seen.max_queue.max(queue);
+        if let (Some(b), Some(c)) = (
+            metric(&text, "telebridge_store_batches_total"),
+            metric(&text, "telebridge_store_commit_seconds_total"),
+        ) {
+            seen.batches.push((Instant::now(), b, c));
+        }
+    }
+}
+
+fn make_payload(out: &mut Vec<u8>, seq: u64, device: usize) {
+    use std::io::Write as _;
+    out.clear();
+    let _ = write!(
+        out,
+        r#"{{"t":{},"seq":{seq},"device":"dev-{device}","temp":21.5,"hum":40.25,"pad":""#,
+        now_ns()
+    );
+    let pad = PAYLOAD_BYTES.saturating_sub(out.len() + 2);
+    out.resize(out.len() + pad, b'x');
+    out.extend_from_slice(b"\"}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The SSE load client: raw TCP, one reusable buffer, a byte scan per line
+// ---------------------------------------------------------------------------------------
+
+struct SseClient {
+    addr: SocketAddr,
+    idx: usize,
+    /// Latency of every Nth event (0: none).
+    sample_every: u64,
+    /// Read only this often.
+    lazy: Option<Duration>,
+    window: Arc<Window>,
+    counters: Arc<Vec<AtomicU64>>,
+    ready: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+    stop: CancellationToken,
+}
+
+struct ClientOutcome {
+    sample_client: bool,
+    events: u64,
+    reads: u64,
+    latencies: Vec<u32>,
+    error: Option<String>,
+}
+
+/// What the line scanner carries from one read to the next.
+struct Scan {
+    events: u64,
+    reads: u64,
+    sample_every: u64,
+    /// The next `data:` line belongs to a sampled reading.
+    want_data: bool,
+    latencies: Vec<u32>,
+}
+
+async fn sse_client(c: SseClient) -> ClientOutcome {
+    let mut buf = vec![0u8; READ_BUF];
+    let mut scan = Scan {
+        events: 0,
+        reads: 0,
+        sample_every: c.sample_every,
+        want_data: false,
+        latencies: Vec::with_capacity(match c.sample_every {
+            0 => 0,
+            1 => 16_384,
+            _ => 2_048,
+        }),
+    };
+    let error = match sse_session(&c, &mut buf, &mut scan).await {
+        Ok(()) => None,
+        Err(e) => Some(format!("client {}: {e:#}", c.idx)),
+    };
+    ClientOutcome {
+        sample_client: c.sample_every == 1,
+        events: scan.events,
+        reads: scan.reads,
+        latencies: scan.latencies,
+        error,
+    }
+}
+
+async fn sse_session(c: &SseClient, buf: &mut [u8], scan: &mut Scan) -> anyhow::Result<()> {
+    let permit = c.gate.acquire().await.context("connect gate closed")?;
+    let (mut stream, mut filled) = timeout(
+        HANDSHAKE_TIMEOUT,
+        open_sse(c.addr, "/events?type=reading", buf),
+    )
+    .await
+    .context("no response to GET /events within 10 s")??;
+    drop(permit);
+    c.ready.fetch_add(1, Ordering::AcqRel);
+    scan_lines(buf, &mut filled, scan, &c.window);
+    loop {
+        let n = tokio::select! {
+            biased;
+            _ = c.stop.cancelled() => return Ok(()),
+            r = stream.read(&mut buf[filled..]) => r.context("reading the stream")?,
+        };
+        if n == 0 {
+            bail!("the daemon closed the stream after {} events", scan.events);
+        }
+        filled += n;
+        scan.reads += 1;
+        scan_lines(buf, &mut filled, scan, &c.window);
+        c.counters[c.idx].store(scan.events, Ordering::Relaxed);
+        if let Some(pause) = c.lazy {
+            tokio::select! {
+                _ = c.stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+/// Connects, sends `GET path`, reads the response head and checks for 200. Returns the
+/// stream and the number of body bytes already in `buf`.
+async fn open_sse(
+    addr: SocketAddr,
+    path: &str,
+    buf: &mut [u8],
+) -> anyhow::Result<(TcpStream, usize)> {
+    let mut stream = TcpStream::connect(addr).await.context("connecting")?;
+    stream.set_nodelay(true)?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nUser-Agent: telebridge-fanout-bench\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await?;
+    let mut filled = 0;
+    loop {
+        let n = stream.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            bail!(
+                "connection closed during the response head: {:?}",
+                String::from_utf8_lossy(&buf[..filled])
+            );
+        }
+        filled += n;
+        if let Some(end) = find_subslice(&buf[..filled], b"\r\n\r\n") {
+            let head = &buf[..end];
+            let status_line = head.split(|&b| b == b'\r').next().unwrap_or(b"");
+            if !status_line.starts_with(b"HTTP/1.1 200") {
+                bail!(
+                    "GET {path}: {}",
+                    String::from_utf8_lossy(&buf[..filled]).trim()
+                );
+            }
+            let body_start = end + 4;
+            buf.copy_within(body_start..filled, 0);
+            return Ok((stream, filled - body_start));
+        }
+        if filled == buf.len() {
+            bail!("response head larger than {} bytes", buf.len());
+        }
+    }
+}
+
+/// Consumes every complete line in `buf[..filled]` and moves the partial last line to the
+/// front. Counts `event: reading` lines; for sampled readings, reads `"t":` in the `data:`
+/// line. Chunked-encoding size lines and blank lines are ignored (they never start with
+/// `event:`).
+fn scan_lines(buf: &mut [u8], filled: &mut usize, scan: &mut Scan, window: &Window) {
+    let mut start = 0;
+    let mut now: Option<u64> = None;
+    while let Some(i) = find_byte(&buf[start..*filled], b'\n') {
+        let line = &buf[start..start + i];
+        if line.starts_with(b"event: reading") {
+            scan.events += 1;
+            scan.want_data = scan.sample_every != 0 && scan.events % scan.sample_every == 0;
+        } else if scan.want_data && line.starts_with(b"data: ") {
+            scan.want_data = false;
+            if let Some(t) = publish_time(line) {
+                let from = window.start.load(Ordering::Relaxed);
+                let to = window.end.load(Ordering::Relaxed);
+                if t >= from && t < to {
+                    let now = *now.get_or_insert_with(now_ns);
+                    let us = now.saturating_sub(t) / 1000;
+                    scan.latencies.push(us.min(u32::MAX as u64) as u32);
+                }
+            }
+        }
+        start += i + 1;
+    }
+    buf.copy_within(start..*filled, 0);
+    *filled -= start;
+    if *filled == buf.len() {
+        // A line longer than the buffer: not an event of ours; drop it.
+        *filled = 0;
+    }
+}
+
+/// The `"t"` of the reading's payload: the payload is the second JSON object on the line
+/// (`data: {"seq":..,"device":..,..,"payload":{"t":..`; nothing before it holds a `{`).
+fn publish_time(line: &[u8]) -> Option<u64> {
+    let first = find_byte(line, b'{')?;
+    let rest = &line[first + 1..];
+    let second = find_byte(rest, b'{')?;
+    let digits = rest[second..].strip_prefix(b"{\"t\":")?;
+    let mut t: u64 = 0;
+    let mut any = false;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        t = t.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        any = true;
+    }
+    any.then_some(t)
+}
+
+/// Position of the first `needle` byte: eight bytes at a time (SWAR), then the tail.
+fn find_byte(hay: &[u8], needle: u8) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let pattern = LO * u64::from(needle);
+    let mut i = 0;
+    while i + 8 <= hay.len() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&hay[i..i + 8]);
+        let x = u64::from_le_bytes(word) ^ pattern;
+        // The lowest set bit marks the first zero byte of x (borrows only run upwards).
+        let zero = x.wrapping_sub(LO) & !x & HI;
+        if zero != 0 {
+            return Some(i + (zero.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    hay[i..].iter().position(|&b| b == needle).map(|p| i + p)
+}
+
+fn find_subslice(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(p) = find_byte(&hay[from..], needle[0]) {
+        let at = from + p;
+        if hay[at..].starts_with(needle) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------
+// The idle test
+// ---------------------------------------------------------------------------------------
+
+struct IdleResult {
+    opened: usize,
+    failures: usize,
+    first_failure: Option<String>,
+    sse_clients: f64,
+    rss_before_kb: u64,
+    rss_after_kb: u64,
+    hwm_kb: u64,
+    open_seconds: f64,
+    released: bool,
+}
+
+async fn idle_case(bin: &Path, broker: &Mosquitto, n: usize) -> anyhow::Result<IdleResult> {
+    let tag = format!("idle-{}", std::process::id());
+    let daemon = Daemon::start(bin, broker.port, &tag).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before_kb = proc_status_kb(daemon.pid(), "VmRSS:").unwrap_or(0);
+    let addr = daemon.addr;
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<TcpStream>> = futures_util::stream::iter(0..n)
+        .map(|_| async move {
+            let mut buf = [0u8; 2048];
+            let (stream, _) = timeout(
+                HANDSHAKE_TIMEOUT,
+                open_sse(addr, "/events?type=status", &mut buf),
+            )
+            .await
+            .context("no response within 10 s")??;
+            Ok(stream)
+        })
+        .buffer_unordered(CONNECT_PARALLEL)
+        .collect()
+        .await;
+    let open_seconds = started.elapsed().as_secs_f64();
+    let mut streams = Vec::with_capacity(n);
+    let mut failures = 0;
+    let mut first_failure = None;
+    for r in results {
+        match r {
+            Ok(s) => streams.push(s),
+            Err(e) => {
+                failures += 1;
+                first_failure.get_or_insert(format!("{e:#}"));
+            }
+        }
+    }
+    eprintln!(
+        "   opened {} connections in {open_seconds:.1} s ({failures} failed)",
+        streams.len()
+    );
+    // The daemon counts every stream.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut sse_clients = -1.0;
+    while Instant::now() < deadline {
+        sse_clients = metric(&daemon.metrics().await?, "telebridge_sse_clients").unwrap_or(-1.0);
+        if sse_clients >= streams.len() as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let allocator and runtime settle before reading the resident size.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_after_kb = proc_status_kb(daemon.pid(), "VmRSS:").unwrap_or(0);
+    let hwm_kb = proc_status_kb(daemon.pid(), "VmHWM:").unwrap_or(0);
+    let opened = streams.len();
+    drop(streams);
+    // The daemon notices the closed sockets and releases their slots.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut released = false;
+    while Instant::now() < deadline {
+        if metric(&daemon.metrics().await?, "telebridge_sse_clients") == Some(0.0) {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(daemon);
+    Ok(IdleResult {
+        opened,
+        failures,
+        first_failure,
+        sse_clients,
+        rss_before_kb,
+        rss_after_kb,
+        hwm_kb,
+        open_seconds,
+        released,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------
+
+fn print_fanout_table(args: &Args, results: &[CaseResult]) {
+    println!(
+        "## fan-out: {} readings/s for {} s measured (after {} s warm-up)",
+        args.rate, args.seconds, args.warmup
+    );
+    println!();
+    println!(
+        "| clients | readings published | events expected | events received | latency samples | p50 ms | p99 ms | max ms | daemon CPU % | broker CPU % | bench CPU % | other processes CPU % | rows in SQLite | max ingest lag | ingest kept up | drain after last publish | p99 < 50 ms |"
+    );
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|:-:|");
+    for r in results {
+        if let Some(e) = &r.error {
+            println!("| {} | failed: {e} |", r.clients);
+            continue;
+        }
+        println!(
+            "| {} | {} | {} | {} ({:.2}%) | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} (queue ≤ {}) | {} | {} | {} |",
+            r.clients,
+            r.published,
+            r.expected,
+            r.received,
+            if r.expected > 0 {
+                100.0 * r.received as f64 / r.expected as f64
+            } else {
+                0.0
+            },
+            r.samples,
+            fmt_ms(r.p50_ms),
+            fmt_ms(r.p99_ms),
+            fmt_ms(r.max_ms),
+            r.daemon_cpu,
+            r.broker_cpu,
+            r.bench_cpu,
+            r.other_cpu,
+            r.rows.map_or("?".into(), |n| n.to_string()),
+            r.max_lag,
+            r.max_queue,
+            yes_no(r.ingest_kept_up),
+            r.drain_ms
+                .map_or("incomplete".into(), |ms| format!("{ms:.0} ms")),
+            if r.p99_ms.is_some_and(|p| p < TARGET_P99_MS) && r.received == r.expected {
+                "yes"
+            } else {
+                "NO"
+            },
+        );
+    }
+    println!();
+    println!(
+        "CPU % is of one core over the measured window (100% = one core busy; the machine has {}); \
+         \"other processes\" is the machine's busy time minus daemon, broker and bench.",
+        Machine::read().nproc
+    );
+    println!(
+        "max ingest lag: most readings published but not yet stored, polled every 250 ms; \"kept up\" = \
+         rows == published and lag <= {LAG_SECONDS_ALLOWED} s of readings."
+    );
+    println!();
+    println!("more percentiles, and where the work goes (daemon side):");
+    println!();
+    println!(
+        "| clients | p90 ms | p99.9 ms | write transactions/s (= feed pushes) | mean commit ms | client wake-ups/s (pushes x clients) | writes/s to one sample client | events per write | streams cut | client errors |"
+    );
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for r in results.iter().filter(|r| r.error.is_none()) {
+        let opt = |v: Option<f64>, digits: usize| v.map_or("?".into(), |v| format!("{v:.digits$}"));
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.clients,
+            fmt_ms(r.p90_ms),
+            fmt_ms(r.p999_ms),
+            opt(r.commits_per_s, 0),
+            opt(r.commit_ms, 2),
+            opt(r.commits_per_s.map(|c| c * r.clients as f64), 0),
+            opt(r.sample_reads_per_s, 0),
+            opt(r.events_per_read, 1),
+            r.cut,
+            r.client_errors
+        );
+    }
+    println!(
+        "(writes to a sample client are counted as its reads, which it does at once; the kernel may \
+         merge writes, so this is a lower bound on the daemon's writes)"
+    );
+    for r in results {
+        if r.received < r.expected && r.error.is_none() {
+            println!(
+                "note: {} clients: {:.2}% of the events were not delivered within {} s after the last \
+                 publish; the latency percentiles above are of delivered events only",
+                r.clients,
+                100.0 * (r.expected - r.received) as f64 / r.expected as f64,
+                DRAIN_LIMIT.as_secs()
+            );
+        }
+        if r.client_errors > 0 || r.cut > 0 {
+            println!(
+                "note: {} clients: {} client error(s), {} stream(s) cut by the daemon for lagging; first: {}",
+                r.clients,
+                r.client_errors,
+                r.cut,
+                r.first_error.as_deref().unwrap_or("-")
+            );
+        }
+    }
+}
+
+fn print_idle_table(n: usize, idle: &anyhow::Result<IdleResult>) {
+    println!();
+    println!("## idle: {n} SSE connections (`GET /events?type=status`, nothing flows)");
+    println!();
+    let i = match idle {
+        Ok(i) => i,
+        Err(e) => {
+            println!("failed: {e:#}");
+            return;
+        }
+    };
+    println!(
+        "| connections opened | telebridge_sse_clients | daemon RSS before | daemon RSS after | delta | per connection | peak (VmHWM) | < 150 MB in all |"
+    );
+    println!("|--:|--:|--:|--:|--:|--:|--:|:-:|");
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    let delta = i.rss_after_kb.saturating_sub(i.rss_before_kb);
+    println!(
+        "| {} ({} failed, {:.1} s) | {} | {:.1} MB | {:.1} MB | {:.1} MB | {:.1} KB | {:.1} MB | {} |",
+        i.opened,
+        i.failures,
+        i.open_seconds,
+        i.sse_clients,
+        mb(i.rss_before_kb),
+        mb(i.rss_after_kb),
+        mb(delta),
+        if i.opened > 0 {
+            delta as f64 / i.opened as f64
+        } else {
+            0.0
+        },
+        mb(i.hwm_kb),
+        yes_no(i.opened == n && mb(i.rss_after_kb) < TARGET_IDLE_MB),
+    );
+    if let Some(f) = &i.first_failure {
+        println!("first failure: {f}");
+    }
+    if !i.released {
+        println!("note: telebridge_sse_clients did not return to 0 within 20 s of closing them");
+    }
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    match v {
+        Some(ms) if ms < 10.0 => format!("{ms:.2}"),
+        Some(ms) => format!("{ms:.1}"),
+        None => "-".into(),
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "NO" }
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[u32], p: f64) -> Option<u32> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes: Mosquitto and the daemon, each behind a Drop guard
+// ---------------------------------------------------------------------------------------
+
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    version: String,
+    settings: String,
+    dir: TempDir,
+}
+
+impl Mosquitto {
+    fn start() -> anyhow::Result<Mosquitto> {
+        if !Path::new(MOSQUITTO).exists() {
+            bail!("{MOSQUITTO} is missing: install it with `apt-get install mosquitto`");
+        }
+        let version = Command::new(MOSQUITTO)
+            .arg("-h")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "mosquitto".into());
+        let port = free_port()?;
+        let dir = tempfile::tempdir().context("creating a temp dir for Mosquitto")?;
+        let settings = "allow_anonymous true\n\
+                        max_inflight_messages 0\n\
+                        max_queued_messages 10000000\n\
+                        set_tcp_nodelay true\n\
+                        persistence false"
+            .to_owned();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\n{settings}\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+            ),
+        )?;
+        let log = std::fs::File::create(dir.path().join("mosquitto.log"))?;
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {MOSQUITTO}"))?;
+        let mut broker = Mosquitto {
+            child,
+            port,
+            version,
+            settings,
+            dir,
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = broker.child.try_wait()? {
+                bail!("Mosquitto exited at start-up ({status}): {}", broker.log());
+            }
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(broker);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "Mosquitto does not listen on {addr} after 10 s: {}",
+                    broker.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        // SIGKILL to our own child, by its pid.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    db: PathBuf,
+    dir: TempDir,
+    http: reqwest::Client,
+}
+
+impl Daemon {
+    async fn start(bin: &Path, mqtt_port: u16, tag: &str) -> anyhow::Result<Daemon> {
+        let dir = tempfile::tempdir().context("creating a temp dir for the daemon")?;
+        let db = dir.path().join("bench.db");
+        let config = dir.path().join("telebridge.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[broker]\nmode = \"external\"\n\n\
+                 [mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt_port}\"\nclient_id = \"telebridge-bench-{tag}\"\n\n\
+                 [http]\nlisten = \"127.0.0.1:0\"\nmax_sse_clients = 20000\nmax_streams_per_ip = 20000\nsse_buffer = 262144\n\n\
+                 [storage]\npath = {:?}\n\n\
+                 [commands]\nrate_limit = 100000\n\n\
+                 [log]\nlevel = \"warn\"\n",
+                db.display().to_string()
+            ),
+        )?;
+        let stderr = std::fs::File::create(dir.path().join("daemon.log"))?;
+        let mut child = Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdout = child.stdout.take();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let mut daemon = Daemon {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            db,
+            dir,
+            http,
+        };
+        // A thread reads stdout for the address line, then drains it until the daemon exits.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Some(stdout) = stdout {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(rest) = line.strip_prefix("telebridge dashboard: http://") {
+                        let _ = tx.send(rest.trim_end_matches('/').to_owned());
+                    }
+                }
+            });
+        }
+        let addr = match timeout(DAEMON_START_TIMEOUT, rx.recv()).await {
+            Ok(Some(a)) => a,
+            Ok(None) => bail!("the daemon exited at start-up: {}", daemon.log_tail()),
+            Err(_) => bail!(
+                "the daemon printed no address within {DAEMON_START_TIMEOUT:?}: {}",
+                daemon.log_tail()
+            ),
+        };
+        daemon.addr = addr
+            .parse()
+            .with_context(|| format!("the daemon printed address {addr:?}"))?;
+        let deadline = Instant::now() + DAEMON_START_TIMEOUT;
+        loop {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("the daemon exited ({status}): {}", daemon.log_tail());
+            }
+            let ready = daemon
+                .http
+                .get(format!("http://{}/readyz", daemon.addr))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 200);
+            if ready {
+                return Ok(daemon);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "GET /readyz is not 200 after {DAEMON_START_TIMEOUT:?}: {}",
+                    daemon.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    async fn metrics(&self) -> anyhow::Result<String> {
+        get_text(&self.http, self.addr, "/metrics").await
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM by pid (a clean shutdown), SIGKILL if it is still there after 10 s.
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("the daemon (pid {pid}) ignored SIGTERM for 10 s; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Publisher {
+    client: AsyncClient,
+    acked: Arc<AtomicU64>,
+    stop: CancellationToken,
+    /// Set before the disconnect, so its connection error is expected.
+    stopping: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    async fn connect(port: u16, id: &str) -> anyhow::Result<Publisher> {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true)
+            .set_inflight(1000);
+        let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+        let mut net = NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
+        match timeout(HANDSHAKE_TIMEOUT, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {}
+            Ok(Ok(other)) => bail!("publisher: expected a ConnAck, got {other:?}"),
+            Ok(Err(e)) => bail!("publisher: cannot connect to 127.0.0.1:{port}: {e}"),
+            Err(_) => bail!("publisher: no ConnAck within {HANDSHAKE_TIMEOUT:?}"),
+        }
+        let acked = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let task = {
+            let acked = acked.clone();
+            let stop = stop.clone();
+            let stopping = stopping.clone();
+            let mut warned = false;
+            tokio::spawn(async move {
+                loop {
+                    let ev = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        ev = eventloop.poll() => ev,
+                    };
+                    match ev {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            if !warned && !stopping.load(Ordering::Relaxed) {
+                                warned = true;
+                                eprintln!("publisher connection error: {e}");
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            })
+        };
+        Ok(Publisher {
+            client,
+            acked,
+            stop,
+            stopping,
+            task,
+        })
+    }
+
+    async fn stop(self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let _ = self.client.try_disconnect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.stop.cancel();
+        let _ = timeout(Duration::from_secs(2), self.task).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------
+
+async fn get_text(http: &reqwest::Client, addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let resp = http
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .with_context(|| format!("GET {path}"))?;
+    Ok(resp.text().await?)
+}
+
+/// The value of one un-labelled Prometheus sample.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn count_rows(db: &Path) -> anyhow::Result<u64> {
+    let opts = SqliteConnectOptions::new().filename(db).read_only(true);
+    let mut conn = SqliteConnection::connect_with(&opts)
+        .await
+        .with_context(|| format!("opening {} read-only", db.display()))?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
+        .fetch_one(&mut conn)
+        .await?;
+    let _ = conn.close().await;
+    Ok(n as u64)
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// CPU seconds so far of the daemon, the broker and this process, and the busy seconds of
+/// the whole machine (all cores; the difference is what other processes used).
+fn cpu_snapshot(pids: [u32; 3]) -> [f64; 4] {
+    let [a, b, c] = pids.map(cpu_seconds);
+    [a, b, c, machine_busy_seconds()]
+}
+
+/// Busy CPU seconds of all cores together since boot, from the `cpu` line of /proc/stat.
+fn machine_busy_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(line) = stat.lines().next() else {
+        return 0.0;
+    };
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let at = |i: usize| v.get(i).copied().unwrap_or(0.0);
+    (at(0) + at(1) + at(2) + at(5) + at(6) + at(7)) / 100.0
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// User plus system CPU seconds of a process so far (clock ticks of 1/100 s).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command name may hold spaces; utime and stime are fields 14 and 15, the 12th and
+    // 13th after the closing parenthesis.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// A `kB` line of /proc/PID/status, such as `VmRSS:`.
+fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn open_file_limit() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    // There is a small window in which another process could take it; start-up reports it.
+    Ok(TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free loopback port")?
+        .port())
+}
+
+fn tokio_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The release daemon: the one `cargo bench` just built, else target/release/telebridge,
+/// built with `cargo build --release` when missing.
+fn daemon_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_telebridge") {
+        let p = PathBuf::from(p);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let p = root.join("target/release/telebridge");
+    if !p.exists() {
+        eprintln!(
+            "NOTE: {} is missing; building it now with `cargo build --release`",
+            p.display()
+        );
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--bin", "telebridge"])
+            .current_dir(&root)
+            .status()
+            .context("running cargo build --release")?;
+        if !status.success() || !p.exists() {
+            bail!("`cargo build --release` failed ({status}); build the daemon first");
+        }
+    }
+    Ok(p)
+}
+
+fn modified(p: &Path) -> String {
+    std::fs::metadata(p)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or("?".into(), |d| {
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |n| n.as_secs())
+                .saturating_sub(d.as_secs());
+            format!("{} min ago", secs / 60)
+        })
+}
+
+struct Machine {
+    nproc: String,
+    cpu: String,
+    mem: String,
+    kernel: String,
+}
+
+impl Machine {
+    fn read() -> Machine {
+        let nproc = Command::new("nproc")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| tokio_workers().to_string());
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or("unknown".into(), |(_, v)| v.trim().to_owned());
+        let mhz = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("cpu MHz"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned());
+        let cpu = match mhz {
+            Some(m) => format!("{cpu} @ {m} MHz"),
+            None => cpu,
+        };
+        let mem = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .map(|l| l["MemTotal:".len()..].trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        Machine {
+            nproc,
+            cpu,
+            mem,
+            kernel,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "nproc {}, CPU {}, memory {}, Linux {}, open-file limit {}",
+            self.nproc,
+            self.cpu,
+            self.mem,
+            self.kernel,
+            open_file_limit().map_or("?".into(), |n| n.to_string())
+        )
+    }
+}
