@@ -200,6 +200,7 @@ impl App {
             ingest_rt.handle(),
         );
         tracker.spawn(store::run_housekeeping(
+            shared.store.clone(),
             control_tx,
             config.storage.retention,
             config.storage.retention_interval,

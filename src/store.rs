@@ -26,6 +26,8 @@ use crate::observability::Metrics;
 const ROWS_PER_INSERT: usize = 250;
 /// Devices per multi-row upsert.
 const DEVICES_PER_UPSERT: usize = 100;
+/// How often committed WAL frames are checkpointed into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// Rows deleted per retention statement, so the writer is never held for long.
 const RETENTION_CHUNK: i64 = 5_000;
 
@@ -103,6 +105,9 @@ fn options(path: &Path) -> SqliteConnectOptions {
         // does not spill to a temp file on every batch.
         .pragma("temp_store", "memory")
         .pragma("cache_size", "-32768")
+        // Checkpoints (with their fsyncs) run from the housekeeping task on a read
+        // connection, never inside the writer's commit.
+        .pragma("wal_autocheckpoint", "0")
 }
 
 impl Store {
@@ -427,6 +432,14 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+
+    /// Copies committed WAL frames into the database without blocking the writer.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Whether the database answers and accepts writes.
@@ -835,6 +848,11 @@ impl Writer {
                         presence_at: None,
                     });
                     c.last = c.last.max(ack.at);
+                    // A device that answers is evidently online.
+                    if c.online != Some(true) {
+                        c.presence_at = Some(ack.at);
+                    }
+                    c.online = Some(true);
                     command_acks.push(ack);
                 }
                 Item::Skip(_) => {}
@@ -1015,6 +1033,7 @@ fn insert_sql(rows: usize) -> String {
 
 /// Sends retention and presence work to the writer on a timer until cancelled.
 pub async fn run_housekeeping(
+    store: Store,
     control: mpsc::Sender<Control>,
     retention: Duration,
     retention_every: Duration,
@@ -1025,9 +1044,21 @@ pub async fn run_housekeeping(
     let sweep_every =
         (presence_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
     let mut sweep_tick = tokio::time::interval(sweep_every);
+    let mut checkpoint_tick = tokio::time::interval(CHECKPOINT_EVERY);
+    checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                if let Err(e) = store.checkpoint().await {
+                    tracing::warn!(error = %e, "final checkpoint failed");
+                }
+                return;
+            }
+            _ = checkpoint_tick.tick() => {
+                if let Err(e) = store.checkpoint().await {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                }
+            }
             _ = retention_tick.tick() => {
                 let cutoff = domain::now_ms() - retention.as_millis() as i64;
                 let (reply, rx) = oneshot::channel();

@@ -519,3 +519,30 @@ async fn on_shutdown_websockets_get_a_close_frame_and_pending_commands_keep_thei
         "the pending command is still there"
     );
 }
+
+#[tokio::test]
+async fn a_device_known_only_from_its_answers_is_reachable() {
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(&broker.url(), "").await;
+    let mut device = FakeDevice::connect(&broker.url(), "dev-11", "devices/dev-11/commands").await;
+    device
+        .answer(json!({"id": "from-before-a-restart", "ok": true}))
+        .await;
+    let db = daemon.db().await;
+    wait_for(T, "dev-11 known", || async {
+        db.device("dev-11").await.map(|_| ())
+    })
+    .await;
+    assert_eq!(
+        db.device("dev-11").await.map(|d| d.0),
+        Some(true),
+        "an answering device is online"
+    );
+
+    let mut ws = Ws::connect(daemon.http).await;
+    ws.send_json(json!({"type": "command", "device": "dev-11", "name": "ping"}))
+        .await;
+
+    assert_eq!(ws.expect("accepted", T).await["status"], "sent");
+    assert!(device.next_command(T).await.is_some());
+}
