@@ -33,7 +33,10 @@
 
 mod common;
 
-use common::{Daemon, Mosquitto, get_text, metric};
+use common::{
+    Daemon, Mosquitto, cpu_snapshot, daemon_binary, fmt_ms, get_text, load_average, metric,
+    modified, open_file_limit, percentile, tokio_workers,
+};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -1224,25 +1227,8 @@ fn print_idle_table(n: usize, idle: &anyhow::Result<IdleResult>) {
     }
 }
 
-fn fmt_ms(v: Option<f64>) -> String {
-    match v {
-        Some(ms) if ms < 10.0 => format!("{ms:.2}"),
-        Some(ms) => format!("{ms:.1}"),
-        None => "-".into(),
-    }
-}
-
 fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "NO" }
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[u32], p: f64) -> Option<u32> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
 struct Publisher {
@@ -1340,57 +1326,6 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// CPU seconds so far of the daemon, the broker and this process, and the busy seconds of
-/// the whole machine (all cores; the difference is what other processes used).
-fn cpu_snapshot(pids: [u32; 3]) -> [f64; 4] {
-    let [a, b, c] = pids.map(cpu_seconds);
-    [a, b, c, machine_busy_seconds()]
-}
-
-/// Busy CPU seconds of all cores together since boot, from the `cpu` line of /proc/stat.
-fn machine_busy_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return 0.0;
-    };
-    let Some(line) = stat.lines().next() else {
-        return 0.0;
-    };
-    let v: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().unwrap_or(0.0))
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest time is inside user).
-    let at = |i: usize| v.get(i).copied().unwrap_or(0.0);
-    (at(0) + at(1) + at(2) + at(5) + at(6) + at(7)) / 100.0
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-/// User plus system CPU seconds of a process so far (clock ticks of 1/100 s).
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // The command name may hold spaces; utime and stime are fields 14 and 15, the 12th and
-    // 13th after the closing parenthesis.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (tick(11) + tick(12)) / 100.0
-}
-
 /// A `kB` line of /proc/PID/status, such as `VmRSS:`.
 fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -1401,63 +1336,6 @@ fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
-}
-
-fn open_file_limit() -> Option<u64> {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("Max open files"))?
-        .split_whitespace()
-        .nth(3)?
-        .parse()
-        .ok()
-}
-
-fn tokio_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// The release daemon: the one `cargo bench` just built, else target/release/telebridge,
-/// built with `cargo build --release` when missing.
-fn daemon_binary() -> anyhow::Result<PathBuf> {
-    if let Some(p) = option_env!("CARGO_BIN_EXE_telebridge") {
-        let p = PathBuf::from(p);
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let p = root.join("target/release/telebridge");
-    if !p.exists() {
-        eprintln!(
-            "NOTE: {} is missing; building it now with `cargo build --release`",
-            p.display()
-        );
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--bin", "telebridge"])
-            .current_dir(&root)
-            .status()
-            .context("running cargo build --release")?;
-        if !status.success() || !p.exists() {
-            bail!("`cargo build --release` failed ({status}); build the daemon first");
-        }
-    }
-    Ok(p)
-}
-
-fn modified(p: &Path) -> String {
-    std::fs::metadata(p)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or("?".into(), |d| {
-            let secs = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |n| n.as_secs())
-                .saturating_sub(d.as_secs());
-            format!("{} min ago", secs / 60)
-        })
 }
 
 struct Machine {
