@@ -397,3 +397,65 @@ pub fn modified(p: &Path) -> String {
             format!("{} min ago", secs / 60)
         })
 }
+
+/// The machine a benchmark ran on.
+pub struct Machine {
+    pub nproc: String,
+    pub cpu: String,
+    pub mem: String,
+    pub kernel: String,
+}
+
+impl Machine {
+    pub fn read() -> Machine {
+        let nproc = Command::new("nproc")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| tokio_workers().to_string());
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or("unknown".into(), |(_, v)| v.trim().to_owned());
+        let mhz = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("cpu MHz"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned());
+        let cpu = match mhz {
+            Some(m) => format!("{cpu} @ {m} MHz"),
+            None => cpu,
+        };
+        let mem = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .map(|l| l["MemTotal:".len()..].trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        Machine {
+            nproc,
+            cpu,
+            mem,
+            kernel,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "nproc {}, CPU {}, memory {}, Linux {}, open-file limit {}",
+            self.nproc,
+            self.cpu,
+            self.mem,
+            self.kernel,
+            open_file_limit().map_or("?".into(), |n| n.to_string())
+        )
+    }
+}
