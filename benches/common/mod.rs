@@ -459,3 +459,35 @@ impl Machine {
         )
     }
 }
+
+/// Runs a benchmark on a multi-threaded runtime; on Ctrl-C its future is dropped, and with it
+/// every guard (daemon, broker). Errors are printed; the exit code says how it went.
+pub fn run_to_exit(
+    bench: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = bench => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
