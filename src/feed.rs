@@ -226,11 +226,6 @@ impl Feed {
         self.subscribers.load(Ordering::Acquire) > 0
     }
 
-    /// Number of connected clients.
-    pub fn subscribers(&self) -> usize {
-        self.subscribers.load(Ordering::Relaxed)
-    }
-
     /// Appends events; the oldest fall out when the ring is full.
     pub fn push(&self, events: impl IntoIterator<Item = Event>) {
         let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());

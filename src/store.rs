@@ -162,13 +162,6 @@ impl Store {
         ))
     }
 
-    /// Number of stored readings.
-    pub async fn count_readings(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM readings")
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
     /// Every device.
     pub async fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
         let rows = sqlx::query("SELECT id, first_seen, last_seen, online FROM devices ORDER BY id")
@@ -184,25 +177,6 @@ impl Store {
                 })
             })
             .collect()
-    }
-
-    /// Readings of one device after `after`, oldest first.
-    pub async fn readings(
-        &self,
-        device: &str,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<StoredReading>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
-             FROM readings WHERE device = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(device)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(reading_from_row).collect()
     }
 
     /// Readings after `after` in seq order, of the given devices (all when `None`).
@@ -409,15 +383,6 @@ impl Store {
         )
         .fetch_one(&self.pool)
         .await?)
-    }
-
-    /// One command.
-    pub async fn command(&self, id: &str) -> Result<Option<CommandRow>, StoreError> {
-        let row = sqlx::query("SELECT * FROM commands WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(command_from_row).transpose()
     }
 
     /// The key that signs session cookies: made once, kept in the database.
