@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use telebridge::app::RunOptions;
 use telebridge::config::{Config, ConfigError, MqttUrl, TopicsConfig};
@@ -158,14 +159,16 @@ where
 }
 
 async fn run(cfg: Config, options: RunOptions) -> anyhow::Result<()> {
+    let signals = Signals::register()?;
     let app = telebridge::App::build(cfg, options).await?;
     println!("telebridge dashboard: http://{}/", app.http_addr());
     let shutdown = CancellationToken::new();
-    tokio::spawn(signal_on(shutdown.clone()));
+    tokio::spawn(signals.cancel_on_first(shutdown.clone()));
     app.run(shutdown).await
 }
 
 async fn simulate_only(sim: SimConfig) -> anyhow::Result<()> {
+    let signals = Signals::register()?;
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     simulate::spawn(&sim, &tracker, &cancel).map_err(anyhow::Error::msg)?;
@@ -174,23 +177,33 @@ async fn simulate_only(sim: SimConfig) -> anyhow::Result<()> {
         "simulating {} devices at {}/s each against {}",
         sim.devices, sim.rate, sim.url
     );
-    signal_on(cancel.clone()).await;
+    signals.cancel_on_first(cancel.clone()).await;
     tracker.wait().await;
     Ok(())
 }
 
-/// Fires `token` on SIGTERM or SIGINT.
-async fn signal_on(token: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, registered at once: a signal that arrives before anything waits for
+/// it is kept, not left to its default action (killing the process mid-write).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+        })
     }
-    token.cancel();
+
+    /// Fires `token` on the first of them.
+    async fn cancel_on_first(mut self, token: CancellationToken) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
+        token.cancel();
+    }
 }
