@@ -21,7 +21,7 @@ use crate::mqtt::{MqttHandle, MqttLink};
 use crate::observability::Metrics;
 use crate::simulate::{self, SimConfig};
 use crate::store::{self, Committed, Store};
-use crate::{service, web};
+use crate::{service, tls, web};
 
 /// How long shutdown may take before we stop waiting.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
@@ -83,7 +83,8 @@ impl App {
             .await
             .with_context(|| format!("opening storage at {}", config.storage.path.display()))?;
         let metrics = Arc::new(Metrics::default());
-        let link = MqttLink::new(&config.mqtt, &config.topics, metrics.clone());
+        let link = MqttLink::new(&config.mqtt, &config.topics, metrics.clone())
+            .context("setting up TLS for [mqtt]")?;
         let (last_seq_tx, last_seq) = watch::channel(0);
         let feed = Feed::new(config.http.sse_buffer);
         let commands = Commands::new(
@@ -117,7 +118,13 @@ impl App {
             heartbeat: config.http.heartbeat,
             streams_stop: CancellationToken::new(),
         };
-        let http = web::Server::bind(config.http.listen, shared.clone())
+        let https = match (&config.http.tls_cert, &config.http.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(tls::server_config(cert, key).context("loading the HTTPS certificate")?)
+            }
+            _ => None,
+        };
+        let http = web::Server::bind(config.http.listen, https, shared.clone())
             .await
             .with_context(|| format!("listening for HTTP on {}", config.http.listen))?;
         Ok(App {
@@ -140,6 +147,12 @@ impl App {
     /// The address the HTTP server listens on.
     pub fn http_addr(&self) -> SocketAddr {
         self.http.local_addr()
+    }
+
+    /// The dashboard's URL: `http://` or `https://` and the bound address.
+    pub fn dashboard_url(&self) -> String {
+        let scheme = if self.http.is_tls() { "https" } else { "http" };
+        format!("{scheme}://{}/", self.http.local_addr())
     }
 
     /// Whether the embedded broker was started.
@@ -219,6 +232,7 @@ impl App {
                 rate: 1.0,
                 prefix: "demo".into(),
                 topics: config.topics.clone(),
+                tls: config.mqtt.tls_files(),
             };
             simulate::spawn(&sim, &tracker, &shutdown.child_token()).map_err(anyhow::Error::msg)?;
             tracing::info!(devices = sim.devices, "demo: simulated devices started");

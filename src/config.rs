@@ -169,6 +169,12 @@ pub struct MqttConfig {
     pub username: Option<String>,
     /// Optional password.
     pub password: Option<Secret>,
+    /// With `mqtts://`: CA certificates (PEM) to trust the broker with; default the system's.
+    pub tls_ca: Option<PathBuf>,
+    /// With `mqtts://`: client certificate chain (PEM) for brokers that require one.
+    pub tls_cert: Option<PathBuf>,
+    /// With `mqtts://`: the client certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
     /// Subscription QoS for telemetry and status (0, 1 or 2).
     pub qos: u8,
     /// MQTT keep-alive interval.
@@ -197,12 +203,26 @@ impl Default for MqttConfig {
             client_id: "telebridge".into(),
             username: None,
             password: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
             qos: 1,
             keep_alive: Duration::from_secs(30),
             max_payload: 65_536,
             shared_group: None,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl MqttConfig {
+    /// The TLS files for an `mqtts://` connection.
+    pub fn tls_files(&self) -> crate::tls::ClientFiles {
+        crate::tls::ClientFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
         }
     }
 }
@@ -269,6 +289,10 @@ pub struct HttpConfig {
     pub max_ws_clients: usize,
     /// Most SSE streams and WebSockets open from one client address.
     pub max_streams_per_ip: usize,
+    /// Certificate chain (PEM) to serve HTTPS with; with `tls_key`, the listener speaks only TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -282,6 +306,8 @@ impl Default for HttpConfig {
             max_sse_clients: 15_000,
             max_ws_clients: 1_000,
             max_streams_per_ip: 1_000,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -484,6 +510,35 @@ impl fmt::Display for ProblemList<'_> {
     }
 }
 
+/// Checks a `tls_cert` / `tls_key` pair: both or neither, readable, and matching.
+fn tls_identity_problems(
+    bad: &mut impl FnMut(&str, String),
+    section: &str,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+) {
+    let (cert_key, key_key) = (format!("{section}.tls_cert"), format!("{section}.tls_key"));
+    match (cert, key) {
+        (None, None) => {}
+        (Some(_), None) => bad(&cert_key, format!("needs {key_key} too")),
+        (None, Some(_)) => bad(&key_key, format!("needs {cert_key} too")),
+        (Some(cert), Some(key)) => {
+            let cert_ok = crate::tls::load_certs(cert)
+                .map_err(|e| bad(&cert_key, e.to_string()))
+                .is_ok();
+            let key_ok = crate::tls::load_key(key)
+                .map_err(|e| bad(&key_key, e.to_string()))
+                .is_ok();
+            if cert_ok
+                && key_ok
+                && let Err(e) = crate::tls::check_identity(cert, key)
+            {
+                bad(&key_key, e.to_string());
+            }
+        }
+    }
+}
+
 /// Keys each section accepts; kept in step with the structs by a test on `config.toml`.
 const SCHEMA: &[(&str, &[&str])] = &[
     ("broker", &["mode", "listen"]),
@@ -494,6 +549,9 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "client_id",
             "username",
             "password",
+            "tls_ca",
+            "tls_cert",
+            "tls_key",
             "qos",
             "keep_alive",
             "max_payload",
@@ -514,6 +572,8 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "max_sse_clients",
             "max_ws_clients",
             "max_streams_per_ip",
+            "tls_cert",
+            "tls_key",
         ],
     ),
     (
@@ -749,6 +809,27 @@ impl Config {
                 ),
             );
         }
+        let mqtt = &self.mqtt;
+        if !mqtt.url.tls {
+            for (key, set) in [
+                ("mqtt.tls_ca", mqtt.tls_ca.is_some()),
+                ("mqtt.tls_cert", mqtt.tls_cert.is_some()),
+                ("mqtt.tls_key", mqtt.tls_key.is_some()),
+            ] {
+                if set {
+                    bad(
+                        key,
+                        "is only used over TLS: write mqtt.url as mqtts://HOST:PORT".into(),
+                    );
+                }
+            }
+        } else if let Some(ca) = &mqtt.tls_ca
+            && let Err(e) = crate::tls::load_certs(ca)
+        {
+            bad("mqtt.tls_ca", e.to_string());
+        }
+        tls_identity_problems(&mut bad, "mqtt", &mqtt.tls_cert, &mqtt.tls_key);
+        tls_identity_problems(&mut bad, "http", &self.http.tls_cert, &self.http.tls_key);
         out
     }
 }

@@ -23,7 +23,7 @@
 //! - [`commands`]: operator commands over [`ws`] (`/ws`, wire types in [`protocol`]) and
 //!   HTTP, published to devices and followed to their ack, timeout or expiry.
 //! - [`auth`]: tokens, roles, device scopes and browser sessions; [`limits`]: connection caps.
-//! - [`web`]: the HTTP server, routes and JSON errors.
+//! - [`web`]: the HTTP server, routes and JSON errors; [`tls`]: certificates for HTTPS and MQTT.
 //! - [`observability`]: logging and metrics.
 //! - [`service`]: systemd readiness and watchdog.
 //! - [`simulate`]: simulated devices.
@@ -47,6 +47,7 @@ pub mod service;
 pub mod simulate;
 pub mod sse;
 pub mod store;
+pub mod tls;
 pub mod web;
 pub mod ws;
 

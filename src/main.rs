@@ -9,6 +9,7 @@ use telebridge::app::RunOptions;
 use telebridge::config::{Config, ConfigError, MqttUrl, TopicsConfig};
 use telebridge::observability;
 use telebridge::simulate::{self, SimConfig};
+use telebridge::tls::ClientFiles;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -63,6 +64,15 @@ enum Command {
         /// Device id prefix.
         #[arg(long, default_value = "sim")]
         prefix: String,
+        /// With mqtts://: CA certificates (PEM) that sign the broker's; default the system's.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+        /// With mqtts://: client certificate (PEM) for brokers that require one.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// With mqtts://: the client certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -111,6 +121,9 @@ fn main() -> ExitCode {
             devices,
             rate,
             prefix,
+            tls_ca,
+            tls_cert,
+            tls_key,
         } => {
             observability::init_logging(&Default::default());
             if !(rate > 0.0 && rate <= 100_000.0) || devices == 0 {
@@ -123,6 +136,11 @@ fn main() -> ExitCode {
                 rate,
                 prefix,
                 topics: TopicsConfig::default(),
+                tls: ClientFiles {
+                    ca: tls_ca,
+                    cert: tls_cert,
+                    key: tls_key,
+                },
             };
             runtime(|| simulate_only(sim))
         }
@@ -161,7 +179,7 @@ where
 async fn run(cfg: Config, options: RunOptions) -> anyhow::Result<()> {
     let signals = Signals::register()?;
     let app = telebridge::App::build(cfg, options).await?;
-    println!("telebridge dashboard: http://{}/", app.http_addr());
+    println!("telebridge dashboard: {}", app.dashboard_url());
     let shutdown = CancellationToken::new();
     tokio::spawn(signals.cancel_on_first(shutdown.clone()));
     app.run(shutdown).await

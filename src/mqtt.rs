@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{MqttConfig, TopicsConfig};
 use crate::ingest::{AckSink, AckToken, Ingest, Item};
 use crate::observability::Metrics;
+use crate::tls::{self, TlsError};
 
 /// Largest MQTT packet we accept. Refusing a big packet would close the connection and the
 /// broker would redeliver it forever (a poison message); instead it is read, rejected by
@@ -106,10 +107,15 @@ pub fn qos(n: u8) -> QoS {
 }
 
 impl MqttLink {
-    /// Builds the client: persistent session, manual acks, TCP_NODELAY.
-    pub fn new(cfg: &MqttConfig, topics: &TopicsConfig, metrics: Arc<Metrics>) -> Self {
+    /// Builds the client: persistent session, manual acks, TCP_NODELAY, TLS for `mqtts://`.
+    pub fn new(
+        cfg: &MqttConfig,
+        topics: &TopicsConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, TlsError> {
         let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.url.host.clone(), cfg.url.port);
-        opts.set_keep_alive(cfg.keep_alive)
+        opts.set_transport(tls::mqtt_transport(&cfg.url, &cfg.tls_files())?)
+            .set_keep_alive(cfg.keep_alive)
             .set_clean_session(false)
             .set_manual_acks(true)
             .set_max_packet_size(MAX_INCOMING_PACKET, 1024 * 1024);
@@ -137,7 +143,7 @@ impl MqttLink {
             // Answers to commands: every instance must see the answers to its own commands.
             (topics.ack.filter(), QoS::AtLeastOnce),
         ];
-        Self {
+        Ok(Self {
             handle: MqttHandle {
                 client,
                 conn: Arc::new(Mutex::new(Connection::default())),
@@ -147,7 +153,7 @@ impl MqttLink {
             subscriptions,
             reconnect_min: cfg.reconnect_min,
             reconnect_max: cfg.reconnect_max,
-        }
+        })
     }
 
     /// A handle for publishing and status.

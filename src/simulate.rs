@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, NetworkOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, NetworkOptions, Packet, QoS, Transport};
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{MqttUrl, TopicsConfig};
 use crate::domain::{self, DeviceId};
+use crate::tls::{self, ClientFiles};
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -25,6 +26,8 @@ pub struct SimConfig {
     pub prefix: String,
     /// Topic templates.
     pub topics: TopicsConfig,
+    /// CA and client certificate for an `mqtts://` broker.
+    pub tls: ClientFiles,
 }
 
 /// A command as devices receive it.
@@ -42,16 +45,30 @@ pub fn spawn(
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) -> Result<(), String> {
+    let transport = tls::mqtt_transport(&cfg.url, &cfg.tls)
+        .map_err(|e| format!("TLS for the simulated devices: {e}"))?;
     let width = cfg.devices.to_string().len().max(2);
     for i in 1..=cfg.devices {
         let id = DeviceId::parse(&format!("{}-{:0width$}", cfg.prefix, i))
             .map_err(|e| format!("bad device prefix {:?}: {e}", cfg.prefix))?;
-        tracker.spawn(run_device(cfg.clone(), id, i, cancel.clone()));
+        tracker.spawn(run_device(
+            cfg.clone(),
+            transport.clone(),
+            id,
+            i,
+            cancel.clone(),
+        ));
     }
     Ok(())
 }
 
-async fn run_device(cfg: SimConfig, id: DeviceId, index: usize, cancel: CancellationToken) {
+async fn run_device(
+    cfg: SimConfig,
+    transport: Transport,
+    id: DeviceId,
+    index: usize,
+    cancel: CancellationToken,
+) {
     let status_topic = cfg.topics.status.topic_for(&id);
     let telemetry_topic = cfg.topics.telemetry.topic_for(&id);
     let command_topic = cfg.topics.command.topic_for(&id);
@@ -61,7 +78,8 @@ async fn run_device(cfg: SimConfig, id: DeviceId, index: usize, cancel: Cancella
         cfg.url.host.clone(),
         cfg.url.port,
     );
-    opts.set_keep_alive(Duration::from_secs(30))
+    opts.set_transport(transport)
+        .set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
         .set_last_will(LastWill::new(
             &status_topic,

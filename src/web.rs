@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use salvo::affix_state;
+use salvo::conn::Listener as _;
+use salvo::conn::rustls::{RustlsAcceptor, RustlsConfig, RustlsListener};
 use salvo::conn::tcp::TcpAcceptor;
 use salvo::prelude::*;
 use serde_json::json;
@@ -15,14 +17,36 @@ use crate::{api, ws};
 
 /// The bound HTTP server.
 pub struct Server {
-    acceptor: TcpAcceptor,
+    acceptor: Acceptor,
     addr: SocketAddr,
     shared: Shared,
 }
 
+/// Plain HTTP, or HTTPS; kept as two concrete types so the plain path stays unboxed.
+enum Acceptor {
+    Plain(TcpAcceptor),
+    Tls(RustlsAcceptor<TcpAcceptor>),
+}
+
+/// Hands an already bound listener to salvo's TLS layer.
+struct Bound(TcpAcceptor);
+
+impl salvo::conn::Listener for Bound {
+    type Acceptor = TcpAcceptor;
+
+    async fn try_bind(self) -> salvo::Result<TcpAcceptor> {
+        Ok(self.0)
+    }
+}
+
 impl Server {
-    /// Binds `addr` (port 0 picks a free port) with TCP_NODELAY on every accepted socket.
-    pub async fn bind(addr: SocketAddr, shared: Shared) -> std::io::Result<Server> {
+    /// Binds `addr` (port 0 picks a free port) with TCP_NODELAY on every accepted socket,
+    /// speaking TLS when `tls` is given.
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: Option<RustlsConfig>,
+        shared: Shared,
+    ) -> std::io::Result<Server> {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
             socket2::Type::STREAM,
@@ -38,6 +62,15 @@ impl Server {
         let listener = tokio::net::TcpListener::from_std(socket.into())?;
         let addr = listener.local_addr()?;
         let acceptor = TcpAcceptor::try_from(listener)?;
+        let acceptor = match tls {
+            None => Acceptor::Plain(acceptor),
+            Some(config) => Acceptor::Tls(
+                RustlsListener::new(config, Bound(acceptor))
+                    .try_bind()
+                    .await
+                    .map_err(std::io::Error::other)?,
+            ),
+        };
         Ok(Server {
             acceptor,
             addr,
@@ -50,17 +83,33 @@ impl Server {
         self.addr
     }
 
+    /// Whether it speaks HTTPS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.acceptor, Acceptor::Tls(_))
+    }
+
     /// Serves until `cancel` fires, then stops gracefully.
     pub async fn run(self, cancel: CancellationToken) {
         let router = router(self.shared);
-        let server = salvo::Server::new(self.acceptor);
-        let handle = server.handle();
-        tokio::spawn(async move {
-            cancel.cancelled().await;
-            handle.stop_graceful(Duration::from_secs(3));
-        });
-        server.serve(router).await;
+        match self.acceptor {
+            Acceptor::Plain(a) => serve(a, router, cancel).await,
+            Acceptor::Tls(a) => serve(a, router, cancel).await,
+        }
     }
+}
+
+async fn serve<A: salvo::conn::Acceptor + Send>(
+    acceptor: A,
+    router: Router,
+    cancel: CancellationToken,
+) {
+    let server = salvo::Server::new(acceptor);
+    let handle = server.handle();
+    tokio::spawn(async move {
+        cancel.cancelled().await;
+        handle.stop_graceful(Duration::from_secs(3));
+    });
+    server.serve(router).await;
 }
 
 /// Every route.
@@ -243,6 +292,8 @@ mod session {
             .session_for(&p, crate::domain::now_ms() + auth::SESSION_MS);
         let mut cookie = salvo::http::cookie::Cookie::new(auth::COOKIE, value);
         cookie.set_http_only(true);
+        // Over HTTPS the browser must never send it in clear text.
+        cookie.set_secure(*req.scheme() == salvo::http::uri::Scheme::HTTPS);
         cookie.set_same_site(salvo::http::cookie::SameSite::Strict);
         cookie.set_path("/");
         cookie.set_max_age(salvo::http::cookie::time::Duration::milliseconds(

@@ -61,7 +61,7 @@ async fn get_json(daemon: &Daemon, path: &str, token: Option<&str>) -> serde_jso
 }
 
 fn get(daemon: &Daemon, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
-    let r = reqwest::Client::new().get(format!("http://{}{}", daemon.http, path));
+    let r = crate::support::http().get(format!("http://{}{}", daemon.http, path));
     match token {
         Some(t) => r.bearer_auth(t),
         None => r,
@@ -85,7 +85,7 @@ async fn every_endpoint_refuses_a_missing_or_bad_token() {
             assert_eq!(body["error"]["code"], "unauthorized");
         }
     }
-    let r = reqwest::Client::new()
+    let r = crate::support::http()
         .post(format!(
             "http://{}/api/devices/pump-1/commands",
             daemon.http
@@ -168,7 +168,7 @@ async fn a_viewer_sees_only_its_devices_and_cannot_command() {
     };
     assert_eq!(reply["code"], "forbidden", "{reply}");
     assert_eq!(reply["ref"], "v");
-    let r = reqwest::Client::new()
+    let r = crate::support::http()
         .post(format!(
             "http://{}/api/devices/sensor-1/commands",
             daemon.http
@@ -191,7 +191,7 @@ async fn a_viewer_sees_only_its_devices_and_cannot_command() {
 async fn a_scoped_token_never_sees_other_devices_on_the_live_stream_or_in_a_replay() {
     let (_b, daemon, t) = setup("").await;
     // Replay from 0 through a session cookie, the way a browser connects.
-    let client = reqwest::Client::builder()
+    let client = crate::support::http_builder()
         .cookie_store(true)
         .build()
         .expect("client");
@@ -261,7 +261,7 @@ async fn a_scoped_token_never_sees_other_devices_on_the_live_stream_or_in_a_repl
 async fn an_operator_commands_only_devices_in_its_scope() {
     let (_b, daemon, t) = setup("").await;
     let post = |device: &str, token: &str| {
-        reqwest::Client::new()
+        crate::support::http()
             .post(format!(
                 "http://{}/api/devices/{device}/commands",
                 daemon.http

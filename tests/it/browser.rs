@@ -274,7 +274,7 @@ async fn wait_for_devices(daemon: &Daemon, prefix: &str, n: usize) {
         || {
             let url = url.clone();
             async move {
-                let seen = match reqwest::get(&url).await {
+                let seen = match crate::support::http().get(&url).send().await {
                     Ok(r) if r.status().is_success() => {
                         let body: Value = r.json().await.ok()?;
                         body["devices"]
@@ -313,7 +313,7 @@ async fn the_dashboard_is_built_in_with_strict_headers() {
     // Arrange
     let broker = Mosquitto::start().await;
     let daemon = Daemon::start(&broker.url(), "").await;
-    let client = reqwest::Client::new();
+    let client = crate::support::http();
     let url = |p: &str| format!("http://{}{p}", daemon.http);
 
     // Act
@@ -466,7 +466,7 @@ async fn the_dashboard_signs_in_lists_devices_charts_live_points_and_shows_comma
         failed.contains("failed") && failed.contains("unknown command"),
         "{failed}"
     );
-    let commands: Value = reqwest::Client::new()
+    let commands: Value = crate::support::http()
         .get(format!("http://{}/api/commands?device=sim-02", daemon.http))
         .bearer_auth(&token)
         .send()

@@ -410,7 +410,7 @@ async fn commands_over_http_are_accepted_with_202_and_logged() {
     let broker = Mosquitto::start().await;
     let daemon = Daemon::start(&broker.url(), "").await;
     let mut device = FakeDevice::connect(&broker.url(), "dev-9", "devices/dev-9/commands").await;
-    let client = reqwest::Client::new();
+    let client = crate::support::http();
     let url = format!("http://{}/api/devices/dev-9/commands", daemon.http);
 
     let r = client

@@ -10,3 +10,4 @@ mod history;
 mod ingest;
 mod sse;
 mod support;
+mod tls;

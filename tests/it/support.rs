@@ -15,6 +15,21 @@ use tempfile::TempDir;
 /// The daemon binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_telebridge");
 
+/// A builder for the tests' HTTP clients. reqwest is built with rustls but no crypto provider
+/// of its own (the daemon's is ring), so ring is installed as the process default first.
+pub fn http_builder() -> reqwest::ClientBuilder {
+    static CRYPTO: std::sync::Once = std::sync::Once::new();
+    CRYPTO.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::builder()
+}
+
+/// A new HTTP client with the defaults.
+pub fn http() -> reqwest::Client {
+    http_builder().build().expect("HTTP client")
+}
+
 /// A free loopback port (the OS picks it; there is a small window before we use it).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -61,12 +76,18 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Starts it and waits until it accepts connections.
     pub async fn start() -> Mosquitto {
+        Self::start_with("", "").await
+    }
+
+    /// Like `start`, with `head` before our anonymous listener and `tail` after it (more
+    /// listeners, for example).
+    pub async fn start_with(head: &str, tail: &str) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\n\
+            "{head}\nlistener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\n\
              max_queued_messages 10000000\nmax_queued_bytes 0\nset_tcp_nodelay true\n\
-             persistence true\npersistence_location {}/\nautosave_interval 1\nlog_dest stderr\nlog_type error\n",
+             persistence true\npersistence_location {}/\nautosave_interval 1\nlog_dest stderr\nlog_type error\n{tail}\n",
             dir.path().display()
         );
         std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("write mosquitto.conf");
@@ -152,6 +173,12 @@ pub struct Daemon {
     /// The SQLite file.
     pub db: PathBuf,
     log: PathBuf,
+    /// `http` or `https`, as the daemon printed it.
+    pub scheme: String,
+    /// The client that reaches it (one that trusts the test CA, for HTTPS).
+    pub client: reqwest::Client,
+    /// Whether `spawn` waits for `/readyz` (it also needs the broker connected).
+    wait_ready: bool,
 }
 
 impl Daemon {
@@ -159,6 +186,17 @@ impl Daemon {
     /// `extra` may hold whole sections; `[mqtt]`, `[storage]` and `[http]` keys given here
     /// are added to ours.
     pub async fn start(broker_url: &str, extra: &str) -> Daemon {
+        Self::start_with(broker_url, extra, http(), true).await
+    }
+
+    /// Like `start`, reaching the daemon with `client`; with `wait_ready` false it returns
+    /// as soon as the daemon prints its address, connected to the broker or not.
+    pub async fn start_with(
+        broker_url: &str,
+        extra: &str,
+        client: reqwest::Client,
+        wait_ready: bool,
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("telebridge.db");
         let config = dir.path().join("config.toml");
@@ -182,6 +220,9 @@ impl Daemon {
             config,
             db,
             log,
+            scheme: "http".into(),
+            client,
+            wait_ready,
         };
         d.spawn().await;
         d
@@ -210,8 +251,11 @@ impl Daemon {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("telebridge dashboard: http://") {
-                    let _ = tx.send(rest.trim_end_matches('/').parse::<SocketAddr>().ok());
+                if let Some(url) = line.strip_prefix("telebridge dashboard: ")
+                    && let Some((scheme, rest)) = url.split_once("://")
+                {
+                    let addr = rest.trim_end_matches('/').parse::<SocketAddr>().ok();
+                    let _ = tx.send(addr.map(|a| (scheme.to_owned(), a)));
                 }
             }
         });
@@ -221,7 +265,7 @@ impl Daemon {
         .await
         .expect("join");
         self.child = Some(child);
-        let Some(addr) = addr else {
+        let Some((scheme, addr)) = addr else {
             if let Some(mut c) = self.child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
@@ -229,15 +273,25 @@ impl Daemon {
             panic!("telebridge did not start; its log:\n{}", self.log_text());
         };
         self.http = addr;
-        let url = format!("http://{addr}/readyz");
+        self.scheme = scheme;
+        if !self.wait_ready {
+            return;
+        }
+        let url = self.url("/readyz");
+        let client = self.client.clone();
         wait_for(Duration::from_secs(20), "telebridge to be ready", || {
-            let url = url.clone();
+            let (url, client) = (url.clone(), client.clone());
             async move {
-                let r = reqwest::get(&url).await.ok()?;
+                let r = client.get(&url).send().await.ok()?;
                 r.status().is_success().then_some(())
             }
         })
         .await;
+    }
+
+    /// The full URL of `path` on the daemon.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}://{}{}", self.scheme, self.http, path)
     }
 
     /// The daemon's log so far.
@@ -274,7 +328,9 @@ impl Daemon {
 
     /// GET a path on the daemon.
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        reqwest::get(format!("http://{}{}", self.http, path))
+        self.client
+            .get(self.url(path))
+            .send()
             .await
             .expect("HTTP request")
     }
@@ -575,7 +631,7 @@ impl SseClient {
     /// Opens `path` on the daemon, optionally with a `Last-Event-ID` header, and waits for the
     /// stream to start (the `retry:` line), so that the client is subscribed on return.
     pub async fn connect(addr: SocketAddr, path: &str, last_event_id: Option<&str>) -> SseClient {
-        let mut req = reqwest::Client::new().get(format!("http://{addr}{path}"));
+        let mut req = http().get(format!("http://{addr}{path}"));
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id);
         }
@@ -876,7 +932,7 @@ impl Ws {
 impl SseClient {
     /// Like `connect`, with `Authorization: Bearer`.
     pub async fn connect_with_token(addr: SocketAddr, path: &str, token: &str) -> SseClient {
-        let response = reqwest::Client::new()
+        let response = http()
             .get(format!("http://{addr}{path}"))
             .bearer_auth(token)
             .send()
