@@ -33,11 +33,28 @@ struct Connection {
     connected: bool,
 }
 
+/// Acks for committed messages on their way to the poll task, which writes them straight
+/// to the connection, a whole batch per flush.
+///
+/// rumqttc serves one request per turn of its event loop and picks the request queue or the
+/// socket at random, while one socket turn reads up to ten messages; under heavy inbound
+/// traffic acks sent through its request queue fall ever further behind (rumqtt#1025).
+/// So only the first ack of a batch goes through that queue, as a wake-up that keeps the
+/// order: when the event loop reports it sent, the poll task writes the rest behind it.
+#[derive(Debug, Default)]
+struct AckQueue {
+    /// Acks that follow the one in rumqttc's request queue, in receive order.
+    tokens: Vec<AckToken>,
+    /// Whether a wake-up ack is in rumqttc's request queue.
+    waking: bool,
+}
+
 /// The client side of the MQTT link: publish commands, acknowledge messages.
 #[derive(Clone)]
 pub struct MqttHandle {
     client: AsyncClient,
     conn: Arc<Mutex<Connection>>,
+    acks: Arc<Mutex<AckQueue>>,
     metrics: Arc<Metrics>,
 }
 
@@ -53,7 +70,7 @@ impl MqttHandle {
     }
 }
 
-/// Sends acks for committed messages through rumqttc without ever waiting on it.
+/// Hands acks for committed messages to the poll task without ever waiting on it.
 pub struct Acker(MqttHandle);
 
 impl AckSink for Acker {
@@ -64,27 +81,35 @@ impl AckSink for Acker {
             tokens.clear();
             return;
         };
-        let mut sent = 0;
-        for token in tokens.iter() {
-            if token.generation != conn.generation || !conn.connected {
-                self.0.metrics.stale_acks.fetch_add(1, Ordering::Relaxed);
-                sent += 1;
-                continue;
-            }
-            let qos = if token.qos == 2 {
+        let before = tokens.len();
+        tokens.retain(|t| t.generation == conn.generation && conn.connected);
+        let stale = (before - tokens.len()) as u64;
+        self.0
+            .metrics
+            .stale_acks
+            .fetch_add(stale, Ordering::Relaxed);
+        let Some(first) = tokens.first() else {
+            return;
+        };
+        let Ok(mut queue) = self.0.acks.lock() else {
+            return;
+        };
+        if !queue.waking {
+            let qos = if first.qos == 2 {
                 QoS::ExactlyOnce
             } else {
                 QoS::AtLeastOnce
             };
             let mut stub = rumqttc::Publish::new(String::new(), qos, Vec::new());
-            stub.pkid = token.pkid;
+            stub.pkid = first.pkid;
             if self.0.client.try_ack(&stub).is_err() {
-                // The request queue is full: keep the rest for the writer's next retry.
-                break;
+                // rumqttc's request queue is full: the writer retries shortly.
+                return;
             }
-            sent += 1;
+            queue.waking = true;
+            tokens.remove(0);
         }
-        tokens.drain(..sent);
+        queue.tokens.append(tokens);
     }
 }
 
@@ -147,6 +172,7 @@ impl MqttLink {
             handle: MqttHandle {
                 client,
                 conn: Arc::new(Mutex::new(Connection::default())),
+                acks: Arc::new(Mutex::new(AckQueue::default())),
                 metrics,
             },
             eventloop,
@@ -200,6 +226,7 @@ impl MqttLink {
                     if !self.handle.connected() {
                         break;
                     }
+                    self.write_acks().await;
                     // Queued behind the final acks, so they reach the broker first.
                     let _ = self.handle.client.try_disconnect();
                     disconnect_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(2));
@@ -267,11 +294,13 @@ impl MqttLink {
                         tracing::debug!(filters = ?self.subscriptions, "subscribed");
                     }
                 }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                    if disconnect_deadline.is_some() {
-                        break;
-                    }
+                // The wake-up ack went out: the acks queued behind it follow.
+                Ok(Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_))) => {
+                    self.write_acks().await;
                 }
+                // After our DISCONNECT, keep reading (and dropping) until the broker closes
+                // the connection: closing a socket with unread data in it sends a reset, and a
+                // reset makes the broker discard the acks it has not read yet.
                 Ok(_) => {}
                 Err(e) => {
                     self.end_connection();
@@ -311,10 +340,59 @@ impl MqttLink {
         conn.generation
     }
 
+    /// Writes every queued ack to the connection and flushes once.
+    async fn write_acks(&mut self) {
+        let tokens = {
+            let mut queue = self.handle.acks.lock().unwrap_or_else(|p| p.into_inner());
+            queue.waking = false;
+            std::mem::take(&mut queue.tokens)
+        };
+        if tokens.is_empty() {
+            return;
+        }
+        let Some(network) = self.eventloop.network.as_mut() else {
+            // Disconnected: the broker delivers these again.
+            let n = tokens.len() as u64;
+            self.handle
+                .metrics
+                .stale_acks
+                .fetch_add(n, Ordering::Relaxed);
+            return;
+        };
+        for t in &tokens {
+            // rumqttc's state keeps nothing for an outgoing PUBACK or PUBREC; it only
+            // reports them, so writing them directly leaves it consistent.
+            let packet = if t.qos == 2 {
+                Packet::PubRec(rumqttc::PubRec::new(t.pkid))
+            } else {
+                Packet::PubAck(rumqttc::PubAck::new(t.pkid))
+            };
+            if let Err(e) = network.write(packet).await {
+                // The next poll reports the broken connection and reconnects; the broker
+                // delivers the unacknowledged messages again.
+                tracing::debug!(error = %e, "writing acks failed");
+                return;
+            }
+        }
+        if let Err(e) = network.flush().await {
+            tracing::debug!(error = %e, "flushing acks failed");
+        }
+    }
+
     fn end_connection(&mut self) {
         let mut conn = self.handle.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.generation += 1;
         conn.connected = false;
+        // Acks for the old connection are void: its messages come again.
+        if let Ok(mut queue) = self.handle.acks.lock() {
+            let n = queue.tokens.len() as u64;
+            self.handle
+                .metrics
+                .stale_acks
+                .fetch_add(n, Ordering::Relaxed);
+            queue.tokens.clear();
+            queue.waking = false;
+        }
         // Drops any ack that slipped into the request queue for the old connection.
         self.eventloop.clean();
         self.handle
