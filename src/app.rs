@@ -176,6 +176,9 @@ impl App {
         } = self;
         let http_addr = http.local_addr();
         let tracker = TaskTracker::new();
+        // MQTT intake and the SQLite writer get a runtime and OS thread of their own, so
+        // that a thousand busy SSE streams on the main runtime never delay a commit.
+        let ingest_rt = IngestRuntime::start().context("starting the ingest thread")?;
         let writer_done = CancellationToken::new();
 
         let (items_tx, items_rx) = mpsc::channel(config.storage.queue);
@@ -185,24 +188,30 @@ impl App {
             let metrics = shared.metrics.clone();
             let storage = config.storage.clone();
             let done = writer_done.clone();
-            tracker.spawn(async move {
-                writer
-                    .run(storage, items_rx, control_rx, acker, metrics, committed)
-                    .await;
-                done.cancel();
-            });
+            tracker.spawn_on(
+                async move {
+                    writer
+                        .run(storage, items_rx, control_rx, acker, metrics, committed)
+                        .await;
+                    done.cancel();
+                },
+                ingest_rt.handle(),
+            );
         }
         let ingest = Arc::new(Ingest::new(
             config.topics.clone(),
             config.mqtt.max_payload,
             shared.metrics.clone(),
         ));
-        tracker.spawn(link.run(
-            ingest,
-            items_tx,
-            shutdown.child_token(),
-            writer_done.clone(),
-        ));
+        tracker.spawn_on(
+            link.run(
+                ingest,
+                items_tx,
+                shutdown.child_token(),
+                writer_done.clone(),
+            ),
+            ingest_rt.handle(),
+        );
         tracker.spawn(store::run_housekeeping(
             shared.store.clone(),
             control_tx,
@@ -256,10 +265,9 @@ impl App {
         tracing::info!(
             "shutting down: stopping intake, committing and acknowledging pending readings"
         );
-        if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
-            .await
-            .is_err()
-        {
+        let waited = tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait()).await;
+        ingest_rt.stop();
+        if waited.is_err() {
             anyhow::bail!(
                 "shutdown took longer than {SHUTDOWN_DEADLINE:?}; some tasks were abandoned"
             );
@@ -272,5 +280,47 @@ impl App {
             "stopped cleanly"
         );
         Ok(())
+    }
+}
+
+/// A current-thread runtime on its own OS thread, for intake and the writer.
+struct IngestRuntime {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IngestRuntime {
+    fn start() -> std::io::Result<IngestRuntime> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("ingest".into())
+            .spawn(move || {
+                // Runs the spawned tasks until told to stop (after they have finished).
+                let _ = rt.block_on(stopped);
+            })?;
+        Ok(IngestRuntime {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+
+    /// Stops the runtime; its tasks must have finished (the tracker waited for them).
+    fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
