@@ -158,6 +158,7 @@ impl Store {
                 insert_sql: HashMap::new(),
                 upsert_sql: HashMap::new(),
                 online,
+                seen_written: HashMap::new(),
             },
         ))
     }
@@ -547,7 +548,14 @@ pub struct Writer {
     /// Presence as stored, so that a device that comes back by sending telemetry gets a
     /// `status` event too.
     online: HashMap<Arc<str>, bool>,
+    /// `last_seen` as last written, per device.
+    seen_written: HashMap<Arc<str>, i64>,
 }
+
+/// How stale `devices.last_seen` may get for a device that stays online: rewriting the row
+/// in every transaction costs a statement and a page per commit, and the presence timeout
+/// it serves is at least a second.
+const LAST_SEEN_EVERY_MS: i64 = 250;
 
 /// Where committed work is announced.
 pub struct Committed {
@@ -655,6 +663,8 @@ struct DeviceChange {
     last: i64,
     online: Option<bool>,
     presence_at: Option<i64>,
+    /// An `online` / `offline` message is in the batch.
+    reported: bool,
 }
 
 impl Writer {
@@ -783,6 +793,7 @@ impl Writer {
                         last: r.received_at,
                         online: None,
                         presence_at: None,
+                        reported: false,
                     });
                     c.last = c.last.max(r.received_at);
                     // A device that sends telemetry is evidently online.
@@ -800,10 +811,12 @@ impl Writer {
                         last: *at,
                         online: None,
                         presence_at: None,
+                        reported: false,
                     });
                     c.last = c.last.max(*at);
                     c.online = Some(*online);
                     c.presence_at = Some(*at);
+                    c.reported = true;
                 }
                 Item::CommandAck(ack) => {
                     let c = devices.entry(&ack.device).or_insert(DeviceChange {
@@ -811,6 +824,7 @@ impl Writer {
                         last: ack.at,
                         online: None,
                         presence_at: None,
+                        reported: false,
                     });
                     c.last = c.last.max(ack.at);
                     // A device that answers is evidently online.
@@ -823,7 +837,17 @@ impl Writer {
                 Item::Skip(_) => {}
             }
         }
-        if readings.is_empty() && devices.is_empty() {
+        // A device already online that only sent readings or answers changes nothing but
+        // last_seen, which is written at most every LAST_SEEN_EVERY_MS.
+        devices.retain(|d, c| {
+            c.reported
+                || self.online.get(d.as_str()) != Some(&true)
+                || self
+                    .seen_written
+                    .get(d.as_str())
+                    .is_none_or(|&w| c.last - w >= LAST_SEEN_EVERY_MS)
+        });
+        if readings.is_empty() && devices.is_empty() && command_acks.is_empty() {
             return Ok((0, 0, self.next_seq - 1));
         }
         let mut seq = self.next_seq;
@@ -842,11 +866,10 @@ impl Writer {
                     .bind(r.topic.clone())
                     .bind(r.ts)
                     .bind(r.received_at);
-                q = if r.flags & domain::flags::RAW == 0 {
-                    // Checked to be UTF-8 JSON by ingest; stored as TEXT for SQLite's JSON functions.
-                    q.bind(String::from_utf8_lossy(&r.payload).into_owned())
-                } else {
-                    q.bind(r.payload.to_vec())
+                // Checked to be UTF-8 JSON by ingest; stored as TEXT for SQLite's JSON functions.
+                q = match std::str::from_utf8(&r.payload) {
+                    Ok(text) if r.flags & domain::flags::RAW == 0 => q.bind(text.to_owned()),
+                    _ => q.bind(r.payload.to_vec()),
                 };
                 q = q.bind(r.flags);
                 seq += 1;
@@ -904,6 +927,9 @@ impl Writer {
         }
         tx.commit().await?;
         self.next_seq = seq;
+        for (device, c) in devices {
+            self.seen_written.insert(device.shared(), c.last);
+        }
         Ok((readings.len() as u64, presence, seq - 1))
     }
 

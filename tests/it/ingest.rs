@@ -387,3 +387,35 @@ async fn retention_deletes_old_readings_and_keeps_new_ones() {
         "seq never goes back, even after deletions"
     );
 }
+
+#[tokio::test]
+async fn a_device_that_keeps_sending_stays_online_and_its_last_seen_follows_within_250_ms() {
+    // Arrange
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(&broker.url(), "[presence]\ntimeout = \"1s\"").await;
+    let publisher = Publisher::connect(&broker.url(), "keep-pub").await;
+    let db = daemon.db().await;
+
+    // Act: a reading every 100 ms for 2.5 s, longer than the presence timeout.
+    for n in 0..25 {
+        publisher
+            .publish("devices/k1/telemetry", QoS::AtLeastOnce, false, reading(n))
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    db.wait_count(25, T).await;
+
+    // Assert
+    let last_row = db.rows().await.last().map(|r| r.received_at).expect("rows");
+    let (online, last_seen) = db.device("k1").await.expect("k1 is a device");
+    assert!(online, "still online");
+    assert_eq!(
+        daemon.metric("telebridge_presence_timeouts_total").await,
+        0.0,
+        "never timed out while sending"
+    );
+    assert!(
+        last_row - last_seen <= 250 && last_seen <= last_row,
+        "last_seen {last_seen} within 250 ms of the last reading {last_row}"
+    );
+}
