@@ -80,11 +80,26 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Largest PEM file read; certificate chains are a few KiB (and `/dev/zero` never ends).
+const MAX_PEM_BYTES: u64 = 1024 * 1024;
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    use std::io::Read as _;
+    let err = |source| TlsError::Read {
         path: path.to_owned(),
         source,
-    })
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(err)?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(TlsError::Invalid {
+            path: path.to_owned(),
+            reason: format!("larger than {MAX_PEM_BYTES} bytes: not a PEM certificate or key"),
+        });
+    }
+    Ok(bytes)
 }
 
 /// Reads every certificate of a PEM file; at least one must be there.

@@ -431,3 +431,25 @@ fn check_names_each_tls_mistake_with_its_key() {
     ));
     assert_eq!(code, Some(0), "a complete TLS config passes: {err}");
 }
+
+#[test]
+fn check_refuses_a_tls_file_that_never_ends_instead_of_reading_it_forever() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[mqtt]\nurl = \"mqtts://127.0.0.1:8883\"\ntls_ca = \"/dev/zero\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("line 3: mqtt.tls_ca: /dev/zero: larger than 1048576 bytes"),
+        "{err}"
+    );
+}
