@@ -182,7 +182,6 @@ impl App {
         let writer_done = CancellationToken::new();
 
         let (items_tx, items_rx) = mpsc::channel(config.storage.queue);
-        let (control_tx, control_rx) = mpsc::channel(16);
         let acker = Box::new(link.acker());
         {
             let metrics = shared.metrics.clone();
@@ -191,7 +190,7 @@ impl App {
             tracker.spawn_on(
                 async move {
                     writer
-                        .run(storage, items_rx, control_rx, acker, metrics, committed)
+                        .run(storage, items_rx, acker, metrics, committed)
                         .await;
                     done.cancel();
                 },
@@ -214,7 +213,6 @@ impl App {
         );
         tracker.spawn(store::run_housekeeping(
             shared.store.clone(),
-            control_tx,
             config.storage.retention,
             config.storage.retention_interval,
             config.presence.timeout,

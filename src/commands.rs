@@ -94,13 +94,13 @@ impl Commands {
         let status = if offline { "queued" } else { "sent" };
         let inserted = self
             .store
-            .insert_command(&NewCommand {
-                id: &id,
-                device: device.as_str(),
-                name: &req.name,
-                params: &params,
+            .insert_command(NewCommand {
+                id: id.clone(),
+                device: device.to_string(),
+                name: req.name.clone(),
+                params: params.clone(),
                 status,
-                key: req.key.as_deref(),
+                key: req.key.clone(),
                 created_at: now,
                 expires_at: now + ttl,
                 sent_at: (!offline).then_some(now),

@@ -57,6 +57,9 @@ pub enum StoreError {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
+    /// Work for the writer that needs its connection (a second writing connection would
+    /// wait on SQLite's lock, sleeping in steps of up to tens of milliseconds).
+    control: mpsc::Sender<Control>,
 }
 
 /// A device row.
@@ -142,6 +145,7 @@ impl Store {
                 .into_iter()
                 .map(|(id, online)| (Arc::from(id), online))
                 .collect();
+        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts)
@@ -151,7 +155,7 @@ impl Store {
                 source,
             })?;
         Ok((
-            Store { pool },
+            Store { pool, control },
             Writer {
                 conn,
                 next_seq,
@@ -159,6 +163,7 @@ impl Store {
                 upsert_sql: HashMap::new(),
                 online,
                 seen_written: HashMap::new(),
+                control_rx,
             },
         ))
     }
@@ -267,62 +272,35 @@ impl Store {
         rows.iter().map(reading_from_row).collect()
     }
 
-    /// Stores a new command, or returns the existing one for a repeated idempotency key.
-    pub async fn insert_command(&self, c: &NewCommand<'_>) -> Result<Inserted, StoreError> {
-        let result = sqlx::query(
-            "INSERT INTO commands (id, device, name, params, status, idem_key, created_at, expires_at, sent_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(c.id)
-        .bind(c.device)
-        .bind(c.name)
-        .bind(c.params)
-        .bind(c.status)
-        .bind(c.key)
-        .bind(c.created_at)
-        .bind(c.expires_at)
-        .bind(c.sent_at)
-        .execute(&self.pool)
-        .await;
-        match result {
-            Ok(_) => Ok(Inserted::New),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && c.key.is_some() => {
-                let (id, status): (String, String) = sqlx::query_as(
-                    "SELECT id, status FROM commands WHERE device = ? AND idem_key = ?",
-                )
-                .bind(c.device)
-                .bind(c.key)
-                .fetch_one(&self.pool)
-                .await?;
-                Ok(Inserted::Existing { id, status })
-            }
-            Err(e) => Err(e.into()),
-        }
+    /// Hands work to the writer and waits for its answer.
+    async fn ask<T>(
+        &self,
+        work: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Control,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.control
+            .send(work(reply))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Stores a new command (through the writer), or returns the existing one for a repeated
+    /// idempotency key.
+    pub async fn insert_command(&self, command: NewCommand) -> Result<Inserted, StoreError> {
+        self.ask(|reply| Control::InsertCommand { command, reply })
+            .await
     }
 
     /// Marks a queued command as published; false when it is no longer queued.
     pub async fn mark_sent(&self, id: &str, at: i64) -> Result<bool, StoreError> {
-        let n = sqlx::query(
-            "UPDATE commands SET status = 'sent', sent_at = ? WHERE id = ? AND status = 'queued'",
-        )
-        .bind(at)
-        .bind(id)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n == 1)
+        let id = id.to_owned();
+        self.ask(|reply| Control::MarkSent { id, at, reply }).await
     }
 
     /// Queued commands whose ttl ran out become `expired`; returns (id, device).
     pub async fn expire_due(&self, now: i64) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(sqlx::query_as(
-            "UPDATE commands SET status = 'expired', finished_at = ? \
-             WHERE status = 'queued' AND expires_at <= ? RETURNING id, device",
-        )
-        .bind(now)
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?)
+        self.ask(|reply| Control::ExpireDue { now, reply }).await
     }
 
     /// Sent commands without an answer since before `cutoff` become `timeout`.
@@ -331,16 +309,99 @@ impl Store {
         cutoff: i64,
         now: i64,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(sqlx::query_as(
-            "UPDATE commands SET status = 'timeout', finished_at = ? \
-             WHERE status = 'sent' AND sent_at <= ? RETURNING id, device",
-        )
-        .bind(now)
-        .bind(cutoff)
-        .fetch_all(&self.pool)
-        .await?)
+        self.ask(|reply| Control::TimeoutDue { cutoff, now, reply })
+            .await
     }
 
+    /// The writer's work queue, for housekeeping.
+    pub fn control(&self) -> mpsc::Sender<Control> {
+        self.control.clone()
+    }
+}
+
+/// Runs a command insert on `conn` (the writer's).
+async fn insert_command(
+    conn: &mut SqliteConnection,
+    c: &NewCommand,
+) -> Result<Inserted, StoreError> {
+    {
+        let result = sqlx::query(
+            "INSERT INTO commands (id, device, name, params, status, idem_key, created_at, expires_at, sent_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&c.id)
+        .bind(&c.device)
+        .bind(&c.name)
+        .bind(&c.params)
+        .bind(c.status)
+        .bind(c.key.as_deref())
+        .bind(c.created_at)
+        .bind(c.expires_at)
+        .bind(c.sent_at)
+        .execute(&mut *conn)
+        .await;
+        match result {
+            Ok(_) => Ok(Inserted::New),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && c.key.is_some() => {
+                let (id, status): (String, String) = sqlx::query_as(
+                    "SELECT id, status FROM commands WHERE device = ? AND idem_key = ?",
+                )
+                .bind(&c.device)
+                .bind(c.key.as_deref())
+                .fetch_one(&mut *conn)
+                .await?;
+                Ok(Inserted::Existing { id, status })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Marks a queued command as published on `conn` (the writer's).
+async fn mark_sent(conn: &mut SqliteConnection, id: &str, at: i64) -> Result<bool, StoreError> {
+    let n = sqlx::query(
+        "UPDATE commands SET status = 'sent', sent_at = ? WHERE id = ? AND status = 'queued'",
+    )
+    .bind(at)
+    .bind(id)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Expires queued commands whose ttl ran out, on `conn` (the writer's).
+async fn expire_due(
+    conn: &mut SqliteConnection,
+    now: i64,
+) -> Result<Vec<(String, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "UPDATE commands SET status = 'expired', finished_at = ? \
+         WHERE status = 'queued' AND expires_at <= ? RETURNING id, device",
+    )
+    .bind(now)
+    .bind(now)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Times out sent commands unanswered since `cutoff`, on `conn` (the writer's).
+async fn timeout_due(
+    conn: &mut SqliteConnection,
+    cutoff: i64,
+    now: i64,
+) -> Result<Vec<(String, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "UPDATE commands SET status = 'timeout', finished_at = ? \
+         WHERE status = 'sent' AND sent_at <= ? RETURNING id, device",
+    )
+    .bind(now)
+    .bind(cutoff)
+    .fetch_all(conn)
+    .await?)
+}
+
+impl Store {
     /// Queued commands of devices that are online now, oldest first.
     pub async fn queued_for_online(&self, now: i64) -> Result<Vec<CommandRow>, StoreError> {
         let rows = sqlx::query(
@@ -416,19 +477,19 @@ impl Store {
 
 /// A command to store.
 #[derive(Debug)]
-pub struct NewCommand<'a> {
+pub struct NewCommand {
     /// uuid.
-    pub id: &'a str,
+    pub id: String,
     /// Device id.
-    pub device: &'a str,
+    pub device: String,
     /// Command name.
-    pub name: &'a str,
+    pub name: String,
     /// Parameters, JSON text.
-    pub params: &'a str,
+    pub params: String,
     /// `queued` (device known offline) or `sent` (published right after the insert).
-    pub status: &'a str,
+    pub status: &'static str,
     /// Idempotency key.
-    pub key: Option<&'a str>,
+    pub key: Option<String>,
     /// Unix ms.
     pub created_at: i64,
     /// Unix ms after which a queued command expires.
@@ -537,7 +598,42 @@ pub enum Control {
         /// Devices marked offline.
         reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
     },
+    /// Store a new command.
+    InsertCommand {
+        /// The command.
+        command: NewCommand,
+        /// What the insert did.
+        reply: oneshot::Sender<Result<Inserted, StoreError>>,
+    },
+    /// Mark a queued command sent.
+    MarkSent {
+        /// Command id.
+        id: String,
+        /// Unix ms.
+        at: i64,
+        /// Whether it was still queued.
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
+    /// Expire queued commands whose ttl ran out.
+    ExpireDue {
+        /// Unix ms.
+        now: i64,
+        /// (id, device) of each.
+        reply: oneshot::Sender<Result<Vec<(String, String)>, StoreError>>,
+    },
+    /// Time out sent commands unanswered since `cutoff`.
+    TimeoutDue {
+        /// Unix ms.
+        cutoff: i64,
+        /// Unix ms.
+        now: i64,
+        /// (id, device) of each.
+        reply: oneshot::Sender<Result<Vec<(String, String)>, StoreError>>,
+    },
 }
+
+/// Room for writer work besides readings; senders wait when it is full.
+const CONTROL_QUEUE: usize = 256;
 
 /// The one connection that writes.
 pub struct Writer {
@@ -550,6 +646,8 @@ pub struct Writer {
     online: HashMap<Arc<str>, bool>,
     /// `last_seen` as last written, per device.
     seen_written: HashMap<Arc<str>, i64>,
+    /// Work besides readings.
+    control_rx: mpsc::Receiver<Control>,
 }
 
 /// How stale `devices.last_seen` may get for a device that stays online: rewriting the row
@@ -674,7 +772,6 @@ impl Writer {
         mut self,
         cfg: StorageConfig,
         mut items: mpsc::Receiver<Item>,
-        mut control: mpsc::Receiver<Control>,
         mut acks: Box<dyn AckSink>,
         metrics: Arc<Metrics>,
         committed: Committed,
@@ -704,8 +801,13 @@ impl Writer {
                     metrics.queue_depth.store(items.len() as i64, Ordering::Relaxed);
                     self.commit_with_retry(&mut batch, &mut pending_acks, &metrics, &committed).await;
                     acks.ack(&mut pending_acks);
+                    // Readings come first, but never starve the rest (command inserts,
+                    // retention, presence) under a sustained flood.
+                    while let Ok(ctl) = self.control_rx.try_recv() {
+                        self.control(ctl, &metrics, &committed).await;
+                    }
                 }
-                Some(ctl) = control.recv() => self.control(ctl, &metrics, &committed).await,
+                Some(ctl) = self.control_rx.recv() => self.control(ctl, &metrics, &committed).await,
                 _ = retry.tick(), if !pending_acks.is_empty() => acks.ack(&mut pending_acks),
             }
         }
@@ -935,6 +1037,18 @@ impl Writer {
 
     async fn control(&mut self, ctl: Control, metrics: &Metrics, committed: &Committed) {
         match ctl {
+            Control::InsertCommand { command, reply } => {
+                let _ = reply.send(insert_command(&mut self.conn, &command).await);
+            }
+            Control::MarkSent { id, at, reply } => {
+                let _ = reply.send(mark_sent(&mut self.conn, &id, at).await);
+            }
+            Control::ExpireDue { now, reply } => {
+                let _ = reply.send(expire_due(&mut self.conn, now).await);
+            }
+            Control::TimeoutDue { cutoff, now, reply } => {
+                let _ = reply.send(timeout_due(&mut self.conn, cutoff, now).await);
+            }
             Control::Retention { cutoff, reply } => {
                 let result = self.retention(cutoff).await;
                 if let Ok(n) = &result {
@@ -1025,12 +1139,12 @@ fn insert_sql(rows: usize) -> String {
 /// Sends retention and presence work to the writer on a timer until cancelled.
 pub async fn run_housekeeping(
     store: Store,
-    control: mpsc::Sender<Control>,
     retention: Duration,
     retention_every: Duration,
     presence_timeout: Duration,
     cancel: tokio_util::sync::CancellationToken,
 ) {
+    let control = store.control();
     let mut retention_tick = tokio::time::interval(retention_every);
     let sweep_every =
         (presence_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));

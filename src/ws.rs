@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt as _, StreamExt as _};
 use salvo::prelude::*;
 use salvo::websocket::{Message, WebSocket, WebSocketUpgrade};
@@ -13,7 +14,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::app::Shared;
 use crate::auth::Principal;
-use crate::protocol::{self, Refusal, ServerMessage};
+use crate::protocol::{self, CommandRequest, Refusal, ServerMessage};
 use crate::web::{ApiError, principal, shared};
 
 /// Largest text frame handled; a larger one gets `too_large`.
@@ -22,6 +23,9 @@ pub const MAX_MESSAGE: usize = 16 * 1024;
 const HARD_LIMIT: usize = 1024 * 1024;
 /// Ping interval; a peer silent for three of them is considered dead.
 const PING_EVERY: Duration = Duration::from_secs(20);
+/// Commands of one connection being stored and published at once; further frames wait
+/// unread (back-pressure through TCP) until one of them is done.
+const IN_FLIGHT: usize = 32;
 
 /// `GET /ws`
 #[handler]
@@ -110,26 +114,25 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
     let mut limit = RateLimit::new(s.command_rate);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut last_heard = Instant::now();
+    let mut submitting = FuturesUnordered::new();
     loop {
         let out: Option<ServerMessage> = tokio::select! {
+            biased;
             _ = s.streams_stop.cancelled() => {
                 let _ = tx.send(Message::close_with(1001u16, "server shutting down")).await;
                 break;
             }
-            frame = rx.next() => {
-                let Some(Ok(frame)) = frame else { break };
-                last_heard = Instant::now();
-                if frame.is_close() {
-                    break;
+            // Before updates: a device's ack is matched only once its command is known
+            // to be this connection's.
+            Some(result) = submitting.next(), if !submitting.is_empty() => match result {
+                Ok(msg) => {
+                    if let ServerMessage::Accepted { id, .. } = &msg {
+                        mine.insert(id.clone());
+                    }
+                    Some(msg)
                 }
-                if frame.is_ping() || frame.is_pong() {
-                    continue;
-                }
-                Some(match frame.as_str() {
-                    Ok(text) => handle_text(text, &s, &who, &mut limit, &mut mine).await,
-                    Err(_) => refuse(&s, Refusal { reference: None, code: "bad_json", message: "binary frames are not supported; send JSON text".into() }),
-                })
-            }
+                Err(r) => Some(refuse(&s, r)),
+            },
             update = updates.recv() => match update {
                 Ok(u) if mine.contains(&u.id) => {
                     if !matches!(u.message, ServerMessage::Accepted { .. }) {
@@ -154,6 +157,28 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
                 }
                 None
             }
+            frame = rx.next(), if submitting.len() < IN_FLIGHT => {
+                let Some(Ok(frame)) = frame else { break };
+                last_heard = Instant::now();
+                if frame.is_close() {
+                    break;
+                }
+                if frame.is_ping() || frame.is_pong() {
+                    continue;
+                }
+                let checked = match frame.as_str() {
+                    Ok(text) => check_text(text, &s, &who, &mut limit),
+                    Err(_) => Err(Refusal { reference: None, code: "bad_json", message: "binary frames are not supported; send JSON text".into() }),
+                };
+                match checked {
+                    Ok(req) => {
+                        let commands = s.commands.clone();
+                        submitting.push(async move { commands.submit(req).await });
+                        None
+                    }
+                    Err(r) => Some(refuse(&s, r)),
+                }
+            }
         };
         if let Some(msg) = out {
             let text = serde_json::to_string(&msg).unwrap_or_default();
@@ -165,30 +190,24 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
     s.metrics.ws_clients.fetch_sub(1, Ordering::Relaxed);
 }
 
-async fn handle_text(
+/// A command that may be submitted, or why not.
+fn check_text(
     text: &str,
     s: &Shared,
     who: &Principal,
     limit: &mut RateLimit,
-    mine: &mut HashSet<String>,
-) -> ServerMessage {
+) -> Result<CommandRequest, Refusal> {
     if text.len() > MAX_MESSAGE {
-        return refuse(
-            s,
-            Refusal {
-                reference: None,
-                code: "too_large",
-                message: format!(
-                    "message is {} bytes; the limit is {MAX_MESSAGE}",
-                    text.len()
-                ),
-            },
-        );
+        return Err(Refusal {
+            reference: None,
+            code: "too_large",
+            message: format!(
+                "message is {} bytes; the limit is {MAX_MESSAGE}",
+                text.len()
+            ),
+        });
     }
-    let req = match protocol::parse_client_message(text) {
-        Ok(r) => r,
-        Err(r) => return refuse(s, r),
-    };
+    let req = protocol::parse_client_message(text)?;
     if !who.may_command() || !who.sees(&req.device) {
         s.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
         let message = if who.may_command() {
@@ -199,37 +218,23 @@ async fn handle_text(
                 who.name
             )
         };
-        return refuse(
-            s,
-            Refusal {
-                reference: req.reference,
-                code: "forbidden",
-                message,
-            },
-        );
+        return Err(Refusal {
+            reference: req.reference,
+            code: "forbidden",
+            message,
+        });
     }
     if !limit.allow() {
-        return refuse(
-            s,
-            Refusal {
-                reference: req.reference,
-                code: "rate_limited",
-                message: format!(
-                    "more than {} commands per second on this connection",
-                    s.command_rate
-                ),
-            },
-        );
+        return Err(Refusal {
+            reference: req.reference,
+            code: "rate_limited",
+            message: format!(
+                "more than {} commands per second on this connection",
+                s.command_rate
+            ),
+        });
     }
-    match s.commands.submit(req).await {
-        Ok(msg) => {
-            if let ServerMessage::Accepted { id, .. } = &msg {
-                mine.insert(id.clone());
-            }
-            msg
-        }
-        Err(r) => refuse(s, r),
-    }
+    Ok(req)
 }
 
 fn refuse(s: &Shared, r: Refusal) -> ServerMessage {

@@ -546,3 +546,51 @@ async fn a_device_known_only_from_its_answers_is_reachable() {
     assert_eq!(ws.expect("accepted", T).await["status"], "sent");
     assert!(device.next_command(T).await.is_some());
 }
+
+#[tokio::test]
+async fn many_commands_in_flight_on_one_websocket_each_get_their_accepted_and_ack() {
+    // Arrange
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(&broker.url(), "[commands]\nrate_limit = 1000").await;
+    let mut device = FakeDevice::connect(&broker.url(), "dev-8", "devices/dev-8/commands").await;
+    let mut ws = Ws::connect(daemon.http).await;
+    const N: usize = 40;
+
+    // Act: every command sent before any answer is read; the device answers each.
+    for i in 0..N {
+        ws.send_json(
+            json!({"type": "command", "device": "dev-8", "name": "ping", "ref": format!("r-{i}")}),
+        )
+        .await;
+    }
+    for _ in 0..N {
+        let cmd = device.next_command(T).await.expect("every command arrives");
+        device
+            .answer(json!({"id": cmd["id"], "ok": true, "result": cmd["id"]}))
+            .await;
+    }
+    let mut accepted = std::collections::BTreeMap::new();
+    let mut acks = std::collections::BTreeMap::new();
+    while accepted.len() < N || acks.len() < N {
+        let m = ws.recv(T).await.expect("a message for every command");
+        let id = m["id"].as_str().expect("id").to_owned();
+        match m["type"].as_str() {
+            Some("accepted") => {
+                accepted.insert(id, m["ref"].as_str().expect("ref").to_owned());
+            }
+            Some("ack") => {
+                assert_eq!(m["result"], id.as_str(), "{m}");
+                acks.insert(id, m);
+            }
+            other => panic!("unexpected {other:?}: {m}"),
+        }
+    }
+
+    // Assert
+    let refs: std::collections::BTreeSet<_> = accepted.values().cloned().collect();
+    assert_eq!(refs.len(), N, "one accepted per ref");
+    assert!(
+        accepted.keys().eq(acks.keys()),
+        "every accepted command got its ack on this socket"
+    );
+}
