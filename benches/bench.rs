@@ -23,9 +23,16 @@
 //! Everything (broker, publisher, subscriber, daemon, Node-RED) runs on this machine, as the
 //! goal asks ("on the same machine and load"), so the numbers depend on the number of cores.
 
+mod common;
+
+use common::{
+    HANDSHAKE_TIMEOUT, MQTT_INFLIGHT, Machine, Mosquitto, cpu_seconds, daemon_binary, free_port,
+    log_tail, metric, mqtt_connect, mqtt_options, number, proc_status_kb,
+};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
+use std::ops::ControlFlow;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
@@ -33,7 +40,7 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
 use sqlx::Connection as _;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use tempfile::TempDir;
@@ -43,54 +50,24 @@ use tokio::time::timeout;
 const TELEMETRY_FILTER: &str = "devices/+/telemetry";
 /// Devices the publisher rotates through.
 const DEVICES: usize = 100;
-/// QoS 1 messages the publisher may have unacknowledged (rumqttc's default is 100).
-const PUBLISH_INFLIGHT: u16 = 1000;
-/// Room in rumqttc's request channel, so the publishing task rarely waits on the event loop.
-const REQUEST_CAPACITY: usize = 10_000;
-/// Longest MQTT connect or subscribe handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the SQLite row count is polled while the daemon ingests.
 const POLL_EVERY: Duration = Duration::from_millis(5);
 /// A run that makes no progress for this long has stopped (lost messages or a stall).
 const IDLE_LIMIT: Duration = Duration::from_secs(10);
-/// The Mosquitto binary.
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 /// The Node-RED peer: package.json, package-lock.json, flows.json and its node_modules.
 const NODERED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/nodered");
 /// Longest `npm ci` of the Node-RED modules (it compiles SQLite and node-sqlite3).
 const NPM_CI_LIMIT: Duration = Duration::from_secs(30 * 60);
 /// The path of the WebSocket out node's listener in flows.json.
 const NODERED_WS_PATH: &str = "/ws/telemetry";
+/// Bounds of --seconds (a day) and --messages.
+const MAX_SECONDS: u64 = 86_400;
+const MAX_MESSAGES: u64 = 1_000_000_000;
 
 fn main() -> ExitCode {
-    let args = match Args::parse(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e:#}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    if args.help {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
-    }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(ingest(&args)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+    match common::parse_args(USAGE, Args::parse, |a| a.help) {
+        ControlFlow::Continue(args) => common::run_to_exit(ingest(&args)),
+        ControlFlow::Break(code) => code,
     }
 }
 
@@ -123,20 +100,18 @@ impl Args {
             messages: None,
             no_peer: false,
         };
-        let number = |name: &str, value: Option<String>| -> anyhow::Result<u64> {
-            let value = value.ok_or_else(|| anyhow!("{name} needs a value"))?;
-            match value.parse::<u64>() {
-                Ok(n) if n > 0 => Ok(n),
-                _ => bail!("{name} {value:?}: expected a positive whole number"),
-            }
-        };
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 // `cargo bench` appends --bench to the arguments of harness = false targets.
                 "--bench" | "ingest" => {}
                 "-h" | "--help" => out.help = true,
-                "--seconds" => out.timeout = Duration::from_secs(number("--seconds", args.next())?),
-                "--messages" => out.messages = Some(number("--messages", args.next())?),
+                "--seconds" => {
+                    let n = number("--seconds", args.next(), 1, MAX_SECONDS)?;
+                    out.timeout = Duration::from_secs(n);
+                }
+                "--messages" => {
+                    out.messages = Some(number("--messages", args.next(), 1, MAX_MESSAGES)?);
+                }
                 "--no-peer" => out.no_peer = true,
                 other => bail!("unknown argument {other:?} (the only benchmark is \"ingest\")"),
             }
@@ -251,19 +226,25 @@ struct PeerRun {
     log_problems: Vec<String>,
 }
 
-async fn ingest(args: &Args) -> anyhow::Result<bool> {
-    let daemon_bin = daemon_binary()?;
-    // Installing the peer (minutes on first use) happens before any measurement.
+/// Runs every case and prints the table; fails unless telebridge stored every row and the
+/// peer could be measured.
+async fn ingest(args: &Args) -> anyhow::Result<ExitCode> {
+    let daemon_bin = daemon_binary(None)?;
+    // Installing the peer (minutes on first use) happens before any measurement. It blocks,
+    // so on a thread of its own: Ctrl-C can still end the bench meanwhile.
     let peer = if args.no_peer {
         None
     } else {
         Some(
-            NodeRedSetup::prepare()
+            tokio::task::spawn_blocking(NodeRedSetup::prepare)
+                .await
+                .context("the Node-RED setup panicked")?
                 .context("preparing the Node-RED peer (benches/nodered); --no-peer skips it")?,
         )
     };
-    let broker = Mosquitto::start()?;
-    let clock_ticks = clock_ticks_per_second();
+    // Writes max_queued_bytes 0 (no limit, Mosquitto's default) too, so that this bench's
+    // settings line states it.
+    let broker = Mosquitto::start(Some(0))?;
 
     let mut cases = Vec::new();
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
@@ -290,7 +271,7 @@ async fn ingest(args: &Args) -> anyhow::Result<bool> {
             case.label(),
             case.messages
         );
-        let subscriber = subscriber_burst(&broker, case, args.timeout, clock_ticks)
+        let subscriber = subscriber_burst(&broker, case, args.timeout)
             .await
             .with_context(|| format!("{}: subscriber run", case.label()))?;
         eprintln!(
@@ -299,7 +280,7 @@ async fn ingest(args: &Args) -> anyhow::Result<bool> {
             subscriber.received.count,
             subscriber.received.seconds
         );
-        let daemon = daemon_burst(&daemon_bin, &broker, case, args.timeout, clock_ticks)
+        let daemon = daemon_burst(&daemon_bin, &broker, case, args.timeout)
             .await
             .with_context(|| format!("{}: telebridge run", case.label()));
         if let Err(e) = &daemon {
@@ -308,7 +289,7 @@ async fn ingest(args: &Args) -> anyhow::Result<bool> {
         let peer = match &peer {
             Some(setup) => {
                 eprintln!("[{}] Node-RED burst", case.label());
-                let run = peer_burst(setup, &broker, case, args.timeout, clock_ticks)
+                let run = peer_burst(setup, &broker, case, args.timeout)
                     .await
                     .with_context(|| format!("{}: Node-RED run", case.label()));
                 match &run {
@@ -342,27 +323,17 @@ async fn ingest(args: &Args) -> anyhow::Result<bool> {
     print_table(&results);
     // A peer that could not be measured is a failure of the bench; a peer that measured but
     // did not store every row is a result, shown in the table.
-    Ok(results.iter().all(|(case, r)| {
+    let all_ok = results.iter().all(|(case, r)| {
         r.daemon
             .as_ref()
             .is_ok_and(|d| d.committed.count == case.messages)
             && r.peer.as_ref().is_none_or(|p| p.is_ok())
-    }))
-}
-
-/// The release daemon binary that `cargo bench` built alongside this bench.
-fn daemon_binary() -> anyhow::Result<PathBuf> {
-    let path = match option_env!("CARGO_BIN_EXE_telebridge") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/telebridge"),
-    };
-    if !path.is_file() {
-        bail!(
-            "the daemon binary {} is missing: run `cargo build --release` first",
-            path.display()
-        );
-    }
-    Ok(path)
+    });
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn print_conditions(
@@ -372,31 +343,13 @@ fn print_conditions(
     peer: Option<&NodeRedSetup>,
     cases: &[Case],
 ) {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .map(|l| l["MemTotal:".len()..].trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let machine = Machine::read();
     println!("# telebridge ingest benchmark");
-    println!("machine:    {cores} cores (nproc), CPU {cpu}, memory {mem}");
     println!(
-        "broker:     {} on 127.0.0.1:{}",
-        broker.version, broker.port
+        "machine:    {} cores (nproc), CPU {}, memory {}",
+        machine.nproc, machine.cpu, machine.mem
     );
-    println!("            {}", broker.settings.replace('\n', "; "));
+    println!("{}", broker.describe());
     println!("daemon:     {}", daemon.display());
     println!(
         "            [broker] mode=external, [mqtt] qos = the case's, [log] level=warn; every other key at its default (see config.toml)"
@@ -426,7 +379,7 @@ fn print_conditions(
         None => println!("peer:       none (--no-peer)"),
     }
     println!(
-        "load:       one rumqttc publisher, topics devices/dev-{{0..{}}}/telemetry, JSON objects padded to the payload size, QoS 1 inflight {PUBLISH_INFLIGHT}",
+        "load:       one rumqttc publisher, topics devices/dev-{{0..{}}}/telemetry, JSON objects padded to the payload size, QoS 1 inflight {MQTT_INFLIGHT}",
         DEVICES - 1
     );
     println!(
@@ -639,148 +592,14 @@ fn thousands(v: f64) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
-// Mosquitto
-// ---------------------------------------------------------------------------------------
-
-/// A Mosquitto child process on a free loopback port, killed on drop (also on panic).
-struct Mosquitto {
-    child: Child,
-    port: u16,
-    version: String,
-    settings: String,
-    /// Holds the config and log files.
-    dir: TempDir,
-}
-
-impl Mosquitto {
-    fn start() -> anyhow::Result<Mosquitto> {
-        if !Path::new(MOSQUITTO).is_file() {
-            bail!("{MOSQUITTO} is missing: install mosquitto (apt-get install mosquitto)");
-        }
-        let version = Command::new(MOSQUITTO)
-            .arg("-h")
-            .output()
-            .ok()
-            .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| "mosquitto".into());
-        // Asks the kernel for a free port; there is a small window in which another process
-        // could take it before Mosquitto binds it, which start-up would then report.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("finding a free loopback port")?
-            .port();
-        let dir = tempfile::tempdir().context("creating a temp dir for Mosquitto")?;
-        // Mosquitto silently drops QoS 1 messages beyond its queue limits; the benchmark
-        // broker lifts them (0 means no limit) so that every message can arrive.
-        let settings = "allow_anonymous true\n\
-                        max_inflight_messages 0\n\
-                        max_queued_messages 10000000\n\
-                        max_queued_bytes 0\n\
-                        set_tcp_nodelay true\n\
-                        persistence false"
-            .to_owned();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\n{settings}\nlog_dest stderr\nlog_type error\nlog_type warning\n"
-            ),
-        )
-        .with_context(|| format!("writing {}", conf.display()))?;
-        let log_path = dir.path().join("mosquitto.log");
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-        let log_err = log.try_clone().context("duplicating the log file handle")?;
-        let child = Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .with_context(|| format!("starting {MOSQUITTO}"))?;
-        let mut broker = Mosquitto {
-            child,
-            port,
-            version,
-            settings,
-            dir,
-        };
-        broker.wait_ready()?;
-        Ok(broker)
-    }
-
-    /// Waits until the broker accepts TCP connections.
-    fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().context("checking on Mosquitto")? {
-                bail!(
-                    "Mosquitto exited at start-up ({status}): {}",
-                    self.log().trim()
-                );
-            }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "Mosquitto does not accept connections on {addr} after 10 s: {}",
-                    self.log().trim()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        // SIGKILL to our own child, by its pid.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // MQTT clients
 // ---------------------------------------------------------------------------------------
 
-/// Connects a rumqttc client with TCP_NODELAY and waits for the ConnAck.
-async fn connect(
-    client_id: &str,
-    port: u16,
-    clean_session: bool,
-) -> anyhow::Result<(AsyncClient, EventLoop)> {
-    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(clean_session)
-        .set_inflight(PUBLISH_INFLIGHT)
-        .set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
-    let mut net = NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    eventloop.set_network_options(net);
-    match timeout(HANDSHAKE_TIMEOUT, eventloop.poll()).await {
-        Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => Ok((client, eventloop)),
-        Ok(Ok(other)) => bail!("{client_id}: expected a ConnAck, got {other:?}"),
-        Ok(Err(e)) => bail!("{client_id}: cannot connect to 127.0.0.1:{port}: {e}"),
-        Err(_) => bail!("{client_id}: no ConnAck within {HANDSHAKE_TIMEOUT:?}"),
-    }
+/// Connects a clean-session client that takes packets up to 1 MiB.
+async fn connect(client_id: &str, port: u16) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    let mut opts = mqtt_options(client_id, port);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    mqtt_connect(opts, client_id).await
 }
 
 /// Telemetry topics, one per simulated device.
@@ -820,7 +639,7 @@ async fn publish_burst(
     client_id: String,
     limit: Duration,
 ) -> anyhow::Result<Published> {
-    let (client, mut eventloop) = connect(&client_id, port, true).await?;
+    let (client, mut eventloop) = connect(&client_id, port).await?;
     let n = case.messages;
     let qos = case.qos;
     // The event loop must be polled for anything to be sent. It counts messages written
@@ -883,10 +702,9 @@ async fn subscriber_burst(
     broker: &Mosquitto,
     case: &Case,
     limit: Duration,
-    clock_ticks: f64,
 ) -> anyhow::Result<SubscriberRun> {
     let port = broker.port;
-    let (client, mut eventloop) = connect(&format!("bench-sub-{}", case.tag()), port, true).await?;
+    let (client, mut eventloop) = connect(&format!("bench-sub-{}", case.tag()), port).await?;
     client
         .subscribe(TELEMETRY_FILTER, case.qos)
         .await
@@ -905,7 +723,7 @@ async fn subscriber_burst(
         .await
         .map_err(|_| anyhow!("no SubAck within {HANDSHAKE_TIMEOUT:?}"))??;
 
-    let broker_cpu_0 = cpu_seconds(broker.pid(), clock_ticks);
+    let broker_cpu_0 = cpu_seconds(broker.pid());
     let publisher = tokio::spawn(publish_burst(
         port,
         *case,
@@ -950,7 +768,7 @@ async fn subscriber_burst(
         }
     })
     .await;
-    let broker_cpu = cpu_seconds(broker.pid(), clock_ticks) - broker_cpu_0;
+    let broker_cpu = cpu_seconds(broker.pid()) - broker_cpu_0;
     let published = publisher
         .await
         .context("the publisher task panicked")?
@@ -967,7 +785,7 @@ async fn subscriber_burst(
 /// client id discards it. Otherwise the broker would keep queueing QoS 1 messages for a
 /// stopped daemon during the following cases.
 async fn discard_session(port: u16, client_id: &str) -> anyhow::Result<()> {
-    let (client, mut eventloop) = connect(client_id, port, true).await?;
+    let (client, mut eventloop) = connect(client_id, port).await?;
     client.try_disconnect().context("queueing the disconnect")?;
     let _ = timeout(Duration::from_secs(2), async {
         while let Ok(ev) = eventloop.poll().await {
@@ -1149,41 +967,6 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     Ok((code, body))
 }
 
-/// The value of one un-labelled Prometheus sample.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// User plus system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32, ticks: f64) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // The command name (field 2) may hold spaces; utime and stime are fields 14 and 15,
-    // the 12th and 13th after the closing parenthesis.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (tick(11) + tick(12)) / ticks
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 /// Read-only queries on the daemon's database.
 struct RowCounter {
     conn: SqliteConnection,
@@ -1226,8 +1009,7 @@ async fn probe_until_stored(
     limit: Duration,
     who: &str,
 ) -> anyhow::Result<(u64, i64)> {
-    let (probe, mut probe_loop) =
-        connect(&format!("bench-probe-{}", case.tag()), port, true).await?;
+    let (probe, mut probe_loop) = connect(&format!("bench-probe-{}", case.tag()), port).await?;
     let probe_poller = tokio::spawn(async move { while probe_loop.poll().await.is_ok() {} });
     let probe_deadline = Instant::now() + limit.min(Duration::from_secs(15));
     while rows.count().await? == 0 {
@@ -1295,12 +1077,11 @@ async fn daemon_burst(
     broker: &Mosquitto,
     case: &Case,
     limit: Duration,
-    clock_ticks: f64,
 ) -> anyhow::Result<DaemonRun> {
     let client_id = format!("telebridge-bench-{}-{}", case.tag(), std::process::id());
     let run = match Daemon::start(bin, broker.port, &client_id, case.qos_number(), limit) {
         Ok(mut daemon) => {
-            let result = measure_daemon(&daemon, broker, case, limit, clock_ticks).await;
+            let result = measure_daemon(&daemon, broker, case, limit).await;
             let clean_exit = daemon.stop(Duration::from_secs(20));
             result.and_then(|mut run| {
                 run.clean_exit = clean_exit?;
@@ -1321,7 +1102,6 @@ async fn measure_daemon(
     broker: &Mosquitto,
     case: &Case,
     limit: Duration,
-    clock_ticks: f64,
 ) -> anyhow::Result<DaemonRun> {
     let mut rows = RowCounter::open(&daemon.db).await?;
     // /readyz only says the connection is up; the subscription may still be on its way.
@@ -1329,8 +1109,8 @@ async fn measure_daemon(
         probe_until_stored(&mut rows, broker.port, case, limit, "telebridge").await?;
 
     let n = case.messages;
-    let cpu_daemon_0 = cpu_seconds(daemon.pid(), clock_ticks);
-    let cpu_broker_0 = cpu_seconds(broker.pid(), clock_ticks);
+    let cpu_daemon_0 = cpu_seconds(daemon.pid());
+    let cpu_broker_0 = cpu_seconds(broker.pid());
     let publisher = tokio::spawn(publish_burst(
         broker.port,
         *case,
@@ -1343,8 +1123,8 @@ async fn measure_daemon(
         .await
         .context("the publisher task panicked")?
         .context("publisher")?;
-    let cpu_daemon = cpu_seconds(daemon.pid(), clock_ticks) - cpu_daemon_0;
-    let cpu_broker = cpu_seconds(broker.pid(), clock_ticks) - cpu_broker_0;
+    let cpu_daemon = cpu_seconds(daemon.pid()) - cpu_daemon_0;
+    let cpu_broker = cpu_seconds(broker.pid()) - cpu_broker_0;
     let committed = rows.count().await?.saturating_sub(base_count);
     let seconds = last_row_at
         .saturating_duration_since(published.started)
@@ -1523,10 +1303,7 @@ impl NodeRed {
         std::fs::copy(setup.dir.join("flows.json"), &flows).context("copying flows.json")?;
         let db = dir.path().join("nodered.db");
         let log = dir.path().join("node-red.log");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("finding a free loopback port")?
-            .port();
+        let port = free_port()?;
         let js = |p: &Path| serde_json::Value::String(p.display().to_string()).to_string();
         // Headless: no editor, no palette manager, no update check, nothing fetched.
         let settings = format!(
@@ -1587,13 +1364,13 @@ impl NodeRed {
             if let Some(status) = self.child.try_wait().context("checking on Node-RED")? {
                 bail!(
                     "Node-RED exited before it was ready ({status}); its log ends:\n{}",
-                    self.log_tail(20)
+                    log_tail(&self.log, 20)
                 );
             }
             if Instant::now() > deadline {
                 bail!(
                     "Node-RED was not ready within {limit:?} (last: {last}); its log ends:\n{}",
-                    self.log_tail(20)
+                    log_tail(&self.log, 20)
                 );
             }
             if let Err(e) = http_get(addr, "/") {
@@ -1631,14 +1408,7 @@ impl NodeRed {
 
     /// Peak resident memory so far (VmHWM), in KiB.
     fn peak_rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            })
-            .unwrap_or(0)
+        proc_status_kb(self.pid(), "VmHWM:").unwrap_or(0)
     }
 
     /// Warning and error lines of the log (the settings log only those).
@@ -1654,12 +1424,6 @@ impl NodeRed {
             })
             .map(str::to_owned)
             .collect()
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     /// SIGTERM (Node-RED closes its flows and the database), then SIGKILL after `limit`.
@@ -1700,10 +1464,9 @@ async fn peer_burst(
     broker: &Mosquitto,
     case: &Case,
     limit: Duration,
-    clock_ticks: f64,
 ) -> anyhow::Result<PeerRun> {
     let mut nr = NodeRed::start(setup, broker.port, case.qos_number())?;
-    let run = measure_peer(&mut nr, broker, case, limit, clock_ticks).await;
+    let run = measure_peer(&mut nr, broker, case, limit).await;
     nr.stop(Duration::from_secs(10));
     let mut run = run?;
     run.log_problems = nr.log_problems();
@@ -1718,7 +1481,6 @@ async fn measure_peer(
     broker: &Mosquitto,
     case: &Case,
     limit: Duration,
-    clock_ticks: f64,
 ) -> anyhow::Result<PeerRun> {
     let started = Instant::now();
     let mut rows = nr.wait_ready(limit).await?;
@@ -1730,8 +1492,8 @@ async fn measure_peer(
     );
 
     let n = case.messages;
-    let cpu_peer_0 = cpu_seconds(nr.pid(), clock_ticks);
-    let cpu_broker_0 = cpu_seconds(broker.pid(), clock_ticks);
+    let cpu_peer_0 = cpu_seconds(nr.pid());
+    let cpu_broker_0 = cpu_seconds(broker.pid());
     let publisher = tokio::spawn(publish_burst(
         broker.port,
         *case,
@@ -1744,8 +1506,8 @@ async fn measure_peer(
         .await
         .context("the publisher task panicked")?
         .context("publisher")?;
-    let peer_cpu = cpu_seconds(nr.pid(), clock_ticks) - cpu_peer_0;
-    let broker_cpu = cpu_seconds(broker.pid(), clock_ticks) - cpu_broker_0;
+    let peer_cpu = cpu_seconds(nr.pid()) - cpu_peer_0;
+    let broker_cpu = cpu_seconds(broker.pid()) - cpu_broker_0;
     let peak_rss_kib = nr.peak_rss_kib();
     let committed = rows.count().await?.saturating_sub(base_count);
     let seconds = last_row_at

@@ -17,20 +17,22 @@
 mod common;
 
 use common::{
-    Daemon, Machine, Mosquitto, cpu_snapshot, daemon_binary, fmt_ms, get_text, load_average,
-    metric, modified, percentile,
+    Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, cpu_snapshot, daemon_binary, fmt_ms, get_text,
+    load_average, metric, modified, mqtt_connect, mqtt_options, next_event, number, path_value,
+    percentile,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, bail};
 use futures_util::{SinkExt as _, StreamExt as _};
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, NetworkOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, Packet, QoS};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -49,7 +51,6 @@ const USAGE: &str = "usage: cargo bench --bench commands [-- OPTIONS]
   --daemon PATH     the telebridge binary to run (default: the release build)";
 
 const DEVICE: &str = "bench-dev";
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longer than the daemon's `[commands] timeout` (30 s), which answers `timeout` itself.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(35);
 /// Target from PRODUCT.md.
@@ -58,18 +59,10 @@ const TARGET_P99_MS: f64 = 10.0;
 type Ws = WebSocketStream<TcpStream>;
 
 fn main() -> ExitCode {
-    let args = match Args::parse(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e:#}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    if args.help {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
+    match common::parse_args(USAGE, Args::parse, |a| a.help) {
+        ControlFlow::Continue(args) => common::run_to_exit(run(&args)),
+        ControlFlow::Break(code) => code,
     }
-    common::run_to_exit(run(&args))
 }
 
 #[derive(Debug)]
@@ -94,13 +87,6 @@ impl Args {
             announce: true,
             daemon: None,
         };
-        fn number(name: &str, value: Option<String>, min: u64, max: u64) -> anyhow::Result<u64> {
-            let value = value.ok_or_else(|| anyhow!("{name} needs a value"))?;
-            match value.trim().parse::<u64>() {
-                Ok(n) if (min..=max).contains(&n) => Ok(n),
-                _ => bail!("{name} {value:?}: expected a whole number from {min} to {max}"),
-            }
-        }
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 // `cargo bench` passes --bench to harness = false targets.
@@ -112,12 +98,7 @@ impl Args {
                 }
                 "--warmup" => out.warmup = number("--warmup", args.next(), 0, 1_000_000)?,
                 "--seconds" => out.seconds = number("--seconds", args.next(), 1, 3600)?,
-                "--daemon" => {
-                    out.daemon = Some(PathBuf::from(
-                        args.next()
-                            .ok_or_else(|| anyhow!("--daemon needs a path"))?,
-                    ));
-                }
+                "--daemon" => out.daemon = Some(path_value("--daemon", args.next())?),
                 "--no-announce" => out.announce = false,
                 other => bail!("unknown argument {other:?}"),
             }
@@ -127,12 +108,8 @@ impl Args {
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
-    let bin = match &args.daemon {
-        Some(p) if p.exists() => p.clone(),
-        Some(p) => bail!("--daemon {}: no such file", p.display()),
-        None => daemon_binary()?,
-    };
-    let broker = Mosquitto::start()?;
+    let bin = daemon_binary(args.daemon.as_deref())?;
+    let broker = Mosquitto::start(None)?;
     let machine = Machine::read();
     println!("# telebridge command round-trip benchmark (WebSocket -> device -> WebSocket)");
     println!("machine:    {}", machine.describe());
@@ -141,11 +118,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         "            [broker] mode=external, [commands] rate_limit=100000, [http] max_sse_clients=20000 \
          max_streams_per_ip=20000 sse_buffer=262144, [log] level=warn, other keys default"
     );
-    println!(
-        "broker:     {} on 127.0.0.1:{}",
-        broker.version, broker.port
-    );
-    println!("            {}", broker.settings.replace('\n', "; "));
+    println!("{}", broker.describe());
     println!(
         "device:     rumqttc, TCP_NODELAY, subscribed to devices/{DEVICE}/commands (QoS 1), answers \
          each at once on devices/{DEVICE}/commands/ack (QoS 1) with {{\"id\":..,\"ok\":true}}; {}",
@@ -520,25 +493,9 @@ impl FakeDevice {
         let commands = format!("devices/{device}/commands");
         let acks = format!("devices/{device}/commands/ack");
         let status = format!("devices/{device}/status");
-        let mut opts = MqttOptions::new(
-            format!("{device}-{}", std::process::id()),
-            "127.0.0.1",
-            port,
-        );
-        opts.set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
-            .set_inflight(1000)
-            .set_last_will(LastWill::new(&status, "offline", QoS::AtLeastOnce, true));
-        let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
-        let mut net = NetworkOptions::new();
-        net.set_tcp_nodelay(true);
-        eventloop.set_network_options(net);
-        match timeout(HANDSHAKE_TIMEOUT, eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {}
-            Ok(Ok(other)) => bail!("device: expected a ConnAck, got {other:?}"),
-            Ok(Err(e)) => bail!("device: cannot connect to 127.0.0.1:{port}: {e}"),
-            Err(_) => bail!("device: no ConnAck within {HANDSHAKE_TIMEOUT:?}"),
-        }
+        let mut opts = mqtt_options(&format!("{device}-{}", std::process::id()), port);
+        opts.set_last_will(LastWill::new(&status, "offline", QoS::AtLeastOnce, true));
+        let (client, mut eventloop) = mqtt_connect(opts, "device").await?;
         client
             .subscribe(&commands, QoS::AtLeastOnce)
             .await
@@ -569,38 +526,32 @@ impl FakeDevice {
             let stop = stop.clone();
             let client = client.clone();
             tokio::spawn(async move {
+                // One warning in all: about the connection or about a full request queue.
                 let mut warned = false;
-                loop {
-                    let ev = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        ev = eventloop.poll() => ev,
+                let expected = || stop.is_cancelled();
+                while let Some(ev) =
+                    next_event(&mut eventloop, &stop, "device", &mut warned, expected).await
+                {
+                    let Event::Incoming(Packet::Publish(p)) = ev else {
+                        continue;
                     };
-                    match ev {
-                        Ok(Event::Incoming(Packet::Publish(p))) if p.topic == commands => {
-                            let id = serde_json::from_slice::<Value>(&p.payload)
-                                .ok()
-                                .and_then(|v| v["id"].as_str().map(str::to_owned));
-                            let Some(id) = id else { continue };
-                            let ack = serde_json::json!({"id": id, "ok": true}).to_string();
-                            // From the poll loop itself: never wait on the request channel.
-                            if client
-                                .try_publish(&acks, QoS::AtLeastOnce, false, ack)
-                                .is_ok()
-                            {
-                                answered.fetch_add(1, Ordering::Relaxed);
-                            } else if !warned {
-                                warned = true;
-                                eprintln!("device: could not queue an ack");
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            if !warned && !stop.is_cancelled() {
-                                warned = true;
-                                eprintln!("device connection error: {e}");
-                            }
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
+                    if p.topic != commands {
+                        continue;
+                    }
+                    let id = serde_json::from_slice::<Value>(&p.payload)
+                        .ok()
+                        .and_then(|v| v["id"].as_str().map(str::to_owned));
+                    let Some(id) = id else { continue };
+                    let ack = serde_json::json!({"id": id, "ok": true}).to_string();
+                    // From the poll loop itself: never wait on the request channel.
+                    if client
+                        .try_publish(&acks, QoS::AtLeastOnce, false, ack)
+                        .is_ok()
+                    {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    } else if !warned {
+                        warned = true;
+                        eprintln!("device: could not queue an ack");
                     }
                 }
             })

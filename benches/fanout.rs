@@ -34,10 +34,12 @@
 mod common;
 
 use common::{
-    Daemon, Machine, Mosquitto, cpu_snapshot, daemon_binary, fmt_ms, get_text, load_average,
-    metric, modified, open_file_limit, percentile, tokio_workers,
+    Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, cpu_snapshot, daemon_binary, fmt_ms, get_text,
+    load_average, metric, modified, mqtt_connect, mqtt_options, next_event, number,
+    open_file_limit, path_value, percentile, proc_status_kb, tokio_workers,
 };
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -46,7 +48,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
 use futures_util::StreamExt as _;
-use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use sqlx::Connection as _;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -81,7 +83,6 @@ const READ_BUF: usize = 64 * 1024;
 /// Connections being set up at once (the daemon's listen backlog is 1024).
 const CONNECT_PARALLEL: usize = 128;
 /// Bounds on every wait.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 const NO_PROGRESS_LIMIT: Duration = Duration::from_secs(5);
 /// Targets from PRODUCT.md.
@@ -92,18 +93,10 @@ const TARGET_IDLE_MB: f64 = 150.0;
 const LAG_SECONDS_ALLOWED: f64 = 0.5;
 
 fn main() -> ExitCode {
-    let args = match Args::parse(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e:#}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    if args.help {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
+    match common::parse_args(USAGE, Args::parse, |a| a.help) {
+        ControlFlow::Continue(args) => common::run_to_exit(run(&args)),
+        ControlFlow::Break(code) => code,
     }
-    common::run_to_exit(run(&args))
 }
 
 #[derive(Debug)]
@@ -130,13 +123,6 @@ impl Args {
             lazy_ms: 10,
             daemon: None,
         };
-        fn number(name: &str, value: Option<String>, min: u64, max: u64) -> anyhow::Result<u64> {
-            let value = value.ok_or_else(|| anyhow!("{name} needs a value"))?;
-            match value.trim().parse::<u64>() {
-                Ok(n) if (min..=max).contains(&n) => Ok(n),
-                _ => bail!("{name} {value:?}: expected a whole number from {min} to {max}"),
-            }
-        }
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 // `cargo bench` passes --bench to harness = false targets.
@@ -157,12 +143,7 @@ impl Args {
                 "--seconds" => out.seconds = number("--seconds", args.next(), 1, 600)?,
                 "--warmup" => out.warmup = number("--warmup", args.next(), 0, 60)?,
                 "--idle" => out.idle = number("--idle", args.next(), 0, 15_000)? as usize,
-                "--daemon" => {
-                    out.daemon = Some(PathBuf::from(
-                        args.next()
-                            .ok_or_else(|| anyhow!("--daemon needs a path"))?,
-                    ));
-                }
+                "--daemon" => out.daemon = Some(path_value("--daemon", args.next())?),
                 "--lazy-ms" => out.lazy_ms = number("--lazy-ms", args.next(), 0, 1000)?,
                 other => bail!("unknown argument {other:?}"),
             }
@@ -188,12 +169,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             );
         }
     }
-    let bin = match &args.daemon {
-        Some(p) if p.exists() => p.clone(),
-        Some(p) => bail!("--daemon {}: no such file", p.display()),
-        None => daemon_binary()?,
-    };
-    let broker = Mosquitto::start()?;
+    let bin = daemon_binary(args.daemon.as_deref())?;
+    let broker = Mosquitto::start(None)?;
     let machine = Machine::read();
     println!("# telebridge fan-out benchmark (MQTT publish -> SSE receipt)");
     println!("machine:    {}", machine.describe());
@@ -206,11 +183,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         "            [broker] mode=external, [http] max_sse_clients=20000 max_streams_per_ip=20000 \
          sse_buffer=262144, [commands] rate_limit=100000, [log] level=warn, other keys default"
     );
-    println!(
-        "broker:     {} on 127.0.0.1:{}",
-        broker.version, broker.port
-    );
-    println!("            {}", broker.settings.replace('\n', "; "));
+    println!("{}", broker.describe());
     println!(
         "load:       {} readings/s, QoS 1, {PAYLOAD_BYTES}-byte JSON payloads with \"t\":<unix ns>, \
          to devices/dev-{{0..{}}}/telemetry, paced in {} ms ticks; warm-up {} s, measured {} s",
@@ -1218,20 +1191,7 @@ struct Publisher {
 
 impl Publisher {
     async fn connect(port: u16, id: &str) -> anyhow::Result<Publisher> {
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
-            .set_inflight(1000);
-        let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
-        let mut net = NetworkOptions::new();
-        net.set_tcp_nodelay(true);
-        eventloop.set_network_options(net);
-        match timeout(HANDSHAKE_TIMEOUT, eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {}
-            Ok(Ok(other)) => bail!("publisher: expected a ConnAck, got {other:?}"),
-            Ok(Err(e)) => bail!("publisher: cannot connect to 127.0.0.1:{port}: {e}"),
-            Err(_) => bail!("publisher: no ConnAck within {HANDSHAKE_TIMEOUT:?}"),
-        }
+        let (client, mut eventloop) = mqtt_connect(mqtt_options(id, port), "publisher").await?;
         let acked = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
         let stopping = Arc::new(AtomicBool::new(false));
@@ -1241,23 +1201,12 @@ impl Publisher {
             let stopping = stopping.clone();
             let mut warned = false;
             tokio::spawn(async move {
-                loop {
-                    let ev = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        ev = eventloop.poll() => ev,
-                    };
-                    match ev {
-                        Ok(Event::Incoming(Packet::PubAck(_))) => {
-                            acked.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            if !warned && !stopping.load(Ordering::Relaxed) {
-                                warned = true;
-                                eprintln!("publisher connection error: {e}");
-                            }
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
+                let expected = || stopping.load(Ordering::Relaxed);
+                while let Some(ev) =
+                    next_event(&mut eventloop, &stop, "publisher", &mut warned, expected).await
+                {
+                    if let Event::Incoming(Packet::PubAck(_)) = ev {
+                        acked.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             })
@@ -1300,16 +1249,4 @@ fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
-}
-
-/// A `kB` line of /proc/PID/status, such as `VmRSS:`.
-fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(key))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }

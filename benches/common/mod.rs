@@ -1,38 +1,98 @@
 //! What the benchmarks share: a private Mosquitto and the release daemon, each started on
-//! free loopback ports and stopped by a Drop guard (children by their pid).
+//! free loopback ports and stopped by a Drop guard (children by their pid); argument
+//! parsing, the runtime entry point, MQTT clients, CPU accounting and the machine's
+//! description.
 
 #![allow(dead_code, reason = "each benchmark uses a different part")]
 
 use std::io::{BufRead as _, BufReader};
 use std::net::{SocketAddr, TcpListener};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio, Termination};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet};
 use tempfile::TempDir;
 use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
 
 /// Debian's Mosquitto.
 pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 /// How long the daemon may take to print its address and answer /readyz.
 pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest handshake: MQTT connect or subscribe, WebSocket upgrade, SSE response head.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// QoS 1 messages a bench MQTT client may have unacknowledged (rumqttc's default is 100).
+pub const MQTT_INFLIGHT: u16 = 1000;
+/// Room in rumqttc's request channel, so a publishing task rarely waits on the event loop.
+pub const MQTT_REQUEST_CAPACITY: usize = 10_000;
+
+// ---------------------------------------------------------------------------------------
+// Command line and runtime
+// ---------------------------------------------------------------------------------------
+
+/// Parses a benchmark's arguments with `parse`. Break: leave with this exit code (an error
+/// printed with the usage: 2; `--help`, the usage printed: success). Continue: run.
+pub fn parse_args<A>(
+    usage: &str,
+    parse: impl FnOnce(std::iter::Skip<std::env::Args>) -> anyhow::Result<A>,
+    wants_help: impl FnOnce(&A) -> bool,
+) -> ControlFlow<ExitCode, A> {
+    match parse(std::env::args().skip(1)) {
+        Ok(a) if wants_help(&a) => {
+            println!("{usage}");
+            ControlFlow::Break(ExitCode::SUCCESS)
+        }
+        Ok(a) => ControlFlow::Continue(a),
+        Err(e) => {
+            eprintln!("error: {e:#}\n\n{usage}");
+            ControlFlow::Break(ExitCode::from(2))
+        }
+    }
+}
+
+/// The value of option `name`: a whole number from `min` to `max`.
+pub fn number(name: &str, value: Option<String>, min: u64, max: u64) -> anyhow::Result<u64> {
+    let value = value.ok_or_else(|| anyhow!("{name} needs a value"))?;
+    match value.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => bail!("{name} {value:?}: expected a whole number from {min} to {max}"),
+    }
+}
+
+/// The value of option `name`: a path.
+pub fn path_value(name: &str, value: Option<String>) -> anyhow::Result<PathBuf> {
+    value
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow!("{name} needs a path"))
+}
 
 // ---------------------------------------------------------------------------------------
 // Processes: Mosquitto and the daemon, each behind a Drop guard
 // ---------------------------------------------------------------------------------------
 
+/// A Mosquitto child process on a free loopback port, killed on drop (also on panic).
 pub struct Mosquitto {
+    /// The mosquitto process.
     pub child: Child,
+    /// Its loopback listener.
     pub port: u16,
+    /// The first line of `mosquitto -h`.
     pub version: String,
+    /// The configuration lines beyond the listener and logging, for the report.
     pub settings: String,
+    /// Holds the config and log files.
     pub dir: TempDir,
 }
 
 impl Mosquitto {
-    pub fn start() -> anyhow::Result<Mosquitto> {
-        if !Path::new(MOSQUITTO).exists() {
+    /// Starts Mosquitto and waits until it accepts connections. Its queue and in-flight
+    /// limits are lifted; `max_queued_bytes`, if given, is written too (0: no limit).
+    pub fn start(max_queued_bytes: Option<u64>) -> anyhow::Result<Mosquitto> {
+        if !Path::new(MOSQUITTO).is_file() {
             bail!("{MOSQUITTO} is missing: install it with `apt-get install mosquitto`");
         }
         let version = Command::new(MOSQUITTO)
@@ -48,26 +108,37 @@ impl Mosquitto {
             .unwrap_or_else(|| "mosquitto".into());
         let port = free_port()?;
         let dir = tempfile::tempdir().context("creating a temp dir for Mosquitto")?;
-        let settings = "allow_anonymous true\n\
-                        max_inflight_messages 0\n\
-                        max_queued_messages 10000000\n\
-                        set_tcp_nodelay true\n\
-                        persistence false"
-            .to_owned();
+        // Mosquitto silently drops QoS 1 messages beyond its queue limits; the benchmark
+        // broker lifts them (0 means no limit) so that every message can arrive.
+        let queued_bytes = max_queued_bytes
+            .map(|n| format!("max_queued_bytes {n}\n"))
+            .unwrap_or_default();
+        let settings = format!(
+            "allow_anonymous true\n\
+             max_inflight_messages 0\n\
+             max_queued_messages 10000000\n\
+             {queued_bytes}\
+             set_tcp_nodelay true\n\
+             persistence false"
+        );
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
                 "listener {port} 127.0.0.1\n{settings}\nlog_dest stderr\nlog_type error\nlog_type warning\n"
             ),
-        )?;
-        let log = std::fs::File::create(dir.path().join("mosquitto.log"))?;
+        )
+        .with_context(|| format!("writing {}", conf.display()))?;
+        let log_path = dir.path().join("mosquitto.log");
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let log_err = log.try_clone().context("duplicating the log file handle")?;
         let child = Command::new(MOSQUITTO)
             .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
+            .stdout(log)
+            .stderr(log_err)
             .spawn()
             .with_context(|| format!("starting {MOSQUITTO}"))?;
         let mut broker = Mosquitto {
@@ -80,8 +151,11 @@ impl Mosquitto {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(status) = broker.child.try_wait()? {
-                bail!("Mosquitto exited at start-up ({status}): {}", broker.log());
+            if let Some(status) = broker.child.try_wait().context("checking on Mosquitto")? {
+                bail!(
+                    "Mosquitto exited at start-up ({status}): {}",
+                    broker.log().trim()
+                );
             }
             if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return Ok(broker);
@@ -89,17 +163,29 @@ impl Mosquitto {
             if Instant::now() > deadline {
                 bail!(
                     "Mosquitto does not listen on {addr} after 10 s: {}",
-                    broker.log()
+                    broker.log().trim()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
+    /// Two report lines: the version and address, then the settings.
+    pub fn describe(&self) -> String {
+        format!(
+            "broker:     {} on 127.0.0.1:{}\n            {}",
+            self.version,
+            self.port,
+            self.settings.replace('\n', "; ")
+        )
+    }
+
+    /// What Mosquitto logged (errors and warnings).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 
+    /// The broker's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -113,15 +199,22 @@ impl Drop for Mosquitto {
     }
 }
 
+/// The release daemon on a free loopback port with raised HTTP limits, stopped on drop.
 pub struct Daemon {
+    /// The telebridge process.
     pub child: Child,
+    /// Its HTTP listener.
     pub addr: SocketAddr,
+    /// Its SQLite database.
     pub db: PathBuf,
+    /// Holds the config, the database and the log.
     pub dir: TempDir,
+    /// A client for its HTTP API.
     pub http: reqwest::Client,
 }
 
 impl Daemon {
+    /// Starts the daemon against the broker on `mqtt_port` and waits for GET /readyz.
     pub async fn start(bin: &Path, mqtt_port: u16, tag: &str) -> anyhow::Result<Daemon> {
         let dir = tempfile::tempdir().context("creating a temp dir for the daemon")?;
         let db = dir.path().join("bench.db");
@@ -209,18 +302,19 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// GET /metrics as text.
     pub async fn metrics(&self) -> anyhow::Result<String> {
         get_text(&self.http, self.addr, "/metrics").await
     }
 
+    /// The last 20 lines of the daemon's stderr.
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        log_tail(&self.dir.path().join("daemon.log"), 20)
     }
 }
 
@@ -245,6 +339,78 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// The last `n` lines of a log file (empty if it cannot be read).
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------
+// MQTT clients
+// ---------------------------------------------------------------------------------------
+
+/// Options of a bench MQTT client on the loopback broker: keep-alive 30 s, clean session,
+/// MQTT_INFLIGHT QoS 1 messages in flight.
+pub fn mqtt_options(client_id: &str, port: u16) -> MqttOptions {
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_inflight(MQTT_INFLIGHT);
+    opts
+}
+
+/// Connects a rumqttc client with TCP_NODELAY and waits for the ConnAck; `who` names it in
+/// errors.
+pub async fn mqtt_connect(
+    opts: MqttOptions,
+    who: &str,
+) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    let (host, port) = opts.broker_address();
+    let (client, mut eventloop) = AsyncClient::new(opts, MQTT_REQUEST_CAPACITY);
+    let mut net = NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    match timeout(HANDSHAKE_TIMEOUT, eventloop.poll()).await {
+        Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => Ok((client, eventloop)),
+        Ok(Ok(other)) => bail!("{who}: expected a ConnAck, got {other:?}"),
+        Ok(Err(e)) => bail!("{who}: cannot connect to {host}:{port}: {e}"),
+        Err(_) => bail!("{who}: no ConnAck within {HANDSHAKE_TIMEOUT:?}"),
+    }
+}
+
+/// The next event of a client's event loop, or None once `stop` is cancelled. A connection
+/// error is polled again after 100 ms (rumqttc reconnects); the first one is reported as
+/// "{who} connection error", unless `expected` says a stop is under way, and sets `warned`.
+pub async fn next_event(
+    eventloop: &mut EventLoop,
+    stop: &CancellationToken,
+    who: &str,
+    warned: &mut bool,
+    expected: impl Fn() -> bool,
+) -> Option<Event> {
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => return None,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(ev) => return Some(ev),
+            Err(e) => {
+                if !*warned && !expected() {
+                    *warned = true;
+                    eprintln!("{who} connection error: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Measuring and reporting
+// ---------------------------------------------------------------------------------------
 
 /// A free loopback port.
 pub fn free_port() -> anyhow::Result<u16> {
@@ -275,6 +441,7 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// Milliseconds for a table: two decimals below 10, one above, `-` for none.
 pub fn fmt_ms(v: Option<f64>) -> String {
     match v {
         Some(ms) if ms < 10.0 => format!("{ms:.2}"),
@@ -314,16 +481,17 @@ pub fn machine_busy_seconds() -> f64 {
         .collect();
     // user nice system idle iowait irq softirq steal (guest time is inside user).
     let at = |i: usize| v.get(i).copied().unwrap_or(0.0);
-    (at(0) + at(1) + at(2) + at(5) + at(6) + at(7)) / 100.0
+    (at(0) + at(1) + at(2) + at(5) + at(6) + at(7)) / clock_ticks_per_second()
 }
 
+/// The 1, 5 and 15 minute load averages.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
 }
 
-/// User plus system CPU seconds of a process so far (clock ticks of 1/100 s).
+/// User plus system CPU seconds of a process so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
@@ -340,9 +508,36 @@ pub fn cpu_seconds(pid: u32) -> f64 {
             .and_then(|f| f.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    (tick(11) + tick(12)) / 100.0
+    (tick(11) + tick(12)) / clock_ticks_per_second()
 }
 
+/// The clock ticks per second of /proc's CPU times (USER_HZ), from `getconf CLK_TCK` once;
+/// 100 if that fails. `run_to_exit` asks first, so getconf never runs in a measured window.
+pub fn clock_ticks_per_second() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// A `kB` line of /proc/PID/status, such as `VmRSS:`.
+pub fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// This process's limit on open files.
 pub fn open_file_limit() -> Option<u64> {
     std::fs::read_to_string("/proc/self/limits")
         .ok()?
@@ -354,13 +549,20 @@ pub fn open_file_limit() -> Option<u64> {
         .ok()
 }
 
+/// Worker threads of a default multi-threaded tokio runtime.
 pub fn tokio_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// The release daemon: the one `cargo bench` just built, else target/release/telebridge,
-/// built with `cargo build --release` when missing.
-pub fn daemon_binary() -> anyhow::Result<PathBuf> {
+/// The daemon to run: `chosen` (`--daemon PATH`) if given, else the release build, the one
+/// `cargo bench` just built or target/release/telebridge, built with `cargo build --release`
+/// when missing.
+pub fn daemon_binary(chosen: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match chosen {
+        Some(p) if p.exists() => return Ok(p.to_owned()),
+        Some(p) => bail!("--daemon {}: no such file", p.display()),
+        None => {}
+    }
     if let Some(p) = option_env!("CARGO_BIN_EXE_telebridge") {
         let p = PathBuf::from(p);
         if p.exists() {
@@ -386,6 +588,7 @@ pub fn daemon_binary() -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
+/// How long ago a file was modified, in minutes.
 pub fn modified(p: &Path) -> String {
     std::fs::metadata(p)
         .and_then(|m| m.modified())
@@ -402,13 +605,20 @@ pub fn modified(p: &Path) -> String {
 
 /// The machine a benchmark ran on.
 pub struct Machine {
+    /// What `nproc` prints.
     pub nproc: String,
+    /// The CPU's model name.
     pub cpu: String,
+    /// Its clock, if /proc/cpuinfo tells.
+    pub mhz: Option<String>,
+    /// MemTotal, such as `24684092 kB`.
     pub mem: String,
+    /// The kernel release.
     pub kernel: String,
 }
 
 impl Machine {
+    /// Reads nproc, /proc/cpuinfo, /proc/meminfo and the kernel release.
     pub fn read() -> Machine {
         let nproc = Command::new("nproc")
             .output()
@@ -427,10 +637,6 @@ impl Machine {
             .find(|l| l.starts_with("cpu MHz"))
             .and_then(|l| l.split_once(':'))
             .map(|(_, v)| v.trim().to_owned());
-        let cpu = match mhz {
-            Some(m) => format!("{cpu} @ {m} MHz"),
-            None => cpu,
-        };
         let mem = std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|s| {
@@ -445,16 +651,21 @@ impl Machine {
         Machine {
             nproc,
             cpu,
+            mhz,
             mem,
             kernel,
         }
     }
 
+    /// One line: cores, CPU and clock, memory, kernel and the open-file limit.
     pub fn describe(&self) -> String {
+        let cpu = match &self.mhz {
+            Some(m) => format!("{} @ {m} MHz", self.cpu),
+            None => self.cpu.clone(),
+        };
         format!(
-            "nproc {}, CPU {}, memory {}, Linux {}, open-file limit {}",
+            "nproc {}, CPU {cpu}, memory {}, Linux {}, open-file limit {}",
             self.nproc,
-            self.cpu,
             self.mem,
             self.kernel,
             open_file_limit().map_or("?".into(), |n| n.to_string())
@@ -463,11 +674,13 @@ impl Machine {
 }
 
 /// Runs a benchmark on a multi-threaded runtime; on Ctrl-C its future is dropped, and with it
-/// every guard (daemon, broker). Errors are printed; the exit code says how it went.
-pub fn run_to_exit(
-    bench: impl std::future::Future<Output = anyhow::Result<()>>,
-) -> std::process::ExitCode {
-    use std::process::ExitCode;
+/// every guard (daemon, broker). Errors are printed; the exit code says how it went (an Ok
+/// value, such as an ExitCode, may say it too).
+pub fn run_to_exit<T: Termination>(
+    bench: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> ExitCode {
+    // Before any measurement, so that its getconf does not run inside one.
+    clock_ticks_per_second();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -486,7 +699,7 @@ pub fn run_to_exit(
     });
     rt.shutdown_timeout(Duration::from_secs(2));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(t) => t.report(),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
