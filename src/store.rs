@@ -765,6 +765,36 @@ struct DeviceChange {
     reported: bool,
 }
 
+/// One multi-row INSERT of `chunk`, numbered from `seq` (advanced past it); the SQL
+/// text for each row count is made once.
+fn insert_readings<'q>(
+    cache: &mut HashMap<usize, String>,
+    chunk: &[&Reading],
+    seq: &mut i64,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    let sql = cache
+        .entry(chunk.len())
+        .or_insert_with(|| insert_sql(chunk.len()))
+        .clone();
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for r in chunk {
+        q = q
+            .bind(*seq)
+            .bind(r.device.shared())
+            .bind(r.topic.clone())
+            .bind(r.ts)
+            .bind(r.received_at);
+        // Checked to be UTF-8 JSON by ingest; stored as TEXT for SQLite's JSON functions.
+        q = match std::str::from_utf8(&r.payload) {
+            Ok(text) if r.flags & domain::flags::RAW == 0 => q.bind(text.to_owned()),
+            _ => q.bind(r.payload.to_vec()),
+        };
+        q = q.bind(r.flags);
+        *seq += 1;
+    }
+    q
+}
+
 impl Writer {
     /// Runs the writer until `items` is closed and drained: every item received is committed
     /// and then acknowledged, so a shutdown loses nothing.
@@ -953,30 +983,21 @@ impl Writer {
             return Ok((0, 0, self.next_seq - 1));
         }
         let mut seq = self.next_seq;
+        if readings.len() <= ROWS_PER_INSERT && devices.is_empty() && command_acks.is_empty() {
+            // One statement is atomic on its own: no BEGIN and COMMIT, which would be two
+            // more round trips to the SQLite thread (the common case under load, now that
+            // last_seen is not rewritten every time).
+            insert_readings(&mut self.insert_sql, &readings, &mut seq)
+                .execute(&mut self.conn)
+                .await?;
+            self.next_seq = seq;
+            return Ok((readings.len() as u64, presence, seq - 1));
+        }
         let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in readings.chunks(ROWS_PER_INSERT) {
-            let sql = self
-                .insert_sql
-                .entry(chunk.len())
-                .or_insert_with(|| insert_sql(chunk.len()))
-                .clone();
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for r in chunk {
-                q = q
-                    .bind(seq)
-                    .bind(r.device.shared())
-                    .bind(r.topic.clone())
-                    .bind(r.ts)
-                    .bind(r.received_at);
-                // Checked to be UTF-8 JSON by ingest; stored as TEXT for SQLite's JSON functions.
-                q = match std::str::from_utf8(&r.payload) {
-                    Ok(text) if r.flags & domain::flags::RAW == 0 => q.bind(text.to_owned()),
-                    _ => q.bind(r.payload.to_vec()),
-                };
-                q = q.bind(r.flags);
-                seq += 1;
-            }
-            q.execute(&mut *tx).await?;
+            insert_readings(&mut self.insert_sql, chunk, &mut seq)
+                .execute(&mut *tx)
+                .await?;
         }
         // One statement per 100 devices; -1 marks "presence unchanged" (a command ack only).
         let devices: Vec<(&&DeviceId, &DeviceChange)> = devices.iter().collect();
