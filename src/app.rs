@@ -300,6 +300,8 @@ impl IngestRuntime {
             .spawn(move || {
                 // Runs the spawned tasks until told to stop (after they have finished).
                 let _ = rt.block_on(stopped);
+                // A DNS lookup of a reconnect in progress must not hold up the exit.
+                rt.shutdown_timeout(Duration::from_secs(1));
             })?;
         Ok(IngestRuntime {
             handle,
@@ -314,11 +316,22 @@ impl IngestRuntime {
 
     /// Stops the runtime; its tasks must have finished (the tracker waited for them).
     fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+impl Drop for IngestRuntime {
+    /// An early error return must not leave the thread running on its own.
+    fn drop(&mut self) {
+        self.stop_now();
     }
 }

@@ -823,12 +823,21 @@ impl Config {
                     );
                 }
             }
-        } else if let Some(ca) = &mqtt.tls_ca
-            && let Err(e) = crate::tls::load_certs(ca)
-        {
-            bad("mqtt.tls_ca", e.to_string());
+        } else {
+            let roots = match &mqtt.tls_ca {
+                Some(ca) => crate::tls::load_certs(ca).map(|_| ()),
+                None => crate::tls::system_roots().map(|_| ()),
+            };
+            if let Err(e) = roots {
+                let key = if mqtt.tls_ca.is_some() {
+                    "mqtt.tls_ca"
+                } else {
+                    "mqtt.url"
+                };
+                bad(key, e.to_string());
+            }
+            tls_identity_problems(&mut bad, "mqtt", &mqtt.tls_cert, &mqtt.tls_key);
         }
-        tls_identity_problems(&mut bad, "mqtt", &mqtt.tls_cert, &mqtt.tls_key);
         tls_identity_problems(&mut bad, "http", &self.http.tls_cert, &self.http.tls_key);
         out
     }

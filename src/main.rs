@@ -136,6 +136,10 @@ fn main() -> ExitCode {
                 eprintln!("error: --devices must be at least 1 and --rate between 0 and 100000");
                 return ExitCode::from(EXIT_CONFIG);
             }
+            if !url.tls && (tls_ca.is_some() || tls_cert.is_some()) {
+                eprintln!("error: --tls-ca, --tls-cert and --tls-key need an mqtts:// --url");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             let sim = SimConfig {
                 url,
                 devices,

@@ -25,6 +25,8 @@ use crate::tls::{self, TlsError};
 const MAX_INCOMING_PACKET: usize = 268_435_455;
 /// Room for requests (acks, publishes) queued to the event loop.
 const REQUEST_CAPACITY: usize = 10_000;
+/// Longest wait for the broker to take a batch of acks before the connection is dropped.
+const ACK_WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Which connection is current; shared by the poll task and the acker.
 #[derive(Debug, Default)]
@@ -45,8 +47,8 @@ struct Connection {
 struct AckQueue {
     /// Acks that follow the one in rumqttc's request queue, in receive order.
     tokens: Vec<AckToken>,
-    /// Whether a wake-up ack is in rumqttc's request queue.
-    waking: bool,
+    /// The packet id of the wake-up ack in rumqttc's request queue, if one is there.
+    waking: Option<u16>,
 }
 
 /// The client side of the MQTT link: publish commands, acknowledge messages.
@@ -94,7 +96,7 @@ impl AckSink for Acker {
         let Ok(mut queue) = self.0.acks.lock() else {
             return;
         };
-        if !queue.waking {
+        if queue.waking.is_none() {
             let qos = if first.qos == 2 {
                 QoS::ExactlyOnce
             } else {
@@ -106,7 +108,7 @@ impl AckSink for Acker {
                 // rumqttc's request queue is full: the writer retries shortly.
                 return;
             }
-            queue.waking = true;
+            queue.waking = Some(first.pkid);
             tokens.remove(0);
         }
         queue.tokens.append(tokens);
@@ -226,7 +228,9 @@ impl MqttLink {
                     if !self.handle.connected() {
                         break;
                     }
-                    self.write_acks().await;
+                    // Unless a wake-up ack is pending: its report comes before our
+                    // DISCONNECT and writes the rest behind it, in order.
+                    self.write_acks(None).await;
                     // Queued behind the final acks, so they reach the broker first.
                     let _ = self.handle.client.try_disconnect();
                     disconnect_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(2));
@@ -295,8 +299,8 @@ impl MqttLink {
                     }
                 }
                 // The wake-up ack went out: the acks queued behind it follow.
-                Ok(Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_))) => {
-                    self.write_acks().await;
+                Ok(Event::Outgoing(Outgoing::PubAck(pkid) | Outgoing::PubRec(pkid))) => {
+                    self.write_acks(Some(pkid)).await;
                 }
                 // After our DISCONNECT, keep reading (and dropping) until the broker closes
                 // the connection: closing a socket with unread data in it sends a reset, and a
@@ -340,11 +344,17 @@ impl MqttLink {
         conn.generation
     }
 
-    /// Writes every queued ack to the connection and flushes once.
-    async fn write_acks(&mut self) {
+    /// Writes every queued ack to the connection and flushes once: after the wake-up ack
+    /// `sent` went out, or (with `None`) when no wake-up ack is pending.
+    async fn write_acks(&mut self, sent: Option<u16>) {
         let tokens = {
             let mut queue = self.handle.acks.lock().unwrap_or_else(|p| p.into_inner());
-            queue.waking = false;
+            if queue.waking != sent {
+                // Another ack (or one from an older connection) was reported: ours is still
+                // to come, and the queued ones must follow it.
+                return;
+            }
+            queue.waking = None;
             std::mem::take(&mut queue.tokens)
         };
         if tokens.is_empty() {
@@ -359,24 +369,29 @@ impl MqttLink {
                 .fetch_add(n, Ordering::Relaxed);
             return;
         };
-        for t in &tokens {
-            // rumqttc's state keeps nothing for an outgoing PUBACK or PUBREC; it only
-            // reports them, so writing them directly leaves it consistent.
-            let packet = if t.qos == 2 {
-                Packet::PubRec(rumqttc::PubRec::new(t.pkid))
-            } else {
-                Packet::PubAck(rumqttc::PubAck::new(t.pkid))
-            };
-            if let Err(e) = network.write(packet).await {
-                // The next poll reports the broken connection and reconnects; the broker
-                // delivers the unacknowledged messages again.
-                tracing::debug!(error = %e, "writing acks failed");
-                return;
+        let written = tokio::time::timeout(ACK_WRITE_DEADLINE, async {
+            for t in &tokens {
+                // rumqttc's state keeps nothing for an outgoing PUBACK or PUBREC; it only
+                // reports them, so writing them directly leaves it consistent.
+                let packet = if t.qos == 2 {
+                    Packet::PubRec(rumqttc::PubRec::new(t.pkid))
+                } else {
+                    Packet::PubAck(rumqttc::PubAck::new(t.pkid))
+                };
+                network.write(packet).await?;
             }
-        }
-        if let Err(e) = network.flush().await {
-            tracing::debug!(error = %e, "flushing acks failed");
-        }
+            network.flush().await
+        })
+        .await;
+        let failure = match written {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no progress within {ACK_WRITE_DEADLINE:?}"),
+        };
+        // A broker that takes no more is as good as gone: reconnect. It delivers the
+        // unacknowledged messages again.
+        tracing::warn!(error = %failure, "writing acks to the broker failed; reconnecting");
+        self.end_connection();
     }
 
     fn end_connection(&mut self) {
@@ -384,17 +399,22 @@ impl MqttLink {
         conn.generation += 1;
         conn.connected = false;
         // Acks for the old connection are void: its messages come again.
-        if let Ok(mut queue) = self.handle.acks.lock() {
+        {
+            let mut queue = self.handle.acks.lock().unwrap_or_else(|p| p.into_inner());
             let n = queue.tokens.len() as u64;
             self.handle
                 .metrics
                 .stale_acks
                 .fetch_add(n, Ordering::Relaxed);
             queue.tokens.clear();
-            queue.waking = false;
+            queue.waking = None;
         }
-        // Drops any ack that slipped into the request queue for the old connection.
+        // Drops any ack that slipped into the request queue for the old connection
+        // (rumqttc itself drops only PUBACKs; a PUBREC would reach the next connection).
         self.eventloop.clean();
+        self.eventloop
+            .pending
+            .retain(|r| !matches!(r, rumqttc::Request::PubRec(_)));
         self.handle
             .metrics
             .mqtt_connected

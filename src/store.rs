@@ -51,6 +51,9 @@ pub enum StoreError {
     /// The writer task is gone (shutting down).
     #[error("the storage writer has stopped")]
     WriterGone,
+    /// The writer did not get to the work in time (a commit keeps failing: disk full?).
+    #[error("the storage writer is busy; it did not answer within {0:?}")]
+    WriterBusy(Duration),
 }
 
 /// Read access to the database, shared by the HTTP side.
@@ -278,11 +281,16 @@ impl Store {
         work: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Control,
     ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.control
-            .send(work(reply))
+        let answer = async {
+            self.control
+                .send(work(reply))
+                .await
+                .map_err(|_| StoreError::WriterGone)?;
+            rx.await.map_err(|_| StoreError::WriterGone)?
+        };
+        tokio::time::timeout(ASK_DEADLINE, answer)
             .await
-            .map_err(|_| StoreError::WriterGone)?;
-        rx.await.map_err(|_| StoreError::WriterGone)?
+            .map_err(|_| StoreError::WriterBusy(ASK_DEADLINE))?
     }
 
     /// Stores a new command (through the writer), or returns the existing one for a repeated
@@ -634,6 +642,10 @@ pub enum Control {
 
 /// Room for writer work besides readings; senders wait when it is full.
 const CONTROL_QUEUE: usize = 256;
+/// Most control work done between two batches, so that commands cannot starve readings.
+const CONTROL_PER_BATCH: usize = 64;
+/// How long a caller waits for the writer before it gets `WriterBusy`.
+const ASK_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The one connection that writes.
 pub struct Writer {
@@ -833,7 +845,8 @@ impl Writer {
                     acks.ack(&mut pending_acks);
                     // Readings come first, but never starve the rest (command inserts,
                     // retention, presence) under a sustained flood.
-                    while let Ok(ctl) = self.control_rx.try_recv() {
+                    for _ in 0..CONTROL_PER_BATCH {
+                        let Ok(ctl) = self.control_rx.try_recv() else { break };
                         self.control(ctl, &metrics, &committed).await;
                     }
                 }

@@ -56,7 +56,10 @@ pub enum TlsError {
         reason: String,
     },
     /// No CA to trust the broker with.
-    #[error("no trusted CA certificates: set the CA file or install the system's CA bundle")]
+    #[error(
+        "the system has no CA certificates to check the broker's with: set [mqtt] tls_ca (or \
+         --tls-ca) to the CA that signed it, or install the system's CA bundle"
+    )]
     NoRoots,
     /// rustls refused the configuration.
     #[error("TLS setup: {0}")]
@@ -146,6 +149,16 @@ pub fn check_identity(cert: &Path, key: &Path) -> Result<(), TlsError> {
         })
 }
 
+/// The system's CA certificates.
+pub fn system_roots() -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if roots.is_empty() {
+        return Err(TlsError::NoRoots);
+    }
+    Ok(roots)
+}
+
 /// A TLS client config that trusts `files.ca` (or the system's roots) and presents the
 /// client certificate when one is given.
 pub fn client_config(files: &ClientFiles) -> Result<Arc<ClientConfig>, TlsError> {
@@ -159,12 +172,7 @@ pub fn client_config(files: &ClientFiles) -> Result<Arc<ClientConfig>, TlsError>
                 })?;
             }
         }
-        None => {
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-            if roots.is_empty() {
-                return Err(TlsError::NoRoots);
-            }
-        }
+        None => roots = system_roots()?,
     }
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?

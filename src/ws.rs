@@ -125,13 +125,17 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
             // Before updates: a device's ack is matched only once its command is known
             // to be this connection's.
             Some(result) = submitting.next(), if !submitting.is_empty() => match result {
-                Ok(msg) => {
+                Ok(Ok(msg)) => {
                     if let ServerMessage::Accepted { id, .. } = &msg {
                         mine.insert(id.clone());
                     }
                     Some(msg)
                 }
-                Err(r) => Some(refuse(&s, r)),
+                Ok(Err(r)) => Some(refuse(&s, r)),
+                Err(e) => {
+                    tracing::error!(error = %e, "a command submission task failed");
+                    Some(refuse(&s, Refusal { reference: None, code: "unavailable", message: "the command could not be handled; see /api/commands".into() }))
+                }
             },
             update = updates.recv() => match update {
                 Ok(u) if mine.contains(&u.id) => {
@@ -172,8 +176,10 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
                 };
                 match checked {
                     Ok(req) => {
+                        // A task of its own: a command stored before its client goes away
+                        // is still published (dropping the handle detaches it).
                         let commands = s.commands.clone();
-                        submitting.push(async move { commands.submit(req).await });
+                        submitting.push(tokio::spawn(async move { commands.submit(req).await }));
                         None
                     }
                     Err(r) => Some(refuse(&s, r)),

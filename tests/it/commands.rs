@@ -594,3 +594,37 @@ async fn many_commands_in_flight_on_one_websocket_each_get_their_accepted_and_ac
         "every accepted command got its ack on this socket"
     );
 }
+
+#[tokio::test]
+async fn commands_sent_just_before_the_websocket_closes_still_reach_the_device() {
+    // Arrange
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(&broker.url(), "[commands]\nrate_limit = 1000").await;
+    let mut device = FakeDevice::connect(&broker.url(), "dev-c", "devices/dev-c/commands").await;
+    let mut ws = Ws::connect(daemon.http).await;
+    const N: usize = 20;
+
+    // Act: send, then drop the connection without reading a single answer.
+    for i in 0..N {
+        ws.send_json(
+            json!({"type": "command", "device": "dev-c", "name": "ping", "ref": format!("c-{i}")}),
+        )
+        .await;
+    }
+    drop(ws);
+
+    // Assert: each command that was stored is also published.
+    let mut got = 0;
+    while device.next_command(Duration::from_secs(3)).await.is_some() {
+        got += 1;
+    }
+    let body: serde_json::Value = daemon
+        .get("/api/commands?limit=1000")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let stored = body["commands"].as_array().map(Vec::len).unwrap_or(0);
+    assert!(stored > 0, "the daemon read the commands: {body}");
+    assert_eq!(got, stored, "every stored command reached the device");
+}

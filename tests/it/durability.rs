@@ -97,3 +97,33 @@ async fn kill_9_during_a_qos1_burst_loses_nothing_the_broker_acknowledged() {
         "{duplicates} duplicates is more than one batch window"
     );
 }
+
+#[tokio::test]
+async fn acks_keep_flowing_when_the_broker_allows_only_ten_messages_in_flight() {
+    // Arrange: Mosquitto sends at most 10 unacknowledged messages, so every batch waits on
+    // the acks of the one before: a stuck or late ack stalls ingest here.
+    let broker = Mosquitto::start_with("", "max_inflight_messages 10").await;
+    let mut daemon = Daemon::start(&broker.url(), "").await;
+    let db = daemon.db().await;
+    const N: i64 = 5_000;
+
+    // Act
+    let publishing = burst(broker.url(), "inflight-pub", 0, N);
+    let stored = db.wait_count(N, T).await;
+    let publisher = publishing.await.expect("publisher");
+    publisher.wait_acked(N as u64, T).await;
+    let status = daemon.sigterm();
+    daemon.spawn().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Assert: all stored, and all acknowledged (nothing comes again after a restart).
+    assert_eq!(stored, N);
+    assert!(status.success(), "exit status {status:?}");
+    let numbers = db.numbers().await;
+    assert_eq!(
+        numbers.len() as i64,
+        N,
+        "nothing redelivered after the restart"
+    );
+    assert_eq!(numbers, (0..N).collect::<Vec<_>>());
+}
