@@ -93,9 +93,7 @@ impl AckSink for Acker {
         let Some(first) = tokens.first() else {
             return;
         };
-        let Ok(mut queue) = self.0.acks.lock() else {
-            return;
-        };
+        let mut queue = self.0.acks.lock().unwrap_or_else(|p| p.into_inner());
         if queue.waking.is_none() {
             let qos = if first.qos == 2 {
                 QoS::ExactlyOnce
