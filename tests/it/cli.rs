@@ -2,21 +2,7 @@
 
 use std::process::Command;
 
-use crate::support::{BIN, free_port};
-
-fn check(config: &str) -> (i32, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("c.toml");
-    std::fs::write(&path, config).expect("write");
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run check");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
-}
+use crate::support::{BIN, check, free_port};
 
 #[test]
 fn the_example_config_passes_check() {

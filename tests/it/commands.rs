@@ -547,22 +547,27 @@ async fn a_device_known_only_from_its_answers_is_reachable() {
     assert!(device.next_command(T).await.is_some());
 }
 
-#[tokio::test]
-async fn many_commands_in_flight_on_one_websocket_each_get_their_accepted_and_ack() {
-    // Arrange
+/// A daemon, device `id`, and a WebSocket that has sent `n` pings to it (refs `r-0`, ...)
+/// without reading a single answer.
+async fn pings_in_flight(id: &str, n: usize) -> (Mosquitto, Daemon, FakeDevice, Ws) {
     let broker = Mosquitto::start().await;
     let daemon = Daemon::start(&broker.url(), "[commands]\nrate_limit = 1000").await;
-    let mut device = FakeDevice::connect(&broker.url(), "dev-8", "devices/dev-8/commands").await;
+    let device = FakeDevice::connect(&broker.url(), id, &format!("devices/{id}/commands")).await;
     let mut ws = Ws::connect(daemon.http).await;
-    const N: usize = 40;
-
-    // Act: every command sent before any answer is read; the device answers each.
-    for i in 0..N {
+    for i in 0..n {
         ws.send_json(
-            json!({"type": "command", "device": "dev-8", "name": "ping", "ref": format!("r-{i}")}),
+            json!({"type": "command", "device": id, "name": "ping", "ref": format!("r-{i}")}),
         )
         .await;
     }
+    (broker, daemon, device, ws)
+}
+
+#[tokio::test]
+async fn many_commands_in_flight_on_one_websocket_each_get_their_accepted_and_ack() {
+    // Arrange + Act: every command sent before any answer is read; the device answers each.
+    const N: usize = 40;
+    let (_broker, _daemon, mut device, mut ws) = pings_in_flight("dev-8", N).await;
     for _ in 0..N {
         let cmd = device.next_command(T).await.expect("every command arrives");
         device
@@ -597,20 +602,8 @@ async fn many_commands_in_flight_on_one_websocket_each_get_their_accepted_and_ac
 
 #[tokio::test]
 async fn commands_sent_just_before_the_websocket_closes_still_reach_the_device() {
-    // Arrange
-    let broker = Mosquitto::start().await;
-    let daemon = Daemon::start(&broker.url(), "[commands]\nrate_limit = 1000").await;
-    let mut device = FakeDevice::connect(&broker.url(), "dev-c", "devices/dev-c/commands").await;
-    let mut ws = Ws::connect(daemon.http).await;
-    const N: usize = 20;
-
-    // Act: send, then drop the connection without reading a single answer.
-    for i in 0..N {
-        ws.send_json(
-            json!({"type": "command", "device": "dev-c", "name": "ping", "ref": format!("c-{i}")}),
-        )
-        .await;
-    }
+    // Arrange + Act: send, then drop the connection without reading a single answer.
+    let (_broker, daemon, mut device, ws) = pings_in_flight("dev-c", 20).await;
     drop(ws);
 
     // Assert: each command that was stored is also published.

@@ -15,6 +15,21 @@ use tempfile::TempDir;
 /// The daemon binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_telebridge");
 
+/// Runs `telebridge check` on `config`: (exit code, stdout and stderr).
+pub fn check(config: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, config).expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run check");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
 /// A builder for the tests' HTTP clients. reqwest is built with rustls but no crypto provider
 /// of its own (the daemon's is ring), so ring is installed as the process default first.
 pub fn http_builder() -> reqwest::ClientBuilder {

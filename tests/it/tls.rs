@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::support::{
-    self, BIN, Daemon, FakeDevice, Mosquitto, Publisher, free_port, reading, wait_for,
+    self, Daemon, FakeDevice, Mosquitto, Publisher, check, free_port, reading, wait_for,
 };
 
 const T: Duration = Duration::from_secs(20);
@@ -360,34 +360,21 @@ async fn mqtt_over_tls_refuses_a_missing_client_certificate_a_wrong_password_and
 #[test]
 fn check_names_each_tls_mistake_with_its_key() {
     let pki = Pki::new();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let run = |config: String| {
-        let path = dir.path().join("c.toml");
-        std::fs::write(&path, config).expect("write");
-        let out = std::process::Command::new(BIN)
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .expect("check");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |config: String| check(&config);
     let p = |n: &str| toml_path(&pki.path(n));
 
     let (code, err) = run(format!(
         "[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\ntls_ca = {}\n",
         p("ca.pem")
     ));
-    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("line 3: mqtt.tls_ca: is only used over TLS: write mqtt.url as mqtts://"),
         "{err}"
     );
 
     let (code, err) = run(format!("[http]\ntls_cert = {}\n", p("server.pem")));
-    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("http.tls_cert: needs http.tls_key too"),
         "{err}"
@@ -399,7 +386,7 @@ fn check_names_each_tls_mistake_with_its_key() {
         p("server.key"),
         p("client.key"),
     ));
-    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("line 3: mqtt.tls_ca: cannot read /nonexistent/ca.pem"),
         "{err}"
@@ -414,7 +401,7 @@ fn check_names_each_tls_mistake_with_its_key() {
         p("server.pem"),
         p("client.key"),
     ));
-    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("line 3: http.tls_key: the private key in") && err.contains("does not match"),
         "{err}"
@@ -429,25 +416,13 @@ fn check_names_each_tls_mistake_with_its_key() {
         p("server.pem"),
         p("server.key"),
     ));
-    assert_eq!(code, Some(0), "a complete TLS config passes: {err}");
+    assert_eq!(code, 0, "a complete TLS config passes: {err}");
 }
 
 #[test]
 fn check_refuses_a_tls_file_that_never_ends_instead_of_reading_it_forever() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("c.toml");
-    std::fs::write(
-        &path,
-        "[mqtt]\nurl = \"mqtts://127.0.0.1:8883\"\ntls_ca = \"/dev/zero\"\n",
-    )
-    .expect("write");
-    let out = std::process::Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("check");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = check("[mqtt]\nurl = \"mqtts://127.0.0.1:8883\"\ntls_ca = \"/dev/zero\"\n");
+    assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("line 3: mqtt.tls_ca: /dev/zero: larger than 1048576 bytes"),
         "{err}"
