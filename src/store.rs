@@ -640,6 +640,21 @@ pub enum Control {
     },
 }
 
+impl Control {
+    /// Whether nobody waits for the answer any more.
+    fn abandoned(&self) -> bool {
+        match self {
+            Control::Retention { reply, .. } => reply.is_closed(),
+            Control::PresenceSweep { reply, .. } => reply.is_closed(),
+            Control::InsertCommand { reply, .. } => reply.is_closed(),
+            Control::MarkSent { reply, .. } => reply.is_closed(),
+            Control::ExpireDue { reply, .. } | Control::TimeoutDue { reply, .. } => {
+                reply.is_closed()
+            }
+        }
+    }
+}
+
 /// Room for writer work besides readings; senders wait when it is full.
 const CONTROL_QUEUE: usize = 256;
 /// Most control work done between two batches, so that commands cannot starve readings.
@@ -1070,6 +1085,11 @@ impl Writer {
     }
 
     async fn control(&mut self, ctl: Control, metrics: &Metrics, committed: &Committed) {
+        if ctl.abandoned() {
+            // The caller gave up (WriterBusy) and acts as if it never happened: a command
+            // stored now would never be published. Housekeeping asks again on its next tick.
+            return;
+        }
         match ctl {
             Control::InsertCommand { command, reply } => {
                 let _ = reply.send(insert_command(&mut self.conn, &command).await);
