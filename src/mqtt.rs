@@ -120,6 +120,8 @@ pub struct MqttLink {
     subscriptions: Vec<(String, QoS)>,
     reconnect_min: Duration,
     reconnect_max: Duration,
+    /// Acks being written; swapped with the queue's, so neither allocates per batch.
+    writing: Vec<AckToken>,
 }
 
 /// QoS from its number.
@@ -179,6 +181,7 @@ impl MqttLink {
             subscriptions,
             reconnect_min: cfg.reconnect_min,
             reconnect_max: cfg.reconnect_max,
+            writing: Vec::new(),
         })
     }
 
@@ -345,19 +348,30 @@ impl MqttLink {
     /// Writes every queued ack to the connection and flushes once: after the wake-up ack
     /// `sent` went out, or (with `None`) when no wake-up ack is pending.
     async fn write_acks(&mut self, sent: Option<u16>) {
-        let tokens = {
-            let mut queue = self.handle.acks.lock().unwrap_or_else(|p| p.into_inner());
-            if queue.waking != sent {
-                // Another ack (or one from an older connection) was reported: ours is still
-                // to come, and the queued ones must follow it.
-                return;
-            }
-            queue.waking = None;
-            std::mem::take(&mut queue.tokens)
-        };
-        if tokens.is_empty() {
-            return;
+        let mut tokens = std::mem::take(&mut self.writing);
+        if self.take_acks(sent, &mut tokens) && !tokens.is_empty() {
+            self.send_acks(&tokens).await;
         }
+        tokens.clear();
+        self.writing = tokens;
+    }
+
+    /// Swaps the queued acks into `into` (empty), unless another wake-up ack is still due
+    /// (one from an older connection was reported, or ours is still to come: the queued
+    /// ones must follow it).
+    fn take_acks(&self, sent: Option<u16>, into: &mut Vec<AckToken>) -> bool {
+        let mut queue = self.handle.acks.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.waking != sent {
+            return false;
+        }
+        queue.waking = None;
+        std::mem::swap(into, &mut queue.tokens);
+        true
+    }
+
+    /// Writes `tokens` as PUBACK / PUBREC packets and flushes; a broker that takes none for
+    /// `ACK_WRITE_DEADLINE` is dropped.
+    async fn send_acks(&mut self, tokens: &[AckToken]) {
         let Some(network) = self.eventloop.network.as_mut() else {
             // Disconnected: the broker delivers these again.
             let n = tokens.len() as u64;
@@ -368,7 +382,7 @@ impl MqttLink {
             return;
         };
         let written = tokio::time::timeout(ACK_WRITE_DEADLINE, async {
-            for t in &tokens {
+            for t in tokens {
                 // rumqttc's state keeps nothing for an outgoing PUBACK or PUBREC; it only
                 // reports them, so writing them directly leaves it consistent.
                 let packet = if t.qos == 2 {
