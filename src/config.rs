@@ -523,15 +523,14 @@ fn tls_identity_problems(
         (Some(_), None) => bad(&cert_key, format!("needs {key_key} too")),
         (None, Some(_)) => bad(&key_key, format!("needs {cert_key} too")),
         (Some(cert), Some(key)) => {
-            let cert_ok = crate::tls::load_certs(cert)
+            let chain = crate::tls::load_certs(cert)
                 .map_err(|e| bad(&cert_key, e.to_string()))
-                .is_ok();
-            let key_ok = crate::tls::load_key(key)
+                .ok();
+            let private = crate::tls::load_key(key)
                 .map_err(|e| bad(&key_key, e.to_string()))
-                .is_ok();
-            if cert_ok
-                && key_ok
-                && let Err(e) = crate::tls::check_identity(cert, key)
+                .ok();
+            if let (Some(chain), Some(private)) = (chain, private)
+                && let Err(e) = crate::tls::check_pair(cert, key, chain, private)
             {
                 bad(&key_key, e.to_string());
             }

@@ -107,8 +107,11 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 /// Reads every certificate of a PEM file; at least one must be there.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    parse_certs(path, &read(path)?)
+}
+
+fn parse_certs(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Invalid {
             path: path.to_owned(),
@@ -124,8 +127,11 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// Reads the first private key of a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = read(path)?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+    parse_key(path, &read(path)?)
+}
+
+fn parse_key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(bytes).map_err(|e| match e {
         pem::Error::NoItemsFound => TlsError::NoKey {
             path: path.to_owned(),
         },
@@ -136,10 +142,14 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// Checks that a certificate and key file pair is readable and belongs together.
-pub fn check_identity(cert: &Path, key: &Path) -> Result<(), TlsError> {
-    let chain = load_certs(cert)?;
-    let private = load_key(key)?;
+/// Checks that a certificate chain and key, read from the files `cert` and `key`, belong
+/// together.
+pub fn check_pair(
+    cert: &Path,
+    key: &Path,
+    chain: Vec<CertificateDer<'static>>,
+    private: PrivateKeyDer<'static>,
+) -> Result<(), TlsError> {
     CertifiedKey::from_der(chain, private, &provider())
         .map(|_| ())
         .map_err(|e| TlsError::Mismatch {
@@ -205,9 +215,15 @@ pub fn server_config(
     cert: &Path,
     key: &Path,
 ) -> Result<salvo::conn::rustls::RustlsConfig, TlsError> {
-    check_identity(cert, key)?;
+    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    check_pair(
+        cert,
+        key,
+        parse_certs(cert, &cert_pem)?,
+        parse_key(key, &key_pem)?,
+    )?;
     let keycert = salvo::conn::rustls::Keycert::new()
-        .cert(read(cert)?)
-        .key(read(key)?);
+        .cert(cert_pem)
+        .key(key_pem);
     Ok(salvo::conn::rustls::RustlsConfig::new(keycert))
 }
