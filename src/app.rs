@@ -180,18 +180,24 @@ impl App {
         // that a thousand busy SSE streams on the main runtime never delay a commit.
         let ingest_rt = IngestRuntime::start().context("starting the ingest thread")?;
         let writer_done = CancellationToken::new();
+        let writer_failed = Arc::new(std::sync::Mutex::new(None::<store::StoreError>));
 
         let (items_tx, items_rx) = mpsc::channel(config.storage.queue);
         let acker = Box::new(link.acker());
         {
             let metrics = shared.metrics.clone();
-            let storage = config.storage.clone();
+            let storage = store::WriterConfig::from(&config.storage);
             let done = writer_done.clone();
+            let failed = writer_failed.clone();
+            let stop = shutdown.child_token();
             tracker.spawn_on(
                 async move {
-                    writer
-                        .run(storage, items_rx, acker, metrics, committed)
-                        .await;
+                    if let Err(e) = writer
+                        .run(storage, items_rx, acker, metrics, committed, stop)
+                        .await
+                    {
+                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    }
                     done.cancel();
                 },
                 ingest_rt.handle(),
@@ -265,6 +271,15 @@ impl App {
         );
         let waited = tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait()).await;
         ingest_rt.stop();
+        let failed = writer_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(e) = failed {
+            return Err(anyhow::Error::new(e).context(
+                "stopped while storage was failing: what was not committed was not acknowledged, and the broker keeps it",
+            ));
+        }
         if waited.is_err() {
             anyhow::bail!(
                 "shutdown took longer than {SHUTDOWN_DEADLINE:?}; some tasks were abandoned"

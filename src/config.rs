@@ -331,6 +331,12 @@ pub struct StorageConfig {
     pub batch_delay: Duration,
     /// Readings waiting for the writer; when full, MQTT intake pauses (back-pressure).
     pub queue: usize,
+    /// Longest wait between two attempts at a commit that keeps failing (disk full, ...).
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// How long a write waits for a lock that another process holds before it fails.
+    #[serde(with = "humantime_serde")]
+    pub busy_timeout: Duration,
 }
 
 impl Default for StorageConfig {
@@ -342,6 +348,8 @@ impl Default for StorageConfig {
             batch_size: 1000,
             batch_delay: Duration::ZERO,
             queue: 10_000,
+            retry_max: Duration::from_secs(5),
+            busy_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -584,6 +592,8 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "batch_size",
             "batch_delay",
             "queue",
+            "retry_max",
+            "busy_timeout",
         ],
     ),
     ("presence", &["timeout"]),
@@ -725,6 +735,14 @@ impl Config {
         }
         if self.storage.retention_interval.is_zero() {
             bad("storage.retention_interval", "must be above 0".into());
+        }
+        if self.storage.retry_max < Duration::from_millis(10)
+            || self.storage.retry_max > Duration::from_secs(300)
+        {
+            bad("storage.retry_max", "must be between 10ms and 5m".into());
+        }
+        if self.storage.busy_timeout > Duration::from_secs(60) {
+            bad("storage.busy_timeout", "must be at most 1m".into());
         }
         if self.storage.path.as_os_str().is_empty() {
             bad("storage.path", "must not be empty".into());

@@ -84,6 +84,8 @@ enum Command {
 
 /// Exit code for an invalid or unreadable config.
 const EXIT_CONFIG: u8 = 2;
+/// Exit code when storage cannot be opened at start-up, or fails at shutdown.
+const EXIT_STORAGE: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -181,7 +183,14 @@ where
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            let storage = e
+                .chain()
+                .any(|c| c.downcast_ref::<telebridge::store::StoreError>().is_some());
+            if storage {
+                ExitCode::from(EXIT_STORAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

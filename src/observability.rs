@@ -79,6 +79,8 @@ pub struct Metrics {
     pub batches: AtomicU64,
     /// Sum of commit latencies, microseconds.
     pub commit_micros: AtomicU64,
+    /// Write transactions that failed (and were retried).
+    pub commit_failures: AtomicU64,
     /// Items waiting for the writer.
     pub queue_depth: AtomicI64,
     /// 1 while connected to the broker.
@@ -200,6 +202,12 @@ impl Metrics {
             out,
             "telebridge_store_commit_seconds_total {}",
             g(&self.commit_micros) as f64 / 1e6
+        );
+        counter(
+            &mut out,
+            "telebridge_store_commit_failures_total",
+            "Write transactions that failed and were retried (disk full, read-only, locked, ...).",
+            g(&self.commit_failures),
         );
         gauge(
             &mut out,
@@ -326,6 +334,47 @@ impl Metrics {
         );
         out
     }
+}
+
+/// Appends the storage writer's state: one `telebridge_store_writer_state` sample per state
+/// (1 for the current one) and the age of the oldest uncommitted item.
+pub fn render_storage(out: &mut String, r: &crate::store::health::Report) {
+    use crate::store::health::FaultKind;
+    let _ = writeln!(
+        out,
+        "# HELP telebridge_store_writer_state The SQLite writer's state: ok, or the fault that stops its commits.\n# TYPE telebridge_store_writer_state gauge"
+    );
+    let current = r.fault.as_ref().map(|f| f.kind);
+    let _ = writeln!(
+        out,
+        "telebridge_store_writer_state{{state=\"ok\"}} {}",
+        i64::from(current.is_none())
+    );
+    for k in FaultKind::ALL {
+        let _ = writeln!(
+            out,
+            "telebridge_store_writer_state{{state=\"{}\"}} {}",
+            k.label(),
+            i64::from(current == Some(k))
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP telebridge_store_oldest_pending_seconds Age of the oldest reading not yet committed (0 when none waits).\n# TYPE telebridge_store_oldest_pending_seconds gauge\ntelebridge_store_oldest_pending_seconds {:.3}",
+        r.oldest_age.as_secs_f64()
+    );
+    gauge(
+        out,
+        "telebridge_store_pending",
+        "Items taken by the writer or queued for it, not yet committed.",
+        r.waiting as i64,
+    );
+    gauge(
+        out,
+        "telebridge_store_checkpoint_failing",
+        "1 while the WAL checkpoint keeps failing.",
+        i64::from(r.checkpoint.is_some()),
+    );
 }
 
 fn counter(out: &mut String, name: &str, help: &str, v: u64) {

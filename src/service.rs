@@ -1,5 +1,5 @@
 //! systemd integration: `READY=1` once everything is up, `STOPPING=1` on shutdown, and a
-//! watchdog that is fed only while storage still answers.
+//! watchdog that is fed only while the storage writer makes progress.
 
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
@@ -18,22 +18,32 @@ pub fn stopping() {
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
 }
 
-/// Feeds systemd's watchdog at half its interval while storage answers, until cancelled.
-/// A hung daemon stops feeding it and systemd restarts the service.
+/// Feeds systemd's watchdog at a quarter of its interval while the writer makes progress
+/// (it committed within half the interval, or has nothing to do) and storage answers
+/// reads, until cancelled. A wedged writer stops feeding it, and systemd restarts the
+/// service: what was not committed was not acknowledged, so the restart loses nothing.
 pub async fn watchdog(store: Store, cancel: CancellationToken) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;
     };
-    let mut tick = tokio::time::interval(interval / 2);
+    let mut tick = tokio::time::interval(interval / 4);
+    let mut starving = false;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {
-                let healthy = tokio::time::timeout(interval / 4, store.writable()).await.unwrap_or(false);
-                if healthy {
+                let progressing = store.health().progressing(interval / 2);
+                let readable = tokio::time::timeout(interval / 4, store.readable()).await.unwrap_or(false);
+                if progressing && readable {
+                    if starving {
+                        tracing::info!("storage makes progress again; feeding the systemd watchdog");
+                    }
+                    starving = false;
                     let _ = sd_notify::notify(&[NotifyState::Watchdog]);
-                } else {
-                    tracing::error!("storage does not answer; not feeding the systemd watchdog");
+                } else if !starving {
+                    starving = true;
+                    let why = store.health().report(interval / 2).text;
+                    tracing::error!(storage = %why, "the storage writer makes no progress; no longer feeding the systemd watchdog, which will restart the service");
                 }
             }
         }

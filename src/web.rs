@@ -421,19 +421,35 @@ async fn healthz(res: &mut Response) {
     res.render(Json(json!({"status": "ok"})));
 }
 
-/// Readiness: broker connected and storage writable.
+/// Work that waits this long for a commit makes the daemon unready even before a commit
+/// failed (a commit stuck on a lock, say).
+const READY_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Readiness: broker connected, storage readable, and the writer committing.
 #[handler]
 async fn readyz(depot: &mut Depot, res: &mut Response) {
     let s = shared(depot);
     let broker = s.mqtt.connected();
-    let storage = s.store.writable().await;
-    if !(broker && storage) {
+    let readable = tokio::time::timeout(READY_STALL, s.store.readable())
+        .await
+        .unwrap_or(false);
+    let writer = s.store.health().report(READY_STALL);
+    let ready = broker && readable && writer.ok;
+    if !ready {
         res.status_code(StatusCode::SERVICE_UNAVAILABLE);
     }
+    let storage = if readable {
+        writer.text
+    } else {
+        format!("not readable; writer: {}", writer.text)
+    };
     res.render(Json(json!({
-        "ready": broker && storage,
+        "ready": ready,
         "broker_connected": broker,
-        "storage_writable": storage,
+        "storage_writable": writer.ok,
+        "storage": storage,
+        "storage_waiting": writer.waiting,
+        "checkpoint": writer.checkpoint.unwrap_or_else(|| "ok".into()),
         "last_seq": *s.last_seq.borrow(),
     })));
 }
@@ -441,7 +457,9 @@ async fn readyz(depot: &mut Depot, res: &mut Response) {
 /// Prometheus text format.
 #[handler]
 async fn metrics(depot: &mut Depot, res: &mut Response) {
-    let body = shared(depot).metrics.render();
+    let s = shared(depot);
+    let mut body = s.metrics.render();
+    crate::observability::render_storage(&mut body, &s.store.health().report(READY_STALL));
     res.add_header(
         "content-type",
         "text/plain; version=0.0.4; charset=utf-8",

@@ -9,5 +9,6 @@ mod durability;
 mod history;
 mod ingest;
 mod sse;
+mod storage_faults;
 mod support;
 mod tls;

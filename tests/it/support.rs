@@ -194,6 +194,8 @@ pub struct Daemon {
     pub client: reqwest::Client,
     /// Whether `spawn` waits for `/readyz` (it also needs the broker connected).
     wait_ready: bool,
+    /// Environment variables the process gets besides ours.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -226,6 +228,11 @@ impl Daemon {
         sections.add("storage", &format!("path = \"{}\"", db.display()));
         sections.add("log", "level = \"info,telebridge=debug\"");
         sections.merge(extra);
+        // A test may put the database elsewhere (on a filesystem of its own).
+        let db = sections
+            .get("storage", "path")
+            .map(|p| PathBuf::from(p.trim().trim_matches('"')))
+            .unwrap_or(db);
         std::fs::write(&config, sections.render()).expect("write config");
         let log = dir.path().join("daemon.log");
         let mut d = Daemon {
@@ -238,6 +245,7 @@ impl Daemon {
             scheme: "http".into(),
             client,
             wait_ready,
+            env: Vec::new(),
         };
         d.spawn().await;
         d
@@ -254,6 +262,7 @@ impl Daemon {
             .arg("run")
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -334,6 +343,13 @@ impl Daemon {
         }
     }
 
+    /// Whether the process is still running (it has not exited or crashed).
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("daemon is running");
@@ -412,6 +428,14 @@ impl Sections {
             body.retain(|l| l.split('=').next().unwrap_or("").trim() != key);
             body.push(line.to_owned());
         }
+    }
+
+    fn get(&self, section: &str, key: &str) -> Option<String> {
+        let (_, lines) = self.0.iter().find(|(s, _)| s == section)?;
+        lines.iter().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().to_owned())
+        })
     }
 
     fn merge(&mut self, extra: &str) {

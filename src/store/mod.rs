@@ -1,9 +1,12 @@
 //! SQLite storage: the schema (`migrations/`), the single writer task that commits readings
 //! in batches and then acknowledges them, retention, presence timeouts, and every query.
-//! SQL lives only here.
+//! SQL lives only here. [`health`] is what the writer reports about itself.
+
+pub mod health;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -15,12 +18,14 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Connection, Row};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::StorageConfig;
 use crate::domain::{self, DeviceId};
 use crate::feed::{self, Event, Feed, Kind};
 use crate::ingest::{AckSink, AckToken, Item, Reading};
 use crate::observability::Metrics;
+use health::{FaultKind, Health};
 
 /// Rows per multi-row INSERT: one statement round trip per 250 rows instead of per row.
 const ROWS_PER_INSERT: usize = 250;
@@ -42,9 +47,40 @@ pub enum StoreError {
         /// The cause.
         source: sqlx::Error,
     },
+    /// The file at `[storage] path` is not an SQLite database, or is damaged.
+    #[error(
+        "{path} is not a usable SQLite database ({source}): move it away, or point [storage] path at another file"
+    )]
+    NotDatabase {
+        /// The file.
+        path: String,
+        /// What SQLite said.
+        source: sqlx::Error,
+    },
+    /// The database has a schema migration this build does not know: a newer telebridge
+    /// wrote it.
+    #[error(
+        "the database {path} was written by a newer telebridge (it has schema migration {version}, which this build does not know): run that version, or point [storage] path at another file"
+    )]
+    Newer {
+        /// The file.
+        path: String,
+        /// The unknown migration.
+        version: i64,
+    },
     /// A migration failed.
     #[error("cannot migrate the database schema: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database file was deleted or replaced while the daemon had it open.
+    #[error(
+        "the database file {path} was {what} while telebridge had it open; nothing more is committed or acknowledged until it is back or telebridge restarts"
+    )]
+    Replaced {
+        /// The file.
+        path: String,
+        /// `deleted` or `replaced by another file`.
+        what: &'static str,
+    },
     /// A query failed.
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
@@ -54,6 +90,9 @@ pub enum StoreError {
     /// The writer did not get to the work in time (a commit keeps failing: disk full?).
     #[error("the storage writer is busy; it did not answer within {0:?}")]
     WriterBusy(Duration),
+    /// The writer is stuck retrying a batch that cannot be committed.
+    #[error("storage cannot commit: {0}")]
+    Failing(String),
 }
 
 /// Read access to the database, shared by the HTTP side.
@@ -63,6 +102,8 @@ pub struct Store {
     /// Work for the writer that needs its connection (a second writing connection would
     /// wait on SQLite's lock, sleeping in steps of up to tens of milliseconds).
     control: mpsc::Sender<Control>,
+    /// Whether the writer commits, and what waits for it.
+    health: Arc<Health>,
 }
 
 /// A device row.
@@ -97,7 +138,7 @@ pub struct StoredReading {
     pub flags: i64,
 }
 
-fn options(path: &Path) -> SqliteConnectOptions {
+fn options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
@@ -105,7 +146,9 @@ fn options(path: &Path) -> SqliteConnectOptions {
         // In WAL mode NORMAL survives a process crash (kill -9); only an OS crash or power
         // loss can roll back the last commits.
         .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(10))
+        // Only another process (someone inspecting the file) can hold the lock: waiting a
+        // little rides out a short look, and a long one becomes a reported fault.
+        .busy_timeout(busy_timeout)
         .foreign_keys(false)
         // Multi-row INSERTs inside a transaction keep a statement journal; in memory it
         // does not spill to a temp file on every batch.
@@ -116,25 +159,91 @@ fn options(path: &Path) -> SqliteConnectOptions {
         .pragma("wal_autocheckpoint", "0")
 }
 
+/// The file's identity (device, inode), to notice it being deleted or replaced.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// A database that is gone may have left its `-wal` and `-shm` files behind (after a
+/// kill -9): SQLite would replay that old WAL into the new, empty file. They are moved aside.
+fn set_aside_orphans(path: &Path) {
+    if path.exists() {
+        return;
+    }
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let side = PathBuf::from(side);
+        if side.exists() {
+            let mut aside = side.as_os_str().to_owned();
+            aside.push(format!(".orphaned-{}", domain::now_ms()));
+            match std::fs::rename(&side, &aside) {
+                Ok(()) => {
+                    tracing::warn!(file = %side.display(), moved_to = %PathBuf::from(&aside).display(), "the database file is missing but its WAL side file is not; moved it aside")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %side.display(), error = %e, "cannot move an orphaned WAL side file aside")
+                }
+            }
+        }
+    }
+}
+
+/// Whether an error means the file is not (or no longer) an SQLite database.
+fn not_a_database(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0);
+            matches!(code & 0xff, 11 | 26) // SQLITE_CORRUPT, SQLITE_NOTADB
+        }
+        _ => false,
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) and migrates the database; returns the read side and the
     /// one writer connection.
     pub async fn open(cfg: &StorageConfig) -> Result<(Store, Writer), StoreError> {
         let path_str = cfg.path.display().to_string();
+        let open_error = |source| StoreError::Open {
+            path: path_str.clone(),
+            source,
+        };
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
-                path: path_str.clone(),
-                source: sqlx::Error::Io(e),
-            })?;
+            std::fs::create_dir_all(dir).map_err(|e| open_error(sqlx::Error::Io(e)))?;
         }
-        let opts = options(&cfg.path);
+        if cfg.path.is_dir() {
+            return Err(open_error(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "it is a directory",
+            ))));
+        }
+        set_aside_orphans(&cfg.path);
+        let opts = options(&cfg.path, cfg.busy_timeout);
+        let classify = |source: sqlx::Error| {
+            if not_a_database(&source) {
+                StoreError::NotDatabase {
+                    path: path_str.clone(),
+                    source,
+                }
+            } else {
+                open_error(source)
+            }
+        };
         let mut conn = SqliteConnection::connect_with(&opts)
             .await
-            .map_err(|source| StoreError::Open {
-                path: path_str.clone(),
-                source,
-            })?;
-        sqlx::migrate!("./migrations").run(&mut conn).await?;
+            .map_err(classify)?;
+        match sqlx::migrate!("./migrations").run(&mut conn).await {
+            Ok(()) => {}
+            Err(sqlx::migrate::MigrateError::VersionMissing(version)) => {
+                return Err(StoreError::Newer {
+                    path: path_str,
+                    version,
+                });
+            }
+            Err(sqlx::migrate::MigrateError::Execute(e)) => return Err(classify(e)),
+            Err(e) => return Err(e.into()),
+        }
         let next_seq: i64 = sqlx::query_scalar(
             "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'readings'), 0), \
              coalesce((SELECT max(seq) FROM readings), 0)) + 1",
@@ -151,24 +260,35 @@ impl Store {
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await
-            .map_err(|source| StoreError::Open {
-                path: path_str,
-                source,
-            })?;
+            .map_err(open_error)?;
+        let health = Arc::new(Health::default());
         Ok((
-            Store { pool, control },
+            Store {
+                pool,
+                control,
+                health: health.clone(),
+            },
             Writer {
-                conn,
+                file_id: file_id(&cfg.path),
+                path: cfg.path.clone(),
+                opts,
+                conn: Some(conn),
                 next_seq,
                 insert_sql: HashMap::new(),
                 upsert_sql: HashMap::new(),
                 online,
                 seen_written: HashMap::new(),
                 control_rx,
+                health,
             },
         ))
+    }
+
+    /// What the writer reports about itself.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     /// Every device.
@@ -176,16 +296,7 @@ impl Store {
         let rows = sqlx::query("SELECT id, first_seen, last_seen, online FROM devices ORDER BY id")
             .fetch_all(&self.pool)
             .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(DeviceRow {
-                    id: r.try_get("id")?,
-                    first_seen: r.try_get("first_seen")?,
-                    last_seen: r.try_get("last_seen")?,
-                    online: r.try_get::<i64, _>("online")? != 0,
-                })
-            })
-            .collect()
+        rows.iter().map(device_from_row).collect()
     }
 
     /// Readings after `after` in seq order, of the given devices (all when `None`).
@@ -241,15 +352,7 @@ impl Store {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| {
-            Ok(DeviceRow {
-                id: r.try_get("id")?,
-                first_seen: r.try_get("first_seen")?,
-                last_seen: r.try_get("last_seen")?,
-                online: r.try_get::<i64, _>("online")? != 0,
-            })
-        })
-        .transpose()
+        row.as_ref().map(device_from_row).transpose()
     }
 
     /// History of one device: seq after `after`, device time within [from, to], oldest first.
@@ -280,6 +383,15 @@ impl Store {
         &self,
         work: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Control,
     ) -> Result<T, StoreError> {
+        // While the writer retries a batch it cannot commit, work queued behind it would
+        // only wait out the deadline: say why at once.
+        if let Some(f) = self.health.stuck() {
+            return Err(StoreError::Failing(format!(
+                "{} since {}",
+                f.kind.as_str(),
+                domain::format_ms(f.since_ms)
+            )));
+        }
         let (reply, rx) = oneshot::channel();
         let answer = async {
             self.control
@@ -471,14 +583,20 @@ impl Store {
 
     /// Copies committed WAL frames into the database without blocking the writer.
     pub async fn checkpoint(&self) -> Result<(), StoreError> {
-        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        // A checkpoint that cannot write (disk full) answers with busy = 1 or an error.
+        let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::from);
+        match &result {
+            Ok(_) => self.health.checkpoint(None),
+            Err(e) => self.health.checkpoint(Some(e.to_string())),
+        }
+        result.map(|_| ())
     }
 
-    /// Whether the database answers and accepts writes.
-    pub async fn writable(&self) -> bool {
+    /// Whether the database answers reads.
+    pub async fn readable(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
 }
@@ -577,6 +695,15 @@ fn push_device_filter(sql: &mut String, devices: Option<&[String]>) {
     }
 }
 
+fn device_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<DeviceRow, StoreError> {
+    Ok(DeviceRow {
+        id: r.try_get("id")?,
+        first_seen: r.try_get("first_seen")?,
+        last_seen: r.try_get("last_seen")?,
+        online: r.try_get::<i64, _>("online")? != 0,
+    })
+}
+
 fn reading_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<StoredReading, StoreError> {
     Ok(StoredReading {
         seq: r.try_get("seq")?,
@@ -664,7 +791,14 @@ const ASK_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The one connection that writes.
 pub struct Writer {
-    conn: SqliteConnection,
+    /// The database file, and its identity when opened.
+    path: PathBuf,
+    file_id: Option<(u64, u64)>,
+    opts: SqliteConnectOptions,
+    /// `None` after a failure: a failed statement may leave a transaction open (a failed
+    /// COMMIT does, on SQLITE_FULL), so the connection is closed, which rolls it back, and
+    /// a fresh one is opened for the retry.
+    conn: Option<SqliteConnection>,
     next_seq: i64,
     insert_sql: HashMap<usize, String>,
     upsert_sql: HashMap<usize, String>,
@@ -675,6 +809,8 @@ pub struct Writer {
     seen_written: HashMap<Arc<str>, i64>,
     /// Work besides readings.
     control_rx: mpsc::Receiver<Control>,
+    /// What the writer reports about itself.
+    health: Arc<Health>,
 }
 
 /// How stale `devices.last_seen` may get for a device that stays online: rewriting the row
@@ -822,22 +958,67 @@ fn insert_readings<'q>(
     q
 }
 
+/// How long the writer keeps retrying a failing commit once shutdown began, before it
+/// gives up and leaves the unacknowledged readings with the broker.
+const SHUTDOWN_RETRY: Duration = Duration::from_secs(3);
+/// How long closing a failed connection may take before it is left to close on its own.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// The writer's settings.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Most items per transaction.
+    pub batch_size: usize,
+    /// How long a batch may wait to fill.
+    pub batch_delay: Duration,
+    /// Longest wait between two attempts at a failing commit.
+    pub retry_max: Duration,
+}
+
+impl From<&StorageConfig> for WriterConfig {
+    fn from(c: &StorageConfig) -> Self {
+        WriterConfig {
+            batch_size: c.batch_size,
+            batch_delay: c.batch_delay,
+            retry_max: c.retry_max,
+        }
+    }
+}
+
+/// The oldest time among a batch's items (readings carry theirs; the rest count from now).
+fn oldest_ms(batch: &[Item]) -> i64 {
+    batch
+        .iter()
+        .filter_map(|i| match i {
+            Item::Reading(r, _) => Some(r.received_at),
+            _ => None,
+        })
+        .min()
+        .unwrap_or_else(domain::now_ms)
+}
+
 impl Writer {
     /// Runs the writer until `items` is closed and drained: every item received is committed
-    /// and then acknowledged, so a shutdown loses nothing.
+    /// and then acknowledged, so a shutdown loses nothing. When storage keeps failing after
+    /// `shutdown`, it gives up: the error says why, and what was not committed was not
+    /// acknowledged either, so the broker keeps it.
     pub async fn run(
         mut self,
-        cfg: StorageConfig,
+        cfg: WriterConfig,
         mut items: mpsc::Receiver<Item>,
         mut acks: Box<dyn AckSink>,
         metrics: Arc<Metrics>,
         committed: Committed,
-    ) {
+        shutdown: CancellationToken,
+    ) -> Result<(), StoreError> {
         let _ = committed.last_seq.send(self.next_seq - 1);
         let mut batch: Vec<Item> = Vec::with_capacity(cfg.batch_size);
         let mut pending_acks: Vec<AckToken> = Vec::new();
         let mut retry = tokio::time::interval(Duration::from_millis(5));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probe = tokio::time::interval(cfg.retry_max);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut outcome = Ok(());
         loop {
             tokio::select! {
                 biased;
@@ -856,7 +1037,14 @@ impl Writer {
                         }
                     }
                     metrics.queue_depth.store(items.len() as i64, Ordering::Relaxed);
-                    self.commit_with_retry(&mut batch, &mut pending_acks, &metrics, &committed).await;
+                    self.health.busy(batch.len() + items.len(), oldest_ms(&batch));
+                    if let Err(e) = self
+                        .commit_with_retry(&mut batch, &mut pending_acks, &metrics, &committed, &items, &cfg, &shutdown)
+                        .await
+                    {
+                        outcome = Err(e);
+                        break;
+                    }
                     acks.ack(&mut pending_acks);
                     // Readings come first, but never starve the rest (command inserts,
                     // retention, presence) under a sustained flood.
@@ -867,6 +1055,11 @@ impl Writer {
                 }
                 Some(ctl) = self.control_rx.recv() => self.control(ctl, &metrics, &committed).await,
                 _ = retry.tick(), if !pending_acks.is_empty() => acks.ack(&mut pending_acks),
+                // A fault left by work that failed while no readings come: a small write
+                // finds out when storage works again, so readiness turns back by itself.
+                _ = probe.tick(), if self.health.fault().is_some() => {
+                    let _ = self.on_conn(async |c| probe_write(c).await).await;
+                }
             }
         }
         // Shutting down: whatever was committed must reach the broker as acks.
@@ -877,26 +1070,115 @@ impl Writer {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-        if let Err(e) = self.conn.close().await {
+        if let Some(conn) = self.conn.take()
+            && let Err(e) = conn.close().await
+        {
             tracing::warn!(error = %e, "closing the writer connection failed");
+        }
+        outcome
+    }
+
+    /// The writer's connection, opened afresh after a failure; never onto a file that
+    /// replaced the one we opened.
+    async fn take_conn(&mut self) -> Result<SqliteConnection, StoreError> {
+        self.check_file()?;
+        match self.conn.take() {
+            Some(c) => Ok(c),
+            None => Ok(SqliteConnection::connect_with(&self.opts).await?),
         }
     }
 
-    /// Commits a batch, retrying on failure (disk full, locked) rather than dropping it.
-    /// Unacknowledged messages stay with the broker meanwhile, so nothing is lost.
+    /// Keeps a connection that worked; closes one that failed, rolling back whatever
+    /// transaction a failed statement left open.
+    async fn put_back(&mut self, conn: SqliteConnection, ok: bool) {
+        if ok {
+            self.conn = Some(conn);
+        } else if tokio::time::timeout(CLOSE_DEADLINE, conn.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("closing the failed writer connection timed out; opening another");
+        }
+    }
+
+    /// Fails when the file at our path is no longer the one we opened: committing (and
+    /// acknowledging) into an unlinked file would lose the readings for good.
+    fn check_file(&self) -> Result<(), StoreError> {
+        let Some(ours) = self.file_id else {
+            return Ok(());
+        };
+        let what = match file_id(&self.path) {
+            Some(now) if now == ours => return Ok(()),
+            Some(_) => "replaced by another file",
+            None => "deleted",
+        };
+        Err(StoreError::Replaced {
+            path: self.path.display().to_string(),
+            what,
+        })
+    }
+
+    /// Records a failed write in the health report (and the log, on its first occurrence).
+    fn report_failure(&self, e: &StoreError, items: usize) {
+        let kind = match e {
+            StoreError::Replaced { .. } => FaultKind::Replaced,
+            StoreError::Query(q) | StoreError::Open { source: q, .. } => health::classify(q),
+            _ => FaultKind::Error,
+        };
+        // SQLite reports a refused write as a plain I/O error: ask the file itself.
+        let kind = match kind {
+            FaultKind::Error => match std::fs::OpenOptions::new().write(true).open(&self.path) {
+                Err(io) if matches!(io.raw_os_error(), Some(1 | 13 | 30)) => FaultKind::ReadOnly,
+                _ => kind,
+            },
+            k => k,
+        };
+        let first = self.health.fault().is_none_or(|f| f.kind != kind);
+        self.health.failed(kind, e.to_string());
+        if first {
+            tracing::error!(error = %e, fault = kind.as_str(), items, "storage write failed: not acknowledging anything until it works again");
+        }
+    }
+
+    /// Commits a batch, retrying on failure (disk full, locked, read-only) rather than
+    /// dropping it; the backoff doubles up to `retry_max`. Unacknowledged messages stay
+    /// with the broker meanwhile, so nothing is lost. Gives up only during shutdown.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the writer's loop state, passed down once"
+    )]
     async fn commit_with_retry(
         &mut self,
         batch: &mut Vec<Item>,
         acks: &mut Vec<AckToken>,
         metrics: &Metrics,
         committed: &Committed,
-    ) {
-        let mut delay = Duration::from_millis(50);
+        queue: &mpsc::Receiver<Item>,
+        cfg: &WriterConfig,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        let mut delay = Duration::from_millis(50).min(cfg.retry_max);
         let mut self_changes = Vec::new();
+        let mut give_up_at: Option<tokio::time::Instant> = None;
+        let mut attempts = 0u64;
         loop {
             let started = Instant::now();
-            match self.commit(batch, &mut self_changes).await {
+            let result = match self.take_conn().await {
+                Ok(mut conn) => {
+                    let r = self.commit(&mut conn, batch, &mut self_changes).await;
+                    // A commit into a file that was deleted or replaced meanwhile counts
+                    // as failed: it is not acknowledged, and the batch stays ours.
+                    let r = r.and_then(|v| self.check_file().map(|()| v));
+                    self.put_back(conn, r.is_ok()).await;
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok((readings, presence, last_seq)) => {
+                    if attempts > 0 {
+                        tracing::info!(attempts, "the batch committed after failing");
+                    }
                     // The seq first, so a client resuming from a seq it saw live never finds
                     // it above the newest one.
                     if readings > 0 {
@@ -918,16 +1200,37 @@ impl Writer {
                     metrics
                         .commit_micros
                         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    self.health.committed(queue.len());
                     acks.extend(batch.drain(..).filter_map(|item| match item {
                         Item::Reading(_, ack) | Item::Skip(ack) | Item::Presence { ack, .. } => ack,
                         Item::CommandAck(a) => a.ack,
                     }));
-                    return;
+                    return Ok(());
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, retry_in = ?delay, items = batch.len(), "committing a batch failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    attempts += 1;
+                    metrics.commit_failures.fetch_add(1, Ordering::Relaxed);
+                    self.health
+                        .busy(batch.len() + queue.len(), oldest_ms(batch));
+                    self.report_failure(&e, batch.len());
+                    // Repeated failures are logged every 5 s or so, not at every attempt.
+                    if attempts % 20 == 0 {
+                        tracing::warn!(error = %e, attempts, retry_in = ?delay, items = batch.len(), "commit still failing; retrying");
+                    }
+                    if shutdown.is_cancelled() {
+                        let at = *give_up_at
+                            .get_or_insert_with(|| tokio::time::Instant::now() + SHUTDOWN_RETRY);
+                        if tokio::time::Instant::now() >= at {
+                            tracing::error!(error = %e, items = batch.len() + queue.len(), "shutting down while storage fails: giving up; what was not committed was not acknowledged and stays with the broker");
+                            return Err(e);
+                        }
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        // Shutdown shortens the wait, so the last tries fit its deadline.
+                        _ = shutdown.cancelled(), if give_up_at.is_none() => {}
+                    }
+                    delay = (delay * 2).min(cfg.retry_max);
                 }
             }
         }
@@ -936,6 +1239,7 @@ impl Writer {
     /// One transaction for the whole batch. Returns (readings, presence changes, last seq).
     async fn commit(
         &mut self,
+        conn: &mut SqliteConnection,
         batch: &[Item],
         changes: &mut Vec<CommandChange>,
     ) -> Result<(u64, u64, i64), StoreError> {
@@ -1016,12 +1320,12 @@ impl Writer {
             // more round trips to the SQLite thread (the common case under load, now that
             // last_seen is not rewritten every time).
             insert_readings(&mut self.insert_sql, &readings, &mut seq)
-                .execute(&mut self.conn)
+                .execute(&mut *conn)
                 .await?;
             self.next_seq = seq;
             return Ok((readings.len() as u64, presence, seq - 1));
         }
-        let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in readings.chunks(ROWS_PER_INSERT) {
             insert_readings(&mut self.insert_sql, chunk, &mut seq)
                 .execute(&mut *tx)
@@ -1084,6 +1388,28 @@ impl Writer {
         Ok((readings.len() as u64, presence, seq - 1))
     }
 
+    /// Runs `work` on the writer's connection: one that fails is closed (rolling back
+    /// what it left open) and reported, and the next work opens a fresh one.
+    async fn on_conn<T>(
+        &mut self,
+        work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let result = match self.take_conn().await {
+            Ok(mut conn) => {
+                let r = work(&mut conn).await;
+                self.put_back(conn, r.is_ok()).await;
+                r
+            }
+            Err(e) => Err(e),
+        };
+        match &result {
+            Ok(_) if self.health.fault().is_some() => self.health.committed(0),
+            Ok(_) => {}
+            Err(e) => self.report_failure(e, 0),
+        }
+        result
+    }
+
     async fn control(&mut self, ctl: Control, metrics: &Metrics, committed: &Committed) {
         if ctl.abandoned() {
             // The caller gave up (WriterBusy) and acts as if it never happened: a command
@@ -1092,33 +1418,36 @@ impl Writer {
         }
         match ctl {
             Control::InsertCommand { command, reply } => {
-                let _ = reply.send(insert_command(&mut self.conn, &command).await);
+                let r = self
+                    .on_conn(async |c| insert_command(c, &command).await)
+                    .await;
+                let _ = reply.send(r);
             }
             Control::MarkSent { id, at, reply } => {
-                let _ = reply.send(mark_sent(&mut self.conn, &id, at).await);
+                let r = self.on_conn(async |c| mark_sent(c, &id, at).await).await;
+                let _ = reply.send(r);
             }
             Control::ExpireDue { now, reply } => {
-                let _ = reply.send(expire_due(&mut self.conn, now).await);
+                let r = self.on_conn(async |c| expire_due(c, now).await).await;
+                let _ = reply.send(r);
             }
             Control::TimeoutDue { cutoff, now, reply } => {
-                let _ = reply.send(timeout_due(&mut self.conn, cutoff, now).await);
+                let r = self
+                    .on_conn(async |c| timeout_due(c, cutoff, now).await)
+                    .await;
+                let _ = reply.send(r);
             }
             Control::Retention { cutoff, reply } => {
-                let result = self.retention(cutoff).await;
+                let result = self.on_conn(async |c| retention(c, cutoff).await).await;
                 if let Ok(n) = &result {
                     metrics.retention_deleted.fetch_add(*n, Ordering::Relaxed);
                 }
                 let _ = reply.send(result);
             }
             Control::PresenceSweep { cutoff, reply } => {
-                let result: Result<Vec<String>, StoreError> = sqlx::query_scalar(
-                    "UPDATE devices SET online = 0, status_at = ? WHERE online = 1 AND last_seen < ? RETURNING id",
-                )
-                .bind(domain::now_ms())
-                .bind(cutoff)
-                .fetch_all(&mut self.conn)
-                .await
-                .map_err(StoreError::from);
+                let result = self
+                    .on_conn(async |c| presence_sweep(c, cutoff).await)
+                    .await;
                 if let Ok(ids) = &result {
                     metrics
                         .presence_timeouts
@@ -1137,24 +1466,48 @@ impl Writer {
             }
         }
     }
+}
 
-    /// Deletes old readings oldest-first in small chunks, walking the rowid order.
-    async fn retention(&mut self, cutoff: i64) -> Result<u64, StoreError> {
-        let mut total = 0;
-        loop {
-            let n = sqlx::query(
-                "DELETE FROM readings WHERE seq IN \
-                 (SELECT seq FROM readings ORDER BY seq LIMIT ?) AND received_at < ?",
-            )
-            .bind(RETENTION_CHUNK)
-            .bind(cutoff)
-            .execute(&mut self.conn)
-            .await?
-            .rows_affected();
-            total += n;
-            if n < RETENTION_CHUNK as u64 {
-                return Ok(total);
-            }
+/// A write that needs a page of room: whether storage accepts writes again.
+async fn probe_write(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO meta (key, value) VALUES ('write_probe', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+        .bind(domain::now_ms().to_string().into_bytes())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Marks devices silent since before `cutoff` offline, on `conn` (the writer's).
+async fn presence_sweep(
+    conn: &mut SqliteConnection,
+    cutoff: i64,
+) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "UPDATE devices SET online = 0, status_at = ? WHERE online = 1 AND last_seen < ? RETURNING id",
+    )
+    .bind(domain::now_ms())
+    .bind(cutoff)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Deletes old readings oldest-first in small chunks, walking the rowid order, on `conn`
+/// (the writer's).
+async fn retention(conn: &mut SqliteConnection, cutoff: i64) -> Result<u64, StoreError> {
+    let mut total = 0;
+    loop {
+        let n = sqlx::query(
+            "DELETE FROM readings WHERE seq IN \
+             (SELECT seq FROM readings ORDER BY seq LIMIT ?) AND received_at < ?",
+        )
+        .bind(RETENTION_CHUNK)
+        .bind(cutoff)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        total += n;
+        if n < RETENTION_CHUNK as u64 {
+            return Ok(total);
         }
     }
 }
@@ -1205,6 +1558,7 @@ pub async fn run_housekeeping(
     let mut sweep_tick = tokio::time::interval(sweep_every);
     let mut checkpoint_tick = tokio::time::interval(CHECKPOINT_EVERY);
     checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checkpoint_failing = false;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -1214,8 +1568,17 @@ pub async fn run_housekeeping(
                 return;
             }
             _ = checkpoint_tick.tick() => {
-                if let Err(e) = store.checkpoint().await {
-                    tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                // Logged when it starts failing and when it works again, not twice a second.
+                match store.checkpoint().await {
+                    Err(e) if !checkpoint_failing => {
+                        checkpoint_failing = true;
+                        tracing::warn!(error = %e, "WAL checkpoint failed; commits go on into the WAL, retrying");
+                    }
+                    Ok(()) if checkpoint_failing => {
+                        checkpoint_failing = false;
+                        tracing::info!("WAL checkpoint works again");
+                    }
+                    _ => {}
                 }
             }
             _ = retention_tick.tick() => {
