@@ -3,9 +3,10 @@
 // Data flow:
 //   GET api/devices            -> the device list, and the highest reading seq so far (M)
 //   EventSource events?last_event_id=M
-//                              -> every reading after M exactly once (the daemon replays from
-//                                 storage after a reconnect: the browser sends Last-Event-ID,
-//                                 or we reopen with our own last seq), presence and command events
+//                              -> every event after M exactly once, of every kind (readings,
+//                                 presence, command changes share one id sequence; the daemon
+//                                 replays them from storage after a reconnect: the browser sends
+//                                 Last-Event-ID, or we reopen with our own last id)
 //   GET api/devices/{id}/readings?from=  -> a chart's history, merged with the live points by seq
 //   WebSocket ws               -> commands out, accepted / ack / timeout / error back
 //   GET api/commands           -> the command log
@@ -31,7 +32,8 @@ const state = {
   orderDirty: false,
   selected: null,
   chart: null,
-  lastSeq: 0,
+  lastSeq: 0, // the last reading's seq
+  lastId: 0, // the last event id of any kind (readings' seq are event ids too)
   sse: { es: null, state: "connecting", opens: 0, errors: 0, timer: null, retries: 0, down: false, downAt: 0, resumedAfter: 0, shutdown: false },
   ws: { sock: null, state: "connecting", opens: 0, timer: null, retries: 0, down: false },
   results: new Map(), // ref -> entry
@@ -598,7 +600,8 @@ function connectSse() {
   clearTimeout(state.sse.timer);
   state.sse.timer = null;
   if (state.sse.es) state.sse.es.close();
-  const q = new URLSearchParams({ type: "reading,status,command", last_event_id: String(state.lastSeq) });
+  const from = Math.max(state.lastId, state.lastSeq);
+  const q = new URLSearchParams({ type: "reading,status,command", last_event_id: String(from) });
   const es = new EventSource(`events?${q}`);
   state.sse.es = es;
   es.onopen = () => {
@@ -610,8 +613,8 @@ function connectSse() {
     if (wasDown) {
       state.sse.resumedAfter = state.sse.downAt;
       state.sse.down = false;
-      // Presence and command changes carry no id and are not replayed: fetch them again.
-      resync();
+      // Every kind resumes from the log: only a chart whose history failed needs a retry.
+      if (state.chart && state.chart.historyFailed) state.chart.loadHistory();
     }
     setLink("sse", "connected", "live");
     if (state.ws.timer) connectWs(); // the daemon is back: do not wait for the backoff
@@ -653,6 +656,7 @@ function connectSse() {
 }
 
 function onReading(e) {
+  if (!fresh(e)) return;
   let r;
   try {
     r = JSON.parse(e.data);
@@ -674,6 +678,7 @@ function onReading(e) {
 }
 
 function onStatus(e) {
+  if (!fresh(e)) return;
   const s = JSON.parse(e.data);
   const d = ensureDevice(s.device);
   const at = ms(s.at);
@@ -700,18 +705,18 @@ function onGap(e) {
     setTimeout(() => location.reload(), 1500);
     return;
   } else {
-    setText(b, `Readings up to #${g.first_available - 1} are no longer stored (retention); the feed continues from #${g.first_available}.`);
+    setText(b, `Events up to #${g.first_available - 1} are no longer stored (retention); the feed continues from #${g.first_available}.`);
   }
   b.hidden = false;
 }
 
-/** After a reconnect: presence and the command log (their events have no id to resume by). */
-async function resync() {
-  try {
-    await loadDevices();
-  } catch (_) { /* the next reconnect tries again */ }
-  loadCommandLog();
-  if (state.chart && state.chart.historyFailed) state.chart.loadHistory();
+/** Whether an event is new (ids rise over every kind); remembers its id. */
+function fresh(e) {
+  const id = Number(e.lastEventId);
+  if (!(id > 0)) return true;
+  if (id <= state.lastId) return false;
+  state.lastId = id;
+  return true;
 }
 
 // ---------------------------------------------------------------- commands (WebSocket)
@@ -805,6 +810,7 @@ function finish(entry, status, m) {
 }
 
 function onCommandEvent(e) {
+  if (!fresh(e)) return;
   const c = JSON.parse(e.data);
   const entry = state.resultsById.get(c.id);
   if (entry && ["acked", "failed", "timeout", "expired"].includes(c.status)) finish(entry, c.status, c);

@@ -10,7 +10,7 @@ use crate::auth::Principal;
 use crate::domain::{self, DeviceId};
 use crate::feed::{Kind, Kinds};
 use crate::sse::{self, Client};
-use crate::store::StoredReading;
+use crate::store::{Page, StoredReading};
 use crate::web::{ApiError, principal, shared};
 
 /// Most readings one history request returns.
@@ -190,7 +190,7 @@ pub async fn list_devices(depot: &mut Depot, res: &mut Response) {
     let s = shared(depot);
     let result = async {
         let devices = s.store.devices().await?;
-        let latest = s.store.latest(None).await?;
+        let latest = s.store.latest(None, None).await?;
         Ok::<_, crate::store::StoreError>((devices, latest))
     }
     .await;
@@ -216,40 +216,68 @@ pub async fn list_devices(depot: &mut Depot, res: &mut Response) {
     res.render(Json(json!({ "devices": out })));
 }
 
+/// A history request's page: the device checked (valid, in scope, known) and the paging
+/// parameters parsed.
+async fn history_page(
+    req: &Request,
+    who: &Principal,
+    s: &crate::app::Shared,
+) -> Result<Page, ApiError> {
+    let id = req.param::<String>("id").unwrap_or_default();
+    DeviceId::check(&id)
+        .map_err(|e| ApiError::bad_request("invalid_device", format!("device id {id:?}: {e}")))?;
+    if !who.sees(&id) {
+        return Err(forbidden(
+            s,
+            format!("device {id:?} is outside this token's scope"),
+        ));
+    }
+    let after = int_param(req, "after")?.unwrap_or(0);
+    let limit = int_param(req, "limit")?.unwrap_or(HISTORY_DEFAULT_LIMIT);
+    if !(1..=HISTORY_MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "bad_parameter",
+            format!("limit: must be between 1 and {HISTORY_MAX_LIMIT}"),
+        ));
+    }
+    let from = time_param(req, "from")?;
+    let to = time_param(req, "to")?;
+    if let (Some(f), Some(t)) = (from, to)
+        && f > t
+    {
+        return Err(ApiError::bad_request(
+            "bad_parameter",
+            "from: must not be after to",
+        ));
+    }
+    if s.store.device(&id).await?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no device {id:?}"),
+        ));
+    }
+    Ok(Page {
+        device: id,
+        after,
+        limit,
+        from,
+        to,
+    })
+}
+
+/// The `after` of the next page, when this one is full.
+fn next_after(page: &Page, rows: usize, last: Option<i64>) -> Option<i64> {
+    (rows as i64 == page.limit).then_some(last).flatten()
+}
+
 /// `GET /api/devices/{id}/readings?from=&to=&after=&limit=&format=`
 #[handler]
 pub async fn device_readings(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let who = principal(depot);
     let s = shared(depot);
     let result = async {
-        let id = req.param::<String>("id").unwrap_or_default();
-        DeviceId::check(&id).map_err(|e| {
-            ApiError::bad_request("invalid_device", format!("device id {id:?}: {e}"))
-        })?;
-        if !who.sees(&id) {
-            return Err(forbidden(
-                s,
-                format!("device {id:?} is outside this token's scope"),
-            ));
-        }
-        let after = int_param(req, "after")?.unwrap_or(0);
-        let limit = int_param(req, "limit")?.unwrap_or(HISTORY_DEFAULT_LIMIT);
-        if !(1..=HISTORY_MAX_LIMIT).contains(&limit) {
-            return Err(ApiError::bad_request(
-                "bad_parameter",
-                format!("limit: must be between 1 and {HISTORY_MAX_LIMIT}"),
-            ));
-        }
-        let from = time_param(req, "from")?;
-        let to = time_param(req, "to")?;
-        if let (Some(f), Some(t)) = (from, to)
-            && f > t
-        {
-            return Err(ApiError::bad_request(
-                "bad_parameter",
-                "from: must not be after to",
-            ));
-        }
+        let q = history_page(req, &who, s).await?;
         let csv = match req.query::<String>("format").as_deref() {
             None | Some("") | Some("json") => false,
             Some("csv") => true,
@@ -260,24 +288,15 @@ pub async fn device_readings(req: &mut Request, depot: &mut Depot, res: &mut Res
                 ));
             }
         };
-        if s.store.device(&id).await?.is_none() {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no device {id:?}"),
-            ));
-        }
-        let rows = s.store.history(&id, after, from, to, limit).await?;
-        Ok((id, rows, limit, csv))
+        let rows = s.store.history(&q).await?;
+        Ok((q, rows, csv))
     }
     .await;
-    let (id, rows, limit, csv) = match result {
+    let (q, rows, csv) = match result {
         Ok(v) => v,
         Err(e) => return e.render(res),
     };
-    let next_after = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.seq))
-        .flatten();
+    let next_after = next_after(&q, rows.len(), rows.last().map(|r| r.seq));
     if csv {
         res.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -293,7 +312,40 @@ pub async fn device_readings(req: &mut Request, depot: &mut Depot, res: &mut Res
     }
     let readings: Vec<ReadingOut> = rows.into_iter().map(ReadingOut::from).collect();
     res.render(Json(
-        json!({ "device": id, "readings": readings, "next_after": next_after }),
+        json!({ "device": q.device, "readings": readings, "next_after": next_after }),
+    ));
+}
+
+/// `GET /api/devices/{id}/status-history?from=&to=&after=&limit=`: presence changes from
+/// the event log, oldest first, paged by seq (the SSE event id).
+#[handler]
+pub async fn status_history(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let who = principal(depot);
+    let s = shared(depot);
+    let result = async {
+        let q = history_page(req, &who, s).await?;
+        let rows = s.store.status_history(&q).await?;
+        Ok::<_, ApiError>((q, rows))
+    }
+    .await;
+    let (q, rows) = match result {
+        Ok(v) => v,
+        Err(e) => return e.render(res),
+    };
+    let next_after = next_after(&q, rows.len(), rows.last().map(|r| r.seq));
+    let changes: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let mut v: serde_json::Value =
+                serde_json::from_str(&r.data).unwrap_or_else(|_| json!({}));
+            if let Some(o) = v.as_object_mut() {
+                o.insert("seq".into(), json!(r.seq));
+            }
+            v
+        })
+        .collect();
+    res.render(Json(
+        json!({ "device": q.device, "changes": changes, "next_after": next_after }),
     ));
 }
 

@@ -92,7 +92,6 @@ impl App {
             link.handle(),
             config.topics.command.clone(),
             config.commands.clone(),
-            feed.clone(),
             metrics.clone(),
         );
         let (changes_tx, changes_rx) = mpsc::channel(4096);
@@ -220,6 +219,7 @@ impl App {
         tracker.spawn(store::run_housekeeping(
             shared.store.clone(),
             config.storage.retention,
+            config.storage.events_retention,
             config.storage.retention_interval,
             config.presence.timeout,
             shutdown.child_token(),

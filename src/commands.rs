@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::CommandsConfig;
 use crate::domain::{self, DeviceId, TopicTemplate};
-use crate::feed::{self, Event, Feed, Kind};
 use crate::mqtt::MqttHandle;
 use crate::observability::Metrics;
 use crate::protocol::{CommandRequest, Refusal, ServerMessage};
@@ -38,7 +37,6 @@ pub struct Commands {
     mqtt: MqttHandle,
     topic: TopicTemplate,
     cfg: CommandsConfig,
-    feed: Arc<Feed>,
     metrics: Arc<Metrics>,
     updates: broadcast::Sender<Arc<Update>>,
     /// When each command in flight was published, for a precise round trip.
@@ -52,7 +50,6 @@ impl Commands {
         mqtt: MqttHandle,
         topic: TopicTemplate,
         cfg: CommandsConfig,
-        feed: Arc<Feed>,
         metrics: Arc<Metrics>,
     ) -> Arc<Commands> {
         let (updates, _) = broadcast::channel(4096);
@@ -61,7 +58,6 @@ impl Commands {
             mqtt,
             topic,
             cfg,
-            feed,
             metrics,
             updates,
             sent: Mutex::new(HashMap::new()),
@@ -118,7 +114,6 @@ impl Commands {
         self.metrics
             .commands_accepted
             .fetch_add(1, Ordering::Relaxed);
-        self.command_event(&id, device.as_str(), status, None);
         if !offline {
             self.publish(&id, &device, &req.name, &params);
         }
@@ -145,19 +140,6 @@ impl Commands {
         ) {
             tracing::error!(id, error = %e, "could not queue a command for the broker; it will time out");
         }
-    }
-
-    fn command_event(&self, id: &str, device: &str, status: &str, extra: Option<Value>) {
-        let mut data = json!({"id": id, "device": device, "status": status, "at": domain::format_ms(domain::now_ms())});
-        if let (Some(Value::Object(extra)), Value::Object(d)) = (extra, &mut data) {
-            d.extend(extra);
-        }
-        self.feed.push([Event {
-            kind: Kind::Command,
-            device: Arc::from(device),
-            seq: None,
-            frame: feed::encode_plain("command", &data),
-        }]);
     }
 
     fn notify(&self, id: String, message: ServerMessage) {
@@ -208,12 +190,6 @@ impl Commands {
             .result
             .as_deref()
             .and_then(|r| serde_json::from_str::<Value>(r).ok());
-        self.command_event(
-            &c.id,
-            &c.device,
-            c.status,
-            Some(json!({"ok": ok, "result": result, "error": c.error, "rtt_ms": rtt_ms})),
-        );
         self.notify(
             c.id.clone(),
             ServerMessage::Ack {
@@ -231,7 +207,7 @@ impl Commands {
             return Ok(());
         }
         let now = domain::now_ms();
-        for (id, device) in self
+        for (id, _device) in self
             .store
             .timeout_due(now - self.cfg.timeout.as_millis() as i64, now)
             .await?
@@ -242,14 +218,12 @@ impl Commands {
             self.metrics
                 .commands_timeout
                 .fetch_add(1, Ordering::Relaxed);
-            self.command_event(&id, &device, "timeout", None);
             self.notify(id.clone(), ServerMessage::Timeout { id });
         }
-        for (id, device) in self.store.expire_due(now).await? {
+        for (id, _device) in self.store.expire_due(now).await? {
             self.metrics
                 .commands_expired
                 .fetch_add(1, Ordering::Relaxed);
-            self.command_event(&id, &device, "expired", None);
             self.notify(id.clone(), ServerMessage::Expired { id });
         }
         for c in self.store.queued_for_online(now).await? {
@@ -258,7 +232,6 @@ impl Commands {
                 let Ok(device) = DeviceId::parse(&c.device) else {
                     continue;
                 };
-                self.command_event(&c.id, &c.device, "sent", None);
                 self.publish(&c.id, &device, &c.name, &c.params);
             }
         }

@@ -321,6 +321,9 @@ pub struct StorageConfig {
     /// Readings older than this are deleted.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// Presence and command events older than this are deleted (at least `retention`).
+    #[serde(with = "humantime_serde")]
+    pub events_retention: Duration,
     /// How often the retention task runs.
     #[serde(with = "humantime_serde")]
     pub retention_interval: Duration,
@@ -344,6 +347,7 @@ impl Default for StorageConfig {
         Self {
             path: PathBuf::from("telebridge.db"),
             retention: Duration::from_secs(30 * 86_400),
+            events_retention: Duration::from_secs(90 * 86_400),
             retention_interval: Duration::from_secs(60),
             batch_size: 1000,
             batch_delay: Duration::ZERO,
@@ -588,6 +592,7 @@ const SCHEMA: &[(&str, &[&str])] = &[
         &[
             "path",
             "retention",
+            "events_retention",
             "retention_interval",
             "batch_size",
             "batch_delay",
@@ -732,6 +737,12 @@ impl Config {
         }
         if self.storage.retention < Duration::from_secs(60) {
             bad("storage.retention", "must be at least 1m".into());
+        }
+        if self.storage.events_retention < self.storage.retention {
+            bad(
+                "storage.events_retention",
+                "must be at least storage.retention: presence and command events are kept at least as long as readings".into(),
+            );
         }
         if self.storage.retention_interval.is_zero() {
             bad("storage.retention_interval", "must be above 0".into());

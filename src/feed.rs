@@ -1,6 +1,6 @@
-//! The live feed behind `GET /events`: committed readings and presence changes, each encoded
-//! once as an SSE event and shared by every client, in a ring buffer with a bounded number of
-//! events. A client that falls further behind than the ring holds is cut off and resumes
+//! The live feed behind `GET /events`: committed events of every kind (readings, presence and
+//! command changes), in log order, each encoded once as an SSE event with its `id:` and shared
+//! by every client, in a ring buffer with a bounded number of events. A client that falls further behind than the ring holds is cut off and resumes
 //! from storage with `Last-Event-ID`; ingest never waits on a client.
 
 use std::collections::VecDeque;
@@ -27,6 +27,15 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The SSE `event:` name, also stored in the event log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Reading => "reading",
+            Kind::Status => "status",
+            Kind::Command => "command",
+        }
+    }
+
     /// Parses a `type=` filter value.
     pub fn parse(s: &str) -> Option<Kind> {
         match s {
@@ -74,8 +83,8 @@ pub struct Event {
     pub kind: Kind,
     /// The device it concerns.
     pub device: Arc<str>,
-    /// The reading's seq (its SSE id), for readings.
-    pub seq: Option<i64>,
+    /// Its position in the event log: the SSE id.
+    pub seq: i64,
     /// The complete SSE frame, `id:`/`event:`/`data:` lines and the blank line.
     pub frame: Bytes,
 }
@@ -156,7 +165,15 @@ pub fn encode(r: &ReadingRef<'_>) -> Bytes {
     Bytes::from(out)
 }
 
-/// Encodes any event that has no id, such as `status` or `command`.
+/// Encodes a logged event other than a reading (`status`, `command`) from its stored data:
+/// the same bytes live and on replay.
+pub fn encode_event(seq: i64, kind: Kind, data: &str) -> Bytes {
+    let mut out = Vec::with_capacity(32 + data.len());
+    let _ = write!(out, "id: {seq}\nevent: {}\ndata: {data}\n\n", kind.as_str());
+    Bytes::from(out)
+}
+
+/// Encodes a notice that is not part of the log (`gap`, `shutdown`): no id.
 pub fn encode_plain<T: Serialize>(event: &str, data: &T) -> Bytes {
     let mut out = Vec::with_capacity(128);
     let _ = write!(out, "event: {event}\ndata: ");
@@ -200,8 +217,15 @@ pub struct Cursor {
 
 /// What reading from the feed gave.
 pub enum Read {
-    /// Bytes of all new matching events (possibly empty when none matched).
-    Events(Bytes, Option<i64>),
+    /// New matching events.
+    Events {
+        /// Their frames (empty when none matched).
+        bytes: Bytes,
+        /// The seq of the last event read, matching or not: the client's position.
+        last_read: Option<i64>,
+        /// The seq of the last event whose frame is in `bytes`.
+        last_sent: Option<i64>,
+    },
     /// The client fell behind what the ring holds.
     Lagged,
 }
@@ -265,7 +289,7 @@ impl Feed {
     }
 
     /// Collects the frames of every event after the cursor that `wanted` accepts, up to
-    /// about `max_bytes`, and advances the cursor. Returns the last reading seq included.
+    /// about `max_bytes`, and advances the cursor past every event it looked at.
     pub fn read(
         &self,
         cursor: &mut Cursor,
@@ -278,22 +302,26 @@ impl Feed {
         }
         let head = ring.start + ring.events.len() as u64;
         let mut out = BytesMut::new();
-        let mut last_seq = None;
+        let mut last_read = None;
+        let mut last_sent = None;
         let from = (cursor.pos - ring.start) as usize;
         for e in ring.events.range(from..) {
             cursor.pos += 1;
+            last_read = Some(e.seq);
             if wanted(e) {
                 out.extend_from_slice(&e.frame);
-                if e.seq.is_some() {
-                    last_seq = e.seq;
-                }
+                last_sent = Some(e.seq);
                 if out.len() >= max_bytes {
                     break;
                 }
             }
         }
         debug_assert!(cursor.pos <= head);
-        Read::Events(out.freeze(), last_seq)
+        Read::Events {
+            bytes: out.freeze(),
+            last_read,
+            last_sent,
+        }
     }
 }
 
@@ -314,7 +342,7 @@ mod tests {
         Event {
             kind: Kind::Reading,
             device: Arc::from("d"),
-            seq: Some(seq),
+            seq,
             frame: Bytes::from(format!("id: {seq}\n\n")),
         }
     }
@@ -325,11 +353,16 @@ mod tests {
         feed.push([ev(1)]);
         let (mut c, _s) = feed.subscribe();
         feed.push([ev(2), ev(3)]);
-        let Read::Events(b, last) = feed.read(&mut c, 1 << 20, |_| true) else {
+        let Read::Events {
+            bytes,
+            last_read,
+            last_sent,
+        } = feed.read(&mut c, 1 << 20, |e| e.seq != 3)
+        else {
             panic!()
         };
-        assert_eq!(&b[..], b"id: 2\n\nid: 3\n\n");
-        assert_eq!(last, Some(3));
+        assert_eq!(&bytes[..], b"id: 2\n\n");
+        assert_eq!((last_read, last_sent), (Some(3), Some(2)));
     }
 
     #[test]

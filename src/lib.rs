@@ -17,8 +17,10 @@
 //! - [`broker`]: the embedded MQTT broker for the demo.
 //! - [`mqtt`]: the client connection, reconnects, manual acks.
 //! - [`ingest`]: parse at the edge; [`domain`] holds the validated types.
-//! - [`store`]: SQLite, the batching writer, retention and presence timeouts.
-//! - [`feed`]: committed readings encoded once into a shared ring; [`sse`] streams it
+//! - [`store`]: SQLite: reads and the schema (`store/mod.rs`), the one batching writer
+//!   (`writer`), the event log's presence and command rows (`log`), the writer's health
+//!   (`health`), and checkpoints, retention and presence timeouts (`housekeeping`).
+//! - [`feed`]: committed events of every kind encoded once into a shared ring; [`sse`] streams it
 //!   to each client with replay and resume; [`api`] serves `/events` and the history.
 //! - [`commands`]: operator commands over [`ws`] (`/ws`, wire types in [`protocol`]) and
 //!   HTTP, published to devices and followed to their ack, timeout or expiry.

@@ -1,6 +1,8 @@
 //! `GET /events`: one client's Server-Sent-Events stream. It starts with a `retry:` hint,
-//! an optional `gap` notice and `snapshot=latest`, replays from storage after
-//! `Last-Event-ID`, then follows the live feed, deduplicated by seq, with heartbeats.
+//! an optional `gap` notice and `snapshot=latest`, replays the event log from storage after
+//! `Last-Event-ID`, then follows the live feed, deduplicated by seq, with heartbeats. Every
+//! event carries its seq as `id:`; when the client's filter skips events, an `id:`-only
+//! frame moves its resume point past them (EventSource takes the id without an event).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,7 +18,9 @@ use crate::feed::{self, Cursor, Event, Feed, Kind, Kinds, Read, Subscription};
 use crate::observability::Metrics;
 use crate::store::Store;
 
-/// Readings fetched from storage per replay query.
+/// Most often an `id:`-only frame is sent to a client whose filter skipped events.
+const ID_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Events fetched from storage per replay query.
 const REPLAY_PAGE: i64 = 1_000;
 /// Most bytes written in one chunk.
 const CHUNK_MAX: usize = 256 * 1024;
@@ -32,7 +36,7 @@ pub struct Params {
     pub devices: Option<Vec<String>>,
     /// Event kinds to receive.
     pub kinds: Kinds,
-    /// Resume after this seq.
+    /// Resume after this seq (an event id).
     pub last_event_id: Option<i64>,
     /// Start with the latest reading of each device.
     pub snapshot: bool,
@@ -55,10 +59,14 @@ pub struct Client {
     _subscription: Subscription,
     devices: Option<HashSet<Arc<str>>>,
     params: Params,
-    /// Highest reading seq sent; live readings at or below it were already sent by replay.
-    last_sent: i64,
+    /// The client's position in the log: every event at or below it was sent or skipped
+    /// by its filter (live events at or below it came already by replay).
+    position: i64,
+    /// The highest id the client was given, in an event or an `id:`-only frame.
+    id_written: i64,
     phase: Phase,
     heartbeat: tokio::time::Interval,
+    id_tick: tokio::time::Interval,
     stop: CancellationToken,
     last_seq: watch::Receiver<i64>,
     metrics: Arc<Metrics>,
@@ -83,6 +91,11 @@ impl Client {
         metrics.sse_clients.fetch_add(1, Ordering::Relaxed);
         metrics.sse_connections.fetch_add(1, Ordering::Relaxed);
         let (cursor, subscription) = feed.subscribe();
+        // Everything committed from here on comes live; a fresh client starts here.
+        let now = *last_seq.borrow();
+        let position = params.last_event_id.unwrap_or(now);
+        let mut id_tick = tokio::time::interval(ID_EVERY);
+        id_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeat =
             tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -95,10 +108,12 @@ impl Client {
                 .devices
                 .as_ref()
                 .map(|d| d.iter().map(|s| Arc::<str>::from(s.as_str())).collect()),
-            last_sent: params.last_event_id.unwrap_or(0),
+            position,
+            id_written: position,
             params,
             phase: Phase::Intro,
             heartbeat,
+            id_tick,
             stop,
             last_seq,
             metrics,
@@ -134,10 +149,10 @@ impl Client {
     async fn intro(&mut self) -> Bytes {
         let mut out = BytesMut::new();
         out.extend_from_slice(format!("retry: {RETRY_MS}\n\n").as_bytes());
-        let wants_readings = self.params.kinds.has(Kind::Reading);
+        let kinds = self.params.kinds;
         self.phase = Phase::Live;
         match self.params.last_event_id {
-            Some(n) if wants_readings => {
+            Some(n) => {
                 let last = *self.last_seq.borrow();
                 if n > last {
                     // An id from the future (another database?): say so and go live.
@@ -145,32 +160,49 @@ impl Client {
                         "gap",
                         &json!({"requested_after": n, "first_available": last + 1, "reason": "unknown_id"}),
                     ));
-                    self.last_sent = last;
+                    self.position = last;
+                    self.id_written = last;
                 } else {
-                    match self.store.oldest_seq().await {
-                        Ok(Some(oldest)) if oldest > n + 1 => {
-                            out.extend_from_slice(&feed::encode_plain(
-                                "gap",
-                                &json!({"requested_after": n, "first_available": oldest, "reason": "retention"}),
-                            ));
+                    match self.store.purged_through().await {
+                        Ok((readings, others)) => {
+                            // What retention removed of the kinds asked for, past the id.
+                            let lost = [
+                                (kinds.has(Kind::Reading), readings),
+                                (kinds.has(Kind::Status) || kinds.has(Kind::Command), others),
+                            ]
+                            .into_iter()
+                            .filter(|(wanted, purged)| *wanted && *purged > n)
+                            .map(|(_, purged)| purged)
+                            .max();
+                            if let Some(purged) = lost {
+                                out.extend_from_slice(&feed::encode_plain(
+                                    "gap",
+                                    &json!({"requested_after": n, "first_available": purged + 1, "reason": "retention"}),
+                                ));
+                            }
                         }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "cannot read the oldest seq"),
+                        Err(e) => tracing::warn!(error = %e, "cannot read how far retention went"),
                     }
                     self.phase = Phase::Replay { after: n, round: 0 };
                 }
             }
-            Some(_) => {}
-            None if self.params.snapshot && wants_readings => {
-                match self.store.latest(self.params.devices.as_deref()).await {
+            None if self.params.snapshot && kinds.has(Kind::Reading) => {
+                // Only what was committed before we subscribed: all later comes live.
+                let through = self.position;
+                match self
+                    .store
+                    .latest(self.params.devices.as_deref(), Some(through))
+                    .await
+                {
                     Ok(rows) => {
                         for r in rows
                             .iter()
                             .filter(|r| in_scope(&self.params.scope, &r.device))
                         {
                             out.extend_from_slice(&feed::encode_reading(r));
-                            self.last_sent = self.last_sent.max(r.seq);
                         }
+                        // The last snapshot frame may carry an older id than our position.
+                        push_id(&mut out, through);
                     }
                     Err(e) => tracing::warn!(error = %e, "snapshot query failed"),
                 }
@@ -180,11 +212,11 @@ impl Client {
         out.freeze()
     }
 
-    /// One page of stored readings after `after`; `None` when the replay is over.
+    /// One page of the stored log after `after`; `None` when the replay is over.
     async fn replay(&mut self, after: i64, round: u32) -> Option<Bytes> {
         let page = tokio::select! {
             _ = self.stop.cancelled() => { self.phase = Phase::Done; return Some(shutdown_frame()); }
-            page = self.store.replay(after, self.params.devices.as_deref(), REPLAY_PAGE) => page,
+            page = self.store.replay(after, self.params.devices.as_deref(), self.params.kinds, REPLAY_PAGE) => page,
         };
         let rows = match page {
             Ok(rows) => rows,
@@ -196,20 +228,24 @@ impl Client {
                 ));
             }
         };
-        if !rows.is_empty() {
+        if let Some(last) = rows.last() {
             let mut out = BytesMut::new();
+            let mut sent = None;
             for r in rows
                 .iter()
-                .filter(|r| in_scope(&self.params.scope, &r.device))
+                .filter(|r| in_scope(&self.params.scope, r.device()))
             {
-                out.extend_from_slice(&feed::encode_reading(r));
+                out.extend_from_slice(&r.frame());
+                sent = Some(r.seq());
             }
-            if let Some(last) = rows.last() {
-                self.last_sent = last.seq;
+            self.position = last.seq();
+            if sent != Some(self.position) {
+                push_id(&mut out, self.position);
             }
+            self.id_written = self.position;
             self.phase = if rows.len() as i64 == REPLAY_PAGE {
                 Phase::Replay {
-                    after: self.last_sent,
+                    after: self.position,
                     round,
                 }
             } else {
@@ -231,21 +267,21 @@ impl Client {
         }
         self.cursor = self.feed.cursor_at_head();
         Phase::Replay {
-            after: self.last_sent,
+            after: self.position,
             round: round + 1,
         }
     }
 
     async fn live(&mut self) -> Option<Bytes> {
         loop {
-            let last_sent = self.last_sent;
+            let position = self.position;
             let kinds = self.params.kinds;
             let devices = &self.devices;
             let scope = &self.params.scope;
             let wanted = |e: &Event| {
-                kinds.has(e.kind)
+                e.seq > position
+                    && kinds.has(e.kind)
                     && devices.as_ref().is_none_or(|d| d.contains(&e.device))
-                    && e.seq.is_none_or(|s| s > last_sent)
                     && in_scope(scope, &e.device)
             };
             match self.feed.read(&mut self.cursor, CHUNK_MAX, wanted) {
@@ -256,13 +292,23 @@ impl Client {
                         b": too slow: this stream is closed, reconnect with Last-Event-ID to resume\n\n",
                     ));
                 }
-                Read::Events(chunk, last) => {
-                    if let Some(s) = last {
-                        self.last_sent = s;
-                    }
-                    if !chunk.is_empty() {
+                Read::Events {
+                    bytes,
+                    last_read,
+                    last_sent,
+                } => {
+                    self.position = self.position.max(last_read.unwrap_or(0));
+                    if !bytes.is_empty() {
                         self.heartbeat.reset();
-                        return Some(chunk);
+                        self.id_written = last_sent.unwrap_or(self.id_written);
+                        if self.position > self.id_written {
+                            // Skipped events after the last one sent: the id rides along.
+                            let mut out = BytesMut::from(&bytes[..]);
+                            push_id(&mut out, self.position);
+                            self.id_written = self.position;
+                            return Some(out.freeze());
+                        }
+                        return Some(bytes);
                     }
                 }
             }
@@ -277,10 +323,22 @@ impl Client {
                         return None;
                     }
                 }
+                // Only skipped events since the last id: at most one `id:` frame a second.
+                _ = self.id_tick.tick(), if self.position > self.id_written => {
+                    self.id_written = self.position;
+                    let mut out = BytesMut::new();
+                    push_id(&mut out, self.position);
+                    return Some(out.freeze());
+                }
                 _ = self.heartbeat.tick() => return Some(Bytes::from_static(b": heartbeat\n\n")),
             }
         }
     }
+}
+
+/// An `id:`-only frame: EventSource sets its last event id from it and fires no event.
+fn push_id(out: &mut BytesMut, seq: i64) {
+    out.extend_from_slice(format!("id: {seq}\n\n").as_bytes());
 }
 
 fn in_scope(scope: &Option<Arc<Vec<String>>>, device: &str) -> bool {

@@ -3,13 +3,18 @@
 //! SQL lives only here. [`health`] is what the writer reports about itself.
 
 pub mod health;
+mod housekeeping;
+pub mod log;
+mod writer;
+
+pub use housekeeping::run_housekeeping;
+pub use writer::{CommandChange, Committed, Writer, WriterConfig};
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -17,24 +22,14 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Connection, Row};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::StorageConfig;
-use crate::domain::{self, DeviceId};
-use crate::feed::{self, Event, Feed, Kind};
-use crate::ingest::{AckSink, AckToken, Item, Reading};
-use crate::observability::Metrics;
-use health::{FaultKind, Health};
-
-/// Rows per multi-row INSERT: one statement round trip per 250 rows instead of per row.
-const ROWS_PER_INSERT: usize = 250;
-/// Devices per multi-row upsert.
-const DEVICES_PER_UPSERT: usize = 100;
-/// How often committed WAL frames are checkpointed into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
-/// Rows deleted per retention statement, so the writer is never held for long.
-const RETENTION_CHUNK: i64 = 5_000;
+use crate::domain;
+use crate::feed::{self, Kind, Kinds};
+use health::Health;
+use log::EventRow;
+use writer::{ASK_DEADLINE, CONTROL_QUEUE};
 
 /// Storage failures.
 #[derive(Debug, Error)]
@@ -104,6 +99,22 @@ pub struct Store {
     control: mpsc::Sender<Control>,
     /// Whether the writer commits, and what waits for it.
     health: Arc<Health>,
+}
+
+/// One page of a device's history: seq after `after`, time within [from, to], at most
+/// `limit` rows, oldest first.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// Device id.
+    pub device: String,
+    /// The last seq the caller has.
+    pub after: i64,
+    /// Earliest time, Unix ms.
+    pub from: Option<i64>,
+    /// Latest time, Unix ms.
+    pub to: Option<i64>,
+    /// Most rows.
+    pub limit: i64,
 }
 
 /// A device row.
@@ -244,9 +255,12 @@ impl Store {
             Err(sqlx::migrate::MigrateError::Execute(e)) => return Err(classify(e)),
             Err(e) => return Err(e.into()),
         }
+        // Readings and events share one counter: the next seq is past both tables, and past
+        // what AUTOINCREMENT remembers of rows retention deleted.
         let next_seq: i64 = sqlx::query_scalar(
-            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'readings'), 0), \
-             coalesce((SELECT max(seq) FROM readings), 0)) + 1",
+            "SELECT max(coalesce((SELECT max(seq) FROM sqlite_sequence WHERE name IN ('readings', 'events')), 0), \
+             coalesce((SELECT max(seq) FROM readings), 0), \
+             coalesce((SELECT max(seq) FROM events), 0)) + 1",
         )
         .fetch_one(&mut conn)
         .await?;
@@ -299,51 +313,126 @@ impl Store {
         rows.iter().map(device_from_row).collect()
     }
 
-    /// Readings after `after` in seq order, of the given devices (all when `None`).
+    /// The log after `after` in seq order: readings and the other kinds in `kinds`, of the
+    /// given devices (all when `None`), at most `limit` entries.
     pub async fn replay(
         &self,
         after: i64,
         devices: Option<&[String]>,
+        kinds: Kinds,
         limit: i64,
-    ) -> Result<Vec<StoredReading>, StoreError> {
-        let mut sql = String::from(
-            "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
-             FROM readings WHERE seq > ?",
-        );
-        push_device_filter(&mut sql, devices);
-        sql.push_str(" ORDER BY seq LIMIT ?");
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(after);
-        for d in devices.unwrap_or_default() {
-            q = q.bind(d.as_str());
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        let others: Vec<Kind> = [Kind::Status, Kind::Command]
+            .into_iter()
+            .filter(|k| kinds.has(*k))
+            .collect();
+        let mut arms = Vec::new();
+        if kinds.has(Kind::Reading) {
+            let mut sql = String::from(
+                "SELECT seq, 'reading' AS kind, device, topic, ts, received_at, \
+                 CAST(payload AS BLOB) AS payload, flags FROM readings WHERE seq > ?",
+            );
+            push_device_filter(&mut sql, devices);
+            sql.push_str(" ORDER BY seq LIMIT ?");
+            arms.push((sql, false));
+        }
+        if !others.is_empty() {
+            let mut sql = String::from(
+                "SELECT seq, kind, device, '' AS topic, at AS ts, at AS received_at, \
+                 CAST(data AS BLOB) AS payload, 0 AS flags FROM events WHERE seq > ?",
+            );
+            push_device_filter(&mut sql, devices);
+            sql.push_str(" AND kind IN (");
+            for (i, _) in others.iter().enumerate() {
+                sql.push_str(if i == 0 { "?" } else { ",?" });
+            }
+            sql.push_str(") ORDER BY seq LIMIT ?");
+            arms.push((sql, true));
+        }
+        if arms.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Each arm is bounded and ordered on its own; the outer query merges them.
+        let sql = arms
+            .iter()
+            .map(|(a, _)| format!("SELECT * FROM ({a})"))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+            + " ORDER BY seq LIMIT ?";
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (_, is_events) in &arms {
+            q = q.bind(after);
+            for d in devices.unwrap_or_default() {
+                q = q.bind(d.as_str());
+            }
+            if *is_events {
+                for k in &others {
+                    q = q.bind(k.as_str());
+                }
+            }
+            q = q.bind(limit);
         }
         let rows = q.bind(limit).fetch_all(&self.pool).await?;
-        rows.iter().map(reading_from_row).collect()
+        rows.iter().map(entry_from_row).collect()
     }
 
-    /// The latest reading of each device (of the given devices, or all), oldest first.
+    /// Presence changes of one device after `after` (seq), with time within [from, to],
+    /// in log order.
+    pub async fn status_history(&self, page: &Page) -> Result<Vec<EventRow>, StoreError> {
+        let Page {
+            device,
+            after,
+            from,
+            to,
+            limit,
+        } = page;
+        let rows = sqlx::query(
+            "SELECT seq, kind, device, at AS ts, at AS received_at, CAST(data AS BLOB) AS payload \
+             FROM events WHERE device = ? AND kind = 'status' AND seq > ? AND at >= ? AND at <= ? \
+             ORDER BY seq LIMIT ?",
+        )
+        .bind(device)
+        .bind(after)
+        .bind(from.unwrap_or(i64::MIN))
+        .bind(to.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// How far retention has removed the log: (readings, other events). A resume point
+    /// below one of them has lost events of that part.
+    pub async fn purged_through(&self) -> Result<(i64, i64), StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT key, CAST(value AS INTEGER) FROM meta \
+             WHERE key IN ('readings_purged_through', 'events_purged_through')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let get = |k: &str| rows.iter().find(|(key, _)| key == k).map_or(0, |(_, v)| *v);
+        Ok((get("readings_purged_through"), get("events_purged_through")))
+    }
+
+    /// The latest reading of each device (of the given devices, or all) up to seq `through`
+    /// (all when `None`), oldest first.
     pub async fn latest(
         &self,
         devices: Option<&[String]>,
+        through: Option<i64>,
     ) -> Result<Vec<StoredReading>, StoreError> {
         let mut sql = String::from(
             "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
-             FROM readings WHERE seq IN (SELECT max(seq) FROM readings GROUP BY device)",
+             FROM readings WHERE seq IN (SELECT max(seq) FROM readings WHERE seq <= ? GROUP BY device)",
         );
         push_device_filter(&mut sql, devices);
         sql.push_str(" ORDER BY seq");
-        let mut q = sqlx::query(AssertSqlSafe(sql));
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(through.unwrap_or(i64::MAX));
         for d in devices.unwrap_or_default() {
             q = q.bind(d.as_str());
         }
         let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(reading_from_row).collect()
-    }
-
-    /// The oldest seq still stored, if any.
-    pub async fn oldest_seq(&self) -> Result<Option<i64>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT min(seq) FROM readings")
-            .fetch_one(&self.pool)
-            .await?)
     }
 
     /// One device.
@@ -356,14 +445,14 @@ impl Store {
     }
 
     /// History of one device: seq after `after`, device time within [from, to], oldest first.
-    pub async fn history(
-        &self,
-        device: &str,
-        after: i64,
-        from: Option<i64>,
-        to: Option<i64>,
-        limit: i64,
-    ) -> Result<Vec<StoredReading>, StoreError> {
+    pub async fn history(&self, page: &Page) -> Result<Vec<StoredReading>, StoreError> {
+        let Page {
+            device,
+            after,
+            from,
+            to,
+            limit,
+        } = page;
         let rows = sqlx::query(
             "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
              FROM readings WHERE device = ? AND seq > ? AND ts >= ? AND ts <= ? ORDER BY seq LIMIT ?",
@@ -437,88 +526,6 @@ impl Store {
     pub fn control(&self) -> mpsc::Sender<Control> {
         self.control.clone()
     }
-}
-
-/// Runs a command insert on `conn` (the writer's).
-async fn insert_command(
-    conn: &mut SqliteConnection,
-    c: &NewCommand,
-) -> Result<Inserted, StoreError> {
-    {
-        let result = sqlx::query(
-            "INSERT INTO commands (id, device, name, params, status, idem_key, created_at, expires_at, sent_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&c.id)
-        .bind(&c.device)
-        .bind(&c.name)
-        .bind(&c.params)
-        .bind(c.status)
-        .bind(c.key.as_deref())
-        .bind(c.created_at)
-        .bind(c.expires_at)
-        .bind(c.sent_at)
-        .execute(&mut *conn)
-        .await;
-        match result {
-            Ok(_) => Ok(Inserted::New),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && c.key.is_some() => {
-                let (id, status): (String, String) = sqlx::query_as(
-                    "SELECT id, status FROM commands WHERE device = ? AND idem_key = ?",
-                )
-                .bind(&c.device)
-                .bind(c.key.as_deref())
-                .fetch_one(&mut *conn)
-                .await?;
-                Ok(Inserted::Existing { id, status })
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-}
-
-/// Marks a queued command as published on `conn` (the writer's).
-async fn mark_sent(conn: &mut SqliteConnection, id: &str, at: i64) -> Result<bool, StoreError> {
-    let n = sqlx::query(
-        "UPDATE commands SET status = 'sent', sent_at = ? WHERE id = ? AND status = 'queued'",
-    )
-    .bind(at)
-    .bind(id)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(n == 1)
-}
-
-/// Expires queued commands whose ttl ran out, on `conn` (the writer's).
-async fn expire_due(
-    conn: &mut SqliteConnection,
-    now: i64,
-) -> Result<Vec<(String, String)>, StoreError> {
-    Ok(sqlx::query_as(
-        "UPDATE commands SET status = 'expired', finished_at = ? \
-         WHERE status = 'queued' AND expires_at <= ? RETURNING id, device",
-    )
-    .bind(now)
-    .bind(now)
-    .fetch_all(conn)
-    .await?)
-}
-
-/// Times out sent commands unanswered since `cutoff`, on `conn` (the writer's).
-async fn timeout_due(
-    conn: &mut SqliteConnection,
-    cutoff: i64,
-    now: i64,
-) -> Result<Vec<(String, String)>, StoreError> {
-    Ok(sqlx::query_as(
-        "UPDATE commands SET status = 'timeout', finished_at = ? \
-         WHERE status = 'sent' AND sent_at <= ? RETURNING id, device",
-    )
-    .bind(now)
-    .bind(cutoff)
-    .fetch_all(conn)
-    .await?)
 }
 
 impl Store {
@@ -704,6 +711,63 @@ fn device_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<DeviceRow, StoreError>
     })
 }
 
+/// An entry of the log, as replay reads it.
+#[derive(Debug, Clone)]
+pub enum LogEntry {
+    /// A reading.
+    Reading(StoredReading),
+    /// A presence or command change.
+    Event(EventRow),
+}
+
+impl LogEntry {
+    /// Its seq.
+    pub fn seq(&self) -> i64 {
+        match self {
+            LogEntry::Reading(r) => r.seq,
+            LogEntry::Event(e) => e.seq,
+        }
+    }
+
+    /// The device it concerns.
+    pub fn device(&self) -> &str {
+        match self {
+            LogEntry::Reading(r) => &r.device,
+            LogEntry::Event(e) => &e.device,
+        }
+    }
+
+    /// Its SSE frame, the same bytes the live feed carried.
+    pub fn frame(&self) -> bytes::Bytes {
+        match self {
+            LogEntry::Reading(r) => feed::encode_reading(r),
+            LogEntry::Event(e) => feed::encode_event(e.seq, e.kind, &e.data),
+        }
+    }
+}
+
+fn entry_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<LogEntry, StoreError> {
+    let kind: String = r.try_get("kind")?;
+    if kind == "reading" {
+        reading_from_row(r).map(LogEntry::Reading)
+    } else {
+        event_from_row(r).map(LogEntry::Event)
+    }
+}
+
+fn event_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<EventRow, StoreError> {
+    let kind: String = r.try_get("kind")?;
+    let payload: Vec<u8> = r.try_get("payload")?;
+    Ok(EventRow {
+        seq: r.try_get("seq")?,
+        kind: Kind::parse(&kind).unwrap_or(Kind::Status),
+        device: Arc::from(r.try_get::<String, _>("device")?),
+        at: r.try_get("ts")?,
+        data: String::from_utf8(payload)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    })
+}
+
 fn reading_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<StoredReading, StoreError> {
     Ok(StoredReading {
         seq: r.try_get("seq")?,
@@ -719,10 +783,13 @@ fn reading_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<StoredReading, StoreE
 /// Work for the writer besides readings.
 #[derive(Debug)]
 pub enum Control {
-    /// Delete readings received before `cutoff` (Unix ms); replies with the count.
+    /// Delete readings received before `cutoff` and log events before `events_cutoff`
+    /// (Unix ms); replies with the count.
     Retention {
-        /// Cutoff, Unix ms.
+        /// Cutoff for readings, Unix ms.
         cutoff: i64,
+        /// Cutoff for presence and command events, Unix ms.
+        events_cutoff: i64,
         /// Rows deleted.
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
@@ -777,833 +844,6 @@ impl Control {
             Control::MarkSent { reply, .. } => reply.is_closed(),
             Control::ExpireDue { reply, .. } | Control::TimeoutDue { reply, .. } => {
                 reply.is_closed()
-            }
-        }
-    }
-}
-
-/// Room for writer work besides readings; senders wait when it is full.
-const CONTROL_QUEUE: usize = 256;
-/// Most control work done between two batches, so that commands cannot starve readings.
-const CONTROL_PER_BATCH: usize = 64;
-/// How long a caller waits for the writer before it gets `WriterBusy`.
-const ASK_DEADLINE: Duration = Duration::from_secs(10);
-
-/// The one connection that writes.
-pub struct Writer {
-    /// The database file, and its identity when opened.
-    path: PathBuf,
-    file_id: Option<(u64, u64)>,
-    opts: SqliteConnectOptions,
-    /// `None` after a failure: a failed statement may leave a transaction open (a failed
-    /// COMMIT does, on SQLITE_FULL), so the connection is closed, which rolls it back, and
-    /// a fresh one is opened for the retry.
-    conn: Option<SqliteConnection>,
-    next_seq: i64,
-    insert_sql: HashMap<usize, String>,
-    upsert_sql: HashMap<usize, String>,
-    /// Presence as stored, so that a device that comes back by sending telemetry gets a
-    /// `status` event too.
-    online: HashMap<Arc<str>, bool>,
-    /// `last_seen` as last written, per device.
-    seen_written: HashMap<Arc<str>, i64>,
-    /// Work besides readings.
-    control_rx: mpsc::Receiver<Control>,
-    /// What the writer reports about itself.
-    health: Arc<Health>,
-}
-
-/// How stale `devices.last_seen` may get for a device that stays online: rewriting the row
-/// in every transaction costs a statement and a page per commit, and the presence timeout
-/// it serves is at least a second.
-const LAST_SEEN_EVERY_MS: i64 = 250;
-
-/// Where committed work is announced.
-pub struct Committed {
-    /// The seq of the last committed reading.
-    pub last_seq: watch::Sender<i64>,
-    /// The live feed; events are encoded only while someone listens.
-    pub feed: Arc<Feed>,
-    /// Command status changes from device acks, for the command service.
-    pub commands: mpsc::Sender<CommandChange>,
-}
-
-/// A command's status changed (from the writer: a device's ack).
-#[derive(Debug, Clone)]
-pub struct CommandChange {
-    /// Command id.
-    pub id: String,
-    /// Device id.
-    pub device: String,
-    /// New status: acked or failed (or unknown: no such sent command).
-    pub status: &'static str,
-    /// The device's result, JSON text.
-    pub result: Option<String>,
-    /// The device's error.
-    pub error: Option<String>,
-    /// When it happened, Unix ms.
-    pub at: i64,
-    /// When it was sent, Unix ms.
-    pub sent_at: Option<i64>,
-}
-
-impl Committed {
-    /// Publishes a committed batch in order: readings numbered from `first_seq`, presence
-    /// reports, and an `online` status for a device whose telemetry brings it back.
-    /// `online` (presence as stored) is kept up to date even when nobody listens.
-    fn publish(&self, batch: &[Item], first_seq: i64, online: &mut HashMap<Arc<str>, bool>) {
-        let listening = self.feed.has_subscribers();
-        let mut events = Vec::new();
-        let mut seq = first_seq;
-        for item in batch {
-            match item {
-                Item::Reading(r, _) => {
-                    seq += 1;
-                    let back = online.insert(r.device.shared(), true) != Some(true);
-                    if !listening {
-                        continue;
-                    }
-                    if back {
-                        events.push(status_event(r.device.as_str(), true, r.received_at));
-                    }
-                    events.push(Event {
-                        kind: Kind::Reading,
-                        device: r.device.shared(),
-                        seq: Some(seq - 1),
-                        frame: feed::encode(&feed::ReadingRef {
-                            seq: seq - 1,
-                            device: r.device.as_str(),
-                            topic: &r.topic,
-                            ts: r.ts,
-                            received_at: r.received_at,
-                            payload: &r.payload,
-                            flags: r.flags,
-                        }),
-                    });
-                }
-                Item::Presence {
-                    device,
-                    online: now,
-                    at,
-                    ..
-                } => {
-                    online.insert(device.shared(), *now);
-                    if listening {
-                        events.push(status_event(device.as_str(), *now, *at));
-                    }
-                }
-                Item::Skip(_) | Item::CommandAck(_) => {}
-            }
-        }
-        if !events.is_empty() {
-            self.feed.push(events);
-        }
-    }
-}
-
-/// A `status` event for the feed.
-pub fn status_event(device: &str, online: bool, at: i64) -> Event {
-    Event {
-        kind: Kind::Status,
-        device: Arc::from(device),
-        seq: None,
-        frame: feed::encode_plain(
-            "status",
-            &feed::StatusData {
-                device,
-                online,
-                at: domain::format_ms(at),
-            },
-        ),
-    }
-}
-
-/// Per-device changes gathered over one batch.
-struct DeviceChange {
-    first: i64,
-    last: i64,
-    online: Option<bool>,
-    presence_at: Option<i64>,
-    /// An `online` / `offline` message is in the batch.
-    reported: bool,
-}
-
-/// One multi-row INSERT of `chunk`, numbered from `seq` (advanced past it); the SQL
-/// text for each row count is made once.
-fn insert_readings<'q>(
-    cache: &mut HashMap<usize, String>,
-    chunk: &[&Reading],
-    seq: &mut i64,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
-    let sql = cache
-        .entry(chunk.len())
-        .or_insert_with(|| insert_sql(chunk.len()))
-        .clone();
-    let mut q = sqlx::query(AssertSqlSafe(sql));
-    for r in chunk {
-        q = q
-            .bind(*seq)
-            .bind(r.device.shared())
-            .bind(r.topic.clone())
-            .bind(r.ts)
-            .bind(r.received_at);
-        // Checked to be UTF-8 JSON by ingest; stored as TEXT for SQLite's JSON functions.
-        q = match std::str::from_utf8(&r.payload) {
-            Ok(text) if r.flags & domain::flags::RAW == 0 => q.bind(text.to_owned()),
-            _ => q.bind(r.payload.to_vec()),
-        };
-        q = q.bind(r.flags);
-        *seq += 1;
-    }
-    q
-}
-
-/// How long the writer keeps retrying a failing commit once shutdown began, before it
-/// gives up and leaves the unacknowledged readings with the broker.
-const SHUTDOWN_RETRY: Duration = Duration::from_secs(3);
-/// How long closing a failed connection may take before it is left to close on its own.
-const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
-
-/// The writer's settings.
-#[derive(Debug, Clone)]
-pub struct WriterConfig {
-    /// Most items per transaction.
-    pub batch_size: usize,
-    /// How long a batch may wait to fill.
-    pub batch_delay: Duration,
-    /// Longest wait between two attempts at a failing commit.
-    pub retry_max: Duration,
-}
-
-impl From<&StorageConfig> for WriterConfig {
-    fn from(c: &StorageConfig) -> Self {
-        WriterConfig {
-            batch_size: c.batch_size,
-            batch_delay: c.batch_delay,
-            retry_max: c.retry_max,
-        }
-    }
-}
-
-/// The oldest time among a batch's items (readings carry theirs; the rest count from now).
-fn oldest_ms(batch: &[Item]) -> i64 {
-    batch
-        .iter()
-        .filter_map(|i| match i {
-            Item::Reading(r, _) => Some(r.received_at),
-            _ => None,
-        })
-        .min()
-        .unwrap_or_else(domain::now_ms)
-}
-
-impl Writer {
-    /// Runs the writer until `items` is closed and drained: every item received is committed
-    /// and then acknowledged, so a shutdown loses nothing. When storage keeps failing after
-    /// `shutdown`, it gives up: the error says why, and what was not committed was not
-    /// acknowledged either, so the broker keeps it.
-    pub async fn run(
-        mut self,
-        cfg: WriterConfig,
-        mut items: mpsc::Receiver<Item>,
-        mut acks: Box<dyn AckSink>,
-        metrics: Arc<Metrics>,
-        committed: Committed,
-        shutdown: CancellationToken,
-    ) -> Result<(), StoreError> {
-        let _ = committed.last_seq.send(self.next_seq - 1);
-        let mut batch: Vec<Item> = Vec::with_capacity(cfg.batch_size);
-        let mut pending_acks: Vec<AckToken> = Vec::new();
-        let mut retry = tokio::time::interval(Duration::from_millis(5));
-        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut probe = tokio::time::interval(cfg.retry_max);
-        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut outcome = Ok(());
-        loop {
-            tokio::select! {
-                biased;
-                n = items.recv_many(&mut batch, cfg.batch_size) => {
-                    if n == 0 {
-                        break;
-                    }
-                    if !cfg.batch_delay.is_zero() && batch.len() < cfg.batch_size {
-                        let deadline = tokio::time::Instant::now() + cfg.batch_delay;
-                        while batch.len() < cfg.batch_size {
-                            let room = cfg.batch_size - batch.len();
-                            match tokio::time::timeout_at(deadline, items.recv_many(&mut batch, room)).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(_) => {}
-                            }
-                        }
-                    }
-                    metrics.queue_depth.store(items.len() as i64, Ordering::Relaxed);
-                    self.health.busy(batch.len() + items.len(), oldest_ms(&batch));
-                    if let Err(e) = self
-                        .commit_with_retry(&mut batch, &mut pending_acks, &metrics, &committed, &items, &cfg, &shutdown)
-                        .await
-                    {
-                        outcome = Err(e);
-                        break;
-                    }
-                    acks.ack(&mut pending_acks);
-                    // Readings come first, but never starve the rest (command inserts,
-                    // retention, presence) under a sustained flood.
-                    for _ in 0..CONTROL_PER_BATCH {
-                        let Ok(ctl) = self.control_rx.try_recv() else { break };
-                        self.control(ctl, &metrics, &committed).await;
-                    }
-                }
-                Some(ctl) = self.control_rx.recv() => self.control(ctl, &metrics, &committed).await,
-                _ = retry.tick(), if !pending_acks.is_empty() => acks.ack(&mut pending_acks),
-                // A fault left by work that failed while no readings come: a small write
-                // finds out when storage works again, so readiness turns back by itself.
-                _ = probe.tick(), if self.health.fault().is_some() => {
-                    let _ = self.on_conn(async |c| probe_write(c).await).await;
-                }
-            }
-        }
-        // Shutting down: whatever was committed must reach the broker as acks.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !pending_acks.is_empty() && Instant::now() < deadline {
-            acks.ack(&mut pending_acks);
-            if !pending_acks.is_empty() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-        if let Some(conn) = self.conn.take()
-            && let Err(e) = conn.close().await
-        {
-            tracing::warn!(error = %e, "closing the writer connection failed");
-        }
-        outcome
-    }
-
-    /// The writer's connection, opened afresh after a failure; never onto a file that
-    /// replaced the one we opened.
-    async fn take_conn(&mut self) -> Result<SqliteConnection, StoreError> {
-        self.check_file()?;
-        match self.conn.take() {
-            Some(c) => Ok(c),
-            None => Ok(SqliteConnection::connect_with(&self.opts).await?),
-        }
-    }
-
-    /// Keeps a connection that worked; closes one that failed, rolling back whatever
-    /// transaction a failed statement left open.
-    async fn put_back(&mut self, conn: SqliteConnection, ok: bool) {
-        if ok {
-            self.conn = Some(conn);
-        } else if tokio::time::timeout(CLOSE_DEADLINE, conn.close())
-            .await
-            .is_err()
-        {
-            tracing::warn!("closing the failed writer connection timed out; opening another");
-        }
-    }
-
-    /// Fails when the file at our path is no longer the one we opened: committing (and
-    /// acknowledging) into an unlinked file would lose the readings for good.
-    fn check_file(&self) -> Result<(), StoreError> {
-        let Some(ours) = self.file_id else {
-            return Ok(());
-        };
-        let what = match file_id(&self.path) {
-            Some(now) if now == ours => return Ok(()),
-            Some(_) => "replaced by another file",
-            None => "deleted",
-        };
-        Err(StoreError::Replaced {
-            path: self.path.display().to_string(),
-            what,
-        })
-    }
-
-    /// Records a failed write in the health report (and the log, on its first occurrence).
-    fn report_failure(&self, e: &StoreError, items: usize) {
-        let kind = match e {
-            StoreError::Replaced { .. } => FaultKind::Replaced,
-            StoreError::Query(q) | StoreError::Open { source: q, .. } => health::classify(q),
-            _ => FaultKind::Error,
-        };
-        // SQLite reports a refused write as a plain I/O error: ask the file itself.
-        let kind = match kind {
-            FaultKind::Error => match std::fs::OpenOptions::new().write(true).open(&self.path) {
-                Err(io) if matches!(io.raw_os_error(), Some(1 | 13 | 30)) => FaultKind::ReadOnly,
-                _ => kind,
-            },
-            k => k,
-        };
-        let first = self.health.fault().is_none_or(|f| f.kind != kind);
-        self.health.failed(kind, e.to_string());
-        if first {
-            tracing::error!(error = %e, fault = kind.as_str(), items, "storage write failed: not acknowledging anything until it works again");
-        }
-    }
-
-    /// Commits a batch, retrying on failure (disk full, locked, read-only) rather than
-    /// dropping it; the backoff doubles up to `retry_max`. Unacknowledged messages stay
-    /// with the broker meanwhile, so nothing is lost. Gives up only during shutdown.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the writer's loop state, passed down once"
-    )]
-    async fn commit_with_retry(
-        &mut self,
-        batch: &mut Vec<Item>,
-        acks: &mut Vec<AckToken>,
-        metrics: &Metrics,
-        committed: &Committed,
-        queue: &mpsc::Receiver<Item>,
-        cfg: &WriterConfig,
-        shutdown: &CancellationToken,
-    ) -> Result<(), StoreError> {
-        let mut delay = Duration::from_millis(50).min(cfg.retry_max);
-        let mut self_changes = Vec::new();
-        let mut give_up_at: Option<tokio::time::Instant> = None;
-        let mut attempts = 0u64;
-        loop {
-            let started = Instant::now();
-            let result = match self.take_conn().await {
-                Ok(mut conn) => {
-                    let r = self.commit(&mut conn, batch, &mut self_changes).await;
-                    // A commit into a file that was deleted or replaced meanwhile counts
-                    // as failed: it is not acknowledged, and the batch stays ours.
-                    let r = r.and_then(|v| self.check_file().map(|()| v));
-                    self.put_back(conn, r.is_ok()).await;
-                    r
-                }
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok((readings, presence, last_seq)) => {
-                    if attempts > 0 {
-                        tracing::info!(attempts, "the batch committed after failing");
-                    }
-                    // The seq first, so a client resuming from a seq it saw live never finds
-                    // it above the newest one.
-                    if readings > 0 {
-                        let _ = committed.last_seq.send(last_seq);
-                    }
-                    committed.publish(batch, last_seq - readings as i64 + 1, &mut self.online);
-                    for change in self_changes.drain(..) {
-                        if change.status == "unknown" {
-                            metrics.unknown_acks.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(id = %change.id, device = %change.device, "ack for an unknown or already finished command");
-                        } else if let Err(e) = committed.commands.try_send(change) {
-                            // The status is stored; only the live notification is lost.
-                            tracing::warn!(error = %e, "command notification queue full");
-                        }
-                    }
-                    metrics.stored.fetch_add(readings, Ordering::Relaxed);
-                    metrics.presence.fetch_add(presence, Ordering::Relaxed);
-                    metrics.batches.fetch_add(1, Ordering::Relaxed);
-                    metrics
-                        .commit_micros
-                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    self.health.committed(queue.len());
-                    acks.extend(batch.drain(..).filter_map(|item| match item {
-                        Item::Reading(_, ack) | Item::Skip(ack) | Item::Presence { ack, .. } => ack,
-                        Item::CommandAck(a) => a.ack,
-                    }));
-                    return Ok(());
-                }
-                Err(e) => {
-                    attempts += 1;
-                    metrics.commit_failures.fetch_add(1, Ordering::Relaxed);
-                    self.health
-                        .busy(batch.len() + queue.len(), oldest_ms(batch));
-                    self.report_failure(&e, batch.len());
-                    // Repeated failures are logged every 5 s or so, not at every attempt.
-                    if attempts % 20 == 0 {
-                        tracing::warn!(error = %e, attempts, retry_in = ?delay, items = batch.len(), "commit still failing; retrying");
-                    }
-                    if shutdown.is_cancelled() {
-                        let at = *give_up_at
-                            .get_or_insert_with(|| tokio::time::Instant::now() + SHUTDOWN_RETRY);
-                        if tokio::time::Instant::now() >= at {
-                            tracing::error!(error = %e, items = batch.len() + queue.len(), "shutting down while storage fails: giving up; what was not committed was not acknowledged and stays with the broker");
-                            return Err(e);
-                        }
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        // Shutdown shortens the wait, so the last tries fit its deadline.
-                        _ = shutdown.cancelled(), if give_up_at.is_none() => {}
-                    }
-                    delay = (delay * 2).min(cfg.retry_max);
-                }
-            }
-        }
-    }
-
-    /// One transaction for the whole batch. Returns (readings, presence changes, last seq).
-    async fn commit(
-        &mut self,
-        conn: &mut SqliteConnection,
-        batch: &[Item],
-        changes: &mut Vec<CommandChange>,
-    ) -> Result<(u64, u64, i64), StoreError> {
-        changes.clear();
-        let mut devices: HashMap<&DeviceId, DeviceChange> = HashMap::new();
-        let mut command_acks = Vec::new();
-        let mut readings: Vec<&Reading> = Vec::with_capacity(batch.len());
-        let mut presence = 0u64;
-        for item in batch {
-            match item {
-                Item::Reading(r, _) => {
-                    readings.push(r);
-                    let c = devices.entry(&r.device).or_insert(DeviceChange {
-                        first: r.received_at,
-                        last: r.received_at,
-                        online: None,
-                        presence_at: None,
-                        reported: false,
-                    });
-                    c.last = c.last.max(r.received_at);
-                    // A device that sends telemetry is evidently online.
-                    if c.online != Some(true) {
-                        c.presence_at = Some(r.received_at);
-                    }
-                    c.online = Some(true);
-                }
-                Item::Presence {
-                    device, online, at, ..
-                } => {
-                    presence += 1;
-                    let c = devices.entry(device).or_insert(DeviceChange {
-                        first: *at,
-                        last: *at,
-                        online: None,
-                        presence_at: None,
-                        reported: false,
-                    });
-                    c.last = c.last.max(*at);
-                    c.online = Some(*online);
-                    c.presence_at = Some(*at);
-                    c.reported = true;
-                }
-                Item::CommandAck(ack) => {
-                    let c = devices.entry(&ack.device).or_insert(DeviceChange {
-                        first: ack.at,
-                        last: ack.at,
-                        online: None,
-                        presence_at: None,
-                        reported: false,
-                    });
-                    c.last = c.last.max(ack.at);
-                    // A device that answers is evidently online.
-                    if c.online != Some(true) {
-                        c.presence_at = Some(ack.at);
-                    }
-                    c.online = Some(true);
-                    command_acks.push(ack);
-                }
-                Item::Skip(_) => {}
-            }
-        }
-        // A device already online that only sent readings or answers changes nothing but
-        // last_seen, which is written at most every LAST_SEEN_EVERY_MS.
-        devices.retain(|d, c| {
-            c.reported
-                || self.online.get(d.as_str()) != Some(&true)
-                || self
-                    .seen_written
-                    .get(d.as_str())
-                    .is_none_or(|&w| c.last - w >= LAST_SEEN_EVERY_MS)
-        });
-        if readings.is_empty() && devices.is_empty() && command_acks.is_empty() {
-            return Ok((0, 0, self.next_seq - 1));
-        }
-        let mut seq = self.next_seq;
-        if readings.len() <= ROWS_PER_INSERT && devices.is_empty() && command_acks.is_empty() {
-            // One statement is atomic on its own: no BEGIN and COMMIT, which would be two
-            // more round trips to the SQLite thread (the common case under load, now that
-            // last_seen is not rewritten every time).
-            insert_readings(&mut self.insert_sql, &readings, &mut seq)
-                .execute(&mut *conn)
-                .await?;
-            self.next_seq = seq;
-            return Ok((readings.len() as u64, presence, seq - 1));
-        }
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        for chunk in readings.chunks(ROWS_PER_INSERT) {
-            insert_readings(&mut self.insert_sql, chunk, &mut seq)
-                .execute(&mut *tx)
-                .await?;
-        }
-        // One statement per 100 devices; -1 marks "presence unchanged" (a command ack only).
-        let devices: Vec<(&&DeviceId, &DeviceChange)> = devices.iter().collect();
-        for chunk in devices.chunks(DEVICES_PER_UPSERT) {
-            let sql = self
-                .upsert_sql
-                .entry(chunk.len())
-                .or_insert_with(|| upsert_sql(chunk.len()))
-                .clone();
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for (device, c) in chunk {
-                q = q
-                    .bind(device.shared())
-                    .bind(c.first)
-                    .bind(c.last)
-                    .bind(c.online.map_or(-1, i64::from))
-                    .bind(c.presence_at);
-            }
-            q.execute(&mut *tx).await?;
-        }
-        if devices.iter().any(|(_, c)| c.online.is_none()) {
-            sqlx::query("UPDATE devices SET online = 0 WHERE online = -1")
-                .execute(&mut *tx)
-                .await?;
-        }
-        for ack in command_acks {
-            let status = if ack.ok { "acked" } else { "failed" };
-            // Only a sent command can be answered; anything else is an unknown or late ack.
-            let sent_at: Option<Option<i64>> = sqlx::query_scalar(
-                "UPDATE commands SET status = ?, finished_at = ?, result = ?, error = ? \
-                 WHERE id = ? AND device = ? AND status = 'sent' RETURNING sent_at",
-            )
-            .bind(status)
-            .bind(ack.at)
-            .bind(ack.result.as_deref())
-            .bind(ack.error.as_deref())
-            .bind(&ack.id)
-            .bind(ack.device.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-            changes.push(CommandChange {
-                id: ack.id.clone(),
-                device: ack.device.to_string(),
-                status: if sent_at.is_some() { status } else { "unknown" },
-                result: ack.result.clone(),
-                error: ack.error.clone(),
-                at: ack.at,
-                sent_at: sent_at.flatten(),
-            });
-        }
-        tx.commit().await?;
-        self.next_seq = seq;
-        for (device, c) in devices {
-            self.seen_written.insert(device.shared(), c.last);
-        }
-        Ok((readings.len() as u64, presence, seq - 1))
-    }
-
-    /// Runs `work` on the writer's connection: one that fails is closed (rolling back
-    /// what it left open) and reported, and the next work opens a fresh one.
-    async fn on_conn<T>(
-        &mut self,
-        work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let result = match self.take_conn().await {
-            Ok(mut conn) => {
-                let r = work(&mut conn).await;
-                self.put_back(conn, r.is_ok()).await;
-                r
-            }
-            Err(e) => Err(e),
-        };
-        match &result {
-            Ok(_) if self.health.fault().is_some() => self.health.committed(0),
-            Ok(_) => {}
-            Err(e) => self.report_failure(e, 0),
-        }
-        result
-    }
-
-    async fn control(&mut self, ctl: Control, metrics: &Metrics, committed: &Committed) {
-        if ctl.abandoned() {
-            // The caller gave up (WriterBusy) and acts as if it never happened: a command
-            // stored now would never be published. Housekeeping asks again on its next tick.
-            return;
-        }
-        match ctl {
-            Control::InsertCommand { command, reply } => {
-                let r = self
-                    .on_conn(async |c| insert_command(c, &command).await)
-                    .await;
-                let _ = reply.send(r);
-            }
-            Control::MarkSent { id, at, reply } => {
-                let r = self.on_conn(async |c| mark_sent(c, &id, at).await).await;
-                let _ = reply.send(r);
-            }
-            Control::ExpireDue { now, reply } => {
-                let r = self.on_conn(async |c| expire_due(c, now).await).await;
-                let _ = reply.send(r);
-            }
-            Control::TimeoutDue { cutoff, now, reply } => {
-                let r = self
-                    .on_conn(async |c| timeout_due(c, cutoff, now).await)
-                    .await;
-                let _ = reply.send(r);
-            }
-            Control::Retention { cutoff, reply } => {
-                let result = self.on_conn(async |c| retention(c, cutoff).await).await;
-                if let Ok(n) = &result {
-                    metrics.retention_deleted.fetch_add(*n, Ordering::Relaxed);
-                }
-                let _ = reply.send(result);
-            }
-            Control::PresenceSweep { cutoff, reply } => {
-                let result = self
-                    .on_conn(async |c| presence_sweep(c, cutoff).await)
-                    .await;
-                if let Ok(ids) = &result {
-                    metrics
-                        .presence_timeouts
-                        .fetch_add(ids.len() as u64, Ordering::Relaxed);
-                    let now = domain::now_ms();
-                    for id in ids {
-                        self.online.insert(Arc::from(id.as_str()), false);
-                    }
-                    committed.feed.push(
-                        ids.iter()
-                            .map(|id: &String| status_event(id, false, now))
-                            .collect::<Vec<_>>(),
-                    );
-                }
-                let _ = reply.send(result);
-            }
-        }
-    }
-}
-
-/// A write that needs a page of room: whether storage accepts writes again.
-async fn probe_write(conn: &mut SqliteConnection) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO meta (key, value) VALUES ('write_probe', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
-        .bind(domain::now_ms().to_string().into_bytes())
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// Marks devices silent since before `cutoff` offline, on `conn` (the writer's).
-async fn presence_sweep(
-    conn: &mut SqliteConnection,
-    cutoff: i64,
-) -> Result<Vec<String>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "UPDATE devices SET online = 0, status_at = ? WHERE online = 1 AND last_seen < ? RETURNING id",
-    )
-    .bind(domain::now_ms())
-    .bind(cutoff)
-    .fetch_all(conn)
-    .await?)
-}
-
-/// Deletes old readings oldest-first in small chunks, walking the rowid order, on `conn`
-/// (the writer's).
-async fn retention(conn: &mut SqliteConnection, cutoff: i64) -> Result<u64, StoreError> {
-    let mut total = 0;
-    loop {
-        let n = sqlx::query(
-            "DELETE FROM readings WHERE seq IN \
-             (SELECT seq FROM readings ORDER BY seq LIMIT ?) AND received_at < ?",
-        )
-        .bind(RETENTION_CHUNK)
-        .bind(cutoff)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        total += n;
-        if n < RETENTION_CHUNK as u64 {
-            return Ok(total);
-        }
-    }
-}
-
-fn upsert_sql(rows: usize) -> String {
-    let mut sql =
-        String::from("INSERT INTO devices (id, first_seen, last_seen, online, status_at) VALUES ");
-    for i in 0..rows {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push_str("(?,?,?,?,?)");
-    }
-    sql.push_str(
-        " ON CONFLICT(id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen), \
-         status_at = CASE WHEN excluded.online != -1 AND excluded.online != online \
-         THEN excluded.status_at ELSE status_at END, \
-         online = CASE WHEN excluded.online = -1 THEN online ELSE excluded.online END",
-    );
-    sql
-}
-
-fn insert_sql(rows: usize) -> String {
-    let mut sql = String::from(
-        "INSERT INTO readings (seq, device, topic, ts, received_at, payload, flags) VALUES ",
-    );
-    for i in 0..rows {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push_str("(?,?,?,?,?,?,?)");
-    }
-    sql
-}
-
-/// Sends retention and presence work to the writer on a timer until cancelled.
-pub async fn run_housekeeping(
-    store: Store,
-    retention: Duration,
-    retention_every: Duration,
-    presence_timeout: Duration,
-    cancel: tokio_util::sync::CancellationToken,
-) {
-    let control = store.control();
-    let mut retention_tick = tokio::time::interval(retention_every);
-    let sweep_every =
-        (presence_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
-    let mut sweep_tick = tokio::time::interval(sweep_every);
-    let mut checkpoint_tick = tokio::time::interval(CHECKPOINT_EVERY);
-    checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut checkpoint_failing = false;
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                if let Err(e) = store.checkpoint().await {
-                    tracing::warn!(error = %e, "final checkpoint failed");
-                }
-                return;
-            }
-            _ = checkpoint_tick.tick() => {
-                // Logged when it starts failing and when it works again, not twice a second.
-                match store.checkpoint().await {
-                    Err(e) if !checkpoint_failing => {
-                        checkpoint_failing = true;
-                        tracing::warn!(error = %e, "WAL checkpoint failed; commits go on into the WAL, retrying");
-                    }
-                    Ok(()) if checkpoint_failing => {
-                        checkpoint_failing = false;
-                        tracing::info!("WAL checkpoint works again");
-                    }
-                    _ => {}
-                }
-            }
-            _ = retention_tick.tick() => {
-                let cutoff = domain::now_ms() - retention.as_millis() as i64;
-                let (reply, rx) = oneshot::channel();
-                if control.send(Control::Retention { cutoff, reply }).await.is_err() {
-                    return;
-                }
-                match rx.await {
-                    Ok(Ok(n)) if n > 0 => tracing::info!(deleted = n, "retention removed old readings"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "retention failed; will retry"),
-                    _ => {}
-                }
-            }
-            _ = sweep_tick.tick() => {
-                let cutoff = domain::now_ms() - presence_timeout.as_millis() as i64;
-                let (reply, rx) = oneshot::channel();
-                if control.send(Control::PresenceSweep { cutoff, reply }).await.is_err() {
-                    return;
-                }
-                match rx.await {
-                    Ok(Ok(ids)) if !ids.is_empty() => tracing::info!(devices = ?ids, "marked offline after silence"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "presence sweep failed; will retry"),
-                    _ => {}
-                }
             }
         }
     }

@@ -6,6 +6,7 @@ mod browser;
 mod cli;
 mod commands;
 mod durability;
+mod event_log;
 mod history;
 mod ingest;
 mod sse;

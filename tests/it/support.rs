@@ -664,6 +664,9 @@ pub struct SseClient {
     pub comments: Vec<String>,
     /// Whether the server ended the stream.
     pub ended: bool,
+    /// The last `id:` seen, in an event or an `id:`-only frame: what EventSource would send
+    /// as `Last-Event-ID` on reconnect.
+    pub last_id: Option<String>,
 }
 
 impl SseClient {
@@ -688,6 +691,7 @@ impl SseClient {
             buf: String::new(),
             comments: Vec::new(),
             ended: false,
+            last_id: None,
         };
         tokio::time::timeout(Duration::from_secs(10), async {
             while !c.buf.contains("retry: ") {
@@ -725,6 +729,7 @@ impl SseClient {
                             self.comments.push(c.trim().to_owned());
                         } else if let Some(v) = line.strip_prefix("id: ") {
                             ev.id = Some(v.to_owned());
+                            self.last_id = Some(v.to_owned());
                         } else if let Some(v) = line.strip_prefix("event: ") {
                             ev.event = v.to_owned();
                         } else if let Some(v) = line.strip_prefix("data: ") {
@@ -983,6 +988,7 @@ impl SseClient {
             buf: String::new(),
             comments: Vec::new(),
             ended: false,
+            last_id: None,
         };
         while !c.buf.contains("retry: ") {
             c.fill().await;

@@ -1,0 +1,81 @@
+//! Housekeeping on timers: WAL checkpoints, retention and presence timeouts, handed to the
+//! writer as work.
+
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::{Control, Store};
+use crate::domain;
+
+/// How often committed WAL frames are checkpointed into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Sends retention and presence work to the writer on a timer until cancelled.
+pub async fn run_housekeeping(
+    store: Store,
+    retention: Duration,
+    events_retention: Duration,
+    retention_every: Duration,
+    presence_timeout: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let control = store.control();
+    let mut retention_tick = tokio::time::interval(retention_every);
+    let sweep_every =
+        (presence_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+    let mut sweep_tick = tokio::time::interval(sweep_every);
+    let mut checkpoint_tick = tokio::time::interval(CHECKPOINT_EVERY);
+    checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checkpoint_failing = false;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                if let Err(e) = store.checkpoint().await {
+                    tracing::warn!(error = %e, "final checkpoint failed");
+                }
+                return;
+            }
+            _ = checkpoint_tick.tick() => {
+                // Logged when it starts failing and when it works again, not twice a second.
+                match store.checkpoint().await {
+                    Err(e) if !checkpoint_failing => {
+                        checkpoint_failing = true;
+                        tracing::warn!(error = %e, "WAL checkpoint failed; commits go on into the WAL, retrying");
+                    }
+                    Ok(()) if checkpoint_failing => {
+                        checkpoint_failing = false;
+                        tracing::info!("WAL checkpoint works again");
+                    }
+                    _ => {}
+                }
+            }
+            _ = retention_tick.tick() => {
+                let now = domain::now_ms();
+                let cutoff = now - retention.as_millis() as i64;
+                let events_cutoff = now - events_retention.as_millis() as i64;
+                let (reply, rx) = oneshot::channel();
+                if control.send(Control::Retention { cutoff, events_cutoff, reply }).await.is_err() {
+                    return;
+                }
+                match rx.await {
+                    Ok(Ok(n)) if n > 0 => tracing::info!(deleted = n, "retention removed old readings and events"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "retention failed; will retry"),
+                    _ => {}
+                }
+            }
+            _ = sweep_tick.tick() => {
+                let cutoff = domain::now_ms() - presence_timeout.as_millis() as i64;
+                let (reply, rx) = oneshot::channel();
+                if control.send(Control::PresenceSweep { cutoff, reply }).await.is_err() {
+                    return;
+                }
+                match rx.await {
+                    Ok(Ok(ids)) if !ids.is_empty() => tracing::info!(devices = ?ids, "marked offline after silence"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "presence sweep failed; will retry"),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
