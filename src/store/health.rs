@@ -187,6 +187,11 @@ impl Health {
         };
     }
 
+    /// Whether a fault is in force.
+    pub fn faulty(&self) -> bool {
+        self.state().fault.is_some()
+    }
+
     /// The fault in force, if any.
     pub fn fault(&self) -> Option<Fault> {
         self.state().fault.clone()

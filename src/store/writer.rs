@@ -420,7 +420,7 @@ impl Writer {
                 _ = retry.tick(), if !pending_acks.is_empty() => acks.ack(&mut pending_acks),
                 // A fault left by work that failed while no readings come: a small write
                 // finds out when storage works again, so readiness turns back by itself.
-                _ = probe.tick(), if self.health.fault().is_some() => {
+                _ = probe.tick(), if self.health.faulty() => {
                     let _ = self.on_conn(async |c| probe_write(c).await).await;
                 }
             }
@@ -821,7 +821,7 @@ impl Writer {
             Err(e) => Err(e),
         };
         match &result {
-            Ok(_) if self.health.fault().is_some() => self.health.committed(0),
+            Ok(_) if self.health.faulty() => self.health.committed(0),
             Ok(_) => {}
             Err(e) => self.report_failure(e, 0),
         }
