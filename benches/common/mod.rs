@@ -302,6 +302,90 @@ impl Daemon {
         }
     }
 
+    /// Starts the daemon like `start`, but with the config that `config` returns (given the
+    /// database path to use; it must listen on `127.0.0.1:0` for the address line) and with
+    /// `env` added to its environment (such as `_RJEM_MALLOC_CONF`); waits for GET /readyz.
+    pub async fn start_with_config(
+        bin: &Path,
+        env: &[(String, String)],
+        config: impl FnOnce(&Path) -> String,
+    ) -> anyhow::Result<Daemon> {
+        let dir = tempfile::tempdir().context("creating a temp dir for the daemon")?;
+        let db = dir.path().join("bench.db");
+        let config_path = dir.path().join("telebridge.toml");
+        std::fs::write(&config_path, config(&db))
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        let stderr = std::fs::File::create(dir.path().join("daemon.log"))?;
+        let mut child = Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdout = child.stdout.take();
+        // reqwest has rustls without a provider of its own; ours is ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let mut daemon = Daemon {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            db,
+            dir,
+            http,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Some(stdout) = stdout {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(rest) = line.strip_prefix("telebridge dashboard: http://") {
+                        let _ = tx.send(rest.trim_end_matches('/').to_owned());
+                    }
+                }
+            });
+        }
+        let addr = match timeout(DAEMON_START_TIMEOUT, rx.recv()).await {
+            Ok(Some(a)) => a,
+            Ok(None) => bail!("the daemon exited at start-up: {}", daemon.log_tail()),
+            Err(_) => bail!(
+                "the daemon printed no address within {DAEMON_START_TIMEOUT:?}: {}",
+                daemon.log_tail()
+            ),
+        };
+        daemon.addr = addr
+            .parse()
+            .with_context(|| format!("the daemon printed address {addr:?}"))?;
+        let deadline = Instant::now() + DAEMON_START_TIMEOUT;
+        loop {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("the daemon exited ({status}): {}", daemon.log_tail());
+            }
+            let ready = daemon
+                .http
+                .get(format!("http://{}/readyz", daemon.addr))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 200);
+            if ready {
+                return Ok(daemon);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "GET /readyz is not 200 after {DAEMON_START_TIMEOUT:?}: {}",
+                    daemon.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
