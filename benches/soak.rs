@@ -13,8 +13,9 @@
 //!   `{"n":<publish number>,..}` to `devices/soak-{0..devices}/telemetry`, counting the
 //!   broker's PUBACKs;
 //! - `--clients` SSE clients on `GET /events` (raw TCP, one reusable buffer, reading every
-//!   `--lazy-ms`), each counting its events and checking that reading ids come one after
-//!   the other; a client cut off as too slow (or whose stream ends) reconnects with
+//!   `--lazy-ms`), each counting its events and checking that event ids come one after
+//!   the other (readings carry ids in older builds, every kind since the ordered event log);
+//!   a client cut off as too slow (or whose stream ends) reconnects with
 //!   `Last-Event-ID` and resumes from storage, as EventSource does;
 //! - one WebSocket client sending one `ping` command per second to device `soak-0`, and a
 //!   simulated device (MQTT) that answers each on `devices/soak-0/commands/ack` with
@@ -364,7 +365,7 @@ async fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
 
     // Drain: the publisher has sent everything (or gave up); wait for PUBACKs, stored rows
-    // and every SSE client to reach the last stored id, bounded.
+    // and every SSE client to have every stored reading, bounded.
     let publish_outcome = match timeout(Duration::from_secs(15), publish_task).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => Err(anyhow!("publisher task: {e}")),
@@ -387,7 +388,7 @@ async fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
         let lowest_client = stats
             .iter()
-            .map(|s| s.last_id.load(Ordering::Relaxed))
+            .map(|s| s.readings.load(Ordering::Relaxed))
             .min()
             .unwrap_or(u64::MAX);
         if acked >= sent && stored >= acked && lowest_client >= stored {
@@ -505,13 +506,13 @@ async fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let readings_expected = rows.as_ref().map_or(stored, |r| r.rows);
     let complete = stats
         .iter()
-        .filter(|s| s.last_id.load(Ordering::Relaxed) >= readings_expected)
+        .filter(|s| s.readings.load(Ordering::Relaxed) >= readings_expected)
         .count();
     println!(
         "SSE:        {} clients; cut as too slow: {} by the daemon's count \
          (telebridge_sse_clients_cut_total), {} seen by the clients; streams ended otherwise {}; \
          reconnects {}; reading events {} (expected {} x {} = {}), other events {}; ids skipped \
-         {}, ids repeated {}; clients at the last stored id {complete} of {}; mean reading event \
+         {}, ids repeated {}; clients with every stored reading {complete} of {}; mean reading event \
          {:.0} bytes; client errors {}",
         args.clients,
         cut_daemon,
@@ -1438,14 +1439,15 @@ impl CommandDevice {
 /// One client's counts, updated after every read.
 #[derive(Default)]
 struct ClientStats {
+    /// Reading events, each id counted once.
     readings: AtomicU64,
     reading_bytes: AtomicU64,
     other_events: AtomicU64,
-    /// The id of the last reading received.
+    /// The id of the last event received (the resume point).
     last_id: AtomicU64,
-    /// Ids jumped over (a reading id more than one above the last).
+    /// Ids jumped over (an event id more than one above the last).
     skipped: AtomicU64,
-    /// Reading ids not above the last (duplicates).
+    /// Event ids not above the last (duplicates; not counted as events).
     repeated: AtomicU64,
     /// `: too slow` notices.
     cuts: AtomicU64,
@@ -1643,20 +1645,26 @@ fn scan_lines(buf: &mut [u8], filled: &mut usize, scan: &mut Scan) -> Option<End
         if let Some(id) = line.strip_prefix(b"id: ") {
             scan.pending_id = parse_u64(id);
         } else if let Some(kind) = line.strip_prefix(b"event: ") {
-            if kind == b"reading" {
-                scan.readings += 1;
-                scan.in_reading = true;
-                if let Some(id) = scan.pending_id.take() {
-                    if id <= scan.last_id {
-                        scan.repeated += 1;
-                    } else {
-                        scan.skipped += id - scan.last_id - 1;
-                        scan.last_id = id;
-                    }
+            // An id, on any kind of event (readings only, or every kind, depending on the
+            // build), must be one above the last: all kinds are watched.
+            let mut repeat = false;
+            if let Some(id) = scan.pending_id.take() {
+                if id <= scan.last_id {
+                    scan.repeated += 1;
+                    repeat = true;
+                } else {
+                    scan.skipped += id - scan.last_id - 1;
+                    scan.last_id = id;
                 }
+            }
+            if kind == b"reading" {
+                if !repeat {
+                    scan.readings += 1;
+                }
+                scan.in_reading = true;
             } else if kind == b"shutdown" {
                 end = Some(End::Shutdown);
-            } else {
+            } else if !repeat {
                 scan.other_events += 1;
             }
         } else if line.is_empty() {
