@@ -158,7 +158,10 @@ pub fn encode(r: &ReadingRef<'_>) -> Bytes {
         payload: &payload,
         raw,
     };
-    let mut out = Vec::with_capacity(96 + r.payload.len() + r.topic.len());
+    // The frame's fixed part (id, event, keys, two RFC 3339 times) is about 150 bytes: sized
+    // right, the buffer is never doubled, which would leave the shared frame (kept for every
+    // slot of the ring) at twice its length.
+    let mut out = Vec::with_capacity(176 + r.payload.len() + r.topic.len() + r.device.len());
     let _ = write!(out, "id: {}\nevent: reading\ndata: ", r.seq);
     let _ = serde_json::to_writer(&mut out, &data);
     out.extend_from_slice(b"\n\n");

@@ -81,6 +81,8 @@ pub struct Metrics {
     pub commit_micros: AtomicU64,
     /// Write transactions that failed (and were retried).
     pub commit_failures: AtomicU64,
+    /// Times the writer restarted the WAL from its start to keep it bounded.
+    pub wal_restarts: AtomicU64,
     /// Items waiting for the writer.
     pub queue_depth: AtomicI64,
     /// 1 while connected to the broker.
@@ -208,6 +210,12 @@ impl Metrics {
             "telebridge_store_commit_failures_total",
             "Write transactions that failed and were retried (disk full, read-only, locked, ...).",
             g(&self.commit_failures),
+        );
+        counter(
+            &mut out,
+            "telebridge_store_wal_restarts_total",
+            "Times the writer restarted the WAL from its start, keeping it under 64 MiB.",
+            g(&self.wal_restarts),
         );
         gauge(
             &mut out,

@@ -165,10 +165,17 @@ fn options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions {
         // does not spill to a temp file on every batch.
         .pragma("temp_store", "memory")
         .pragma("cache_size", "-32768")
+        // After the WAL restarts from its start, the file is cut back to this size.
+        .pragma("journal_size_limit", WAL_LIMIT_BYTES.to_string())
         // Checkpoints (with their fsyncs) run from the housekeeping task on a read
         // connection, never inside the writer's commit.
         .pragma("wal_autocheckpoint", "0")
 }
+
+/// The WAL size past which the writer restarts it from its start: under sustained load the
+/// passive checkpoints never catch up with the newest commit, so SQLite would never reset it
+/// by itself and it would grow until the disk is full.
+pub(crate) const WAL_LIMIT_BYTES: u64 = 64 << 20;
 
 /// The file's identity (device, inode), to notice it being deleted or replaced.
 fn file_id(path: &Path) -> Option<(u64, u64)> {
@@ -272,9 +279,11 @@ impl Store {
                 .map(|(id, online)| (Arc::from(id), online))
                 .collect();
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        // Readers get a smaller page cache than the writer's 32 MiB: four of them resuming
+        // clients at once would otherwise hold 128 MiB.
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(opts.clone())
+            .connect_with(opts.clone().pragma("cache_size", "-8192"))
             .await
             .map_err(open_error)?;
         let health = Arc::new(Health::default());
@@ -296,6 +305,7 @@ impl Store {
                 seen_written: HashMap::new(),
                 control_rx,
                 health,
+                wal_checked: std::time::Instant::now(),
             },
         ))
     }

@@ -167,6 +167,8 @@ pub struct Writer {
     pub(super) control_rx: mpsc::Receiver<Control>,
     /// What the writer reports about itself.
     pub(super) health: Arc<Health>,
+    /// When the WAL's size was last looked at.
+    pub(super) wal_checked: Instant,
 }
 
 /// How stale `devices.last_seen` may get for a device that stays online: rewriting the row
@@ -409,6 +411,7 @@ impl Writer {
                         break;
                     }
                     acks.ack(&mut pending_acks);
+                    self.bound_wal(&metrics).await;
                     // Readings come first, but never starve the rest (command inserts,
                     // retention, presence) under a sustained flood.
                     for _ in 0..CONTROL_PER_BATCH {
@@ -439,6 +442,42 @@ impl Writer {
             tracing::warn!(error = %e, "closing the writer connection failed");
         }
         outcome
+    }
+
+    /// Keeps the WAL bounded: past `WAL_LIMIT_BYTES` (looked at every 250 ms), a RESTART
+    /// checkpoint on our own connection copies the few frames the passive checkpoints have
+    /// not, waits for readers to leave the WAL, and so lets the next commit write it from
+    /// its start (`journal_size_limit` then cuts the file back).
+    async fn bound_wal(&mut self, metrics: &Metrics) {
+        if self.wal_checked.elapsed() < Duration::from_millis(250) {
+            return;
+        }
+        self.wal_checked = Instant::now();
+        let mut wal = self.path.as_os_str().to_owned();
+        wal.push("-wal");
+        let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        if size <= super::WAL_LIMIT_BYTES {
+            return;
+        }
+        let started = Instant::now();
+        let result = self
+            .on_conn(async |c| {
+                let (busy, _, _): (i64, i64, i64) =
+                    sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
+                        .fetch_one(&mut *c)
+                        .await?;
+                Ok(busy == 0)
+            })
+            .await;
+        match result {
+            Ok(true) => {
+                metrics.wal_restarts.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(wal_bytes = size, took = ?started.elapsed(), "WAL restarted from its start");
+            }
+            // Readers kept it busy: the next look tries again.
+            Ok(false) => tracing::debug!(wal_bytes = size, "WAL restart postponed: readers busy"),
+            Err(e) => tracing::warn!(error = %e, "WAL restart checkpoint failed"),
+        }
     }
 
     /// The writer's connection, opened afresh after a failure; never onto a file that
