@@ -219,7 +219,9 @@ function applyDeviceList(list) {
 async function loadDevices() {
   const body = await api("api/devices");
   applyDeviceList(body.devices || []);
-  let max = 0;
+  // The log position the list reflects: the feed starts there (readings, presence and
+  // command changes alike), so a page on a fleet without readings replays nothing old.
+  let max = Number(body.last_event_id) || 0;
   for (const x of body.devices || []) if (x.latest && x.latest.seq > max) max = x.latest.seq;
   schedule();
   return max;
@@ -706,6 +708,9 @@ function onGap(e) {
     return;
   } else {
     setText(b, `Events up to #${g.first_available - 1} are no longer stored (retention); the feed continues from #${g.first_available}.`);
+    // What was missed cannot be replayed: take presence and the command log as they are now.
+    loadDevices().catch(() => {});
+    loadCommandLog();
   }
   b.hidden = false;
 }
@@ -1079,7 +1084,10 @@ async function boot() {
     max = state.lastSeq;
   }
   // Live readings start right after what the device list showed: no gap, no duplicate.
-  if (!state.started) state.lastSeq = max;
+  if (!state.started) {
+    state.lastSeq = max;
+    state.lastId = max;
+  }
   state.started = true;
   const wanted = decodeURIComponent((location.hash.match(/device=([^&]+)/) || [])[1] || "");
   if (wanted && state.devices.has(wanted)) select(wanted, { auto: true });

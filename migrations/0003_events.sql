@@ -20,4 +20,8 @@ SELECT 'readings_purged_through',
        CASE WHEN (SELECT min(seq) FROM readings) IS NOT NULL
             THEN (SELECT min(seq) FROM readings) - 1
             ELSE coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'readings'), 0) END;
-INSERT INTO meta (key, value) VALUES ('events_purged_through', 0);
+-- No presence or command event before this migration was stored: a resume point from
+-- before it has lost those kinds.
+INSERT INTO meta (key, value)
+SELECT 'events_purged_through',
+       coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'readings'), 0);

@@ -188,6 +188,8 @@ impl From<StoredReading> for ReadingOut {
 pub async fn list_devices(depot: &mut Depot, res: &mut Response) {
     let who = principal(depot);
     let s = shared(depot);
+    // Read first: a page that streams from here replays whatever the list may miss.
+    let last_event_id = *s.last_seq.borrow();
     let result = async {
         let devices = s.store.devices().await?;
         let latest = s.store.latest(None, None).await?;
@@ -213,7 +215,9 @@ pub async fn list_devices(depot: &mut Depot, res: &mut Response) {
             })
         })
         .collect();
-    res.render(Json(json!({ "devices": out })));
+    res.render(Json(
+        json!({ "devices": out, "last_event_id": last_event_id }),
+    ));
 }
 
 /// A history request's page: the device checked (valid, in scope, known) and the paging

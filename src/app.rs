@@ -219,7 +219,7 @@ impl App {
         tracker.spawn(store::run_housekeeping(
             shared.store.clone(),
             config.storage.retention,
-            config.storage.events_retention,
+            config.storage.events_retention(),
             config.storage.retention_interval,
             config.presence.timeout,
             shutdown.child_token(),

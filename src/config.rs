@@ -321,9 +321,10 @@ pub struct StorageConfig {
     /// Readings older than this are deleted.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
-    /// Presence and command events older than this are deleted (at least `retention`).
+    /// Presence and command events older than this are deleted (at least `retention`);
+    /// unset: the longer of `retention` and 90 days.
     #[serde(with = "humantime_serde")]
-    pub events_retention: Duration,
+    pub events_retention: Option<Duration>,
     /// How often the retention task runs.
     #[serde(with = "humantime_serde")]
     pub retention_interval: Duration,
@@ -342,12 +343,21 @@ pub struct StorageConfig {
     pub busy_timeout: Duration,
 }
 
+impl StorageConfig {
+    /// How long presence and command events are kept: as set, else the longer of the
+    /// readings' retention and 90 days.
+    pub fn events_retention(&self) -> Duration {
+        self.events_retention
+            .unwrap_or_else(|| self.retention.max(Duration::from_secs(90 * 86_400)))
+    }
+}
+
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("telebridge.db"),
             retention: Duration::from_secs(30 * 86_400),
-            events_retention: Duration::from_secs(90 * 86_400),
+            events_retention: None,
             retention_interval: Duration::from_secs(60),
             batch_size: 1000,
             batch_delay: Duration::ZERO,
@@ -738,7 +748,11 @@ impl Config {
         if self.storage.retention < Duration::from_secs(60) {
             bad("storage.retention", "must be at least 1m".into());
         }
-        if self.storage.events_retention < self.storage.retention {
+        if self
+            .storage
+            .events_retention
+            .is_some_and(|e| e < self.storage.retention)
+        {
             bad(
                 "storage.events_retention",
                 "must be at least storage.retention: presence and command events are kept at least as long as readings".into(),
@@ -1001,6 +1015,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn events_are_kept_at_least_as_long_as_readings() {
+        let long = Config::parse("[storage]\nretention = \"180d\"\n").expect("valid");
+        assert_eq!(
+            long.storage.events_retention(),
+            Duration::from_secs(180 * 86_400)
+        );
+        let short = Config::parse("[storage]\nretention = \"180d\"\nevents_retention = \"7d\"\n");
+        let problems = format!("{:?}", short.err());
+        assert!(problems.contains("storage.events_retention"), "{problems}");
+    }
+
+    #[test]
     fn the_example_config_parses_and_writes_out_every_default() {
         let text = include_str!("../config.toml");
         let doc = DeTable::parse(text).unwrap();
@@ -1024,6 +1050,10 @@ mod tests {
         assert_eq!(parsed.mqtt.url, defaults.mqtt.url);
         assert_eq!(parsed.broker.listen, defaults.broker.listen);
         assert_eq!(parsed.storage.retention, defaults.storage.retention);
+        assert_eq!(
+            parsed.storage.events_retention(),
+            Duration::from_secs(90 * 86_400)
+        );
         assert_eq!(parsed.topics.telemetry, defaults.topics.telemetry);
     }
 

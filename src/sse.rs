@@ -206,8 +206,20 @@ impl Client {
                     }
                     Err(e) => tracing::warn!(error = %e, "snapshot query failed"),
                 }
+                self.phase = Phase::Replay {
+                    after: through,
+                    round: 0,
+                };
             }
-            None => {}
+            // A fresh client starts at the newest committed seq, but an event committed just
+            // before it subscribed may not be in the ring (the writer skips the feed while
+            // nobody listens): one replay query from there, usually empty, closes that gap.
+            None => {
+                self.phase = Phase::Replay {
+                    after: self.position,
+                    round: 0,
+                };
+            }
         }
         out.freeze()
     }

@@ -79,6 +79,9 @@ struct State {
     progress: Instant,
     /// Batches that failed to commit, in all.
     failures: u64,
+    /// Since when the writer is inside one piece of work besides a batch (a command write,
+    /// retention): one that hangs must stop the watchdog too.
+    work_since: Option<Instant>,
 }
 
 /// Shared by the writer (which reports) and the HTTP side and watchdog (which read).
@@ -94,6 +97,7 @@ impl Default for Health {
             oldest_ms: None,
             progress: Instant::now(),
             failures: 0,
+            work_since: None,
         }))
     }
 }
@@ -141,9 +145,28 @@ impl Health {
         }
         s.progress = Instant::now();
         s.waiting = waiting;
-        if waiting == 0 {
-            s.oldest_ms = None;
-        }
+        // The next batch reports its own oldest item.
+        s.oldest_ms = None;
+    }
+
+    /// The writer starts work besides a batch.
+    pub fn begin_work(&self) {
+        self.state().work_since = Some(Instant::now());
+    }
+
+    /// That work is over (done or failed).
+    pub fn end_work(&self) {
+        let mut s = self.state();
+        s.work_since = None;
+        s.progress = Instant::now();
+    }
+
+    /// Whether readings have waited longer than `age`, or a fault is in force (a backlog).
+    pub fn backlog(&self, age: Duration) -> bool {
+        let s = self.state();
+        s.fault.is_some()
+            || s.oldest_ms
+                .is_some_and(|o| domain::now_ms() - o > age.as_millis() as i64)
     }
 
     /// The writer has nothing to do.
@@ -211,6 +234,7 @@ impl Health {
             .as_ref()
             .is_none_or(|f| f.kind != FaultKind::Replaced)
             && (s.waiting == 0 || s.progress.elapsed() < stall)
+            && s.work_since.is_none_or(|w| w.elapsed() < stall)
     }
 
     /// The state for `/readyz`: not ok while a fault is in force, or while work waits and
@@ -221,7 +245,8 @@ impl Health {
             .oldest_ms
             .map(|o| Duration::from_millis((domain::now_ms() - o).max(0) as u64))
             .unwrap_or_default();
-        let stalled = s.waiting > 0 && s.progress.elapsed() >= stall;
+        let stalled = (s.waiting > 0 && s.progress.elapsed() >= stall)
+            || s.work_since.is_some_and(|w| w.elapsed() >= stall);
         let ok = s.fault.is_none() && !stalled;
         let text = match &s.fault {
             Some(f) => format!(
@@ -322,6 +347,18 @@ mod tests {
         h.committed(0);
         let r = h.report(Duration::from_secs(60));
         assert!(r.ok && r.fault.is_none(), "{r:?}");
+    }
+
+    #[test]
+    fn work_that_hangs_outside_a_batch_stops_feeding_the_watchdog() {
+        let h = Health::default();
+        h.idle();
+        h.begin_work();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!h.progressing(Duration::from_millis(10)));
+        assert!(!h.report(Duration::from_millis(10)).ok);
+        h.end_work();
+        assert!(h.progressing(Duration::from_millis(10)));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::writer::RETENTION_PER_CALL;
 use super::{Control, Store};
 use crate::domain;
 
@@ -54,14 +55,30 @@ pub async fn run_housekeeping(
                 let now = domain::now_ms();
                 let cutoff = now - retention.as_millis() as i64;
                 let events_cutoff = now - events_retention.as_millis() as i64;
-                let (reply, rx) = oneshot::channel();
-                if control.send(Control::Retention { cutoff, events_cutoff, reply }).await.is_err() {
-                    return;
+                // In calls of at most RETENTION_PER_CALL rows, so that readings are
+                // committed between them even when a long downtime left millions due.
+                let mut deleted = 0;
+                loop {
+                    let (reply, rx) = oneshot::channel();
+                    if control.send(Control::Retention { cutoff, events_cutoff, reply }).await.is_err() {
+                        return;
+                    }
+                    match rx.await {
+                        Ok(Ok(n)) => {
+                            deleted += n;
+                            if n < RETENTION_PER_CALL || cancel.is_cancelled() {
+                                break;
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "retention failed; will retry");
+                            break;
+                        }
+                        Err(_) => return,
+                    }
                 }
-                match rx.await {
-                    Ok(Ok(n)) if n > 0 => tracing::info!(deleted = n, "retention removed old readings and events"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "retention failed; will retry"),
-                    _ => {}
+                if deleted > 0 {
+                    tracing::info!(deleted, "retention removed old readings and events");
                 }
             }
             _ = sweep_tick.tick() => {

@@ -306,6 +306,7 @@ impl Store {
                 control_rx,
                 health,
                 wal_checked: std::time::Instant::now(),
+                busy_timeout: cfg.busy_timeout,
             },
         ))
     }

@@ -28,6 +28,8 @@ const ROWS_PER_INSERT: usize = 250;
 const DEVICES_PER_UPSERT: usize = 100;
 /// Rows deleted per retention statement, so the writer is never held for long.
 const RETENTION_CHUNK: i64 = 5_000;
+/// Most rows one retention call deletes; a result this large means more may be due.
+pub(super) const RETENTION_PER_CALL: u64 = 20_000;
 
 /// What a write did, and the log events it appended (numbered from the seq it was given).
 type Logged<T> = (T, Vec<EventRow>);
@@ -167,8 +169,10 @@ pub struct Writer {
     pub(super) control_rx: mpsc::Receiver<Control>,
     /// What the writer reports about itself.
     pub(super) health: Arc<Health>,
-    /// When the WAL's size was last looked at.
+    /// When the WAL's size was last looked at (or the next look, after a postponed one).
     pub(super) wal_checked: Instant,
+    /// The connections' busy timeout, restored after the WAL restart.
+    pub(super) busy_timeout: Duration,
 }
 
 /// How stale `devices.last_seen` may get for a device that stays online: rewriting the row
@@ -326,6 +330,8 @@ fn insert_readings<'q>(
 /// How long the writer keeps retrying a failing commit once shutdown began, before it
 /// gives up and leaves the unacknowledged readings with the broker.
 const SHUTDOWN_RETRY: Duration = Duration::from_secs(3);
+/// How long the writer waits before it tries again to restart a WAL that a reader kept busy.
+const WAL_RETRY: Duration = Duration::from_secs(5);
 /// How long closing a failed connection may take before it is left to close on its own.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
 
@@ -449,7 +455,7 @@ impl Writer {
     /// not, waits for readers to leave the WAL, and so lets the next commit write it from
     /// its start (`journal_size_limit` then cuts the file back).
     async fn bound_wal(&mut self, metrics: &Metrics) {
-        if self.wal_checked.elapsed() < Duration::from_millis(250) {
+        if Instant::now() < self.wal_checked + Duration::from_millis(250) {
             return;
         }
         self.wal_checked = Instant::now();
@@ -460,23 +466,47 @@ impl Writer {
             return;
         }
         let started = Instant::now();
-        let result = self
-            .on_conn(async |c| {
-                let (busy, _, _): (i64, i64, i64) =
-                    sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
-                        .fetch_one(&mut *c)
-                        .await?;
-                Ok(busy == 0)
-            })
-            .await;
+        let Ok(mut conn) = self.take_conn().await else {
+            return;
+        };
+        // No waiting for readers here (a long reader would hold every batch for the busy
+        // timeout): if one is in the way, try again in a few seconds.
+        let result: Result<bool, sqlx::Error> = async {
+            sqlx::query("PRAGMA busy_timeout = 0")
+                .execute(&mut conn)
+                .await?;
+            let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
+                .fetch_one(&mut conn)
+                .await?;
+            sqlx::query(AssertSqlSafe(format!(
+                "PRAGMA busy_timeout = {}",
+                self.busy_timeout.as_millis()
+            )))
+            .execute(&mut conn)
+            .await?;
+            Ok(busy == 0)
+        }
+        .await;
+        self.put_back(conn, result.is_ok()).await;
         match result {
             Ok(true) => {
                 metrics.wal_restarts.fetch_add(1, Ordering::Relaxed);
+                self.health.checkpoint(None);
                 tracing::debug!(wal_bytes = size, took = ?started.elapsed(), "WAL restarted from its start");
             }
-            // Readers kept it busy: the next look tries again.
-            Ok(false) => tracing::debug!(wal_bytes = size, "WAL restart postponed: readers busy"),
-            Err(e) => tracing::warn!(error = %e, "WAL restart checkpoint failed"),
+            Ok(false) => {
+                self.wal_checked = Instant::now() + WAL_RETRY;
+                tracing::debug!(
+                    wal_bytes = size,
+                    "WAL restart postponed: a reader is in the way"
+                );
+            }
+            Err(e) => {
+                // A checkpoint's trouble, not the writer's: commits go on into the WAL.
+                self.wal_checked = Instant::now() + WAL_RETRY;
+                self.health.checkpoint(Some(e.to_string()));
+                tracing::warn!(error = %e, "WAL restart checkpoint failed; retrying later");
+            }
         }
     }
 
@@ -568,9 +598,6 @@ impl Writer {
             let result = match self.take_conn().await {
                 Ok(mut conn) => {
                     let r = self.commit(&mut conn, batch, &mut self_changes).await;
-                    // A commit into a file that was deleted or replaced meanwhile counts
-                    // as failed: it is not acknowledged, and the batch stays ours.
-                    let r = r.and_then(|v| self.check_file().map(|()| v));
                     self.put_back(conn, r.is_ok()).await;
                     r
                 }
@@ -627,9 +654,14 @@ impl Writer {
                             return Err(e);
                         }
                     }
+                    // Never past the moment to give up, so the last tries fit shutdown's
+                    // deadline whatever retry_max is.
+                    let wake = give_up_at.map_or(tokio::time::Instant::now() + delay, |at| {
+                        at.min(tokio::time::Instant::now() + delay)
+                    });
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        // Shutdown shortens the wait, so the last tries fit its deadline.
+                        _ = tokio::time::sleep_until(wake) => {}
+                        // Shutdown shortens the wait.
                         _ = shutdown.cancelled(), if give_up_at.is_none() => {}
                     }
                     delay = (delay * 2).min(cfg.retry_max);
@@ -742,6 +774,9 @@ impl Writer {
             // One statement is atomic on its own: no BEGIN and COMMIT, which would be two
             // more round trips to the SQLite thread (the common case under load, now that
             // last_seen is not rewritten every time).
+            // Never into a file that was deleted or replaced: nothing is committed (or
+            // acknowledged) and the batch stays ours.
+            self.check_file()?;
             insert_readings(&mut self.insert_sql, &readings)
                 .execute(&mut *conn)
                 .await?;
@@ -826,6 +861,8 @@ impl Writer {
             });
         }
         log::append(&mut tx, &plan.events).await?;
+        // Last thing before COMMIT: a file deleted or replaced meanwhile gets nothing.
+        self.check_file()?;
         tx.commit().await?;
         self.next_seq = seq;
         for (device, c) in devices {
@@ -851,6 +888,7 @@ impl Writer {
         &mut self,
         work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.health.begin_work();
         let result = match self.take_conn().await {
             Ok(mut conn) => {
                 let r = work(&mut conn).await;
@@ -859,6 +897,7 @@ impl Writer {
             }
             Err(e) => Err(e),
         };
+        self.health.end_work();
         match &result {
             Ok(_) if self.health.faulty() => self.health.committed(0),
             Ok(_) => {}
@@ -950,6 +989,12 @@ impl Writer {
                 let _ = reply.send(result);
             }
             Control::PresenceSweep { cutoff, reply } => {
+                // After a fault, `last_seen` lags the readings still waiting: a sweep now
+                // would log devices offline that are not. The next tick tries again.
+                if self.health.backlog(Duration::from_secs(1)) {
+                    let _ = reply.send(Ok(Vec::new()));
+                    return;
+                }
                 let result = self
                     .logged(committed, async |c, seq| {
                         presence_sweep(c, cutoff, seq).await
@@ -1040,6 +1085,10 @@ async fn retention(
             total += seqs.len() as u64;
             if (seqs.len() as i64) < RETENTION_CHUNK {
                 break;
+            }
+            if total >= RETENTION_PER_CALL {
+                // Readings wait meanwhile: housekeeping asks again at once for the rest.
+                return Ok(total);
             }
         }
     }
