@@ -117,6 +117,20 @@ pub struct Page {
     pub limit: i64,
 }
 
+impl Page {
+    /// Binds device, after, from, to and limit, in that order.
+    fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+        q.bind(self.device.as_str())
+            .bind(self.after)
+            .bind(self.from.unwrap_or(i64::MIN))
+            .bind(self.to.unwrap_or(i64::MAX))
+            .bind(self.limit)
+    }
+}
+
 /// A device row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceRow {
@@ -390,25 +404,14 @@ impl Store {
     /// Presence changes of one device after `after` (seq), with time within [from, to],
     /// in log order.
     pub async fn status_history(&self, page: &Page) -> Result<Vec<EventRow>, StoreError> {
-        let Page {
-            device,
-            after,
-            from,
-            to,
-            limit,
-        } = page;
-        let rows = sqlx::query(
-            "SELECT seq, kind, device, at AS ts, at AS received_at, CAST(data AS BLOB) AS payload \
-             FROM events WHERE device = ? AND kind = 'status' AND seq > ? AND at >= ? AND at <= ? \
-             ORDER BY seq LIMIT ?",
-        )
-        .bind(device)
-        .bind(after)
-        .bind(from.unwrap_or(i64::MIN))
-        .bind(to.unwrap_or(i64::MAX))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = page
+            .bind(sqlx::query(
+                "SELECT seq, kind, device, at AS ts, at AS received_at, CAST(data AS BLOB) AS payload \
+                 FROM events WHERE device = ? AND kind = 'status' AND seq > ? AND at >= ? AND at <= ? \
+                 ORDER BY seq LIMIT ?",
+            ))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(event_from_row).collect()
     }
 
@@ -457,24 +460,13 @@ impl Store {
 
     /// History of one device: seq after `after`, device time within [from, to], oldest first.
     pub async fn history(&self, page: &Page) -> Result<Vec<StoredReading>, StoreError> {
-        let Page {
-            device,
-            after,
-            from,
-            to,
-            limit,
-        } = page;
-        let rows = sqlx::query(
-            "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
-             FROM readings WHERE device = ? AND seq > ? AND ts >= ? AND ts <= ? ORDER BY seq LIMIT ?",
-        )
-        .bind(device)
-        .bind(after)
-        .bind(from.unwrap_or(i64::MIN))
-        .bind(to.unwrap_or(i64::MAX))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = page
+            .bind(sqlx::query(
+                "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
+                 FROM readings WHERE device = ? AND seq > ? AND ts >= ? AND ts <= ? ORDER BY seq LIMIT ?",
+            ))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(reading_from_row).collect()
     }
 
