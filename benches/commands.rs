@@ -17,27 +17,23 @@
 mod common;
 
 use common::{
-    Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, cpu_snapshot, daemon_binary, fmt_ms, get_text,
-    load_average, metric, modified, mqtt_connect, mqtt_options, next_event, number, path_value,
-    percentile,
+    AnsweringDevice, Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, Ws, connect_ws, cpu_snapshot,
+    daemon_binary, fmt_ms, get_text, load_average, metric, modified, mqtt_connect, mqtt_options,
+    number, path_value, percentile, ws_json,
 };
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use futures_util::{SinkExt as _, StreamExt as _};
-use rumqttc::{AsyncClient, Event, LastWill, Packet, QoS};
+use rumqttc::{Event, LastWill, Packet, QoS};
 use serde_json::Value;
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{WebSocketStream, client_async};
 use tokio_util::sync::CancellationToken;
 
 const USAGE: &str = "usage: cargo bench --bench commands [-- OPTIONS]
@@ -55,8 +51,6 @@ const DEVICE: &str = "bench-dev";
 const REPLY_TIMEOUT: Duration = Duration::from_secs(35);
 /// Target from PRODUCT.md.
 const TARGET_P99_MS: f64 = 10.0;
-
-type Ws = WebSocketStream<TcpStream>;
 
 fn main() -> ExitCode {
     match common::parse_args(USAGE, Args::parse, |a| a.help) {
@@ -145,7 +139,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         &format!("commands-{}", std::process::id()),
     )
     .await?;
-    let device = FakeDevice::start(broker.port, DEVICE, args.announce).await?;
+    let device = fake_device(broker.port, DEVICE, args.announce).await?;
     if args.announce {
         wait_online(&daemon, DEVICE).await?;
     }
@@ -276,25 +270,6 @@ async fn run(args: &Args) -> anyhow::Result<()> {
 // The WebSocket client
 // ---------------------------------------------------------------------------------------
 
-async fn connect_ws(addr: SocketAddr) -> anyhow::Result<Ws> {
-    let stream = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .context("connecting to the daemon timed out")?
-        .context("connecting to the daemon")?;
-    stream.set_nodelay(true)?;
-    let (ws, resp) = timeout(
-        HANDSHAKE_TIMEOUT,
-        client_async(format!("ws://{addr}/ws"), stream),
-    )
-    .await
-    .context("WebSocket handshake timed out")?
-    .context("WebSocket handshake")?;
-    if resp.status().as_u16() != 101 {
-        bail!("GET /ws answered {}", resp.status());
-    }
-    Ok(ws)
-}
-
 #[derive(Default)]
 struct Driven {
     /// Commands that got their final answer (ack, error, timeout or expiry).
@@ -349,13 +324,9 @@ async fn drive(
             Ok(Some(Ok(f))) => f,
         };
         let received = Instant::now();
-        let text = match &frame {
-            Message::Text(t) => t.as_str(),
-            Message::Close(c) => bail!("the daemon closed the WebSocket: {c:?}"),
-            _ => continue,
+        let Some((text, v)) = ws_json(&frame)? else {
+            continue;
         };
-        let v: Value = serde_json::from_str(text)
-            .with_context(|| format!("the daemon sent a frame that is not JSON: {text:?}"))?;
         let finished = match v["type"].as_str() {
             Some("accepted") => {
                 let reference = v["ref"].as_u64();
@@ -481,94 +452,44 @@ async fn wait_online(daemon: &Daemon, device: &str) -> anyhow::Result<()> {
 // The fake device
 // ---------------------------------------------------------------------------------------
 
-struct FakeDevice {
-    answered: Arc<AtomicU64>,
-    stop: CancellationToken,
-    client: AsyncClient,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl FakeDevice {
-    async fn start(port: u16, device: &str, announce: bool) -> anyhow::Result<FakeDevice> {
-        let commands = format!("devices/{device}/commands");
-        let acks = format!("devices/{device}/commands/ack");
-        let status = format!("devices/{device}/status");
-        let mut opts = mqtt_options(&format!("{device}-{}", std::process::id()), port);
-        opts.set_last_will(LastWill::new(&status, "offline", QoS::AtLeastOnce, true));
-        let (client, mut eventloop) = mqtt_connect(opts, "device").await?;
+/// Connects the fake device (last will `offline` on its status topic), subscribes, announces
+/// `online` if asked, and answers every command with `{"id":..,"ok":true}`.
+async fn fake_device(port: u16, device: &str, announce: bool) -> anyhow::Result<AnsweringDevice> {
+    let commands = format!("devices/{device}/commands");
+    let status = format!("devices/{device}/status");
+    let mut opts = mqtt_options(&format!("{device}-{}", std::process::id()), port);
+    opts.set_last_will(LastWill::new(&status, "offline", QoS::AtLeastOnce, true));
+    let (client, mut eventloop) = mqtt_connect(opts, "device").await?;
+    client
+        .subscribe(&commands, QoS::AtLeastOnce)
+        .await
+        .context("device: subscribing")?;
+    if announce {
         client
-            .subscribe(&commands, QoS::AtLeastOnce)
+            .publish(&status, QoS::AtLeastOnce, true, "online")
             .await
-            .context("device: subscribing")?;
-        if announce {
-            client
-                .publish(&status, QoS::AtLeastOnce, true, "online")
-                .await
-                .context("device: announcing online")?;
-        }
-        // Until the SubAck and the PubAck of `online`.
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        let (mut subscribed, mut announced) = (false, !announce);
-        while !(subscribed && announced) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match timeout(left, eventloop.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subscribed = true,
-                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => announced = true,
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => bail!("device: {e}"),
-                Err(_) => bail!("device: no SubAck/PubAck within {HANDSHAKE_TIMEOUT:?}"),
-            }
-        }
-        let answered = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
-        let task = {
-            let answered = answered.clone();
-            let stop = stop.clone();
-            let client = client.clone();
-            tokio::spawn(async move {
-                // One warning in all: about the connection or about a full request queue.
-                let mut warned = false;
-                let expected = || stop.is_cancelled();
-                while let Some(ev) =
-                    next_event(&mut eventloop, &stop, "device", &mut warned, expected).await
-                {
-                    let Event::Incoming(Packet::Publish(p)) = ev else {
-                        continue;
-                    };
-                    if p.topic != commands {
-                        continue;
-                    }
-                    let id = serde_json::from_slice::<Value>(&p.payload)
-                        .ok()
-                        .and_then(|v| v["id"].as_str().map(str::to_owned));
-                    let Some(id) = id else { continue };
-                    let ack = serde_json::json!({"id": id, "ok": true}).to_string();
-                    // From the poll loop itself: never wait on the request channel.
-                    if client
-                        .try_publish(&acks, QoS::AtLeastOnce, false, ack)
-                        .is_ok()
-                    {
-                        answered.fetch_add(1, Ordering::Relaxed);
-                    } else if !warned {
-                        warned = true;
-                        eprintln!("device: could not queue an ack");
-                    }
-                }
-            })
-        };
-        Ok(FakeDevice {
-            answered,
-            stop,
-            client,
-            task,
-        })
+            .context("device: announcing online")?;
     }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        let _ = timeout(Duration::from_secs(2), self.task).await;
-        drop(self.client);
+    // Until the SubAck and the PubAck of `online`.
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let (mut subscribed, mut announced) = (false, !announce);
+    while !(subscribed && announced) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subscribed = true,
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => announced = true,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("device: {e}"),
+            Err(_) => bail!("device: no SubAck/PubAck within {HANDSHAKE_TIMEOUT:?}"),
+        }
     }
+    Ok(AnsweringDevice::spawn(
+        client,
+        eventloop,
+        device,
+        CancellationToken::new(),
+        |id| serde_json::json!({"id": id, "ok": true}).to_string(),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -34,24 +34,23 @@
 mod common;
 
 use common::{
-    Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, cpu_snapshot, daemon_binary, fmt_ms, get_text,
-    load_average, metric, modified, mqtt_connect, mqtt_options, next_event, number,
-    open_file_limit, path_value, percentile, proc_status_kb, tokio_workers,
+    Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, Publisher, cpu_snapshot, daemon_binary,
+    find_byte, fmt_ms, get_text, leading_u64, load_average, metric, modified, number,
+    open_file_limit, open_sse, path_value, percentile, proc_status_kb, publish_qos1, tokio_workers,
 };
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
 use futures_util::StreamExt as _;
-use rumqttc::{AsyncClient, Event, Packet, QoS};
 use sqlx::Connection as _;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
@@ -80,6 +79,8 @@ const SAMPLE_CLIENTS: usize = 10;
 const SAMPLE_EVERY_OTHERS: u64 = 10;
 /// Read buffer of one SSE client (the daemon writes chunks of up to 256 KiB).
 const READ_BUF: usize = 64 * 1024;
+/// The SSE clients' request headers beyond Host and Accept.
+const SSE_HEADERS: &str = "User-Agent: telebridge-fanout-bench\r\n";
 /// Connections being set up at once (the daemon's listen backlog is 1024).
 const CONNECT_PARALLEL: usize = 128;
 /// Bounds on every wait.
@@ -488,18 +489,7 @@ async fn fanout_case(
         while n_sent < due {
             let device = (n_sent % DEVICES) as usize;
             make_payload(&mut payload, n_sent, device);
-            timeout(
-                Duration::from_secs(5),
-                publisher.client.publish(
-                    topics[device].as_str(),
-                    QoS::AtLeastOnce,
-                    false,
-                    payload.clone(),
-                ),
-            )
-            .await
-            .context("the publisher's queue did not move for 5 s")?
-            .context("publishing")?;
+            publish_qos1(&publisher.client, &topics[device], &payload).await?;
             n_sent += 1;
         }
         sent.store(n_sent, Ordering::Relaxed);
@@ -774,7 +764,7 @@ async fn sse_session(c: &SseClient, buf: &mut [u8], scan: &mut Scan) -> anyhow::
     let permit = c.gate.acquire().await.context("connect gate closed")?;
     let (mut stream, mut filled) = timeout(
         HANDSHAKE_TIMEOUT,
-        open_sse(c.addr, "/events?type=reading", buf),
+        open_sse(c.addr, "/events?type=reading", SSE_HEADERS, buf),
     )
     .await
     .context("no response to GET /events within 10 s")??;
@@ -799,48 +789,6 @@ async fn sse_session(c: &SseClient, buf: &mut [u8], scan: &mut Scan) -> anyhow::
                 _ = c.stop.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(pause) => {}
             }
-        }
-    }
-}
-
-/// Connects, sends `GET path`, reads the response head and checks for 200. Returns the
-/// stream and the number of body bytes already in `buf`.
-async fn open_sse(
-    addr: SocketAddr,
-    path: &str,
-    buf: &mut [u8],
-) -> anyhow::Result<(TcpStream, usize)> {
-    let mut stream = TcpStream::connect(addr).await.context("connecting")?;
-    stream.set_nodelay(true)?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nUser-Agent: telebridge-fanout-bench\r\n\r\n"
-    );
-    stream.write_all(req.as_bytes()).await?;
-    let mut filled = 0;
-    loop {
-        let n = stream.read(&mut buf[filled..]).await?;
-        if n == 0 {
-            bail!(
-                "connection closed during the response head: {:?}",
-                String::from_utf8_lossy(&buf[..filled])
-            );
-        }
-        filled += n;
-        if let Some(end) = find_subslice(&buf[..filled], b"\r\n\r\n") {
-            let head = &buf[..end];
-            let status_line = head.split(|&b| b == b'\r').next().unwrap_or(b"");
-            if !status_line.starts_with(b"HTTP/1.1 200") {
-                bail!(
-                    "GET {path}: {}",
-                    String::from_utf8_lossy(&buf[..filled]).trim()
-                );
-            }
-            let body_start = end + 4;
-            buf.copy_within(body_start..filled, 0);
-            return Ok((stream, filled - body_start));
-        }
-        if filled == buf.len() {
-            bail!("response head larger than {} bytes", buf.len());
         }
     }
 }
@@ -885,49 +833,7 @@ fn publish_time(line: &[u8]) -> Option<u64> {
     let first = find_byte(line, b'{')?;
     let rest = &line[first + 1..];
     let second = find_byte(rest, b'{')?;
-    let digits = rest[second..].strip_prefix(b"{\"t\":")?;
-    let mut t: u64 = 0;
-    let mut any = false;
-    for &b in digits {
-        if !b.is_ascii_digit() {
-            break;
-        }
-        t = t.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
-        any = true;
-    }
-    any.then_some(t)
-}
-
-/// Position of the first `needle` byte: eight bytes at a time (SWAR), then the tail.
-fn find_byte(hay: &[u8], needle: u8) -> Option<usize> {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    let pattern = LO * u64::from(needle);
-    let mut i = 0;
-    while i + 8 <= hay.len() {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&hay[i..i + 8]);
-        let x = u64::from_le_bytes(word) ^ pattern;
-        // The lowest set bit marks the first zero byte of x (borrows only run upwards).
-        let zero = x.wrapping_sub(LO) & !x & HI;
-        if zero != 0 {
-            return Some(i + (zero.trailing_zeros() / 8) as usize);
-        }
-        i += 8;
-    }
-    hay[i..].iter().position(|&b| b == needle).map(|p| i + p)
-}
-
-fn find_subslice(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(p) = find_byte(&hay[from..], needle[0]) {
-        let at = from + p;
-        if hay[at..].starts_with(needle) {
-            return Some(at);
-        }
-        from = at + 1;
-    }
-    None
+    leading_u64(rest[second..].strip_prefix(b"{\"t\":")?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -958,7 +864,7 @@ async fn idle_case(bin: &Path, broker: &Mosquitto, n: usize) -> anyhow::Result<I
             let mut buf = [0u8; 2048];
             let (stream, _) = timeout(
                 HANDSHAKE_TIMEOUT,
-                open_sse(addr, "/events?type=status", &mut buf),
+                open_sse(addr, "/events?type=status", SSE_HEADERS, &mut buf),
             )
             .await
             .context("no response within 10 s")??;
@@ -1178,55 +1084,6 @@ fn print_idle_table(n: usize, idle: &anyhow::Result<IdleResult>) {
 
 fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "NO" }
-}
-
-struct Publisher {
-    client: AsyncClient,
-    acked: Arc<AtomicU64>,
-    stop: CancellationToken,
-    /// Set before the disconnect, so its connection error is expected.
-    stopping: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Publisher {
-    async fn connect(port: u16, id: &str) -> anyhow::Result<Publisher> {
-        let (client, mut eventloop) = mqtt_connect(mqtt_options(id, port), "publisher").await?;
-        let acked = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
-        let stopping = Arc::new(AtomicBool::new(false));
-        let task = {
-            let acked = acked.clone();
-            let stop = stop.clone();
-            let stopping = stopping.clone();
-            let mut warned = false;
-            tokio::spawn(async move {
-                let expected = || stopping.load(Ordering::Relaxed);
-                while let Some(ev) =
-                    next_event(&mut eventloop, &stop, "publisher", &mut warned, expected).await
-                {
-                    if let Event::Incoming(Packet::PubAck(_)) = ev {
-                        acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        };
-        Ok(Publisher {
-            client,
-            acked,
-            stop,
-            stopping,
-            task,
-        })
-    }
-
-    async fn stop(self) {
-        self.stopping.store(true, Ordering::Relaxed);
-        let _ = self.client.try_disconnect();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        self.stop.cancel();
-        let _ = timeout(Duration::from_secs(2), self.task).await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------

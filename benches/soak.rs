@@ -38,30 +38,28 @@
 mod common;
 
 use common::{
-    Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, cpu_snapshot, daemon_binary, fmt_ms,
-    load_average, metric, modified, mqtt_connect, mqtt_options, next_event, number,
-    open_file_limit, path_value, percentile, proc_status_kb, tokio_workers,
+    AnsweringDevice, Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, Publisher, Ws, connect_ws,
+    cpu_snapshot, daemon_binary, find_byte, fmt_ms, leading_u64, load_average, metric, modified,
+    mqtt_connect, mqtt_options, number, open_file_limit, open_sse, path_value, percentile,
+    proc_status_kb, publish_qos1, tokio_workers, ws_json,
 };
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
 use futures_util::{SinkExt as _, StreamExt as _};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
-use serde_json::Value;
 use sqlx::Connection as _;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt as _;
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{WebSocketStream, client_async};
 use tokio_util::sync::CancellationToken;
 
 const USAGE: &str = "usage: cargo bench --bench soak [-- OPTIONS]
@@ -101,8 +99,6 @@ const DISK_CHECK: Duration = Duration::from_secs(5);
 const MIN_FREE_DISK: u64 = 5_000_000_000;
 /// glibc's non-main malloc arenas are reserved in 64 MiB pieces (HEAP_MAX_SIZE on 64-bit).
 const GLIBC_ARENA: u64 = 64 << 20;
-
-type Ws = WebSocketStream<TcpStream>;
 
 fn main() -> ExitCode {
     match common::parse_args(USAGE, Args::parse, |a| a.help) {
@@ -242,7 +238,7 @@ async fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let idle = Sample::take(&daemon, &Counters::default(), 0.0).await;
 
     // The device that answers commands.
-    let device = CommandDevice::start(broker.port, COMMAND_DEVICE, stop.child_token()).await?;
+    let device = command_device(broker.port, COMMAND_DEVICE, stop.child_token()).await?;
 
     // SSE clients, all connected (and so subscribed to the feed) before the first publish.
     let stats: Arc<Vec<ClientStats>> =
@@ -1015,17 +1011,7 @@ async fn count_rows(db: &Path, sent: u64) -> anyhow::Result<Rows> {
 }
 
 fn publish_number(head: &[u8]) -> Option<u64> {
-    let digits = head.strip_prefix(b"{\"n\":")?;
-    let mut n: u64 = 0;
-    let mut any = false;
-    for &b in digits {
-        if !b.is_ascii_digit() {
-            break;
-        }
-        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
-        any = true;
-    }
-    any.then_some(n)
+    leading_u64(head.strip_prefix(b"{\"n\":")?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1087,55 +1073,6 @@ fn proc_state(pid: u32) -> Option<(char, Option<i64>)> {
 // The publisher
 // ---------------------------------------------------------------------------------------
 
-struct Publisher {
-    client: AsyncClient,
-    acked: Arc<AtomicU64>,
-    stop: CancellationToken,
-    /// Set before the disconnect, so its connection error is expected.
-    stopping: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Publisher {
-    async fn connect(port: u16, id: &str) -> anyhow::Result<Publisher> {
-        let (client, mut eventloop) = mqtt_connect(mqtt_options(id, port), "publisher").await?;
-        let acked = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
-        let stopping = Arc::new(AtomicBool::new(false));
-        let task = {
-            let acked = acked.clone();
-            let stop = stop.clone();
-            let stopping = stopping.clone();
-            let mut warned = false;
-            tokio::spawn(async move {
-                let expected = || stopping.load(Ordering::Relaxed);
-                while let Some(ev) =
-                    next_event(&mut eventloop, &stop, "publisher", &mut warned, expected).await
-                {
-                    if let Event::Incoming(Packet::PubAck(_)) = ev {
-                        acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        };
-        Ok(Publisher {
-            client,
-            acked,
-            stop,
-            stopping,
-            task,
-        })
-    }
-
-    async fn stop(self) {
-        self.stopping.store(true, Ordering::Relaxed);
-        let _ = self.client.try_disconnect();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        self.stop.cancel();
-        let _ = timeout(Duration::from_secs(2), self.task).await;
-    }
-}
-
 /// Publishes `rate` readings/s for `duration` (at most rate x duration readings); gives up
 /// when it falls more than 5 s behind.
 async fn publish(
@@ -1168,18 +1105,7 @@ async fn publish(
         while n < due.min(total) {
             let device = (n % devices) as usize;
             make_payload(&mut payload, n, device);
-            timeout(
-                Duration::from_secs(5),
-                client.publish(
-                    topics[device].as_str(),
-                    QoS::AtLeastOnce,
-                    false,
-                    payload.clone(),
-                ),
-            )
-            .await
-            .context("the publisher's queue did not move for 5 s")?
-            .context("publishing")?;
+            publish_qos1(&client, &topics[device], &payload).await?;
             n += 1;
         }
         sent.store(n, Ordering::Relaxed);
@@ -1216,25 +1142,6 @@ struct CommandStats {
     errors: AtomicU64,
     /// Round trip of each answered command, µs.
     rtt_us: std::sync::Mutex<Vec<u32>>,
-}
-
-async fn connect_ws(addr: SocketAddr) -> anyhow::Result<Ws> {
-    let stream = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .context("connecting to the daemon timed out")?
-        .context("connecting to the daemon")?;
-    stream.set_nodelay(true)?;
-    let (ws, resp) = timeout(
-        HANDSHAKE_TIMEOUT,
-        client_async(format!("ws://{addr}/ws"), stream),
-    )
-    .await
-    .context("WebSocket handshake timed out")?
-    .context("WebSocket handshake")?;
-    if resp.status().as_u16() != 101 {
-        bail!("GET /ws answered {}", resp.status());
-    }
-    Ok(ws)
 }
 
 /// Sends `count` commands, one a second, and reads the answers until each has its final
@@ -1286,13 +1193,9 @@ async fn command_client(
             },
         };
         let received = Instant::now();
-        let text = match &frame {
-            Message::Text(t) => t.as_str(),
-            Message::Close(c) => bail!("the daemon closed the WebSocket: {c:?}"),
-            _ => continue,
+        let Some((text, v)) = ws_json(&frame)? else {
+            continue;
         };
-        let v: Value = serde_json::from_str(text)
-            .with_context(|| format!("the daemon sent a frame that is not JSON: {text:?}"))?;
         match v["type"].as_str() {
             Some("accepted") => {
                 st.accepted.fetch_add(1, Ordering::Relaxed);
@@ -1351,85 +1254,35 @@ async fn command_client(
 
 /// A simulated device: answers every command on its topic at once with
 /// `{"id":..,"ok":true,"result":null}`.
-struct CommandDevice {
-    answered: Arc<AtomicU64>,
+async fn command_device(
+    port: u16,
+    device: &str,
     stop: CancellationToken,
-    client: AsyncClient,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl CommandDevice {
-    async fn start(
-        port: u16,
-        device: &str,
-        stop: CancellationToken,
-    ) -> anyhow::Result<CommandDevice> {
-        let commands = format!("devices/{device}/commands");
-        let acks = format!("devices/{device}/commands/ack");
-        let opts = mqtt_options(&format!("{device}-{}", std::process::id()), port);
-        let (client, mut eventloop) = mqtt_connect(opts, "device").await?;
-        client
-            .subscribe(&commands, QoS::AtLeastOnce)
-            .await
-            .context("device: subscribing")?;
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match timeout(left, eventloop.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => bail!("device: {e}"),
-                Err(_) => bail!("device: no SubAck within {HANDSHAKE_TIMEOUT:?}"),
-            }
+) -> anyhow::Result<AnsweringDevice> {
+    let commands = format!("devices/{device}/commands");
+    let opts = mqtt_options(&format!("{device}-{}", std::process::id()), port);
+    let (client, mut eventloop) = mqtt_connect(opts, "device").await?;
+    client
+        .subscribe(&commands, QoS::AtLeastOnce)
+        .await
+        .context("device: subscribing")?;
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("device: {e}"),
+            Err(_) => bail!("device: no SubAck within {HANDSHAKE_TIMEOUT:?}"),
         }
-        let answered = Arc::new(AtomicU64::new(0));
-        let task = {
-            let answered = answered.clone();
-            let stop = stop.clone();
-            let client = client.clone();
-            tokio::spawn(async move {
-                let mut warned = false;
-                let expected = || stop.is_cancelled();
-                while let Some(ev) =
-                    next_event(&mut eventloop, &stop, "device", &mut warned, expected).await
-                {
-                    let Event::Incoming(Packet::Publish(p)) = ev else {
-                        continue;
-                    };
-                    if p.topic != commands {
-                        continue;
-                    }
-                    let id = serde_json::from_slice::<Value>(&p.payload)
-                        .ok()
-                        .and_then(|v| v["id"].as_str().map(str::to_owned));
-                    let Some(id) = id else { continue };
-                    let ack = serde_json::json!({"id": id, "ok": true, "result": null}).to_string();
-                    // From the poll loop itself: never wait on the request channel.
-                    if client
-                        .try_publish(&acks, QoS::AtLeastOnce, false, ack)
-                        .is_ok()
-                    {
-                        answered.fetch_add(1, Ordering::Relaxed);
-                    } else if !warned {
-                        warned = true;
-                        eprintln!("device: could not queue an ack");
-                    }
-                }
-            })
-        };
-        Ok(CommandDevice {
-            answered,
-            stop,
-            client,
-            task,
-        })
     }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        let _ = timeout(Duration::from_secs(2), self.task).await;
-        drop(self.client);
-    }
+    Ok(AnsweringDevice::spawn(
+        client,
+        eventloop,
+        device,
+        stop,
+        |id| serde_json::json!({"id": id, "ok": true, "result": null}).to_string(),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1553,9 +1406,11 @@ async fn sse_session(
 ) -> anyhow::Result<End> {
     let permit = c.gate.acquire().await.context("connect gate closed")?;
     let resume = (scan.last_id > 0).then_some(scan.last_id);
+    let last = resume.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
+    let headers = format!("{last}User-Agent: telebridge-soak-bench\r\n");
     let opened = tokio::select! {
         _ = c.stop.cancelled() => return Ok(End::Stopped),
-        r = timeout(HANDSHAKE_TIMEOUT, open_sse(c.addr, resume, buf)) => r,
+        r = timeout(HANDSHAKE_TIMEOUT, open_sse(c.addr, "/events", &headers, buf)) => r,
     };
     let (mut stream, mut filled) = opened.context("no response to GET /events within 10 s")??;
     drop(permit);
@@ -1591,48 +1446,6 @@ async fn sse_session(
     }
 }
 
-/// Connects, sends `GET /events` (with `Last-Event-ID` when resuming), reads the response
-/// head and checks for 200. Returns the stream and the number of body bytes in `buf`.
-async fn open_sse(
-    addr: SocketAddr,
-    resume: Option<u64>,
-    buf: &mut [u8],
-) -> anyhow::Result<(TcpStream, usize)> {
-    let mut stream = TcpStream::connect(addr).await.context("connecting")?;
-    stream.set_nodelay(true)?;
-    let last = resume.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
-    let req = format!(
-        "GET /events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{last}User-Agent: telebridge-soak-bench\r\n\r\n"
-    );
-    stream.write_all(req.as_bytes()).await?;
-    let mut filled = 0;
-    loop {
-        let n = stream.read(&mut buf[filled..]).await?;
-        if n == 0 {
-            bail!(
-                "connection closed during the response head: {:?}",
-                String::from_utf8_lossy(&buf[..filled])
-            );
-        }
-        filled += n;
-        if let Some(end) = find_subslice(&buf[..filled], b"\r\n\r\n") {
-            let status_line = buf[..end].split(|&b| b == b'\r').next().unwrap_or(b"");
-            if !status_line.starts_with(b"HTTP/1.1 200") {
-                bail!(
-                    "GET /events: {}",
-                    String::from_utf8_lossy(&buf[..filled]).trim()
-                );
-            }
-            let body_start = end + 4;
-            buf.copy_within(body_start..filled, 0);
-            return Ok((stream, filled - body_start));
-        }
-        if filled == buf.len() {
-            bail!("response head larger than {} bytes", buf.len());
-        }
-    }
-}
-
 /// Consumes every complete line in `buf[..filled]` and moves the partial last line to the
 /// front. The daemon writes whole events per chunk, so chunk-size lines fall between events
 /// (and never start like an SSE field); `0` is the last chunk: the stream is over.
@@ -1643,7 +1456,7 @@ fn scan_lines(buf: &mut [u8], filled: &mut usize, scan: &mut Scan) -> Option<End
         let line = &buf[start..start + i];
         scan.event_bytes += i as u64 + 1;
         if let Some(id) = line.strip_prefix(b"id: ") {
-            scan.pending_id = parse_u64(id);
+            scan.pending_id = leading_u64(id);
         } else if let Some(kind) = line.strip_prefix(b"event: ") {
             // An id, on any kind of event (readings only, or every kind, depending on the
             // build), must be one above the last: all kinds are watched.
@@ -1695,49 +1508,4 @@ fn scan_lines(buf: &mut [u8], filled: &mut usize, scan: &mut Scan) -> Option<End
         *filled = 0;
     }
     end
-}
-
-fn parse_u64(digits: &[u8]) -> Option<u64> {
-    let mut n: u64 = 0;
-    let mut any = false;
-    for &b in digits {
-        if !b.is_ascii_digit() {
-            break;
-        }
-        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
-        any = true;
-    }
-    any.then_some(n)
-}
-
-/// Position of the first `needle` byte: eight bytes at a time (SWAR), then the tail.
-fn find_byte(hay: &[u8], needle: u8) -> Option<usize> {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    let pattern = LO * u64::from(needle);
-    let mut i = 0;
-    while i + 8 <= hay.len() {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&hay[i..i + 8]);
-        let x = u64::from_le_bytes(word) ^ pattern;
-        // The lowest set bit marks the first zero byte of x (borrows only run upwards).
-        let zero = x.wrapping_sub(LO) & !x & HI;
-        if zero != 0 {
-            return Some(i + (zero.trailing_zeros() / 8) as usize);
-        }
-        i += 8;
-    }
-    hay[i..].iter().position(|&b| b == needle).map(|p| i + p)
-}
-
-fn find_subslice(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(p) = find_byte(&hay[from..], needle[0]) {
-        let at = from + p;
-        if hay[at..].starts_with(needle) {
-            return Some(at);
-        }
-        from = at + 1;
-    }
-    None
 }

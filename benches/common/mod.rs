@@ -1,7 +1,7 @@
 //! What the benchmarks share: a private Mosquitto and the release daemon, each started on
 //! free loopback ports and stopped by a Drop guard (children by their pid); argument
-//! parsing, the runtime entry point, MQTT clients, CPU accounting and the machine's
-//! description.
+//! parsing, the runtime entry point, MQTT clients (a publisher, a device that answers
+//! commands), WebSocket and SSE clients, CPU accounting and the machine's description.
 
 #![allow(dead_code, reason = "each benchmark uses a different part")]
 
@@ -10,13 +10,19 @@ use std::net::{SocketAddr, TcpListener};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio, Termination};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS};
+use serde_json::Value;
 use tempfile::TempDir;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{WebSocketStream, client_async};
 use tokio_util::sync::CancellationToken;
 
 /// Debian's Mosquitto.
@@ -231,75 +237,7 @@ impl Daemon {
                 db.display().to_string()
             ),
         )?;
-        let stderr = std::fs::File::create(dir.path().join("daemon.log"))?;
-        let mut child = Command::new(bin)
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child.stdout.take();
-        // reqwest has rustls without a provider of its own; ours is ring.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(5))
-            .build()?;
-        let mut daemon = Daemon {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            db,
-            dir,
-            http,
-        };
-        // A thread reads stdout for the address line, then drains it until the daemon exits.
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        if let Some(stdout) = stdout {
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(rest) = line.strip_prefix("telebridge dashboard: http://") {
-                        let _ = tx.send(rest.trim_end_matches('/').to_owned());
-                    }
-                }
-            });
-        }
-        let addr = match timeout(DAEMON_START_TIMEOUT, rx.recv()).await {
-            Ok(Some(a)) => a,
-            Ok(None) => bail!("the daemon exited at start-up: {}", daemon.log_tail()),
-            Err(_) => bail!(
-                "the daemon printed no address within {DAEMON_START_TIMEOUT:?}: {}",
-                daemon.log_tail()
-            ),
-        };
-        daemon.addr = addr
-            .parse()
-            .with_context(|| format!("the daemon printed address {addr:?}"))?;
-        let deadline = Instant::now() + DAEMON_START_TIMEOUT;
-        loop {
-            if let Some(status) = daemon.child.try_wait()? {
-                bail!("the daemon exited ({status}): {}", daemon.log_tail());
-            }
-            let ready = daemon
-                .http
-                .get(format!("http://{}/readyz", daemon.addr))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().as_u16() == 200);
-            if ready {
-                return Ok(daemon);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "GET /readyz is not 200 after {DAEMON_START_TIMEOUT:?}: {}",
-                    daemon.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        Daemon::spawn(bin, &[], dir, db, &config).await
     }
 
     /// Starts the daemon like `start`, but with the config that `config` returns (given the
@@ -315,11 +253,23 @@ impl Daemon {
         let config_path = dir.path().join("telebridge.toml");
         std::fs::write(&config_path, config(&db))
             .with_context(|| format!("writing {}", config_path.display()))?;
+        Daemon::spawn(bin, env, dir, db, &config_path).await
+    }
+
+    /// Runs `bin run --config config` with `env` added to its environment, its stderr in
+    /// `dir`/daemon.log, and waits for its address line and GET /readyz.
+    async fn spawn(
+        bin: &Path,
+        env: &[(String, String)],
+        dir: TempDir,
+        db: PathBuf,
+        config: &Path,
+    ) -> anyhow::Result<Daemon> {
         let stderr = std::fs::File::create(dir.path().join("daemon.log"))?;
         let mut child = Command::new(bin)
             .arg("run")
             .arg("--config")
-            .arg(&config_path)
+            .arg(config)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -340,6 +290,7 @@ impl Daemon {
             dir,
             http,
         };
+        // A thread reads stdout for the address line, then drains it until the daemon exits.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         if let Some(stdout) = stdout {
             std::thread::spawn(move || {
@@ -490,6 +441,276 @@ pub async fn next_event(
             }
         }
     }
+}
+
+/// A publisher on the loopback broker whose event loop runs in a task that counts PUBACKs.
+pub struct Publisher {
+    /// Its client, for publishing.
+    pub client: AsyncClient,
+    /// PUBACKs received so far.
+    pub acked: Arc<AtomicU64>,
+    stop: CancellationToken,
+    /// Set before the disconnect, so its connection error is expected.
+    stopping: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    /// Connects client `id` (`mqtt_connect`) and starts its event loop task.
+    pub async fn connect(port: u16, id: &str) -> anyhow::Result<Publisher> {
+        let (client, mut eventloop) = mqtt_connect(mqtt_options(id, port), "publisher").await?;
+        let acked = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let task = {
+            let acked = acked.clone();
+            let stop = stop.clone();
+            let stopping = stopping.clone();
+            let mut warned = false;
+            tokio::spawn(async move {
+                let expected = || stopping.load(Ordering::Relaxed);
+                while let Some(ev) =
+                    next_event(&mut eventloop, &stop, "publisher", &mut warned, expected).await
+                {
+                    if let Event::Incoming(Packet::PubAck(_)) = ev {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        Ok(Publisher {
+            client,
+            acked,
+            stop,
+            stopping,
+            task,
+        })
+    }
+
+    /// Disconnects, then stops the event loop task (waiting for it up to 2 s).
+    pub async fn stop(self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let _ = self.client.try_disconnect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.stop.cancel();
+        let _ = timeout(Duration::from_secs(2), self.task).await;
+    }
+}
+
+/// Publishes `payload` on `topic` at QoS 1, giving up when rumqttc's request queue does not
+/// take it within 5 s.
+pub async fn publish_qos1(client: &AsyncClient, topic: &str, payload: &[u8]) -> anyhow::Result<()> {
+    timeout(
+        Duration::from_secs(5),
+        client.publish(topic, QoS::AtLeastOnce, false, payload.to_vec()),
+    )
+    .await
+    .context("the publisher's queue did not move for 5 s")?
+    .context("publishing")
+}
+
+/// A simulated device, already connected and subscribed to `devices/{device}/commands`,
+/// whose event loop runs in a task that answers every command there at once on
+/// `devices/{device}/commands/ack` with `ack(id)`.
+pub struct AnsweringDevice {
+    /// Acks queued so far.
+    pub answered: Arc<AtomicU64>,
+    stop: CancellationToken,
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AnsweringDevice {
+    /// Starts the answering task; it ends when `stop` is cancelled.
+    pub fn spawn(
+        client: AsyncClient,
+        mut eventloop: EventLoop,
+        device: &str,
+        stop: CancellationToken,
+        ack: impl Fn(&str) -> String + Send + 'static,
+    ) -> AnsweringDevice {
+        let commands = format!("devices/{device}/commands");
+        let acks = format!("devices/{device}/commands/ack");
+        let answered = Arc::new(AtomicU64::new(0));
+        let task = {
+            let answered = answered.clone();
+            let stop = stop.clone();
+            let client = client.clone();
+            tokio::spawn(async move {
+                // One warning in all: about the connection or about a full request queue.
+                let mut warned = false;
+                let expected = || stop.is_cancelled();
+                while let Some(ev) =
+                    next_event(&mut eventloop, &stop, "device", &mut warned, expected).await
+                {
+                    let Event::Incoming(Packet::Publish(p)) = ev else {
+                        continue;
+                    };
+                    if p.topic != commands {
+                        continue;
+                    }
+                    let id = serde_json::from_slice::<Value>(&p.payload)
+                        .ok()
+                        .and_then(|v| v["id"].as_str().map(str::to_owned));
+                    let Some(id) = id else { continue };
+                    // From the poll loop itself: never wait on the request channel.
+                    if client
+                        .try_publish(&acks, QoS::AtLeastOnce, false, ack(&id))
+                        .is_ok()
+                    {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    } else if !warned {
+                        warned = true;
+                        eprintln!("device: could not queue an ack");
+                    }
+                }
+            })
+        };
+        AnsweringDevice {
+            answered,
+            stop,
+            client,
+            task,
+        }
+    }
+
+    /// Cancels its stop token and waits for the task up to 2 s.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = timeout(Duration::from_secs(2), self.task).await;
+        drop(self.client);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// WebSocket and SSE clients
+// ---------------------------------------------------------------------------------------
+
+/// A WebSocket connection to the daemon.
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// Opens the daemon's `/ws` (TCP_NODELAY), each step bounded by HANDSHAKE_TIMEOUT.
+pub async fn connect_ws(addr: SocketAddr) -> anyhow::Result<Ws> {
+    let stream = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .context("connecting to the daemon timed out")?
+        .context("connecting to the daemon")?;
+    stream.set_nodelay(true)?;
+    let (ws, resp) = timeout(
+        HANDSHAKE_TIMEOUT,
+        client_async(format!("ws://{addr}/ws"), stream),
+    )
+    .await
+    .context("WebSocket handshake timed out")?
+    .context("WebSocket handshake")?;
+    if resp.status().as_u16() != 101 {
+        bail!("GET /ws answered {}", resp.status());
+    }
+    Ok(ws)
+}
+
+/// A frame from the daemon's WebSocket as its text and JSON; None for a frame that is
+/// neither text nor a close (a ping, say). A close frame or text that is not JSON is an error.
+pub fn ws_json(frame: &Message) -> anyhow::Result<Option<(&str, Value)>> {
+    let text = match frame {
+        Message::Text(t) => t.as_str(),
+        Message::Close(c) => bail!("the daemon closed the WebSocket: {c:?}"),
+        _ => return Ok(None),
+    };
+    let v: Value = serde_json::from_str(text)
+        .with_context(|| format!("the daemon sent a frame that is not JSON: {text:?}"))?;
+    Ok(Some((text, v)))
+}
+
+/// Connects, sends `GET path` with `headers` (whole lines, each ending in `\r\n`, such as
+/// `User-Agent`) after `Accept: text/event-stream`, reads the response head and checks for
+/// 200. Returns the stream and the number of body bytes already in `buf`.
+pub async fn open_sse(
+    addr: SocketAddr,
+    path: &str,
+    headers: &str,
+    buf: &mut [u8],
+) -> anyhow::Result<(TcpStream, usize)> {
+    let mut stream = TcpStream::connect(addr).await.context("connecting")?;
+    stream.set_nodelay(true)?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{headers}\r\n"
+    );
+    stream.write_all(req.as_bytes()).await?;
+    let mut filled = 0;
+    loop {
+        let n = stream.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            bail!(
+                "connection closed during the response head: {:?}",
+                String::from_utf8_lossy(&buf[..filled])
+            );
+        }
+        filled += n;
+        if let Some(end) = find_subslice(&buf[..filled], b"\r\n\r\n") {
+            let status_line = buf[..end].split(|&b| b == b'\r').next().unwrap_or(b"");
+            if !status_line.starts_with(b"HTTP/1.1 200") {
+                bail!(
+                    "GET {path}: {}",
+                    String::from_utf8_lossy(&buf[..filled]).trim()
+                );
+            }
+            let body_start = end + 4;
+            buf.copy_within(body_start..filled, 0);
+            return Ok((stream, filled - body_start));
+        }
+        if filled == buf.len() {
+            bail!("response head larger than {} bytes", buf.len());
+        }
+    }
+}
+
+/// The number that the ASCII digits at the start of `digits` spell; None if there are none
+/// or it overflows a u64.
+pub fn leading_u64(digits: &[u8]) -> Option<u64> {
+    let mut n: u64 = 0;
+    let mut any = false;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        any = true;
+    }
+    any.then_some(n)
+}
+
+/// Position of the first `needle` byte: eight bytes at a time (SWAR), then the tail.
+pub fn find_byte(hay: &[u8], needle: u8) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let pattern = LO * u64::from(needle);
+    let mut i = 0;
+    while i + 8 <= hay.len() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&hay[i..i + 8]);
+        let x = u64::from_le_bytes(word) ^ pattern;
+        // The lowest set bit marks the first zero byte of x (borrows only run upwards).
+        let zero = x.wrapping_sub(LO) & !x & HI;
+        if zero != 0 {
+            return Some(i + (zero.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    hay[i..].iter().position(|&b| b == needle).map(|p| i + p)
+}
+
+/// Position of the first occurrence of `needle` (not empty).
+pub fn find_subslice(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(p) = find_byte(&hay[from..], needle[0]) {
+        let at = from + p;
+        if hay[at..].starts_with(needle) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
 }
 
 // ---------------------------------------------------------------------------------------
