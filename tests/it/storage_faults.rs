@@ -126,6 +126,19 @@ async fn hold_write_lock(db: &Path) -> sqlx::SqliteConnection {
     other
 }
 
+/// The command was refused with 503 and a message that names `reason`.
+async fn assert_refused(r: reqwest::Response, reason: &str) {
+    assert_eq!(r.status().as_u16(), 503);
+    let body: Value = r.json().await.expect("error JSON");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(reason),
+        "{body}"
+    );
+}
+
 /// POSTs a command for `device`.
 async fn post_command(daemon: &Daemon, device: &str, body: Value) -> reqwest::Response {
     daemon
@@ -246,15 +259,7 @@ async fn a_filesystem_that_fills_mid_burst_stops_the_acks_and_everything_is_stor
         if round == 2 {
             // A command while the writer cannot commit is refused at once, with the reason.
             let r = post_command(&daemon, "f1", serde_json::json!({"name": "ping"})).await;
-            assert_eq!(r.status().as_u16(), 503);
-            let body: Value = r.json().await.expect("error JSON");
-            assert!(
-                body["error"]["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .contains("disk full"),
-                "{body}"
-            );
+            assert_refused(r, "disk full").await;
         }
 
         // Act: space returns.
@@ -314,15 +319,7 @@ async fn a_command_write_into_a_full_disk_fails_and_readiness_recovers_by_itself
 
     // Assert: refused with the reason, and readiness says so.
     let r = refused.expect("a command write into a full disk was refused");
-    assert_eq!(r.status().as_u16(), 503);
-    let body: Value = r.json().await.expect("error JSON");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("full"),
-        "{body}"
-    );
+    assert_refused(r, "full").await;
     wait_unready(&daemon, "disk full").await;
 
     // Act: space returns; no other write comes.
