@@ -81,7 +81,7 @@ impl App {
         let broker = broker::start(&config.broker)?;
         let (store, writer) = Store::open(&config.storage)
             .await
-            .with_context(|| format!("opening storage at {}", config.storage.path.display()))?;
+            .with_context(|| format!("opening storage at {}", config.storage.describe()))?;
         let metrics = Arc::new(Metrics::default());
         let link = MqttLink::new(&config.mqtt, &config.topics, metrics.clone())
             .context("setting up TLS for [mqtt]")?;
@@ -259,7 +259,7 @@ impl App {
         tracing::info!(
             http = %http_addr,
             mqtt = %config.mqtt.url,
-            db = %config.storage.path.display(),
+            storage = %config.storage.describe(),
             "telebridge running"
         );
 

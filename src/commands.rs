@@ -147,7 +147,7 @@ impl Commands {
         let _ = self.updates.send(Arc::new(Update { id, message }));
     }
 
-    /// Applies device answers from the writer and runs timeouts, expiries and the
+    /// Passes command endings from the log on and runs timeouts, expiries and the
     /// dispatch of queued commands until cancelled.
     pub async fn run(
         self: Arc<Self>,
@@ -169,37 +169,42 @@ impl Commands {
         }
     }
 
+    /// Passes a command's ending, as the log carries it from whichever instance stored
+    /// it, to the WebSocket client that sent it. Acks and their round trip are counted by
+    /// the instance that published the command.
     fn answered(&self, c: CommandChange) {
         let started = self.sent.lock().ok().and_then(|mut s| s.remove(&c.id));
-        let rtt_ms = match (started, c.sent_at) {
-            (Some(t), _) => t.elapsed().as_secs_f64() * 1000.0,
-            (None, Some(sent)) => (c.at - sent) as f64,
-            (None, None) => 0.0,
+        let message = match c.status.as_str() {
+            "acked" | "failed" => {
+                let ok = c.status == "acked";
+                let rtt_ms = match started {
+                    Some(t) => t.elapsed().as_secs_f64() * 1000.0,
+                    None => c.rtt_ms.unwrap_or(0.0),
+                };
+                if started.is_some() {
+                    let counter = if ok {
+                        &self.metrics.commands_acked
+                    } else {
+                        &self.metrics.commands_failed
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .command_rtt_micros
+                        .fetch_add((rtt_ms * 1000.0) as u64, Ordering::Relaxed);
+                }
+                ServerMessage::Ack {
+                    id: c.id.clone(),
+                    ok,
+                    result: if ok { c.result } else { None },
+                    error: c.error,
+                    rtt_ms: (rtt_ms * 1000.0).round() / 1000.0,
+                }
+            }
+            "timeout" => ServerMessage::Timeout { id: c.id.clone() },
+            "expired" => ServerMessage::Expired { id: c.id.clone() },
+            _ => return,
         };
-        let ok = c.status == "acked";
-        let counter = if ok {
-            &self.metrics.commands_acked
-        } else {
-            &self.metrics.commands_failed
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .command_rtt_micros
-            .fetch_add((rtt_ms * 1000.0) as u64, Ordering::Relaxed);
-        let result = c
-            .result
-            .as_deref()
-            .and_then(|r| serde_json::from_str::<Value>(r).ok());
-        self.notify(
-            c.id.clone(),
-            ServerMessage::Ack {
-                id: c.id,
-                ok,
-                result: if ok { result } else { None },
-                error: c.error,
-                rtt_ms: (rtt_ms * 1000.0).round() / 1000.0,
-            },
-        );
+        self.notify(c.id, message);
     }
 
     async fn housekeeping(&self) -> Result<(), crate::store::StoreError> {
@@ -207,25 +212,18 @@ impl Commands {
             return Ok(());
         }
         let now = domain::now_ms();
-        for (id, _device) in self
+        // The clients hear of these from the log (see `answered`), on every instance.
+        let timed_out = self
             .store
             .timeout_due(now - self.cfg.timeout.as_millis() as i64, now)
-            .await?
-        {
-            if let Ok(mut s) = self.sent.lock() {
-                s.remove(&id);
-            }
-            self.metrics
-                .commands_timeout
-                .fetch_add(1, Ordering::Relaxed);
-            self.notify(id.clone(), ServerMessage::Timeout { id });
-        }
-        for (id, _device) in self.store.expire_due(now).await? {
-            self.metrics
-                .commands_expired
-                .fetch_add(1, Ordering::Relaxed);
-            self.notify(id.clone(), ServerMessage::Expired { id });
-        }
+            .await?;
+        self.metrics
+            .commands_timeout
+            .fetch_add(timed_out.len() as u64, Ordering::Relaxed);
+        let expired = self.store.expire_due(now).await?;
+        self.metrics
+            .commands_expired
+            .fetch_add(expired.len() as u64, Ordering::Relaxed);
         for c in self.store.queued_for_online(now).await? {
             // Only the caller that moves it out of `queued` publishes it.
             if self.store.mark_sent(&c.id, domain::now_ms()).await? {

@@ -139,6 +139,68 @@ impl fmt::Display for MqttUrl {
     }
 }
 
+/// A PostgreSQL URL with its password (if any) replaced by `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(not a URL)".into();
+    };
+    // The authority ends at the first '/', '?' or '#'; credentials end at its last '@'.
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let (userinfo, host) = authority.split_at(at);
+    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    let masked = if userinfo.contains(':') {
+        format!("{user}:***")
+    } else {
+        user.to_owned()
+    };
+    format!("{scheme}://{masked}{host}{tail}")
+}
+
+/// Whether `url` is a PostgreSQL URL sqlx can use: the scheme, a host and a database.
+fn check_postgres_url(url: &str) -> Result<(), String> {
+    let shown = redact_url(url);
+    let Some(rest) = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+    else {
+        return Err(format!(
+            "{shown} is not a PostgreSQL URL: write postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+        ));
+    };
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.is_empty() && !rest.contains("host=") {
+        return Err(format!(
+            "{shown} names no host: write postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+        ));
+    }
+    if let Some((_, port)) = host.rsplit_once(':')
+        && !host.ends_with(']')
+        && port.parse::<u16>().is_err()
+    {
+        return Err(format!(
+            "{shown}: the port {port:?} is not a number from 1 to 65535"
+        ));
+    }
+    url.parse::<sqlx::postgres::PgConnectOptions>()
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "{shown} is not a usable PostgreSQL URL: {}",
+                redact_error(&e.to_string(), url)
+            )
+        })
+}
+
+/// An error message about `url` with the URL's password taken out.
+fn redact_error(message: &str, url: &str) -> String {
+    message.replace(url, &redact_url(url))
+}
+
 /// A secret that never prints.
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -316,8 +378,14 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// SQLite database file.
-    pub path: PathBuf,
+    /// SQLite database file (the default backend; `telebridge.db` when neither this nor
+    /// `url` is set).
+    pub path: Option<PathBuf>,
+    /// PostgreSQL connection URL (`postgres://user:password@host:port/db`), shared by
+    /// every instance; instead of `path`.
+    pub url: Option<Secret>,
+    /// Most connections to PostgreSQL per instance.
+    pub max_connections: u32,
     /// Readings older than this are deleted.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
@@ -343,7 +411,36 @@ pub struct StorageConfig {
     pub busy_timeout: Duration,
 }
 
+/// Where storage is, as `[storage]` says.
+#[derive(Debug, Clone, Copy)]
+pub enum StorageBackend<'a> {
+    /// An SQLite file.
+    Sqlite(&'a Path),
+    /// A PostgreSQL database, by URL.
+    Postgres(&'a str),
+}
+
+/// SQLite's file when `[storage]` names none.
+const DEFAULT_DB: &str = "telebridge.db";
+
 impl StorageConfig {
+    /// The backend `[storage]` selects: PostgreSQL for `url`, else SQLite.
+    pub fn backend(&self) -> StorageBackend<'_> {
+        match (&self.url, &self.path) {
+            (Some(url), _) => StorageBackend::Postgres(url.expose()),
+            (None, Some(path)) => StorageBackend::Sqlite(path),
+            (None, None) => StorageBackend::Sqlite(Path::new(DEFAULT_DB)),
+        }
+    }
+
+    /// Where storage is, for logs and errors: the file, or the URL without its password.
+    pub fn describe(&self) -> String {
+        match self.backend() {
+            StorageBackend::Sqlite(p) => p.display().to_string(),
+            StorageBackend::Postgres(url) => redact_url(url),
+        }
+    }
+
     /// How long presence and command events are kept: as set, else the longer of the
     /// readings' retention and 90 days.
     pub fn events_retention(&self) -> Duration {
@@ -355,7 +452,9 @@ impl StorageConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
-            path: PathBuf::from("telebridge.db"),
+            path: None,
+            url: None,
+            max_connections: 8,
             retention: Duration::from_secs(30 * 86_400),
             events_retention: None,
             retention_interval: Duration::from_secs(60),
@@ -601,6 +700,8 @@ const SCHEMA: &[(&str, &[&str])] = &[
         "storage",
         &[
             "path",
+            "url",
+            "max_connections",
             "retention",
             "events_retention",
             "retention_interval",
@@ -769,8 +870,30 @@ impl Config {
         if self.storage.busy_timeout > Duration::from_secs(60) {
             bad("storage.busy_timeout", "must be at most 1m".into());
         }
-        if self.storage.path.as_os_str().is_empty() {
+        if self
+            .storage
+            .path
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
             bad("storage.path", "must not be empty".into());
+        }
+        if let Some(url) = &self.storage.url {
+            if self.storage.path.is_some() {
+                bad(
+                    "storage.url",
+                    "set either path (SQLite) or url (PostgreSQL), not both".into(),
+                );
+            }
+            if let Err(why) = check_postgres_url(url.expose()) {
+                bad("storage.url", why);
+            }
+        }
+        if self.storage.max_connections < 2 || self.storage.max_connections > 1000 {
+            bad(
+                "storage.max_connections",
+                "must be between 2 and 1000".into(),
+            );
         }
         if self.presence.timeout < Duration::from_secs(1) {
             bad("presence.timeout", "must be at least 1s".into());

@@ -125,6 +125,10 @@ pub struct Metrics {
     pub forbidden: AtomicU64,
     /// Connections refused by a limit.
     pub limit_refusals: AtomicU64,
+    /// The newest seq this instance's tail has published (PostgreSQL).
+    pub tail_seen: AtomicI64,
+    /// The newest seq any instance has committed, as last read (PostgreSQL).
+    pub tail_head: AtomicI64,
 }
 
 impl Metrics {
@@ -382,6 +386,38 @@ pub fn render_storage(out: &mut String, r: &crate::store::health::Report) {
         "telebridge_store_checkpoint_failing",
         "1 while the WAL checkpoint keeps failing.",
         i64::from(r.checkpoint.is_some()),
+    );
+}
+
+/// Which instance this is and, on PostgreSQL, how far its tail trails the shared log.
+pub fn render_instance(out: &mut String, instance: &str, backend: &str, m: &Metrics) {
+    let _ = writeln!(
+        out,
+        "# HELP telebridge_instance_info This instance: its name (the MQTT client id) and storage backend.\n# TYPE telebridge_instance_info gauge\ntelebridge_instance_info{{instance=\"{}\",backend=\"{backend}\"}} 1",
+        instance.replace(['"', '\\', '\n'], "_")
+    );
+    if backend != "postgres" {
+        return;
+    }
+    let seen = m.tail_seen.load(Ordering::Relaxed);
+    let head = m.tail_head.load(Ordering::Relaxed).max(seen);
+    gauge(
+        out,
+        "telebridge_tail_seen_seq",
+        "The newest event id this instance has read from the shared log and serves live.",
+        seen,
+    );
+    gauge(
+        out,
+        "telebridge_tail_head_seq",
+        "The newest event id committed by any instance, as last read.",
+        head,
+    );
+    gauge(
+        out,
+        "telebridge_tail_lag_events",
+        "Events committed that this instance has not read yet.",
+        head - seen,
     );
 }
 

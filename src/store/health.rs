@@ -17,6 +17,8 @@ pub enum FaultKind {
     Locked,
     /// The file at `[storage] path` was deleted or replaced under the daemon.
     Replaced,
+    /// The database server cannot be reached (PostgreSQL).
+    Unreachable,
     /// Any other I/O or database error.
     Error,
 }
@@ -29,16 +31,18 @@ impl FaultKind {
             FaultKind::ReadOnly => "read-only",
             FaultKind::Locked => "locked by another process",
             FaultKind::Replaced => "database file deleted or replaced",
+            FaultKind::Unreachable => "database server unreachable",
             FaultKind::Error => "error",
         }
     }
 
     /// Every kind, for the metrics.
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; 6] = [
         FaultKind::DiskFull,
         FaultKind::ReadOnly,
         FaultKind::Locked,
         FaultKind::Replaced,
+        FaultKind::Unreachable,
         FaultKind::Error,
     ];
 
@@ -49,6 +53,7 @@ impl FaultKind {
             FaultKind::ReadOnly => "read_only",
             FaultKind::Locked => "locked",
             FaultKind::Replaced => "replaced",
+            FaultKind::Unreachable => "unreachable",
             FaultKind::Error => "error",
         }
     }
@@ -278,6 +283,23 @@ impl Health {
             oldest_age,
             failures: s.failures,
         }
+    }
+}
+
+/// Classifies a PostgreSQL error by its SQLSTATE, or a connection failure.
+pub fn classify_postgres(e: &sqlx::Error) -> FaultKind {
+    match e {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("53100") => FaultKind::DiskFull,
+            Some("25006") => FaultKind::ReadOnly,
+            Some("55P03" | "40P01" | "57014") => FaultKind::Locked,
+            Some(c) if c.starts_with("08") || c.starts_with("57P") => FaultKind::Unreachable,
+            _ => FaultKind::Error,
+        },
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => {
+            FaultKind::Unreachable
+        }
+        _ => FaultKind::Error,
     }
 }
 

@@ -1,12 +1,10 @@
-//! Housekeeping on timers: WAL checkpoints, retention and presence timeouts, handed to the
-//! writer as work.
+//! Housekeeping on timers: WAL checkpoints (SQLite), retention and presence timeouts. On
+//! SQLite they are the writer's work; on PostgreSQL every instance runs them, and the
+//! append lock makes each change happen once.
 
 use std::time::Duration;
 
-use tokio::sync::oneshot;
-
-use super::writer::RETENTION_PER_CALL;
-use super::{Control, Store};
+use super::{RETENTION_PER_CALL, Store, StoreError};
 use crate::domain;
 
 /// How often committed WAL frames are checkpointed into the database file.
@@ -21,7 +19,6 @@ pub async fn run_housekeeping(
     presence_timeout: Duration,
     cancel: tokio_util::sync::CancellationToken,
 ) {
-    let control = store.control();
     let mut retention_tick = tokio::time::interval(retention_every);
     let sweep_every =
         (presence_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
@@ -59,22 +56,18 @@ pub async fn run_housekeeping(
                 // committed between them even when a long downtime left millions due.
                 let mut deleted = 0;
                 loop {
-                    let (reply, rx) = oneshot::channel();
-                    if control.send(Control::Retention { cutoff, events_cutoff, reply }).await.is_err() {
-                        return;
-                    }
-                    match rx.await {
-                        Ok(Ok(n)) => {
+                    match store.retention(cutoff, events_cutoff).await {
+                        Ok(n) => {
                             deleted += n;
                             if n < RETENTION_PER_CALL || cancel.is_cancelled() {
                                 break;
                             }
                         }
-                        Ok(Err(e)) => {
+                        Err(StoreError::WriterGone) => return,
+                        Err(e) => {
                             tracing::warn!(error = %e, "retention failed; will retry");
                             break;
                         }
-                        Err(_) => return,
                     }
                 }
                 if deleted > 0 {
@@ -83,13 +76,10 @@ pub async fn run_housekeeping(
             }
             _ = sweep_tick.tick() => {
                 let cutoff = domain::now_ms() - presence_timeout.as_millis() as i64;
-                let (reply, rx) = oneshot::channel();
-                if control.send(Control::PresenceSweep { cutoff, reply }).await.is_err() {
-                    return;
-                }
-                match rx.await {
-                    Ok(Ok(ids)) if !ids.is_empty() => tracing::info!(devices = ?ids, "marked offline after silence"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "presence sweep failed; will retry"),
+                match store.presence_sweep(cutoff).await {
+                    Ok(ids) if !ids.is_empty() => tracing::info!(devices = ?ids, "marked offline after silence"),
+                    Err(StoreError::WriterGone) => return,
+                    Err(e) => tracing::warn!(error = %e, "presence sweep failed; will retry"),
                     _ => {}
                 }
             }

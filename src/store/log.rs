@@ -5,16 +5,9 @@
 
 use std::sync::Arc;
 
-use serde_json::{Value, json};
-use sqlx::AssertSqlSafe;
-use sqlx::sqlite::SqliteConnection;
-
-use super::StoreError;
 use crate::domain;
 use crate::feed::{self, Event, Kind};
-
-/// Rows per multi-row INSERT into `events`.
-const EVENTS_PER_INSERT: usize = 100;
+use serde_json::{Value, json};
 
 /// A presence or command change, as stored and streamed.
 #[derive(Debug, Clone)]
@@ -77,29 +70,4 @@ impl EventRow {
             frame: feed::encode_event(self.seq, self.kind, &self.data),
         }
     }
-}
-
-/// Appends `rows` to the log on `conn`, inside the caller's transaction.
-pub async fn append(conn: &mut SqliteConnection, rows: &[EventRow]) -> Result<(), StoreError> {
-    for chunk in rows.chunks(EVENTS_PER_INSERT) {
-        let mut sql = String::from("INSERT INTO events (seq, kind, device, at, data) VALUES ");
-        for i in 0..chunk.len() {
-            sql.push_str(if i == 0 {
-                "(?,?,?,?,?)"
-            } else {
-                ",(?,?,?,?,?)"
-            });
-        }
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for r in chunk {
-            q = q
-                .bind(r.seq)
-                .bind(r.kind.as_str())
-                .bind(r.device.clone())
-                .bind(r.at)
-                .bind(r.data.clone());
-        }
-        q.execute(&mut *conn).await?;
-    }
-    Ok(())
 }

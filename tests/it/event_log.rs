@@ -355,7 +355,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_its_reading_id
     for f in ["0001_init.sql", "0002_meta.sql"] {
         std::fs::copy(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("migrations")
+                .join("migrations/sqlite")
                 .join(f),
             old_migrations.join(f),
         )

@@ -1,0 +1,580 @@
+//! The PostgreSQL backend: one database shared by every instance, its schema in
+//! `migrations/postgres/`. SQL for PostgreSQL lives only here.
+//!
+//! Event ids in commit order: every append to the log (a batch of readings, a command
+//! change, a presence timeout) first takes one transaction-level advisory lock, then reads
+//! and moves `log_head.last`. PostgreSQL makes a transaction visible before it releases its
+//! locks, so the next appender can only draw its ids once the previous ones are visible: a
+//! reader that sees id N has already been able to see every id below it, and tailing
+//! `seq > N` never passes an id that commits later ([`tail`]).
+
+mod tail;
+mod writer;
+
+pub use writer::Writer;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Postgres, QueryBuilder, Transaction};
+use tokio::sync::Notify;
+
+use crate::config::{StorageConfig, redact_url};
+use crate::feed::{Kind, Kinds};
+use crate::store::health::Health;
+use crate::store::log::EventRow;
+use crate::store::{
+    CommandRow, DeviceRow, Inserted, LogEntry, NewCommand, Page, RETENTION_PER_CALL, StoreError,
+    StoredReading,
+};
+
+crate::store::rows::decoders!(PgRow);
+
+/// The advisory lock every append to the log takes first ("telebrdg" in ASCII).
+pub(crate) const APPEND_LOCK: i64 = 0x7465_6c65_6272_6467;
+/// The channel each commit notifies with its last seq; every instance's tail listens.
+pub(crate) const CHANNEL: &str = "telebridge_log";
+/// Rows deleted per retention statement, so appends never wait long behind it.
+const RETENTION_CHUNK: i64 = 5_000;
+/// How long getting a connection may take before the work fails (the server is away).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Read access to the shared database, and the writes that are not batches.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+    /// Wakes this instance's tail after a local commit, without waiting for the NOTIFY.
+    wake: Arc<Notify>,
+    /// Whether the writer commits, and what waits for it.
+    health: Arc<Health>,
+}
+
+/// The reading columns, as the decoders name them.
+const READING_COLUMNS: &str = "seq, device, topic, ts, received_at, payload, flags";
+
+/// The kinds of the events table that `kinds` asks for.
+fn event_kinds(kinds: Kinds) -> Vec<&'static str> {
+    [Kind::Status, Kind::Command]
+        .into_iter()
+        .filter(|k| kinds.has(*k))
+        .map(Kind::as_str)
+        .collect()
+}
+
+/// An open append: the lock is held and `next` is the first seq it may use.
+struct Append<'c> {
+    tx: Transaction<'c, Postgres>,
+    next: i64,
+}
+
+/// Takes the append lock (held until the transaction ends) and reads the head: the first
+/// seq this transaction may use.
+async fn lock_append(conn: &mut sqlx::PgConnection) -> Result<i64, StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(APPEND_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    let last: i64 = sqlx::query_scalar("SELECT last FROM log_head")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(last + 1)
+}
+
+/// Begins a transaction that appends to the log.
+async fn begin_append(pool: &PgPool) -> Result<Append<'static>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let next = lock_append(&mut tx).await?;
+    Ok(Append { tx, next })
+}
+
+/// Inserts `rows` into the events table, inside the caller's transaction.
+async fn insert_events(conn: &mut sqlx::PgConnection, rows: &[EventRow]) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    let kinds: Vec<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
+    let devices: Vec<&str> = rows.iter().map(|r| &*r.device).collect();
+    let ats: Vec<i64> = rows.iter().map(|r| r.at).collect();
+    let data: Vec<&str> = rows.iter().map(|r| r.data.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO events (seq, kind, device, at, data) \
+         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[])",
+    )
+    .bind(seqs)
+    .bind(kinds)
+    .bind(devices)
+    .bind(ats)
+    .bind(data)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Moves the head past `last` and notifies every tail, inside the caller's transaction
+/// (PostgreSQL delivers the notification at COMMIT).
+async fn move_head(conn: &mut sqlx::PgConnection, last: i64) -> Result<(), StoreError> {
+    sqlx::query("UPDATE log_head SET last = $1")
+        .bind(last)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(last.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+impl Append<'_> {
+    /// Appends `events` (numbered from `self.next`), moves the head and commits.
+    async fn commit(mut self, events: &[EventRow]) -> Result<(), StoreError> {
+        if let Some(last) = events.last() {
+            insert_events(&mut self.tx, events).await?;
+            move_head(&mut self.tx, last.seq).await?;
+        }
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Why connecting failed, with the URL's password left out.
+fn connect_error(url: &str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+    move |source| StoreError::Connect {
+        url: redact_url(url),
+        source,
+    }
+}
+
+impl PgStore {
+    /// Connects, migrates (one instance at a time: sqlx holds an advisory lock meanwhile)
+    /// and returns the read side and this instance's writer.
+    pub async fn open(
+        cfg: &StorageConfig,
+        url: &str,
+        health: Arc<Health>,
+    ) -> Result<(PgStore, Writer), StoreError> {
+        let opts: PgConnectOptions = url.parse().map_err(connect_error(url))?;
+        let opts = opts.application_name("telebridge");
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(opts.clone())
+            .await
+            .map_err(connect_error(url))?;
+        match sqlx::migrate!("./migrations/postgres").run(&pool).await {
+            Ok(()) => {}
+            Err(sqlx::migrate::MigrateError::VersionMissing(version)) => {
+                return Err(StoreError::Newer {
+                    path: redact_url(url),
+                    version,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let wake = Arc::new(Notify::new());
+        let store = PgStore {
+            pool: pool.clone(),
+            wake: wake.clone(),
+            health: health.clone(),
+        };
+        let head = store.head().await?;
+        let writer = Writer::new(opts, store.clone(), health, head);
+        Ok((store, writer))
+    }
+
+    /// The last seq committed by any instance.
+    pub async fn head(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT last FROM log_head")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Every device.
+    pub async fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
+        let rows = sqlx::query("SELECT id, first_seen, last_seen, online FROM devices ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(device_from_row).collect()
+    }
+
+    /// The log after `after` in seq order (see [`crate::store::Store::replay`]).
+    pub async fn replay(
+        &self,
+        after: i64,
+        devices: Option<&[String]>,
+        kinds: Kinds,
+        limit: i64,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        let others = event_kinds(kinds);
+        let mut q: QueryBuilder<Postgres> = QueryBuilder::new("SELECT * FROM (");
+        let mut arms = 0;
+        if kinds.has(Kind::Reading) {
+            q.push(
+                "(SELECT seq, 'reading'::text AS kind, device, topic, ts, received_at, payload, flags \
+                 FROM readings WHERE seq > ",
+            )
+            .push_bind(after);
+            if let Some(d) = devices {
+                q.push(" AND device = ANY(").push_bind(d.to_vec()).push(")");
+            }
+            q.push(" ORDER BY seq LIMIT ").push_bind(limit).push(")");
+            arms += 1;
+        }
+        if !others.is_empty() {
+            if arms > 0 {
+                q.push(" UNION ALL ");
+            }
+            q.push(
+                "(SELECT seq, kind, device, ''::text AS topic, at AS ts, at AS received_at, \
+                 convert_to(data, 'UTF8') AS payload, 0::bigint AS flags FROM events WHERE seq > ",
+            )
+            .push_bind(after);
+            if let Some(d) = devices {
+                q.push(" AND device = ANY(").push_bind(d.to_vec()).push(")");
+            }
+            q.push(" AND kind = ANY(")
+                .push_bind(others)
+                .push(") ORDER BY seq LIMIT ")
+                .push_bind(limit)
+                .push(")");
+            arms += 1;
+        }
+        if arms == 0 {
+            return Ok(Vec::new());
+        }
+        // Each arm is bounded and ordered on its own; the outer query merges them.
+        q.push(") AS log ORDER BY seq LIMIT ").push_bind(limit);
+        let rows = q.build().fetch_all(&self.pool).await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    /// Presence changes of one device (see [`crate::store::Store::status_history`]).
+    pub async fn status_history(&self, page: &Page) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, device, at AS ts, convert_to(data, 'UTF8') AS payload \
+             FROM events WHERE device = $1 AND kind = 'status' AND seq > $2 AND at >= $3 AND at <= $4 \
+             ORDER BY seq LIMIT $5",
+        )
+        .bind(&page.device)
+        .bind(page.after)
+        .bind(page.from.unwrap_or(i64::MIN))
+        .bind(page.to.unwrap_or(i64::MAX))
+        .bind(page.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// How far retention has removed the log: (readings, other events).
+    pub async fn purged_through(&self) -> Result<(i64, i64), StoreError> {
+        Ok(
+            sqlx::query_as("SELECT readings_purged_through, events_purged_through FROM log_head")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The latest reading of each device up to seq `through`, oldest first.
+    pub async fn latest(
+        &self,
+        devices: Option<&[String]>,
+        through: Option<i64>,
+    ) -> Result<Vec<StoredReading>, StoreError> {
+        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+            "SELECT {READING_COLUMNS} FROM (SELECT DISTINCT ON (device) {READING_COLUMNS} \
+             FROM readings WHERE seq <= "
+        ));
+        q.push_bind(through.unwrap_or(i64::MAX));
+        if let Some(d) = devices {
+            q.push(" AND device = ANY(").push_bind(d.to_vec()).push(")");
+        }
+        q.push(" ORDER BY device, seq DESC) AS latest ORDER BY seq");
+        let rows = q.build().fetch_all(&self.pool).await?;
+        rows.iter().map(reading_from_row).collect()
+    }
+
+    /// One device.
+    pub async fn device(&self, id: &str) -> Result<Option<DeviceRow>, StoreError> {
+        let row =
+            sqlx::query("SELECT id, first_seen, last_seen, online FROM devices WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.as_ref().map(device_from_row).transpose()
+    }
+
+    /// History of one device (see [`crate::store::Store::history`]).
+    pub async fn history(&self, page: &Page) -> Result<Vec<StoredReading>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {READING_COLUMNS} FROM readings \
+             WHERE device = $1 AND seq > $2 AND ts >= $3 AND ts <= $4 ORDER BY seq LIMIT $5"
+        )))
+        .bind(&page.device)
+        .bind(page.after)
+        .bind(page.from.unwrap_or(i64::MIN))
+        .bind(page.to.unwrap_or(i64::MAX))
+        .bind(page.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(reading_from_row).collect()
+    }
+
+    /// Tells this instance's tail that something was committed.
+    fn committed(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Stores a new command and its first event, or finds the one with the same key.
+    pub async fn insert_command(&self, c: NewCommand) -> Result<Inserted, StoreError> {
+        let mut a = begin_append(&self.pool).await?;
+        let inserted: Option<String> = sqlx::query_scalar(
+            "INSERT INTO commands (id, device, name, params, status, idem_key, created_at, expires_at, sent_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (device, idem_key) WHERE idem_key IS NOT NULL DO NOTHING RETURNING id",
+        )
+        .bind(&c.id)
+        .bind(&c.device)
+        .bind(&c.name)
+        .bind(&c.params)
+        .bind(c.status)
+        .bind(c.key.as_deref())
+        .bind(c.created_at)
+        .bind(c.expires_at)
+        .bind(c.sent_at)
+        .fetch_optional(&mut *a.tx)
+        .await?;
+        if inserted.is_none() {
+            let (id, status): (String, String) = sqlx::query_as(
+                "SELECT id, status FROM commands WHERE device = $1 AND idem_key = $2",
+            )
+            .bind(&c.device)
+            .bind(c.key.as_deref())
+            .fetch_one(&mut *a.tx)
+            .await?;
+            a.tx.rollback().await?;
+            return Ok(Inserted::Existing { id, status });
+        }
+        let events = [EventRow::command(
+            a.next,
+            &c.id,
+            &c.device,
+            c.status,
+            c.created_at,
+            None,
+        )];
+        a.commit(&events).await?;
+        self.committed();
+        Ok(Inserted::New)
+    }
+
+    /// Marks a queued command as published; false when it is no longer queued.
+    pub async fn mark_sent(&self, id: &str, at: i64) -> Result<bool, StoreError> {
+        let mut a = begin_append(&self.pool).await?;
+        let device: Option<String> = sqlx::query_scalar(
+            "UPDATE commands SET status = 'sent', sent_at = $1 WHERE id = $2 AND status = 'queued' \
+             RETURNING device",
+        )
+        .bind(at)
+        .bind(id)
+        .fetch_optional(&mut *a.tx)
+        .await?;
+        let events: Vec<EventRow> = device
+            .iter()
+            .map(|d| EventRow::command(a.next, id, d, "sent", at, None))
+            .collect();
+        a.commit(&events).await?;
+        self.committed();
+        Ok(device.is_some())
+    }
+
+    /// Moves open commands matching `condition` (on `$3`) to `status`, with an event each.
+    async fn finish_due(
+        &self,
+        status: &'static str,
+        condition: &'static str,
+        cutoff: i64,
+        now: i64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let mut a = begin_append(&self.pool).await?;
+        let done: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "UPDATE commands SET status = $1, finished_at = $2 WHERE {condition} RETURNING id, device"
+        )))
+        .bind(status)
+        .bind(now)
+        .bind(cutoff)
+        .fetch_all(&mut *a.tx)
+        .await?;
+        let events: Vec<EventRow> = done
+            .iter()
+            .zip(a.next..)
+            .map(|((id, device), seq)| EventRow::command(seq, id, device, status, now, None))
+            .collect();
+        a.commit(&events).await?;
+        self.committed();
+        Ok(done)
+    }
+
+    /// Queued commands whose ttl ran out become `expired`.
+    pub async fn expire_due(&self, now: i64) -> Result<Vec<(String, String)>, StoreError> {
+        self.finish_due(
+            "expired",
+            "status = 'queued' AND expires_at <= $3",
+            now,
+            now,
+        )
+        .await
+    }
+
+    /// Sent commands without an answer since before `cutoff` become `timeout`.
+    pub async fn timeout_due(
+        &self,
+        cutoff: i64,
+        now: i64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.finish_due("timeout", "status = 'sent' AND sent_at <= $3", cutoff, now)
+            .await
+    }
+
+    /// Marks devices silent since before `cutoff` offline, each with its `status` event.
+    pub async fn presence_sweep(&self, cutoff: i64) -> Result<Vec<String>, StoreError> {
+        // After a fault, `last_seen` lags the readings still waiting: a sweep now would log
+        // devices offline that are not. The next tick tries again.
+        if self.health.backlog(Duration::from_secs(1)) {
+            return Ok(Vec::new());
+        }
+        let now = crate::domain::now_ms();
+        let mut a = begin_append(&self.pool).await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "UPDATE devices SET online = false, status_at = $1 WHERE online AND last_seen < $2 \
+             RETURNING id",
+        )
+        .bind(now)
+        .bind(cutoff)
+        .fetch_all(&mut *a.tx)
+        .await?;
+        let events: Vec<EventRow> = ids
+            .iter()
+            .zip(a.next..)
+            .map(|(id, seq)| EventRow::status(seq, id, false, now))
+            .collect();
+        a.commit(&events).await?;
+        self.committed();
+        Ok(ids)
+    }
+
+    /// Deletes readings received before `cutoff` and events before `events_cutoff`, oldest
+    /// first in chunks, and records how far each is purged; at most `RETENTION_PER_CALL`.
+    /// Each chunk holds the append lock, so instances never purge at once.
+    pub async fn retention(&self, cutoff: i64, events_cutoff: i64) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for (table, time, cutoff, column) in [
+            ("readings", "received_at", cutoff, "readings_purged_through"),
+            ("events", "at", events_cutoff, "events_purged_through"),
+        ] {
+            let delete = format!(
+                "DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table} ORDER BY seq LIMIT $1) \
+                 AND {time} < $2 RETURNING seq"
+            );
+            let record = format!("UPDATE log_head SET {column} = GREATEST({column}, $1)");
+            loop {
+                let mut a = begin_append(&self.pool).await?;
+                let seqs: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(delete.clone()))
+                    .bind(RETENTION_CHUNK)
+                    .bind(cutoff)
+                    .fetch_all(&mut *a.tx)
+                    .await?;
+                if let Some(max) = seqs.iter().max() {
+                    sqlx::query(AssertSqlSafe(record.clone()))
+                        .bind(*max)
+                        .execute(&mut *a.tx)
+                        .await?;
+                }
+                a.commit(&[]).await?;
+                total += seqs.len() as u64;
+                if (seqs.len() as i64) < RETENTION_CHUNK {
+                    break;
+                }
+                if total >= RETENTION_PER_CALL {
+                    return Ok(total);
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Queued commands of devices that are online now, oldest first.
+    pub async fn queued_for_online(&self, now: i64) -> Result<Vec<CommandRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT c.* FROM commands c JOIN devices d ON d.id = c.device \
+             WHERE c.status = 'queued' AND d.online AND c.expires_at > $1 \
+             ORDER BY c.created_at, c.n LIMIT 1000",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(command_from_row).collect()
+    }
+
+    /// The command log, newest first.
+    pub async fn commands(
+        &self,
+        device: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<CommandRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM commands WHERE ($1::text IS NULL OR device = $1) \
+             ORDER BY created_at DESC, n DESC LIMIT $2",
+        )
+        .bind(device)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(command_from_row).collect()
+    }
+
+    /// Whether any command is queued or waiting for its answer.
+    pub async fn has_open_commands(&self) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM commands WHERE status IN ('queued', 'sent'))",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// The key that signs session cookies: made by the first instance, shared by all.
+    pub async fn session_key(&self) -> Result<Vec<u8>, StoreError> {
+        let fresh: [u8; 32] = rand::random();
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ('session_key', $1) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(fresh.to_vec())
+        .execute(&self.pool)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'session_key'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Whether the database answers reads.
+    pub async fn readable(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Presence as stored, of `devices`, read under the append lock.
+    async fn presence(
+        conn: &mut sqlx::PgConnection,
+        devices: Vec<String>,
+    ) -> Result<HashMap<String, bool>, StoreError> {
+        let rows: Vec<(String, bool)> =
+            sqlx::query_as("SELECT id, online FROM devices WHERE id = ANY($1)")
+                .bind(devices)
+                .fetch_all(conn)
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+}

@@ -1,0 +1,128 @@
+//! The tail: this instance's reader of the shared log. Every event any instance commits
+//! reaches this instance's live feed (and its command service) through here, in seq order.
+//!
+//! It is woken by LISTEN/NOTIFY (and at once by this instance's own commits), and polls
+//! every [`POLL`] besides, because a notification sent while the listener reconnects is
+//! lost. Reading `seq > last seen` is exact: the append lock makes ids visible in commit
+//! order (see the module above), so no id can appear later below one already read.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{CHANNEL, PgStore};
+use crate::feed::Kinds;
+use crate::observability::Metrics;
+use crate::store::writer::Committed;
+
+/// The longest a committed event waits for this tail when a notification was lost.
+const POLL: Duration = Duration::from_millis(200);
+/// Entries read per query.
+const PAGE: i64 = 5_000;
+/// How long to wait before connecting the listener again after it failed.
+const RELISTEN: Duration = Duration::from_secs(1);
+
+/// Where this instance's tail stands.
+pub(super) struct Tail {
+    store: PgStore,
+    /// The last seq published to the feed.
+    seen: i64,
+}
+
+impl Tail {
+    /// A tail that starts after `head`: older events are replayed from storage on request.
+    pub(super) fn new(store: PgStore, head: i64) -> Tail {
+        Tail { store, seen: head }
+    }
+
+    /// Follows the log until cancelled.
+    pub(super) async fn run(
+        mut self,
+        committed: Arc<Committed>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) {
+        let _ = committed.last_seq.send(self.seen);
+        metrics.tail_seen.store(self.seen, Ordering::Relaxed);
+        metrics.tail_head.store(self.seen, Ordering::Relaxed);
+        let mut listener: Option<PgListener> = None;
+        let mut relisten_at = tokio::time::Instant::now();
+        let mut failing = false;
+        loop {
+            if listener.is_none() && tokio::time::Instant::now() >= relisten_at {
+                match self.listen().await {
+                    Ok(l) => listener = Some(l),
+                    Err(e) => {
+                        relisten_at = tokio::time::Instant::now() + RELISTEN;
+                        tracing::debug!(error = %e, "cannot LISTEN on the log channel; polling meanwhile");
+                    }
+                }
+            }
+            match self.catch_up(&committed, &metrics).await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("reading the shared log works again");
+                }
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "cannot read the shared log; retrying");
+                }
+                _ => {}
+            }
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.try_recv().await.map(|n| n.is_some()),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.store.wake.notified() => {}
+                r = notified => {
+                    // `None` or an error: the connection dropped; notifications meanwhile are
+                    // lost, which the next read covers.
+                    if !matches!(r, Ok(true)) {
+                        listener = None;
+                    }
+                }
+                _ = tokio::time::sleep(POLL) => {
+                    if let Ok(head) = self.store.head().await {
+                        metrics.tail_head.store(head, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
+        let mut l = PgListener::connect_with(&self.store.pool).await?;
+        // A dropped connection is reported (as `None`), not silently reconnected.
+        l.ignore_pool_close_event(false);
+        l.listen(CHANNEL).await?;
+        Ok(l)
+    }
+
+    /// Publishes everything committed after `seen`, a page at a time.
+    async fn catch_up(
+        &mut self,
+        committed: &Committed,
+        metrics: &Metrics,
+    ) -> Result<(), crate::store::StoreError> {
+        loop {
+            let entries = self.store.replay(self.seen, None, Kinds::ALL, PAGE).await?;
+            let Some(last) = entries.last().map(|e| e.seq()) else {
+                return Ok(());
+            };
+            committed.publish_entries(&entries);
+            self.seen = last;
+            metrics.tail_seen.store(last, Ordering::Relaxed);
+            metrics.tail_head.fetch_max(last, Ordering::Relaxed);
+            if (entries.len() as i64) < PAGE {
+                return Ok(());
+            }
+        }
+    }
+}

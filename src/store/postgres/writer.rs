@@ -1,0 +1,311 @@
+//! This instance's writer on PostgreSQL: it commits the readings its own MQTT session
+//! receives, in batches, under the append lock (see the module above), and only then
+//! acknowledges them. What it commits reaches the live feed through the tail, like what
+//! every other instance commits.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions as _, Connection as _};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{PgStore, insert_events, lock_append, move_head};
+use crate::domain::DeviceId;
+use crate::ingest::{AckSink, Item};
+use crate::observability::Metrics;
+use crate::store::health::{FaultKind, Health};
+use crate::store::writer::{self, Backend, Commit, Committed, WriterConfig};
+use crate::store::{Control, StoreError};
+
+/// How long closing a failed connection may take before it is left to close on its own.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// The batch writer and the tail of one instance.
+pub struct Writer {
+    batches: Batches,
+    tail: super::tail::Tail,
+}
+
+impl Writer {
+    pub(super) fn new(
+        opts: PgConnectOptions,
+        store: PgStore,
+        health: Arc<Health>,
+        head: i64,
+    ) -> Writer {
+        Writer {
+            batches: Batches {
+                opts,
+                conn: None,
+                store: store.clone(),
+                health,
+                seen_written: HashMap::new(),
+            },
+            tail: super::tail::Tail::new(store, head),
+        }
+    }
+
+    /// Runs the batch writer and the tail until shutdown (see [`crate::store::Writer::run`]).
+    pub async fn run(
+        self,
+        cfg: WriterConfig,
+        items: mpsc::Receiver<Item>,
+        acks: Box<dyn AckSink>,
+        metrics: Arc<Metrics>,
+        committed: Committed,
+        shutdown: CancellationToken,
+    ) -> Result<(), StoreError> {
+        let committed = Arc::new(committed);
+        let tail = tokio::spawn(self.tail.run(
+            committed.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        let result = writer::run(
+            self.batches,
+            cfg,
+            items,
+            acks,
+            metrics,
+            &committed,
+            shutdown,
+        )
+        .await;
+        if let Err(e) = tail.await {
+            tracing::error!(error = %e, "the log tail task failed");
+        }
+        result
+    }
+}
+
+/// The batch side: its own connection (not the pool's, so a batch never waits for one).
+struct Batches {
+    opts: PgConnectOptions,
+    /// `None` after a failure: the connection is dropped (rolling back what a failed
+    /// statement left open) and a fresh one opened for the retry.
+    conn: Option<PgConnection>,
+    store: PgStore,
+    health: Arc<Health>,
+    /// `last_seen` as this instance last wrote it, per device.
+    seen_written: HashMap<Arc<str>, i64>,
+}
+
+impl Batches {
+    async fn take_conn(&mut self) -> Result<PgConnection, StoreError> {
+        match self.conn.take() {
+            Some(c) => Ok(c),
+            None => Ok(self.opts.connect().await?),
+        }
+    }
+
+    async fn put_back(&mut self, conn: PgConnection, ok: bool) {
+        if ok {
+            self.conn = Some(conn);
+        } else if tokio::time::timeout(CLOSE_DEADLINE, conn.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("closing the failed writer connection timed out; opening another");
+        }
+    }
+
+    /// One transaction: the append lock, presence as stored, then every row of the batch
+    /// with seqs from the head, the head moved past them and a notification.
+    async fn commit_on(
+        &mut self,
+        conn: &mut PgConnection,
+        batch: &[Item],
+    ) -> Result<Commit, StoreError> {
+        let mut tx = conn.begin().await?;
+        let next = lock_append(&mut tx).await?;
+        let ids: Vec<String> = batch_devices(batch);
+        let stored = PgStore::presence(&mut tx, ids).await?;
+        let mut p = writer::plan(batch, next, |d| stored.get(d).copied(), &self.seen_written);
+        if p.is_empty() {
+            tx.rollback().await?;
+            return Ok(Commit {
+                last_seq: next - 1,
+                ..Commit::default()
+            });
+        }
+        if !p.readings.is_empty() {
+            let n = p.readings.len();
+            let (mut seq, mut device, mut topic, mut ts, mut received, mut payload, mut flags) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for (r, s) in &p.readings {
+                seq.push(*s);
+                device.push(r.device.as_str());
+                topic.push(&*r.topic);
+                ts.push(r.ts);
+                received.push(r.received_at);
+                payload.push(&r.payload[..]);
+                flags.push(r.flags);
+            }
+            sqlx::query(
+                "INSERT INTO readings (seq, device, topic, ts, received_at, payload, flags) \
+                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], \
+                 $5::bigint[], $6::bytea[], $7::bigint[])",
+            )
+            .bind(seq)
+            .bind(device)
+            .bind(topic)
+            .bind(ts)
+            .bind(received)
+            .bind(payload)
+            .bind(flags)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !p.devices.is_empty() {
+            let mut ids = Vec::new();
+            let mut first = Vec::new();
+            let mut last = Vec::new();
+            let mut online = Vec::new();
+            let mut at = Vec::new();
+            for (d, c) in &p.devices {
+                ids.push(d.as_str());
+                first.push(c.first);
+                last.push(c.last);
+                online.push(c.online.unwrap_or(true));
+                at.push(c.presence_at);
+            }
+            // Sorted by id, so that two instances' upserts never lock rows in opposite
+            // orders (they are serialized by the append lock anyway).
+            sqlx::query(
+                "INSERT INTO devices (id, first_seen, last_seen, online, status_at) \
+                 SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::boolean[], $5::bigint[]) \
+                 ORDER BY 1 \
+                 ON CONFLICT (id) DO UPDATE SET \
+                 last_seen = GREATEST(devices.last_seen, excluded.last_seen), \
+                 status_at = CASE WHEN excluded.online <> devices.online THEN excluded.status_at \
+                 ELSE devices.status_at END, \
+                 online = excluded.online",
+            )
+            .bind(ids)
+            .bind(first)
+            .bind(last)
+            .bind(online)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut unknown_acks = Vec::new();
+        for (ack, ack_seq, slot) in std::mem::take(&mut p.acks) {
+            // Only a sent command can be answered; anything else is an unknown or late ack.
+            let sent_at: Option<Option<i64>> = sqlx::query_scalar(
+                "UPDATE commands SET status = $1, finished_at = $2, result = $3, error = $4 \
+                 WHERE id = $5 AND device = $6 AND status = 'sent' RETURNING sent_at",
+            )
+            .bind(writer::ack_status(ack))
+            .bind(ack.at)
+            .bind(ack.result.as_deref())
+            .bind(ack.error.as_deref())
+            .bind(&ack.id)
+            .bind(ack.device.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            p.answered(ack, ack_seq, slot, sent_at, &mut unknown_acks);
+        }
+        insert_events(&mut tx, &p.plan.events).await?;
+        // Unused seqs (unknown acks) may be skipped: ids need order, not density.
+        move_head(&mut tx, p.next_seq - 1).await?;
+        tx.commit().await?;
+        for (device, c) in &p.devices {
+            self.seen_written.insert(device.shared(), c.last);
+        }
+        p.finish();
+        Ok(Commit {
+            readings: p.readings.len() as u64,
+            presence: p.presence,
+            last_seq: p.next_seq - 1,
+            plan: p.plan,
+            unknown_acks,
+        })
+    }
+}
+
+/// The distinct devices a batch concerns.
+fn batch_devices(batch: &[Item]) -> Vec<String> {
+    let mut ids: Vec<&DeviceId> = batch
+        .iter()
+        .filter_map(|i| match i {
+            Item::Reading(r, _) => Some(&r.device),
+            Item::Presence { device, .. } => Some(device),
+            Item::CommandAck(a) => Some(&a.device),
+            Item::Skip(_) => None,
+        })
+        .collect();
+    ids.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+    ids.dedup_by(|a, b| a.as_str() == b.as_str());
+    ids.into_iter().map(|d| d.to_string()).collect()
+}
+
+impl Backend for Batches {
+    async fn commit(&mut self, batch: &[Item]) -> Result<Commit, StoreError> {
+        let mut conn = self.take_conn().await?;
+        let r = self.commit_on(&mut conn, batch).await;
+        self.put_back(conn, r.is_ok()).await;
+        r
+    }
+
+    fn publish(&self, _committed: &Committed, _batch: &[Item], _commit: &Commit) {
+        // Every instance's feed is fed by its tail, in the shared log's order.
+        self.store.committed();
+    }
+
+    fn fault_kind(&self, e: &StoreError) -> FaultKind {
+        match e {
+            StoreError::Query(q) => crate::store::health::classify_postgres(q),
+            _ => FaultKind::Error,
+        }
+    }
+
+    fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    fn start_seq(&self) -> Option<i64> {
+        None
+    }
+
+    fn controls(&mut self) -> Option<&mut mpsc::Receiver<Control>> {
+        None
+    }
+
+    async fn control(&mut self, _ctl: Control, _metrics: &Metrics, _committed: &Committed) {}
+
+    async fn after_batch(&mut self, _metrics: &Metrics, _committed: &Committed) {}
+
+    async fn probe(&mut self) {
+        let ok = match self.take_conn().await {
+            Ok(mut conn) => {
+                let r = sqlx::query("SELECT 1").execute(&mut conn).await;
+                let ok = r.is_ok();
+                self.put_back(conn, ok).await;
+                ok
+            }
+            Err(_) => false,
+        };
+        if ok {
+            self.health.committed(0);
+        }
+    }
+
+    async fn close(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && let Err(e) = conn.close().await
+        {
+            tracing::warn!(error = %e, "closing the writer connection failed");
+        }
+    }
+}

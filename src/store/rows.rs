@@ -1,0 +1,89 @@
+//! Rows as both backends return them, decoded into the interface's types. Each backend's
+//! queries name their columns the same way, so one set of decoders serves both; the macro
+//! writes them for a backend's row type (sqlx's decoding bounds are per database).
+
+/// Defines `reading_from_row`, `event_from_row`, `entry_from_row`, `device_from_row` and
+/// `command_from_row` for the row type `$row`.
+macro_rules! decoders {
+    ($row:ty) => {
+        /// A reading: seq, device, topic, ts, received_at, payload, flags.
+        fn reading_from_row(
+            r: &$row,
+        ) -> Result<$crate::store::StoredReading, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            Ok($crate::store::StoredReading {
+                seq: r.try_get("seq")?,
+                device: r.try_get("device")?,
+                topic: r.try_get("topic")?,
+                ts: r.try_get("ts")?,
+                received_at: r.try_get("received_at")?,
+                payload: r.try_get("payload")?,
+                flags: r.try_get("flags")?,
+            })
+        }
+
+        /// A presence or command event: seq, kind, device, ts (its time), payload (data).
+        fn event_from_row(
+            r: &$row,
+        ) -> Result<$crate::store::log::EventRow, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            let kind: String = r.try_get("kind")?;
+            let payload: Vec<u8> = r.try_get("payload")?;
+            Ok($crate::store::log::EventRow {
+                seq: r.try_get("seq")?,
+                kind: $crate::feed::Kind::parse(&kind).unwrap_or($crate::feed::Kind::Status),
+                device: std::sync::Arc::from(r.try_get::<String, _>("device")?),
+                at: r.try_get("ts")?,
+                data: String::from_utf8(payload)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            })
+        }
+
+        /// A replayed entry: a reading when its kind says so, else an event.
+        fn entry_from_row(r: &$row) -> Result<$crate::store::LogEntry, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            let kind: String = r.try_get("kind")?;
+            if kind == "reading" {
+                reading_from_row(r).map($crate::store::LogEntry::Reading)
+            } else {
+                event_from_row(r).map($crate::store::LogEntry::Event)
+            }
+        }
+
+        /// A device: id, first_seen, last_seen, online.
+        fn device_from_row(
+            r: &$row,
+        ) -> Result<$crate::store::DeviceRow, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            Ok($crate::store::DeviceRow {
+                id: r.try_get("id")?,
+                first_seen: r.try_get("first_seen")?,
+                last_seen: r.try_get("last_seen")?,
+                online: r.try_get::<bool, _>("online")?,
+            })
+        }
+
+        /// A command row, every column.
+        fn command_from_row(
+            r: &$row,
+        ) -> Result<$crate::store::CommandRow, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            Ok($crate::store::CommandRow {
+                id: r.try_get("id")?,
+                device: r.try_get("device")?,
+                name: r.try_get("name")?,
+                params: r.try_get("params")?,
+                status: r.try_get("status")?,
+                key: r.try_get("idem_key")?,
+                created_at: r.try_get("created_at")?,
+                expires_at: r.try_get("expires_at")?,
+                sent_at: r.try_get("sent_at")?,
+                finished_at: r.try_get("finished_at")?,
+                result: r.try_get("result")?,
+                error: r.try_get("error")?,
+            })
+        }
+    };
+}
+
+pub(crate) use decoders;

@@ -1,0 +1,553 @@
+//! The SQLite backend: one file in WAL mode, its schema in `migrations/sqlite/`, the single
+//! writer ([`writer`]) that every write goes through, and every query. SQL for SQLite lives
+//! only here.
+
+mod writer;
+
+pub use writer::Writer;
+pub(crate) use writer::{CONTROL_QUEUE, RETENTION_PER_CALL};
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Connection};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::StorageConfig;
+use crate::domain;
+use crate::feed::{Kind, Kinds};
+use crate::store::health::Health;
+use crate::store::log::EventRow;
+use crate::store::writer::ASK_DEADLINE;
+use crate::store::{
+    CommandRow, Control, DeviceRow, Inserted, LogEntry, NewCommand, Page, StoreError, StoredReading,
+};
+
+/// Read access to the SQLite file, and the writer's work queue.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// Work for the writer that needs its connection (a second writing connection would
+    /// wait on SQLite's lock, sleeping in steps of up to tens of milliseconds).
+    control: mpsc::Sender<Control>,
+    /// Whether the writer commits, and what waits for it.
+    health: Arc<Health>,
+}
+
+crate::store::rows::decoders!(sqlx::sqlite::SqliteRow);
+
+/// Rows per multi-row INSERT into `events`.
+const EVENTS_PER_INSERT: usize = 100;
+
+/// Appends `rows` to the log on `conn`, inside the caller's transaction.
+pub(crate) async fn append(
+    conn: &mut SqliteConnection,
+    rows: &[EventRow],
+) -> Result<(), StoreError> {
+    for chunk in rows.chunks(EVENTS_PER_INSERT) {
+        let mut sql = String::from("INSERT INTO events (seq, kind, device, at, data) VALUES ");
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 {
+                "(?,?,?,?,?)"
+            } else {
+                ",(?,?,?,?,?)"
+            });
+        }
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for r in chunk {
+            q = q
+                .bind(r.seq)
+                .bind(r.kind.as_str())
+                .bind(r.device.clone())
+                .bind(r.at)
+                .bind(r.data.clone());
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Binds a page's device, after, from, to and limit, in that order.
+fn bind_page<'q>(
+    page: &'q Page,
+    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    q.bind(page.device.as_str())
+        .bind(page.after)
+        .bind(page.from.unwrap_or(i64::MIN))
+        .bind(page.to.unwrap_or(i64::MAX))
+        .bind(page.limit)
+}
+
+fn options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // In WAL mode NORMAL survives a process crash (kill -9); only an OS crash or power
+        // loss can roll back the last commits.
+        .synchronous(SqliteSynchronous::Normal)
+        // Only another process (someone inspecting the file) can hold the lock: waiting a
+        // little rides out a short look, and a long one becomes a reported fault.
+        .busy_timeout(busy_timeout)
+        .foreign_keys(false)
+        // Multi-row INSERTs inside a transaction keep a statement journal; in memory it
+        // does not spill to a temp file on every batch.
+        .pragma("temp_store", "memory")
+        .pragma("cache_size", "-32768")
+        // After the WAL restarts from its start, the file is cut back to this size.
+        .pragma("journal_size_limit", WAL_LIMIT_BYTES.to_string())
+        // Checkpoints (with their fsyncs) run from the housekeeping task on a read
+        // connection, never inside the writer's commit.
+        .pragma("wal_autocheckpoint", "0")
+}
+
+/// The WAL size past which the writer restarts it from its start: under sustained load the
+/// passive checkpoints never catch up with the newest commit, so SQLite would never reset it
+/// by itself and it would grow until the disk is full.
+pub(crate) const WAL_LIMIT_BYTES: u64 = 64 << 20;
+
+/// The file's identity (device, inode), to notice it being deleted or replaced.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// A database that is gone may have left its `-wal` and `-shm` files behind (after a
+/// kill -9): SQLite would replay that old WAL into the new, empty file. They are moved aside.
+fn set_aside_orphans(path: &Path) {
+    if path.exists() {
+        return;
+    }
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let side = PathBuf::from(side);
+        if side.exists() {
+            let mut aside = side.as_os_str().to_owned();
+            aside.push(format!(".orphaned-{}", domain::now_ms()));
+            match std::fs::rename(&side, &aside) {
+                Ok(()) => {
+                    tracing::warn!(file = %side.display(), moved_to = %PathBuf::from(&aside).display(), "the database file is missing but its WAL side file is not; moved it aside")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %side.display(), error = %e, "cannot move an orphaned WAL side file aside")
+                }
+            }
+        }
+    }
+}
+
+/// Whether an error means the file is not (or no longer) an SQLite database.
+fn not_a_database(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0);
+            matches!(code & 0xff, 11 | 26) // SQLITE_CORRUPT, SQLITE_NOTADB
+        }
+        _ => false,
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) and migrates the database; returns the read side and the
+    /// one writer connection.
+    pub async fn open(
+        cfg: &StorageConfig,
+        path: &Path,
+        health: Arc<Health>,
+    ) -> Result<(SqliteStore, Writer), StoreError> {
+        let path_str = path.display().to_string();
+        let open_error = |source| StoreError::Open {
+            path: path_str.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| open_error(sqlx::Error::Io(e)))?;
+        }
+        if path.is_dir() {
+            return Err(open_error(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "it is a directory",
+            ))));
+        }
+        set_aside_orphans(path);
+        let opts = options(path, cfg.busy_timeout);
+        let classify = |source: sqlx::Error| {
+            if not_a_database(&source) {
+                StoreError::NotDatabase {
+                    path: path_str.clone(),
+                    source,
+                }
+            } else {
+                open_error(source)
+            }
+        };
+        let mut conn = SqliteConnection::connect_with(&opts)
+            .await
+            .map_err(classify)?;
+        match sqlx::migrate!("./migrations/sqlite").run(&mut conn).await {
+            Ok(()) => {}
+            Err(sqlx::migrate::MigrateError::VersionMissing(version)) => {
+                return Err(StoreError::Newer {
+                    path: path_str,
+                    version,
+                });
+            }
+            Err(sqlx::migrate::MigrateError::Execute(e)) => return Err(classify(e)),
+            Err(e) => return Err(e.into()),
+        }
+        // Readings and events share one counter: the next seq is past both tables, and past
+        // what AUTOINCREMENT remembers of rows retention deleted.
+        let next_seq: i64 = sqlx::query_scalar(
+            "SELECT max(coalesce((SELECT max(seq) FROM sqlite_sequence WHERE name IN ('readings', 'events')), 0), \
+             coalesce((SELECT max(seq) FROM readings), 0), \
+             coalesce((SELECT max(seq) FROM events), 0)) + 1",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        let online: HashMap<Arc<str>, bool> =
+            sqlx::query_as::<_, (String, bool)>("SELECT id, online FROM devices")
+                .fetch_all(&mut conn)
+                .await?
+                .into_iter()
+                .map(|(id, online)| (Arc::from(id), online))
+                .collect();
+        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        // Readers get a smaller page cache than the writer's 32 MiB: four of them resuming
+        // clients at once would otherwise hold 128 MiB.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts.clone().pragma("cache_size", "-8192"))
+            .await
+            .map_err(open_error)?;
+        Ok((
+            SqliteStore {
+                pool,
+                control,
+                health: health.clone(),
+            },
+            Writer {
+                file_id: file_id(path),
+                path: path.to_path_buf(),
+                opts,
+                conn: Some(conn),
+                next_seq,
+                insert_sql: HashMap::new(),
+                upsert_sql: HashMap::new(),
+                online,
+                seen_written: HashMap::new(),
+                control_rx,
+                health,
+                wal_checked: std::time::Instant::now(),
+                busy_timeout: cfg.busy_timeout,
+            },
+        ))
+    }
+
+    /// Every device.
+    pub async fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
+        let rows = sqlx::query("SELECT id, first_seen, last_seen, online FROM devices ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(device_from_row).collect()
+    }
+
+    /// The log after `after` in seq order: readings and the other kinds in `kinds`, of the
+    /// given devices (all when `None`), at most `limit` entries.
+    pub async fn replay(
+        &self,
+        after: i64,
+        devices: Option<&[String]>,
+        kinds: Kinds,
+        limit: i64,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        let others: Vec<Kind> = [Kind::Status, Kind::Command]
+            .into_iter()
+            .filter(|k| kinds.has(*k))
+            .collect();
+        let mut arms = Vec::new();
+        if kinds.has(Kind::Reading) {
+            let mut sql = String::from(
+                "SELECT seq, 'reading' AS kind, device, topic, ts, received_at, \
+                 CAST(payload AS BLOB) AS payload, flags FROM readings WHERE seq > ?",
+            );
+            push_device_filter(&mut sql, devices);
+            sql.push_str(" ORDER BY seq LIMIT ?");
+            arms.push((sql, false));
+        }
+        if !others.is_empty() {
+            let mut sql = String::from(
+                "SELECT seq, kind, device, '' AS topic, at AS ts, at AS received_at, \
+                 CAST(data AS BLOB) AS payload, 0 AS flags FROM events WHERE seq > ?",
+            );
+            push_device_filter(&mut sql, devices);
+            sql.push_str(" AND kind IN (");
+            for (i, _) in others.iter().enumerate() {
+                sql.push_str(if i == 0 { "?" } else { ",?" });
+            }
+            sql.push_str(") ORDER BY seq LIMIT ?");
+            arms.push((sql, true));
+        }
+        if arms.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Each arm is bounded and ordered on its own; the outer query merges them.
+        let sql = arms
+            .iter()
+            .map(|(a, _)| format!("SELECT * FROM ({a})"))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+            + " ORDER BY seq LIMIT ?";
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (_, is_events) in &arms {
+            q = q.bind(after);
+            for d in devices.unwrap_or_default() {
+                q = q.bind(d.as_str());
+            }
+            if *is_events {
+                for k in &others {
+                    q = q.bind(k.as_str());
+                }
+            }
+            q = q.bind(limit);
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    /// Presence changes of one device after `after` (seq), with time within [from, to],
+    /// in log order.
+    pub async fn status_history(&self, page: &Page) -> Result<Vec<EventRow>, StoreError> {
+        let rows = bind_page(page, sqlx::query(
+                "SELECT seq, kind, device, at AS ts, at AS received_at, CAST(data AS BLOB) AS payload \
+                 FROM events WHERE device = ? AND kind = 'status' AND seq > ? AND at >= ? AND at <= ? \
+                 ORDER BY seq LIMIT ?",
+            ))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// How far retention has removed the log: (readings, other events). A resume point
+    /// below one of them has lost events of that part.
+    pub async fn purged_through(&self) -> Result<(i64, i64), StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT key, CAST(value AS INTEGER) FROM meta \
+             WHERE key IN ('readings_purged_through', 'events_purged_through')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let get = |k: &str| rows.iter().find(|(key, _)| key == k).map_or(0, |(_, v)| *v);
+        Ok((get("readings_purged_through"), get("events_purged_through")))
+    }
+
+    /// The latest reading of each device (of the given devices, or all) up to seq `through`
+    /// (all when `None`), oldest first.
+    pub async fn latest(
+        &self,
+        devices: Option<&[String]>,
+        through: Option<i64>,
+    ) -> Result<Vec<StoredReading>, StoreError> {
+        let mut sql = String::from(
+            "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
+             FROM readings WHERE seq IN (SELECT max(seq) FROM readings WHERE seq <= ? GROUP BY device)",
+        );
+        push_device_filter(&mut sql, devices);
+        sql.push_str(" ORDER BY seq");
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(through.unwrap_or(i64::MAX));
+        for d in devices.unwrap_or_default() {
+            q = q.bind(d.as_str());
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(reading_from_row).collect()
+    }
+
+    /// One device.
+    pub async fn device(&self, id: &str) -> Result<Option<DeviceRow>, StoreError> {
+        let row = sqlx::query("SELECT id, first_seen, last_seen, online FROM devices WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(device_from_row).transpose()
+    }
+
+    /// History of one device: seq after `after`, device time within [from, to], oldest first.
+    pub async fn history(&self, page: &Page) -> Result<Vec<StoredReading>, StoreError> {
+        let rows = bind_page(page, sqlx::query(
+                "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
+                 FROM readings WHERE device = ? AND seq > ? AND ts >= ? AND ts <= ? ORDER BY seq LIMIT ?",
+            ))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(reading_from_row).collect()
+    }
+
+    /// Hands work to the writer and waits for its answer.
+    async fn ask<T>(
+        &self,
+        work: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Control,
+    ) -> Result<T, StoreError> {
+        // While the writer retries a batch it cannot commit, work queued behind it would
+        // only wait out the deadline: say why at once.
+        if let Some(f) = self.health.stuck() {
+            return Err(StoreError::Failing(format!(
+                "{} since {}",
+                f.kind.as_str(),
+                domain::format_ms(f.since_ms)
+            )));
+        }
+        let (reply, rx) = oneshot::channel();
+        let answer = async {
+            self.control
+                .send(work(reply))
+                .await
+                .map_err(|_| StoreError::WriterGone)?;
+            rx.await.map_err(|_| StoreError::WriterGone)?
+        };
+        tokio::time::timeout(ASK_DEADLINE, answer)
+            .await
+            .map_err(|_| StoreError::WriterBusy(ASK_DEADLINE))?
+    }
+
+    /// Stores a new command (through the writer), or returns the existing one for a repeated
+    /// idempotency key.
+    pub async fn insert_command(&self, command: NewCommand) -> Result<Inserted, StoreError> {
+        self.ask(|reply| Control::InsertCommand { command, reply })
+            .await
+    }
+
+    /// Marks a queued command as published; false when it is no longer queued.
+    pub async fn mark_sent(&self, id: &str, at: i64) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.ask(|reply| Control::MarkSent { id, at, reply }).await
+    }
+
+    /// Queued commands whose ttl ran out become `expired`; returns (id, device).
+    pub async fn expire_due(&self, now: i64) -> Result<Vec<(String, String)>, StoreError> {
+        self.ask(|reply| Control::ExpireDue { now, reply }).await
+    }
+
+    /// Sent commands without an answer since before `cutoff` become `timeout`.
+    pub async fn timeout_due(
+        &self,
+        cutoff: i64,
+        now: i64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.ask(|reply| Control::TimeoutDue { cutoff, now, reply })
+            .await
+    }
+
+    /// Deletes what retention removes (at most `RETENTION_PER_CALL` rows); the count.
+    pub async fn retention(&self, cutoff: i64, events_cutoff: i64) -> Result<u64, StoreError> {
+        self.ask(|reply| Control::Retention {
+            cutoff,
+            events_cutoff,
+            reply,
+        })
+        .await
+    }
+
+    /// Marks devices silent since before `cutoff` offline; their ids.
+    pub async fn presence_sweep(&self, cutoff: i64) -> Result<Vec<String>, StoreError> {
+        self.ask(|reply| Control::PresenceSweep { cutoff, reply })
+            .await
+    }
+}
+
+impl SqliteStore {
+    /// Queued commands of devices that are online now, oldest first.
+    pub async fn queued_for_online(&self, now: i64) -> Result<Vec<CommandRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT c.* FROM commands c JOIN devices d ON d.id = c.device \
+             WHERE c.status = 'queued' AND d.online = 1 AND c.expires_at > ? ORDER BY c.created_at LIMIT 1000",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(command_from_row).collect()
+    }
+
+    /// The command log, newest first.
+    pub async fn commands(
+        &self,
+        device: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<CommandRow>, StoreError> {
+        let rows = match device {
+            Some(d) => {
+                sqlx::query("SELECT * FROM commands WHERE device = ? ORDER BY created_at DESC, rowid DESC LIMIT ?")
+                    .bind(d)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM commands ORDER BY created_at DESC, rowid DESC LIMIT ?")
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(command_from_row).collect()
+    }
+
+    /// Whether any command is queued or waiting for its answer.
+    pub async fn has_open_commands(&self) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM commands WHERE status IN ('queued', 'sent'))",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// The key that signs session cookies: made once, kept in the database.
+    pub async fn session_key(&self) -> Result<Vec<u8>, StoreError> {
+        let fresh: [u8; 32] = rand::random();
+        sqlx::query("INSERT OR IGNORE INTO meta (key, value) VALUES ('session_key', ?)")
+            .bind(fresh.to_vec())
+            .execute(&self.pool)
+            .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'session_key'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Copies committed WAL frames into the database without blocking the writer.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        // A checkpoint that cannot write (disk full) answers with busy = 1 or an error.
+        let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::from);
+        match &result {
+            Ok(_) => self.health.checkpoint(None),
+            Err(e) => self.health.checkpoint(Some(e.to_string())),
+        }
+        result.map(|_| ())
+    }
+
+    /// Whether the database answers reads.
+    pub async fn readable(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+/// Appends `AND device IN (?, ...)` for a device filter.
+fn push_device_filter(sql: &mut String, devices: Option<&[String]>) {
+    if let Some(devices) = devices {
+        sql.push_str(" AND device IN (");
+        for i in 0..devices.len() {
+            sql.push_str(if i == 0 { "?" } else { ",?" });
+        }
+        sql.push(')');
+    }
+}

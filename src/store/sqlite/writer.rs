@@ -1,0 +1,731 @@
+//! SQLite's writer: the one connection that writes. It commits readings in batches (and
+//! every other write: presence, commands, retention), appends their events to the log in the
+//! same transaction, and publishes them live once committed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sqlx::{AssertSqlSafe, Connection};
+use tokio::sync::mpsc;
+
+use super::file_id;
+use crate::domain;
+use crate::ingest::{Item, Reading};
+use crate::observability::Metrics;
+use crate::store::health::{self, FaultKind, Health};
+use crate::store::log::EventRow;
+use crate::store::writer::{self, Backend, Commit, Committed};
+use crate::store::{Control, Inserted, NewCommand, StoreError};
+
+/// Rows per multi-row INSERT: one statement round trip per 250 rows instead of per row.
+const ROWS_PER_INSERT: usize = 250;
+/// Devices per multi-row upsert.
+const DEVICES_PER_UPSERT: usize = 100;
+/// Rows deleted per retention statement, so the writer is never held for long.
+const RETENTION_CHUNK: i64 = 5_000;
+/// Most rows one retention call deletes; a result this large means more may be due.
+pub(crate) const RETENTION_PER_CALL: u64 = 20_000;
+
+/// What a write did, and the log events it appended (numbered from the seq it was given).
+type Logged<T> = (T, Vec<EventRow>);
+
+/// Stores a new command and its first event (`queued` or `sent`), or finds the one with the
+/// same idempotency key, on `conn` (the writer's).
+async fn insert_command(
+    conn: &mut SqliteConnection,
+    c: &NewCommand,
+    seq: i64,
+) -> Result<Logged<Inserted>, StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let result = sqlx::query(
+        "INSERT INTO commands (id, device, name, params, status, idem_key, created_at, expires_at, sent_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&c.id)
+    .bind(&c.device)
+    .bind(&c.name)
+    .bind(&c.params)
+    .bind(c.status)
+    .bind(c.key.as_deref())
+    .bind(c.created_at)
+    .bind(c.expires_at)
+    .bind(c.sent_at)
+    .execute(&mut *tx)
+    .await;
+    match result {
+        Ok(_) => {
+            let events = vec![EventRow::command(
+                seq,
+                &c.id,
+                &c.device,
+                c.status,
+                c.created_at,
+                None,
+            )];
+            super::append(&mut tx, &events).await?;
+            tx.commit().await?;
+            Ok((Inserted::New, events))
+        }
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() && c.key.is_some() => {
+            let (id, status): (String, String) =
+                sqlx::query_as("SELECT id, status FROM commands WHERE device = ? AND idem_key = ?")
+                    .bind(&c.device)
+                    .bind(c.key.as_deref())
+                    .fetch_one(&mut *tx)
+                    .await?;
+            tx.rollback().await?;
+            Ok((Inserted::Existing { id, status }, Vec::new()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Marks a queued command as published, with its `sent` event, on `conn` (the writer's);
+/// false when it is no longer queued.
+async fn mark_sent(
+    conn: &mut SqliteConnection,
+    id: &str,
+    at: i64,
+    seq: i64,
+) -> Result<Logged<bool>, StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let device: Option<String> = sqlx::query_scalar(
+        "UPDATE commands SET status = 'sent', sent_at = ? WHERE id = ? AND status = 'queued' RETURNING device",
+    )
+    .bind(at)
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let events: Vec<EventRow> = device
+        .iter()
+        .map(|d| EventRow::command(seq, id, d, "sent", at, None))
+        .collect();
+    super::append(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok((device.is_some(), events))
+}
+
+/// Moves open commands matching `condition` (binding `cutoff`) to `status`, with an event
+/// each, on `conn` (the writer's); returns their (id, device).
+async fn finish_due(
+    conn: &mut SqliteConnection,
+    status: &'static str,
+    condition: &'static str,
+    cutoff: i64,
+    now: i64,
+    seq: i64,
+) -> Result<Logged<Vec<(String, String)>>, StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let sql = format!(
+        "UPDATE commands SET status = ?, finished_at = ? WHERE {condition} RETURNING id, device"
+    );
+    let done: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(sql))
+        .bind(status)
+        .bind(now)
+        .bind(cutoff)
+        .fetch_all(&mut *tx)
+        .await?;
+    let events: Vec<EventRow> = done
+        .iter()
+        .zip(seq..)
+        .map(|((id, device), seq)| EventRow::command(seq, id, device, status, now, None))
+        .collect();
+    super::append(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok((done, events))
+}
+
+/// Room for writer work besides readings; senders wait when it is full.
+pub(crate) const CONTROL_QUEUE: usize = 256;
+/// Most control work done between two batches, so that commands cannot starve readings.
+const CONTROL_PER_BATCH: usize = 64;
+
+/// The one connection that writes.
+pub struct Writer {
+    /// The database file, and its identity when opened.
+    pub(super) path: PathBuf,
+    pub(super) file_id: Option<(u64, u64)>,
+    pub(super) opts: SqliteConnectOptions,
+    /// `None` after a failure: a failed statement may leave a transaction open (a failed
+    /// COMMIT does, on SQLITE_FULL), so the connection is closed, which rolls it back, and
+    /// a fresh one is opened for the retry.
+    pub(super) conn: Option<SqliteConnection>,
+    pub(super) next_seq: i64,
+    pub(super) insert_sql: HashMap<usize, String>,
+    pub(super) upsert_sql: HashMap<usize, String>,
+    /// Presence as stored, so that a device that comes back by sending telemetry gets a
+    /// `status` event too.
+    pub(super) online: HashMap<Arc<str>, bool>,
+    /// `last_seen` as last written, per device.
+    pub(super) seen_written: HashMap<Arc<str>, i64>,
+    /// Work besides readings.
+    pub(super) control_rx: mpsc::Receiver<Control>,
+    /// What the writer reports about itself.
+    pub(super) health: Arc<Health>,
+    /// When the WAL's size was last looked at (or the next look, after a postponed one).
+    pub(super) wal_checked: Instant,
+    /// The connections' busy timeout, restored after the WAL restart.
+    pub(super) busy_timeout: Duration,
+}
+
+/// One multi-row INSERT of `chunk`, each reading with its seq; the SQL text for each row
+/// count is made once.
+fn insert_readings<'q>(
+    cache: &mut HashMap<usize, String>,
+    chunk: &[(&Reading, i64)],
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    let sql = cache
+        .entry(chunk.len())
+        .or_insert_with(|| insert_sql(chunk.len()))
+        .clone();
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for (r, seq) in chunk {
+        q = q
+            .bind(*seq)
+            .bind(r.device.shared())
+            .bind(r.topic.clone())
+            .bind(r.ts)
+            .bind(r.received_at);
+        // Checked to be UTF-8 JSON by ingest; stored as TEXT for SQLite's JSON functions.
+        q = match std::str::from_utf8(&r.payload) {
+            Ok(text) if r.flags & domain::flags::RAW == 0 => q.bind(text.to_owned()),
+            _ => q.bind(r.payload.to_vec()),
+        };
+        q = q.bind(r.flags);
+    }
+    q
+}
+
+/// How long the writer waits before it tries again to restart a WAL that a reader kept busy.
+const WAL_RETRY: Duration = Duration::from_secs(5);
+/// How long closing a failed connection may take before it is left to close on its own.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
+
+impl Writer {
+    /// Keeps the WAL bounded: past `WAL_LIMIT_BYTES` (looked at every 250 ms), a RESTART
+    /// checkpoint on our own connection copies the few frames the passive checkpoints have
+    /// not, waits for readers to leave the WAL, and so lets the next commit write it from
+    /// its start (`journal_size_limit` then cuts the file back).
+    async fn bound_wal(&mut self, metrics: &Metrics) {
+        if Instant::now() < self.wal_checked + Duration::from_millis(250) {
+            return;
+        }
+        self.wal_checked = Instant::now();
+        let mut wal = self.path.as_os_str().to_owned();
+        wal.push("-wal");
+        let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        if size <= super::WAL_LIMIT_BYTES {
+            return;
+        }
+        let started = Instant::now();
+        let Ok(mut conn) = self.take_conn().await else {
+            return;
+        };
+        // No waiting for readers here (a long reader would hold every batch for the busy
+        // timeout): if one is in the way, try again in a few seconds.
+        let result: Result<bool, sqlx::Error> = async {
+            sqlx::query("PRAGMA busy_timeout = 0")
+                .execute(&mut conn)
+                .await?;
+            let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
+                .fetch_one(&mut conn)
+                .await?;
+            sqlx::query(AssertSqlSafe(format!(
+                "PRAGMA busy_timeout = {}",
+                self.busy_timeout.as_millis()
+            )))
+            .execute(&mut conn)
+            .await?;
+            Ok(busy == 0)
+        }
+        .await;
+        self.put_back(conn, result.is_ok()).await;
+        match result {
+            Ok(true) => {
+                metrics.wal_restarts.fetch_add(1, Ordering::Relaxed);
+                self.health.checkpoint(None);
+                tracing::debug!(wal_bytes = size, took = ?started.elapsed(), "WAL restarted from its start");
+            }
+            Ok(false) => {
+                self.wal_checked = Instant::now() + WAL_RETRY;
+                tracing::debug!(
+                    wal_bytes = size,
+                    "WAL restart postponed: a reader is in the way"
+                );
+            }
+            Err(e) => {
+                // A checkpoint's trouble, not the writer's: commits go on into the WAL.
+                self.wal_checked = Instant::now() + WAL_RETRY;
+                self.health.checkpoint(Some(e.to_string()));
+                tracing::warn!(error = %e, "WAL restart checkpoint failed; retrying later");
+            }
+        }
+    }
+
+    /// The writer's connection, opened afresh after a failure; never onto a file that
+    /// replaced the one we opened.
+    async fn take_conn(&mut self) -> Result<SqliteConnection, StoreError> {
+        self.check_file()?;
+        match self.conn.take() {
+            Some(c) => Ok(c),
+            None => Ok(SqliteConnection::connect_with(&self.opts).await?),
+        }
+    }
+
+    /// Keeps a connection that worked; closes one that failed, rolling back whatever
+    /// transaction a failed statement left open.
+    async fn put_back(&mut self, conn: SqliteConnection, ok: bool) {
+        if ok {
+            self.conn = Some(conn);
+        } else if tokio::time::timeout(CLOSE_DEADLINE, conn.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("closing the failed writer connection timed out; opening another");
+        }
+    }
+
+    /// Fails when the file at our path is no longer the one we opened: committing (and
+    /// acknowledging) into an unlinked file would lose the readings for good.
+    fn check_file(&self) -> Result<(), StoreError> {
+        let Some(ours) = self.file_id else {
+            return Ok(());
+        };
+        let what = match file_id(&self.path) {
+            Some(now) if now == ours => return Ok(()),
+            Some(_) => "replaced by another file",
+            None => "deleted",
+        };
+        Err(StoreError::Replaced {
+            path: self.path.display().to_string(),
+            what,
+        })
+    }
+
+    /// One transaction for the whole batch, its events appended to the log in it, with
+    /// seqs as [`writer::plan`] lays them out.
+    async fn commit_on(
+        &mut self,
+        conn: &mut SqliteConnection,
+        batch: &[Item],
+    ) -> Result<Commit, StoreError> {
+        let online = &self.online;
+        let mut p = writer::plan(
+            batch,
+            self.next_seq,
+            |d| online.get(d).copied(),
+            &self.seen_written,
+        );
+        if p.is_empty() {
+            return Ok(Commit {
+                last_seq: self.next_seq - 1,
+                plan: p.plan,
+                ..Commit::default()
+            });
+        }
+        if p.readings.len() <= ROWS_PER_INSERT
+            && p.devices.is_empty()
+            && p.acks.is_empty()
+            && p.plan.events.is_empty()
+        {
+            // One statement is atomic on its own: no BEGIN and COMMIT, which would be two
+            // more round trips to the SQLite thread (the common case under load, now that
+            // last_seen is not rewritten every time).
+            // Never into a file that was deleted or replaced: nothing is committed (or
+            // acknowledged) and the batch stays ours.
+            self.check_file()?;
+            insert_readings(&mut self.insert_sql, &p.readings)
+                .execute(&mut *conn)
+                .await?;
+            self.next_seq = p.next_seq;
+            return Ok(Commit {
+                readings: p.readings.len() as u64,
+                presence: p.presence,
+                last_seq: p.next_seq - 1,
+                plan: p.plan,
+                unknown_acks: Vec::new(),
+            });
+        }
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        for chunk in p.readings.chunks(ROWS_PER_INSERT) {
+            insert_readings(&mut self.insert_sql, chunk)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // One statement per 100 devices.
+        for chunk in p.devices.chunks(DEVICES_PER_UPSERT) {
+            let sql = self
+                .upsert_sql
+                .entry(chunk.len())
+                .or_insert_with(|| upsert_sql(chunk.len()))
+                .clone();
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (device, c) in chunk {
+                q = q
+                    .bind(device.shared())
+                    .bind(c.first)
+                    .bind(c.last)
+                    .bind(c.online.map_or(-1, i64::from))
+                    .bind(c.presence_at);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        let mut unknown_acks = Vec::new();
+        for (ack, ack_seq, slot) in std::mem::take(&mut p.acks) {
+            // Only a sent command can be answered; anything else is an unknown or late ack.
+            let sent_at: Option<Option<i64>> = sqlx::query_scalar(
+                "UPDATE commands SET status = ?, finished_at = ?, result = ?, error = ? \
+                 WHERE id = ? AND device = ? AND status = 'sent' RETURNING sent_at",
+            )
+            .bind(writer::ack_status(ack))
+            .bind(ack.at)
+            .bind(ack.result.as_deref())
+            .bind(ack.error.as_deref())
+            .bind(&ack.id)
+            .bind(ack.device.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            p.answered(ack, ack_seq, slot, sent_at, &mut unknown_acks);
+        }
+        super::append(&mut tx, &p.plan.events).await?;
+        // Last thing before COMMIT: a file deleted or replaced meanwhile gets nothing.
+        self.check_file()?;
+        tx.commit().await?;
+        self.next_seq = p.next_seq;
+        for (device, c) in &p.devices {
+            self.seen_written.insert(device.shared(), c.last);
+        }
+        for (device, now) in &p.online {
+            self.online.insert(device.shared(), *now);
+        }
+        p.finish();
+        Ok(Commit {
+            readings: p.readings.len() as u64,
+            presence: p.presence,
+            last_seq: p.next_seq - 1,
+            plan: p.plan,
+            unknown_acks,
+        })
+    }
+
+    /// Runs `work` on the writer's connection: one that fails is closed (rolling back
+    /// what it left open) and reported, and the next work opens a fresh one.
+    async fn on_conn<T>(
+        &mut self,
+        work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.health.begin_work();
+        let result = match self.take_conn().await {
+            Ok(mut conn) => {
+                let r = work(&mut conn).await;
+                self.put_back(conn, r.is_ok()).await;
+                r
+            }
+            Err(e) => Err(e),
+        };
+        self.health.end_work();
+        match &result {
+            Ok(_) if self.health.faulty() => self.health.committed(0),
+            Ok(_) => {}
+            Err(e) => writer::report_failure(&self.health, self.fault_kind(e), e, 0),
+        }
+        result
+    }
+
+    /// Runs work that appends to the log, with the next seq; once committed, its events
+    /// are published and the seq moves past them.
+    async fn logged<T>(
+        &mut self,
+        committed: &Committed,
+        work: impl AsyncFnOnce(&mut SqliteConnection, i64) -> Result<Logged<T>, StoreError>,
+    ) -> Result<T, StoreError> {
+        let seq = self.next_seq;
+        let (value, events) = self.on_conn(async |c| work(c, seq).await).await?;
+        if let Some(last) = events.last() {
+            self.next_seq = last.seq + 1;
+        }
+        committed.publish_events(&events);
+        Ok(value)
+    }
+
+    async fn do_control(&mut self, ctl: Control, metrics: &Metrics, committed: &Committed) {
+        if ctl.abandoned() {
+            // The caller gave up (WriterBusy) and acts as if it never happened: a command
+            // stored now would never be published. Housekeeping asks again on its next tick.
+            return;
+        }
+        match ctl {
+            Control::InsertCommand { command, reply } => {
+                let r = self
+                    .logged(committed, async |c, seq| {
+                        insert_command(c, &command, seq).await
+                    })
+                    .await;
+                let _ = reply.send(r);
+            }
+            Control::MarkSent { id, at, reply } => {
+                let r = self
+                    .logged(committed, async |c, seq| mark_sent(c, &id, at, seq).await)
+                    .await;
+                let _ = reply.send(r);
+            }
+            Control::ExpireDue { now, reply } => {
+                let r = self
+                    .logged(committed, async |c, seq| {
+                        finish_due(
+                            c,
+                            "expired",
+                            "status = 'queued' AND expires_at <= ?",
+                            now,
+                            now,
+                            seq,
+                        )
+                        .await
+                    })
+                    .await;
+                let _ = reply.send(r);
+            }
+            Control::TimeoutDue { cutoff, now, reply } => {
+                let r = self
+                    .logged(committed, async |c, seq| {
+                        finish_due(
+                            c,
+                            "timeout",
+                            "status = 'sent' AND sent_at <= ?",
+                            cutoff,
+                            now,
+                            seq,
+                        )
+                        .await
+                    })
+                    .await;
+                let _ = reply.send(r);
+            }
+            Control::Retention {
+                cutoff,
+                events_cutoff,
+                reply,
+            } => {
+                let result = self
+                    .on_conn(async |c| retention(c, cutoff, events_cutoff).await)
+                    .await;
+                if let Ok(n) = &result {
+                    metrics.retention_deleted.fetch_add(*n, Ordering::Relaxed);
+                }
+                let _ = reply.send(result);
+            }
+            Control::PresenceSweep { cutoff, reply } => {
+                // After a fault, `last_seen` lags the readings still waiting: a sweep now
+                // would log devices offline that are not. The next tick tries again.
+                if self.health.backlog(Duration::from_secs(1)) {
+                    let _ = reply.send(Ok(Vec::new()));
+                    return;
+                }
+                let result = self
+                    .logged(committed, async |c, seq| {
+                        presence_sweep(c, cutoff, seq).await
+                    })
+                    .await;
+                if let Ok(ids) = &result {
+                    metrics
+                        .presence_timeouts
+                        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    for id in ids {
+                        self.online.insert(Arc::from(id.as_str()), false);
+                    }
+                }
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
+impl Backend for Writer {
+    async fn commit(&mut self, batch: &[Item]) -> Result<Commit, StoreError> {
+        let mut conn = self.take_conn().await?;
+        let r = self.commit_on(&mut conn, batch).await;
+        self.put_back(conn, r.is_ok()).await;
+        r
+    }
+
+    fn publish(&self, committed: &Committed, batch: &[Item], commit: &Commit) {
+        committed.publish(
+            batch,
+            &commit.plan.order,
+            &commit.plan.events,
+            commit.last_seq,
+        );
+    }
+
+    fn fault_kind(&self, e: &StoreError) -> FaultKind {
+        let kind = match e {
+            StoreError::Replaced { .. } => FaultKind::Replaced,
+            StoreError::Query(q) | StoreError::Open { source: q, .. } => health::classify(q),
+            _ => FaultKind::Error,
+        };
+        // SQLite reports a refused write as a plain I/O error: ask the file itself.
+        match kind {
+            FaultKind::Error => match std::fs::OpenOptions::new().write(true).open(&self.path) {
+                Err(io) if matches!(io.raw_os_error(), Some(1 | 13 | 30)) => FaultKind::ReadOnly,
+                _ => kind,
+            },
+            k => k,
+        }
+    }
+
+    fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    fn start_seq(&self) -> Option<i64> {
+        Some(self.next_seq - 1)
+    }
+
+    fn controls(&mut self) -> Option<&mut mpsc::Receiver<Control>> {
+        Some(&mut self.control_rx)
+    }
+
+    async fn control(&mut self, ctl: Control, metrics: &Metrics, committed: &Committed) {
+        self.do_control(ctl, metrics, committed).await;
+    }
+
+    async fn after_batch(&mut self, metrics: &Metrics, committed: &Committed) {
+        self.bound_wal(metrics).await;
+        // Readings come first, but never starve the rest (command inserts, retention,
+        // presence) under a sustained flood.
+        for _ in 0..CONTROL_PER_BATCH {
+            let Ok(ctl) = self.control_rx.try_recv() else {
+                break;
+            };
+            self.do_control(ctl, metrics, committed).await;
+        }
+    }
+
+    async fn probe(&mut self) {
+        let _ = self.on_conn(async |c| probe_write(c).await).await;
+    }
+
+    async fn close(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && let Err(e) = conn.close().await
+        {
+            tracing::warn!(error = %e, "closing the writer connection failed");
+        }
+    }
+}
+
+/// A write that needs a page of room: whether storage accepts writes again.
+async fn probe_write(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO meta (key, value) VALUES ('write_probe', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+        .bind(domain::now_ms().to_string().into_bytes())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Marks devices silent since before `cutoff` offline, each with its `status` event, on
+/// `conn` (the writer's).
+async fn presence_sweep(
+    conn: &mut SqliteConnection,
+    cutoff: i64,
+    seq: i64,
+) -> Result<Logged<Vec<String>>, StoreError> {
+    let now = domain::now_ms();
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let ids: Vec<String> = sqlx::query_scalar(
+        "UPDATE devices SET online = 0, status_at = ? WHERE online = 1 AND last_seen < ? RETURNING id",
+    )
+    .bind(now)
+    .bind(cutoff)
+    .fetch_all(&mut *tx)
+    .await?;
+    let events: Vec<EventRow> = ids
+        .iter()
+        .zip(seq..)
+        .map(|(id, seq)| EventRow::status(seq, id, false, now))
+        .collect();
+    super::append(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok((ids, events))
+}
+
+/// Deletes readings received before `cutoff` and log events before `events_cutoff`,
+/// oldest first in small chunks, and records how far each table is purged (a resume point
+/// below that gets `event: gap`), on `conn` (the writer's).
+async fn retention(
+    conn: &mut SqliteConnection,
+    cutoff: i64,
+    events_cutoff: i64,
+) -> Result<u64, StoreError> {
+    let mut total = 0;
+    for (table, time, cutoff, key) in [
+        ("readings", "received_at", cutoff, "readings_purged_through"),
+        ("events", "at", events_cutoff, "events_purged_through"),
+    ] {
+        let delete = format!(
+            "DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table} ORDER BY seq LIMIT ?) \
+             AND {time} < ? RETURNING seq"
+        );
+        let record = "UPDATE meta SET value = max(value, ?) WHERE key = ?";
+        loop {
+            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+            let seqs: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(delete.clone()))
+                .bind(RETENTION_CHUNK)
+                .bind(cutoff)
+                .fetch_all(&mut *tx)
+                .await?;
+            if let Some(max) = seqs.iter().max() {
+                sqlx::query(record)
+                    .bind(*max)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            total += seqs.len() as u64;
+            if (seqs.len() as i64) < RETENTION_CHUNK {
+                break;
+            }
+            if total >= RETENTION_PER_CALL {
+                // Readings wait meanwhile: housekeeping asks again at once for the rest.
+                return Ok(total);
+            }
+        }
+    }
+    Ok(total)
+}
+
+fn upsert_sql(rows: usize) -> String {
+    let mut sql =
+        String::from("INSERT INTO devices (id, first_seen, last_seen, online, status_at) VALUES ");
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?,?,?,?,?)");
+    }
+    sql.push_str(
+        " ON CONFLICT(id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen), \
+         status_at = CASE WHEN excluded.online != -1 AND excluded.online != online \
+         THEN excluded.status_at ELSE status_at END, \
+         online = CASE WHEN excluded.online = -1 THEN online ELSE excluded.online END",
+    );
+    sql
+}
+
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO readings (seq, device, topic, ts, received_at, payload, flags) VALUES ",
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?,?,?,?,?,?,?)");
+    }
+    sql
+}
