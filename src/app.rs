@@ -60,6 +60,8 @@ pub struct Shared {
     pub auth: Auth,
     /// Connection limits.
     pub limits: Arc<Limits>,
+    /// This instance's name: its MQTT client id, fixed per instance.
+    pub instance: Arc<str>,
 }
 
 /// A built, not yet running, daemon.
@@ -116,6 +118,7 @@ impl App {
             feed: feed.clone(),
             heartbeat: config.http.heartbeat,
             streams_stop: CancellationToken::new(),
+            instance: Arc::from(config.mqtt.client_id.as_str()),
         };
         let https = match (&config.http.tls_cert, &config.http.tls_key) {
             (Some(cert), Some(key)) => {

@@ -817,6 +817,12 @@ impl Config {
                 "must be a non-empty name without '/', '+' or '#'".into(),
             );
         }
+        if self.mqtt.shared_group.is_some() && self.storage.url.is_none() {
+            bad(
+                "mqtt.shared_group",
+                "instances that share the ingest must share storage: set [storage] url to a PostgreSQL database (with SQLite each instance would hold only its share of the readings)".into(),
+            );
+        }
         let t = &self.topics;
         let pairs = [
             ("telemetry", &t.telemetry, "status", &t.status),

@@ -163,12 +163,15 @@ impl MqttLink {
             None => filter,
         };
         let q = qos(cfg.qos);
+        // With a group, each message reaches one instance, which stores it; the others learn
+        // of it from the shared log (an ack reaches the WebSocket on the instance that sent
+        // the command that way). Brokers send no retained messages to shared subscriptions:
+        // presence a device retained before the cluster first ran is learnt at its next report
+        // or reading.
         let subscriptions = vec![
             (shared(topics.telemetry.filter()), q),
-            // Presence is retained per device: every instance must see it, never shared.
-            (topics.status.filter(), q),
-            // Answers to commands: every instance must see the answers to its own commands.
-            (topics.ack.filter(), QoS::AtLeastOnce),
+            (shared(topics.status.filter()), q),
+            (shared(topics.ack.filter()), QoS::AtLeastOnce),
         ];
         Ok(Self {
             handle: MqttHandle {

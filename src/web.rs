@@ -446,6 +446,9 @@ async fn readyz(depot: &mut Depot, res: &mut Response) {
     };
     res.render(Json(json!({
         "ready": ready,
+        "instance": &*s.instance,
+        "backend": s.store.backend_name(),
+        "database": readable,
         "broker_connected": broker,
         "storage_writable": writer.ok,
         "storage": storage,
@@ -460,6 +463,12 @@ async fn readyz(depot: &mut Depot, res: &mut Response) {
 async fn metrics(depot: &mut Depot, res: &mut Response) {
     let s = shared(depot);
     let mut body = s.metrics.render();
+    crate::observability::render_instance(
+        &mut body,
+        &s.instance,
+        s.store.backend_name(),
+        &s.metrics,
+    );
     crate::observability::render_storage(&mut body, &s.store.health().report(READY_STALL));
     res.add_header(
         "content-type",

@@ -75,7 +75,7 @@ pub enum StoreError {
         what: &'static str,
     },
     /// PostgreSQL could not be reached or refused us.
-    #[error("cannot connect to PostgreSQL at {url}: {source}")]
+    #[error("cannot connect to PostgreSQL at {url}")]
     Connect {
         /// `[storage] url`, without its password.
         url: String,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, Postgres, QueryBuilder, Transaction};
+use sqlx::{AssertSqlSafe, Connection as _, Postgres, QueryBuilder, Transaction};
 use tokio::sync::Notify;
 
 use crate::config::{StorageConfig, redact_url};
@@ -158,6 +158,13 @@ impl PgStore {
     ) -> Result<(PgStore, Writer), StoreError> {
         let opts: PgConnectOptions = url.parse().map_err(connect_error(url))?;
         let opts = opts.application_name("telebridge");
+        // One connection first: a pool would only say that it timed out, not why.
+        sqlx::PgConnection::connect_with(&opts)
+            .await
+            .map_err(connect_error(url))?
+            .close()
+            .await
+            .map_err(connect_error(url))?;
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
