@@ -225,6 +225,7 @@ impl App {
             config.storage.events_retention(),
             config.storage.retention_interval,
             config.presence.timeout,
+            shared.metrics.clone(),
             shutdown.child_token(),
         ));
         tracker.spawn(

@@ -17,8 +17,10 @@ pub async fn run_housekeeping(
     events_retention: Duration,
     retention_every: Duration,
     presence_timeout: Duration,
+    metrics: std::sync::Arc<crate::observability::Metrics>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
+    use std::sync::atomic::Ordering;
     let mut retention_tick = tokio::time::interval(retention_every);
     let sweep_every =
         (presence_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
@@ -59,6 +61,7 @@ pub async fn run_housekeeping(
                     match store.retention(cutoff, events_cutoff).await {
                         Ok(n) => {
                             deleted += n;
+                            metrics.retention_deleted.fetch_add(n, Ordering::Relaxed);
                             if n < RETENTION_PER_CALL || cancel.is_cancelled() {
                                 break;
                             }
@@ -77,7 +80,10 @@ pub async fn run_housekeeping(
             _ = sweep_tick.tick() => {
                 let cutoff = domain::now_ms() - presence_timeout.as_millis() as i64;
                 match store.presence_sweep(cutoff).await {
-                    Ok(ids) if !ids.is_empty() => tracing::info!(devices = ?ids, "marked offline after silence"),
+                    Ok(ids) if !ids.is_empty() => {
+                        metrics.presence_timeouts.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                        tracing::info!(devices = ?ids, "marked offline after silence");
+                    }
                     Err(StoreError::WriterGone) => return,
                     Err(e) => tracing::warn!(error = %e, "presence sweep failed; will retry"),
                     _ => {}

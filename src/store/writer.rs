@@ -421,7 +421,7 @@ pub(super) trait Backend {
     /// Work besides batches that waits for the writer (SQLite's control queue).
     fn controls(&mut self) -> Option<&mut mpsc::Receiver<Control>>;
     /// Does one piece of that work.
-    async fn control(&mut self, ctl: Control, metrics: &Metrics, committed: &Committed);
+    async fn control(&mut self, ctl: Control, committed: &Committed);
     /// Runs after each committed batch (SQLite bounds its WAL and does queued work).
     async fn after_batch(&mut self, metrics: &Metrics, committed: &Committed);
     /// A small write while faulty, so that readiness turns back by itself.
@@ -488,7 +488,7 @@ pub(super) async fn run<B: Backend>(
                 acks.ack(&mut pending_acks);
                 backend.after_batch(&metrics, committed).await;
             }
-            Some(ctl) = next_control(backend.controls()) => backend.control(ctl, &metrics, committed).await,
+            Some(ctl) = next_control(backend.controls()) => backend.control(ctl, committed).await,
             _ = retry.tick(), if !pending_acks.is_empty() => acks.ack(&mut pending_acks),
             // A fault left by work that failed while no readings come: a small write
             // finds out when storage works again, so readiness turns back by itself.

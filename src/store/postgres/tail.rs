@@ -99,8 +99,6 @@ impl Tail {
 
     async fn listen(&self) -> Result<PgListener, sqlx::Error> {
         let mut l = PgListener::connect_with(&self.store.pool).await?;
-        // A dropped connection is reported (as `None`), not silently reconnected.
-        l.ignore_pool_close_event(false);
         l.listen(CHANNEL).await?;
         Ok(l)
     }

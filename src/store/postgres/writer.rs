@@ -282,7 +282,7 @@ impl Backend for Batches {
         None
     }
 
-    async fn control(&mut self, _ctl: Control, _metrics: &Metrics, _committed: &Committed) {}
+    async fn control(&mut self, _ctl: Control, _committed: &Committed) {}
 
     async fn after_batch(&mut self, _metrics: &Metrics, _committed: &Committed) {}
 

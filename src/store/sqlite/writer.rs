@@ -452,7 +452,7 @@ impl Writer {
         Ok(value)
     }
 
-    async fn do_control(&mut self, ctl: Control, metrics: &Metrics, committed: &Committed) {
+    async fn do_control(&mut self, ctl: Control, committed: &Committed) {
         if ctl.abandoned() {
             // The caller gave up (WriterBusy) and acts as if it never happened: a command
             // stored now would never be published. Housekeeping asks again on its next tick.
@@ -513,9 +513,6 @@ impl Writer {
                 let result = self
                     .on_conn(async |c| retention(c, cutoff, events_cutoff).await)
                     .await;
-                if let Ok(n) = &result {
-                    metrics.retention_deleted.fetch_add(*n, Ordering::Relaxed);
-                }
                 let _ = reply.send(result);
             }
             Control::PresenceSweep { cutoff, reply } => {
@@ -531,9 +528,6 @@ impl Writer {
                     })
                     .await;
                 if let Ok(ids) = &result {
-                    metrics
-                        .presence_timeouts
-                        .fetch_add(ids.len() as u64, Ordering::Relaxed);
                     for id in ids {
                         self.online.insert(Arc::from(id.as_str()), false);
                     }
@@ -589,8 +583,8 @@ impl Backend for Writer {
         Some(&mut self.control_rx)
     }
 
-    async fn control(&mut self, ctl: Control, metrics: &Metrics, committed: &Committed) {
-        self.do_control(ctl, metrics, committed).await;
+    async fn control(&mut self, ctl: Control, committed: &Committed) {
+        self.do_control(ctl, committed).await;
     }
 
     async fn after_batch(&mut self, metrics: &Metrics, committed: &Committed) {
@@ -601,7 +595,7 @@ impl Backend for Writer {
             let Ok(ctl) = self.control_rx.try_recv() else {
                 break;
             };
-            self.do_control(ctl, metrics, committed).await;
+            self.do_control(ctl, committed).await;
         }
     }
 
