@@ -157,7 +157,11 @@ impl PgStore {
         health: Arc<Health>,
     ) -> Result<(PgStore, Writer), StoreError> {
         let opts: PgConnectOptions = url.parse().map_err(connect_error(url))?;
-        let opts = opts.application_name("telebridge");
+        // A session that hangs inside a transaction (a frozen instance, a dead network)
+        // would hold the append lock and stall every instance: the server ends it.
+        let opts = opts
+            .application_name("telebridge")
+            .options([("idle_in_transaction_session_timeout", "15s")]);
         // One connection first: a pool would only say that it timed out, not why.
         sqlx::PgConnection::connect_with(&opts)
             .await
