@@ -1,5 +1,6 @@
 //! Integration tests: the real daemon binary on free ports, a real broker (Mosquitto or the
-//! embedded one), a real SQLite file, real HTTP.
+//! embedded one), real storage (a SQLite file, or a PostgreSQL database with
+//! `TELEBRIDGE_TEST_BACKEND=postgres`), real HTTP.
 
 mod access;
 mod browser;
@@ -9,6 +10,7 @@ mod durability;
 mod event_log;
 mod history;
 mod ingest;
+mod pg;
 mod sse;
 mod storage_faults;
 mod support;

@@ -1,5 +1,10 @@
 //! Test helpers: a Mosquitto of our own, the daemon as a child process, an MQTT publisher,
-//! and readers of the daemon's SQLite file. Everything started here is stopped on drop.
+//! and readers of the daemon's storage. Everything started here is stopped on drop.
+//!
+//! The storage backend comes from `TELEBRIDGE_TEST_BACKEND`: `sqlite` (the default) gives
+//! each daemon a SQLite file of its own; `postgres` gives each daemon a fresh database on the
+//! run's PostgreSQL cluster (see `pg.rs`). Tests about SQLite itself return early on
+//! PostgreSQL through `sqlite_only()`.
 
 #![allow(dead_code, reason = "each test file uses a different part")]
 
@@ -9,8 +14,48 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use tempfile::TempDir;
+
+use crate::pg::{self, PgDb};
+
+/// The storage backend the daemons of this test run use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The variable that chooses the backend: `sqlite` (default) or `postgres`.
+pub const BACKEND_ENV: &str = "TELEBRIDGE_TEST_BACKEND";
+
+/// The backend from `TELEBRIDGE_TEST_BACKEND` (`sqlite` when unset).
+pub fn backend() -> Backend {
+    match std::env::var(BACKEND_ENV).as_deref().map(str::trim) {
+        Err(_) | Ok("") | Ok("sqlite") => Backend::Sqlite,
+        Ok("postgres") | Ok("postgresql") | Ok("pg") => Backend::Postgres,
+        Ok(other) => panic!("{BACKEND_ENV}={other}: use sqlite or postgres"),
+    }
+}
+
+/// The SQLite schema's migrations: `migrations/sqlite/` (beside `migrations/postgres/`), or
+/// `migrations/` of a tree from before the PostgreSQL backend.
+pub fn sqlite_migrations() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let sqlite = root.join("sqlite");
+    if sqlite.is_dir() { sqlite } else { root }
+}
+
+/// For a test about SQLite itself (its file, locks, WAL, a filesystem under it): true, with
+/// a visible line, when the run uses another backend, so the test returns at once.
+pub fn sqlite_only() -> bool {
+    if backend() == Backend::Sqlite {
+        return false;
+    }
+    eprintln!("skipped: SQLite-specific ({BACKEND_ENV}={:?})", backend());
+    true
+}
 
 /// The daemon binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_telebridge");
@@ -185,8 +230,12 @@ pub struct Daemon {
     dir: TempDir,
     /// The config file.
     pub config: PathBuf,
-    /// The SQLite file.
+    /// The SQLite file (unused when the daemon stores in PostgreSQL).
     pub db: PathBuf,
+    /// `[storage] url` when the daemon stores in PostgreSQL.
+    pub pg_url: Option<String>,
+    /// The database made for this daemon (dropped with it), if any.
+    pg: Option<PgDb>,
     log: PathBuf,
     /// `http` or `https`, as the daemon printed it.
     pub scheme: String,
@@ -225,13 +274,35 @@ impl Daemon {
             &format!("url = \"{broker_url}\"\nclient_id = \"{client_id}\""),
         );
         sections.add("http", "listen = \"127.0.0.1:0\"");
-        sections.add("storage", &format!("path = \"{}\"", db.display()));
         sections.add("log", "level = \"info,telebridge=debug\"");
         sections.merge(extra);
-        // A test may put the database elsewhere (on a filesystem of its own).
+        // A test may put the database elsewhere (a SQLite file on a filesystem of its own, or
+        // a PostgreSQL database shared by several daemons); otherwise the backend decides.
+        let unquote = |v: String| v.trim().trim_matches('"').to_owned();
+        let mut pg = None;
+        let pg_url = match (
+            sections.get("storage", "url").map(unquote),
+            sections.get("storage", "path").map(unquote),
+        ) {
+            (Some(url), _) => Some(url),
+            (None, Some(_)) => None,
+            (None, None) => match backend() {
+                Backend::Sqlite => {
+                    sections.add("storage", &format!("path = \"{}\"", db.display()));
+                    None
+                }
+                Backend::Postgres => {
+                    let made = pg::database().await;
+                    let url = made.url.clone();
+                    sections.add("storage", &format!("url = \"{url}\""));
+                    pg = Some(made);
+                    Some(url)
+                }
+            },
+        };
         let db = sections
             .get("storage", "path")
-            .map(|p| PathBuf::from(p.trim().trim_matches('"')))
+            .map(|p| PathBuf::from(unquote(p)))
             .unwrap_or(db);
         std::fs::write(&config, sections.render()).expect("write config");
         let log = dir.path().join("daemon.log");
@@ -241,6 +312,8 @@ impl Daemon {
             dir,
             config,
             db,
+            pg_url,
+            pg,
             log,
             scheme: "http".into(),
             client,
@@ -395,7 +468,10 @@ impl Daemon {
 
     /// A read-only view of the daemon's database.
     pub async fn db(&self) -> Db {
-        Db::open(&self.db).await
+        match &self.pg_url {
+            Some(url) => Db::postgres(url).await,
+            None => Db::open(&self.db).await,
+        }
     }
 }
 
@@ -463,8 +539,11 @@ impl Sections {
     }
 }
 
-/// A read-only view of a daemon's SQLite file.
-pub struct Db(SqlitePool);
+/// A read-only view of a daemon's storage: its SQLite file, or its PostgreSQL database.
+pub enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
 
 /// One stored reading, as the tests look at it.
 #[derive(Debug, Clone, PartialEq)]
@@ -486,63 +565,128 @@ impl Db {
             .connect_with(opts)
             .await
             .expect("open the daemon's database");
-        Db(pool)
+        Db::Sqlite(pool)
+    }
+
+    /// A read-only view of the PostgreSQL database at `url` (one that daemons share, say).
+    pub async fn postgres(url: &str) -> Db {
+        let opts: PgConnectOptions = url.parse().expect("PostgreSQL URL");
+        let opts = opts.options([("default_transaction_read_only", "on")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(20))
+            .connect_with(opts)
+            .await
+            .unwrap_or_else(|e| panic!("connect to the daemon's database {url}: {e}"));
+        Db::Postgres(pool)
     }
 
     /// Number of readings.
     pub async fn count(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM readings")
-            .fetch_one(&self.0)
-            .await
-            .expect("count")
+        const SQL: &str = "SELECT count(*) FROM readings";
+        match self {
+            Db::Sqlite(p) => sqlx::query_scalar(SQL).fetch_one(p).await,
+            Db::Postgres(p) => sqlx::query_scalar(SQL).fetch_one(p).await,
+        }
+        .expect("count")
     }
 
     /// Every reading in seq order.
     pub async fn rows(&self) -> Vec<Row> {
         use sqlx::Row as _;
-        sqlx::query("SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags FROM readings ORDER BY seq")
-            .fetch_all(&self.0)
-            .await
-            .expect("rows")
-            .into_iter()
-            .map(|r| Row {
-                seq: r.get("seq"),
-                device: r.get("device"),
-                topic: r.get("topic"),
-                ts: r.get("ts"),
-                received_at: r.get("received_at"),
-                payload: r.get("payload"),
-                flags: r.get("flags"),
-            })
-            .collect()
+        macro_rules! rows {
+            ($pool:expr, $sql:expr) => {
+                sqlx::query($sql)
+                    .fetch_all($pool)
+                    .await
+                    .expect("rows")
+                    .into_iter()
+                    .map(|r| Row {
+                        seq: r.get("seq"),
+                        device: r.get("device"),
+                        topic: r.get("topic"),
+                        ts: r.get("ts"),
+                        received_at: r.get("received_at"),
+                        payload: r.get("payload"),
+                        flags: r.get("flags"),
+                    })
+                    .collect()
+            };
+        }
+        match self {
+            Db::Sqlite(p) => rows!(
+                p,
+                "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags FROM readings ORDER BY seq"
+            ),
+            Db::Postgres(p) => rows!(
+                p,
+                "SELECT seq, device, topic, ts, received_at, payload, flags FROM readings ORDER BY seq"
+            ),
+        }
     }
 
     /// The `n` field of every JSON reading, for loss and duplicate checks.
     pub async fn numbers(&self) -> Vec<i64> {
-        sqlx::query_scalar(
-            "SELECT json_extract(payload, '$.n') FROM readings WHERE flags = 0 ORDER BY seq",
-        )
-        .fetch_all(&self.0)
-        .await
+        match self {
+            Db::Sqlite(p) => sqlx::query_scalar(
+                "SELECT json_extract(payload, '$.n') FROM readings WHERE flags = 0 ORDER BY seq",
+            )
+            .fetch_all(p)
+            .await,
+            Db::Postgres(p) => {
+                sqlx::query_scalar(
+                    "SELECT (convert_from(payload, 'UTF8')::jsonb->>'n')::bigint FROM readings \
+                 WHERE flags = 0 ORDER BY seq",
+                )
+                .fetch_all(p)
+                .await
+            }
+        }
         .expect("numbers")
     }
 
     /// (online, last_seen) of a device, if it is known.
     pub async fn device(&self, id: &str) -> Option<(bool, i64)> {
-        sqlx::query_as::<_, (bool, i64)>("SELECT online, last_seen FROM devices WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.0)
-            .await
-            .expect("device")
+        match self {
+            Db::Sqlite(p) => {
+                sqlx::query_as::<_, (bool, i64)>(
+                    "SELECT online, last_seen FROM devices WHERE id = ?",
+                )
+                .bind(id)
+                .fetch_optional(p)
+                .await
+            }
+            Db::Postgres(p) => {
+                sqlx::query_as::<_, (bool, i64)>(
+                    "SELECT online, last_seen FROM devices WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_optional(p)
+                .await
+            }
+        }
+        .expect("device")
     }
 
     /// Waits until there are at least `n` readings.
     pub async fn wait_count(&self, n: i64, timeout: Duration) -> i64 {
-        wait_for(timeout, &format!("{n} readings in SQLite"), || async move {
-            let c = self.count().await;
-            (c >= n).then_some(c)
-        })
+        wait_for(
+            timeout,
+            &format!("{n} readings in storage"),
+            || async move {
+                let c = self.count().await;
+                (c >= n).then_some(c)
+            },
+        )
         .await
+    }
+
+    /// The PostgreSQL pool (panics on SQLite), for queries of a test's own.
+    pub fn pg(&self) -> &PgPool {
+        match self {
+            Db::Postgres(p) => p,
+            Db::Sqlite(_) => panic!("this view is of a SQLite file"),
+        }
     }
 }
 
