@@ -340,6 +340,9 @@ async fn the_daemon_reconnects_after_the_broker_restarts_and_stores_what_comes_a
 
 #[tokio::test]
 async fn retention_deletes_old_readings_and_keeps_new_ones() {
+    if crate::support::sqlite_only() {
+        return;
+    }
     // Arrange: a database with readings received two days ago.
     let broker = Mosquitto::start().await;
     let mut daemon = Daemon::start(

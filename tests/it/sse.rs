@@ -281,6 +281,9 @@ async fn snapshot_latest_starts_with_the_latest_reading_of_each_device() {
 
 #[tokio::test]
 async fn a_resume_point_older_than_storage_gets_a_gap_event_first() {
+    if crate::support::sqlite_only() {
+        return;
+    }
     // Arrange: readings 1..=20, then retention removes the first ten.
     let (_broker, mut daemon, publisher) =
         setup("[storage]\nretention = \"1d\"\nretention_interval = \"200ms\"").await;

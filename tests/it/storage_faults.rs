@@ -181,6 +181,9 @@ async fn publish_readings(p: &Publisher, from: i64, count: i64) {
 #[tokio::test]
 async fn a_filesystem_that_fills_mid_burst_stops_the_acks_and_everything_is_stored_once_space_returns()
  {
+    if crate::support::sqlite_only() {
+        return;
+    }
     // Arrange
     let fs = Tmpfs::mount("24m", "");
     let broker = Mosquitto::start().await;
@@ -295,6 +298,9 @@ async fn a_filesystem_that_fills_mid_burst_stops_the_acks_and_everything_is_stor
 
 #[tokio::test]
 async fn a_command_write_into_a_full_disk_fails_and_readiness_recovers_by_itself() {
+    if crate::support::sqlite_only() {
+        return;
+    }
     // Arrange: a full filesystem before anything was written.
     let fs = Tmpfs::mount("8m", "");
     let broker = Mosquitto::start().await;
@@ -333,6 +339,9 @@ async fn a_command_write_into_a_full_disk_fails_and_readiness_recovers_by_itself
 
 #[tokio::test]
 async fn a_write_lock_held_by_another_process_for_longer_than_the_busy_timeout_loses_nothing() {
+    if crate::support::sqlite_only() {
+        return;
+    }
     // Arrange
     let broker = Mosquitto::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -385,6 +394,9 @@ fn chattr(flag: &str, db: &Path) {
 #[tokio::test]
 async fn files_that_turn_read_only_make_the_daemon_unready_and_it_recovers_when_they_are_writable()
 {
+    if crate::support::sqlite_only() {
+        return;
+    }
     // Arrange: on the ext4 of /var/tmp (chattr needs a filesystem with inode flags).
     let broker = Mosquitto::start().await;
     let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
@@ -418,6 +430,9 @@ async fn files_that_turn_read_only_make_the_daemon_unready_and_it_recovers_when_
 
 #[tokio::test]
 async fn a_database_deleted_under_the_daemon_is_never_acked_into_and_sigterm_exits_non_zero() {
+    if crate::support::sqlite_only() {
+        return;
+    }
     // Arrange
     let broker = Mosquitto::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -461,6 +476,9 @@ async fn a_database_deleted_under_the_daemon_is_never_acked_into_and_sigterm_exi
 
 #[tokio::test]
 async fn a_wedged_writer_stops_feeding_the_watchdog_and_a_progressing_one_feeds_it() {
+    if crate::support::sqlite_only() {
+        return;
+    }
     use tokio::net::UnixDatagram;
     // Arrange: the daemon speaks sd_notify to our socket, with a 2 s watchdog.
     let broker = Mosquitto::start().await;
@@ -527,7 +545,9 @@ async fn migrated(path: &Path) -> sqlx::SqliteConnection {
     let mut c = sqlx::SqliteConnection::connect_with(&opts)
         .await
         .expect("create");
-    sqlx::migrate!("./migrations")
+    sqlx::migrate::Migrator::new(crate::support::sqlite_migrations())
+        .await
+        .expect("this build's migrations")
         .run(&mut c)
         .await
         .expect("migrate");
@@ -577,6 +597,9 @@ fn run_once(db: &Path) -> (i32, String) {
 
 #[tokio::test]
 async fn start_up_storage_faults_give_a_clear_error_and_exit_code_3() {
+    if crate::support::sqlite_only() {
+        return;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
 
     // Not an SQLite file.
