@@ -5,6 +5,7 @@
 mod access;
 mod browser;
 mod cli;
+mod cluster;
 mod commands;
 mod durability;
 mod event_log;
