@@ -972,3 +972,116 @@ async fn two_instances_writing_at_once_around_a_held_append_stream_one_gapless_s
     }
     assert_eq!(streams[0], streams[1], "the same sequence on both");
 }
+
+/// The sum of one counter over every instance.
+async fn total(c: &Cluster, sample: &str) -> f64 {
+    let mut sum = 0.0;
+    for d in &c.daemons {
+        sum += d.metric(sample).await;
+    }
+    sum
+}
+
+#[tokio::test]
+async fn retention_on_three_instances_deletes_each_old_reading_once_and_an_old_resume_point_gets_a_gap()
+ {
+    if skip() {
+        return;
+    }
+    // Arrange: twenty readings, the ten with the lowest seqs then aged by two days.
+    let c = Cluster::start(
+        3,
+        "[storage]\nretention = \"1d\"\nretention_interval = \"200ms\"",
+    )
+    .await;
+    let publisher = Publisher::connect(&c.url(), "ret-pub").await;
+    publish_range(&publisher, "old", 1, 0, 20).await;
+    let db = c.db().await;
+    // In seq order (the instances' batches interleave the numbers).
+    let numbers = wait_all_stored(&db, 20, T).await;
+
+    // Act: a plain UPDATE (retention itself takes the append lock when it deletes).
+    let mut conn = c.pg.connect().await;
+    sqlx::query(
+        "UPDATE readings SET received_at = received_at - 2 * 86400000 \
+         WHERE seq IN (SELECT seq FROM readings ORDER BY seq LIMIT 10)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("age the first ten");
+    let _ = conn.close().await;
+
+    // Assert: exactly those ten are gone, deleted once over the three instances ...
+    wait_for(T, "retention of the old readings", || async {
+        (db.count().await == 10).then_some(())
+    })
+    .await;
+    assert_eq!(db.numbers().await, numbers[10..]);
+    wait_for(T, "the deletions counted", || async {
+        (total(&c, "telebridge_retention_deleted_total").await >= 10.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        total(&c, "telebridge_retention_deleted_total").await,
+        10.0,
+        "each reading deleted once, by one instance"
+    );
+    // ... and every instance answers a resume point inside them with the exact gap.
+    let first_kept = db.rows().await[0].seq;
+    for (d, name) in c.daemons.iter().zip(&c.ids) {
+        let mut client = SseClient::connect(d.http, "/events?type=reading", Some("1")).await;
+        let gap = client.next(T).await.expect("gap event");
+        assert_eq!(gap.event, "gap", "{name}: {gap:?}");
+        assert_eq!(gap.json()["first_available"], first_kept, "{name}: {gap:?}");
+        let rest: Vec<i64> = client
+            .take("reading", 10, T)
+            .await
+            .iter()
+            .map(|e| e.n())
+            .collect();
+        assert_eq!(rest, numbers[10..], "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_silent_device_is_marked_offline_once_by_three_instances() {
+    if skip() {
+        return;
+    }
+    // Arrange
+    let c = Cluster::start(3, "[presence]\ntimeout = \"1s\"").await;
+    let mut status = SseClient::connect(c.daemons[2].http, "/events?type=status", None).await;
+    let publisher = Publisher::connect(&c.url(), "nap-pub").await;
+
+    // Act: one reading, then silence.
+    publish_range(&publisher, "nap", 1, 0, 1).await;
+
+    // Assert: online, then offline once (watched for 2.5 s more: two timeout periods).
+    let mut changes = Vec::new();
+    let deadline = Instant::now() + T;
+    let mut settle: Option<Instant> = None;
+    while settle.is_none_or(|s| Instant::now() < s) {
+        assert!(
+            Instant::now() < deadline,
+            "status events so far: {changes:?}"
+        );
+        if let Some(e) = status.next(Duration::from_millis(200)).await {
+            let v = e.json();
+            if v["device"] == "nap0" {
+                changes.push(v["online"].clone());
+            }
+        }
+        if settle.is_none() && changes.contains(&Value::Bool(false)) {
+            settle = Some(Instant::now() + Duration::from_millis(2_500));
+        }
+    }
+    assert_eq!(changes, vec![Value::Bool(true), Value::Bool(false)]);
+    assert_eq!(
+        total(&c, "telebridge_presence_timeouts_total").await,
+        1.0,
+        "one instance timed it out"
+    );
+    let db = c.db().await;
+    assert_eq!(db.device("nap0").await.map(|d| d.0), Some(false));
+}
