@@ -25,7 +25,7 @@ use crate::support::{
 const T: Duration = Duration::from_secs(20);
 
 /// The append lock of the log (migrations/postgres, the append protocol).
-const APPEND_LOCK: i64 = 8387191851049132135;
+const APPEND_LOCK: i64 = 0x7465_6c65_6272_6467;
 
 /// True (with a visible line) in the SQLite pass: these tests run in the PostgreSQL one.
 fn skip() -> bool {

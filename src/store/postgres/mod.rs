@@ -32,7 +32,8 @@ use crate::store::{
 
 crate::store::rows::decoders!(PgRow);
 
-/// The advisory lock every append to the log takes first ("telebrdg" in ASCII).
+/// The advisory lock every append to the log takes first: "telebrdg" in ASCII,
+/// 8387229063746577511 (README, "Running several instances").
 pub(crate) const APPEND_LOCK: i64 = 0x7465_6c65_6272_6467;
 /// The channel each commit notifies with its last seq; every instance's tail listens.
 pub(crate) const CHANNEL: &str = "telebridge_log";
@@ -76,7 +77,9 @@ async fn lock_append(conn: &mut sqlx::PgConnection) -> Result<i64, StoreError> {
         .bind(APPEND_LOCK)
         .execute(&mut *conn)
         .await?;
-    let last: i64 = sqlx::query_scalar("SELECT last FROM log_head")
+    // FOR UPDATE besides: a writer that moves the head without the advisory lock (a
+    // mistaken tool) is then waited for, rather than handed the same ids.
+    let last: i64 = sqlx::query_scalar("SELECT last FROM log_head FOR UPDATE")
         .fetch_one(&mut *conn)
         .await?;
     Ok(last + 1)
