@@ -227,9 +227,6 @@ async fn a_filtered_clients_resume_point_moves_past_events_it_does_not_receive()
 
 #[tokio::test]
 async fn a_status_resume_point_inside_deleted_history_gets_a_gap_first() {
-    if crate::support::sqlite_only() {
-        return;
-    }
     // Arrange: presence changes, then retention removes the older ones.
     let broker = Mosquitto::start().await;
     let mut daemon = Daemon::start(
@@ -247,27 +244,11 @@ async fn a_status_resume_point_inside_deleted_history_gets_a_gap_first() {
     let mut client = SseClient::connect(daemon.http, "/events?type=status", Some("0")).await;
     let all = client.take("status", 6, T).await;
     assert!(daemon.sigterm().success());
-    {
-        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", daemon.db.display()))
-            .await
-            .expect("db");
-        sqlx::query("UPDATE events SET at = at - 2 * 86400000 WHERE seq <= ?")
-            .bind(id(&all[2]))
-            .execute(&pool)
-            .await
-            .expect("age events");
-        pool.close().await;
-    }
+    assert_eq!(daemon.age_events_through(id(&all[2])).await, 3);
     daemon.spawn().await;
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", daemon.db.display()))
-        .await
-        .expect("db");
+    let db = daemon.db().await;
     wait_for(T, "retention of old events", || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-            .fetch_one(&db)
-            .await
-            .expect("count");
-        (n == 3).then_some(())
+        (db.events().await == 3).then_some(())
     })
     .await;
 

@@ -340,38 +340,32 @@ async fn the_daemon_reconnects_after_the_broker_restarts_and_stores_what_comes_a
 
 #[tokio::test]
 async fn retention_deletes_old_readings_and_keeps_new_ones() {
-    if crate::support::sqlite_only() {
-        return;
-    }
-    // Arrange: a database with readings received two days ago.
+    // Arrange: ten readings, then moved two days into the past.
     let broker = Mosquitto::start().await;
     let mut daemon = Daemon::start(
         &broker.url(),
         "[storage]\nretention = \"1d\"\nretention_interval = \"200ms\"",
     )
     .await;
-    assert!(daemon.sigterm().success());
-    {
-        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", daemon.db.display()))
-            .await
-            .expect("open db");
-        let old = telebridge::domain::now_ms() - 2 * 86_400_000;
-        for n in 0..10 {
-            sqlx::query("INSERT INTO readings (device, topic, ts, received_at, payload, flags) VALUES ('old', 'devices/old/telemetry', ?, ?, '{}', 0)")
-                .bind(old + n)
-                .bind(old + n)
-                .execute(&pool)
-                .await
-                .expect("insert old");
-        }
-        pool.close().await;
+    let old = Publisher::connect(&broker.url(), "old-pub").await;
+    for n in 0..10 {
+        old.publish("devices/old/telemetry", QoS::AtLeastOnce, false, reading(n))
+            .await;
     }
+    daemon.db().await.wait_count(10, T).await;
+    assert!(daemon.sigterm().success());
+    assert_eq!(daemon.age_readings_below(10).await, 10);
 
     // Act
     daemon.spawn().await;
     let publisher = Publisher::connect(&broker.url(), "ret-pub").await;
     publisher
-        .publish("devices/new/telemetry", QoS::AtLeastOnce, false, reading(1))
+        .publish(
+            "devices/new/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            reading(11),
+        )
         .await;
 
     // Assert

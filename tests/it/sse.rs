@@ -281,9 +281,6 @@ async fn snapshot_latest_starts_with_the_latest_reading_of_each_device() {
 
 #[tokio::test]
 async fn a_resume_point_older_than_storage_gets_a_gap_event_first() {
-    if crate::support::sqlite_only() {
-        return;
-    }
     // Arrange: readings 1..=20, then retention removes the first ten.
     let (_broker, mut daemon, publisher) =
         setup("[storage]\nretention = \"1d\"\nretention_interval = \"200ms\"").await;
@@ -294,16 +291,7 @@ async fn a_resume_point_older_than_storage_gets_a_gap_event_first() {
     }
     daemon.db().await.wait_count(20, T).await;
     assert!(daemon.sigterm().success());
-    {
-        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", daemon.db.display()))
-            .await
-            .expect("db");
-        sqlx::query("UPDATE readings SET received_at = received_at - 2 * 86400000 WHERE json_extract(payload, '$.n') < 10")
-            .execute(&pool)
-            .await
-            .expect("age rows");
-        pool.close().await;
-    }
+    assert_eq!(daemon.age_readings_below(10).await, 10);
     daemon.spawn().await;
     wait_for(T, "retention", || async {
         (daemon.db().await.count().await == 10).then_some(())

@@ -473,6 +473,54 @@ impl Daemon {
             None => Db::open(&self.db).await,
         }
     }
+
+    /// Runs one writing statement on the daemon's storage (stop the daemon first): the
+    /// SQLite text with `?` placeholders or the PostgreSQL one with `$1`, binding `arg`.
+    async fn write(&self, sqlite: &'static str, postgres: &'static str, arg: i64) -> u64 {
+        match &self.pg_url {
+            Some(url) => {
+                let pool = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(url)
+                    .await
+                    .expect("connect");
+                let n = sqlx::query(postgres).bind(arg).execute(&pool).await;
+                pool.close().await;
+                n.expect("write").rows_affected()
+            }
+            None => {
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(SqliteConnectOptions::new().filename(&self.db))
+                    .await
+                    .expect("open db");
+                let n = sqlx::query(sqlite).bind(arg).execute(&pool).await;
+                pool.close().await;
+                n.expect("write").rows_affected()
+            }
+        }
+    }
+
+    /// Moves presence and command events up to `seq` two days into the past.
+    pub async fn age_events_through(&self, seq: i64) -> u64 {
+        self.write(
+            "UPDATE events SET at = at - 2 * 86400000 WHERE seq <= ?",
+            "UPDATE events SET at = at - 2 * 86400000 WHERE seq <= $1",
+            seq,
+        )
+        .await
+    }
+
+    /// Moves the readings whose `n` is below `n` two days into the past (as received).
+    pub async fn age_readings_below(&self, n: i64) -> u64 {
+        self.write(
+            "UPDATE readings SET received_at = received_at - 2 * 86400000 WHERE json_extract(payload, '$.n') < ?",
+            "UPDATE readings SET received_at = received_at - 2 * 86400000 \
+             WHERE (convert_from(payload, 'UTF8')::jsonb->>'n')::bigint < $1",
+            n,
+        )
+        .await
+    }
 }
 
 impl Drop for Daemon {
@@ -666,6 +714,16 @@ impl Db {
             }
         }
         .expect("device")
+    }
+
+    /// Number of presence and command events.
+    pub async fn events(&self) -> i64 {
+        const SQL: &str = "SELECT count(*) FROM events";
+        match self {
+            Db::Sqlite(p) => sqlx::query_scalar(SQL).fetch_one(p).await,
+            Db::Postgres(p) => sqlx::query_scalar(SQL).fetch_one(p).await,
+        }
+        .expect("count events")
     }
 
     /// Waits until there are at least `n` readings.
