@@ -7,19 +7,25 @@
 //!                       ▲                                                      │ commit
 //!                       └──────────── acks, only after the commit ◀────────────┤
 //!                                                                              ▼
-//!                              browsers ◀── SSE /events ◀── sse ◀── feed (encoded once)
+//!        browsers ◀── SSE /events ◀── sse ◀── feed (encoded once) ◀── SQLite: the writer itself
+//!                                                                   PostgreSQL: the log's tail
 //! browsers ──WebSocket /ws──▶ ws ──▶ commands ──MQTT QoS 1──▶ devices ──ack──▶ mqtt ──▶ store
 //!                              ▲                                                      │
-//!                              └────────────── ack / timeout to the sender ◀──────────┘
+//!                              └──────── ack / timeout to the sender, from the log ◀──┘
 //! ```
+//!
+//! With PostgreSQL, N instances share the database and split the ingest through MQTT shared
+//! subscriptions; each one's feed is fed by its tail of the shared log, so every instance
+//! serves every event, and an ack stored by one reaches the WebSocket on another.
 //!
 //! - [`config`]: the TOML file, validated with every problem reported.
 //! - [`broker`]: the embedded MQTT broker for the demo.
 //! - [`mqtt`]: the client connection, reconnects, manual acks.
 //! - [`ingest`]: parse at the edge; [`domain`] holds the validated types.
-//! - [`store`]: SQLite: reads and the schema (`store/mod.rs`), the one batching writer
-//!   (`writer`), the event log's presence and command rows (`log`), the writer's health
-//!   (`health`), and checkpoints, retention and presence timeouts (`housekeeping`).
+//! - [`store`]: storage behind one interface (`store/mod.rs`) with two backends,
+//!   `store/sqlite` and `store/postgres` (all the SQL); the batch loop both share (`writer`),
+//!   the event log's presence and command rows (`log`), the writer's health (`health`), and
+//!   checkpoints, retention and presence timeouts (`housekeeping`).
 //! - [`feed`]: committed events of every kind encoded once into a shared ring; [`sse`] streams it
 //!   to each client with replay and resume; [`api`] serves `/events` and the history.
 //! - [`commands`]: operator commands over [`ws`] (`/ws`, wire types in [`protocol`]) and

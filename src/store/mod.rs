@@ -1,7 +1,7 @@
 //! Storage behind one interface: [`Store`] for reads and the work that must go through
 //! storage, [`Writer`] for the batches of readings, and the types both speak. Two backends
-//! implement it: [`sqlite`] (one file, the default) and [`postgres`] (shared by several
-//! instances). SQL lives only in those two. [`writer`] is the batch loop they share,
+//! implement it: `sqlite` (one file, the default) and `postgres` (shared by several
+//! instances). SQL lives only in those two. `writer` is the batch loop they share,
 //! [`health`] what the writer reports about itself, [`log`] the event rows besides readings.
 
 pub mod health;
@@ -484,7 +484,7 @@ impl LogEntry {
     }
 }
 
-/// Work for the writer besides readings.
+/// Work for the SQLite writer besides readings (PostgreSQL does it on the pool).
 #[derive(Debug)]
 pub enum Control {
     /// Delete readings received before `cutoff` and log events before `events_cutoff`
