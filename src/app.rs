@@ -87,7 +87,7 @@ impl App {
         let metrics = Arc::new(Metrics::default());
         let link = MqttLink::new(&config.mqtt, &config.topics, metrics.clone())
             .context("setting up TLS for [mqtt]")?;
-        let (last_seq_tx, last_seq) = watch::channel(0);
+        let (last_seq_tx, last_seq) = watch::channel(store.opened_at());
         let feed = Feed::new(config.http.sse_buffer);
         let commands = Commands::new(
             store.clone(),

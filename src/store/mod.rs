@@ -102,6 +102,8 @@ pub struct Store {
     backend: Backend,
     /// Whether the writer commits, and what waits for it.
     health: Arc<Health>,
+    /// The newest seq committed when storage was opened.
+    opened_at: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -156,17 +158,30 @@ impl Store {
     /// read side and the writer.
     pub async fn open(cfg: &StorageConfig) -> Result<(Store, Writer), StoreError> {
         let health = Arc::new(Health::default());
-        let (backend, writer) = match cfg.backend() {
+        let (backend, writer, opened_at) = match cfg.backend() {
             StorageBackend::Sqlite(path) => {
                 let (s, w) = sqlite::SqliteStore::open(cfg, path, health.clone()).await?;
-                (Backend::Sqlite(s), WriterKind::Sqlite(w))
+                let head = w.head();
+                (Backend::Sqlite(s), WriterKind::Sqlite(w), head)
             }
             StorageBackend::Postgres(url) => {
                 let (s, w) = postgres::PgStore::open(cfg, url, health.clone()).await?;
-                (Backend::Postgres(s), WriterKind::Postgres(w))
+                let head = w.head();
+                (Backend::Postgres(s), WriterKind::Postgres(w), head)
             }
         };
-        Ok((Store { backend, health }, Writer(writer)))
+        let store = Store {
+            backend,
+            health,
+            opened_at,
+        };
+        Ok((store, Writer(writer)))
+    }
+
+    /// The newest seq committed when storage was opened: where the live feed starts, so a
+    /// client that connects before the first commit is not taken for one at the start.
+    pub fn opened_at(&self) -> i64 {
+        self.opened_at
     }
 
     /// What the writer reports about itself.

@@ -38,6 +38,11 @@ impl Tail {
         Tail { store, seen: head }
     }
 
+    /// The last seq published (or the head it started after).
+    pub(super) fn seen(&self) -> i64 {
+        self.seen
+    }
+
     /// Follows the log until cancelled.
     pub(super) async fn run(
         mut self,

@@ -48,6 +48,11 @@ impl Writer {
         }
     }
 
+    /// The head when this instance opened the database.
+    pub fn head(&self) -> i64 {
+        self.tail.seen()
+    }
+
     /// Runs the batch writer and the tail until shutdown (see [`crate::store::Writer::run`]).
     pub async fn run(
         self,

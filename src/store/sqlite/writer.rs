@@ -538,6 +538,13 @@ impl Writer {
     }
 }
 
+impl Writer {
+    /// The newest seq committed when the file was opened.
+    pub fn head(&self) -> i64 {
+        self.next_seq - 1
+    }
+}
+
 impl Backend for Writer {
     async fn commit(&mut self, batch: &[Item]) -> Result<Commit, StoreError> {
         let mut conn = self.take_conn().await?;
