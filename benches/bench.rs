@@ -2,6 +2,9 @@
 //!
 //! ```text
 //! cargo bench --bench bench -- ingest [--seconds N] [--messages N] [--no-peer]
+//!     [--backend sqlite|postgres] [--instances N]
+//! cargo bench --bench bench -- ingest --compare-backends [--messages N] [--payload N]
+//!     [--instances N]
 //! ```
 //!
 //! `ingest` checks the ingest goal of PRODUCT.md: for QoS 0 and 1 and payloads of 100 B and
@@ -19,6 +22,17 @@
 //! - `--messages N`: messages per burst for every case (default 200,000 for QoS 0 and
 //!   100,000 for QoS 1).
 //! - `--no-peer`: skip Node-RED.
+//! - `--backend postgres`: the daemon stores in a fresh database on a PostgreSQL cluster the
+//!   bench starts itself (`common::PgCluster`: PostgreSQL 15 as the `postgres` user, a temp
+//!   dir, a free port on 127.0.0.1, commits durable); `--instances N` runs N daemons on that
+//!   database in one shared group (`[mqtt] shared_group = "tb"`, each with its own client
+//!   id) on the one Mosquitto, which deals the burst out among them. Rows are counted in the
+//!   database, never acknowledgements.
+//! - `--compare-backends`: QoS 1 only (`--payload` bytes, default 100), back to back on the
+//!   same broker: the do-nothing subscriber, SQLite x1, PostgreSQL x1 and PostgreSQL x N
+//!   (`--instances`, default 3); prints committed rows/s side by side with their ratios, the
+//!   CPU of the daemons, PostgreSQL (postmaster and every backend) and Mosquitto, and
+//!   PostgreSQL's commits and WAL flushes (pg_stat_wal).
 //!
 //! Everything (broker, publisher, subscriber, daemon, Node-RED) runs on this machine, as the
 //! goal asks ("on the same machine and load"), so the numbers depend on the number of cores.
@@ -26,8 +40,9 @@
 mod common;
 
 use common::{
-    HANDSHAKE_TIMEOUT, MQTT_INFLIGHT, Machine, Mosquitto, cpu_seconds, daemon_binary, free_port,
-    log_tail, metric, mqtt_connect, mqtt_options, number, proc_status_kb,
+    Backend, HANDSHAKE_TIMEOUT, MQTT_INFLIGHT, Machine, Mosquitto, PgCluster, PgStats, Placement,
+    cpu_seconds, cpu_seconds_of, daemon_binary, free_port, load_average, log_problems, log_tail,
+    machine_busy_seconds, metric, mqtt_connect, mqtt_options, number, proc_status_kb,
 };
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -42,6 +57,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, anyhow, bail};
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
 use sqlx::Connection as _;
+use sqlx::postgres::PgConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use tempfile::TempDir;
 use tokio::time::timeout;
@@ -63,6 +79,14 @@ const NODERED_WS_PATH: &str = "/ws/telemetry";
 /// Bounds of --seconds (a day) and --messages.
 const MAX_SECONDS: u64 = 86_400;
 const MAX_MESSAGES: u64 = 1_000_000_000;
+/// Most daemons in one shared group.
+const MAX_INSTANCES: u64 = 16;
+/// Target from the PostgreSQL brief: one instance commits at least this many readings/s at
+/// QoS 1.
+const TARGET_PG1_ROWS_PER_S: f64 = 30_000.0;
+/// How long after a burst PostgreSQL's statistics are read (backends report theirs within
+/// about a second of going idle).
+const PG_STATS_SETTLE: Duration = Duration::from_millis(1500);
 
 fn main() -> ExitCode {
     match common::parse_args(USAGE, Args::parse, |a| a.help) {
@@ -71,14 +95,24 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str =
-    "usage: cargo bench --bench bench -- ingest [--seconds N] [--messages N] [--no-peer]
+const USAGE: &str = "usage: cargo bench --bench bench -- ingest [--seconds N] [--messages N] [--no-peer]
+           [--backend sqlite|postgres] [--instances N]
+       cargo bench --bench bench -- ingest --compare-backends [--messages N] [--payload N]
+           [--instances N]
 
-  ingest         subscriber vs telebridge vs Node-RED ingest rate, QoS 0/1 x 100 B/1 KiB payloads
-  --seconds N    cap on every wait, in seconds (default 60)
-  --messages N   messages per burst (default 200000 for QoS 0, 100000 for QoS 1)
-  --no-peer      skip the Node-RED peer (benches/nodered; its modules are installed on
-                 first use with `npm ci --prefix benches/nodered`)";
+  ingest              subscriber vs telebridge vs Node-RED ingest rate, QoS 0/1 x 100 B/1 KiB payloads
+  --seconds N         cap on every wait, in seconds (default 60)
+  --messages N        messages per burst (default 200000 for QoS 0, 100000 for QoS 1)
+  --no-peer           skip the Node-RED peer (benches/nodered; its modules are installed on
+                      first use with `npm ci --prefix benches/nodered`)
+  --backend B         sqlite (default) or postgres: a fresh database per case on a PostgreSQL 15
+                      cluster this bench starts and stops itself
+  --instances N       daemons on that one database in one shared group (default 1; more needs
+                      --backend postgres)
+  --compare-backends  QoS 1 only: subscriber, SQLite x1, PostgreSQL x1 and PostgreSQL x N
+                      (--instances, default 3) back to back, rows/s side by side with ratios;
+                      no Node-RED
+  --payload N         payload bytes for --compare-backends (default 100)";
 
 /// Command-line options.
 #[derive(Debug)]
@@ -90,6 +124,14 @@ struct Args {
     messages: Option<u64>,
     /// Skip the Node-RED peer.
     no_peer: bool,
+    /// Where the daemon stores.
+    backend: Backend,
+    /// Daemons in one shared group (PostgreSQL only above 1).
+    instances: Option<u64>,
+    /// SQLite x1 vs PostgreSQL x1 vs PostgreSQL x N at QoS 1.
+    compare: bool,
+    /// Payload size for --compare-backends.
+    payload: usize,
 }
 
 impl Args {
@@ -99,6 +141,10 @@ impl Args {
             timeout: Duration::from_secs(60),
             messages: None,
             no_peer: false,
+            backend: Backend::Sqlite,
+            instances: None,
+            compare: false,
+            payload: 100,
         };
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -113,8 +159,21 @@ impl Args {
                     out.messages = Some(number("--messages", args.next(), 1, MAX_MESSAGES)?);
                 }
                 "--no-peer" => out.no_peer = true,
+                "--backend" => out.backend = Backend::parse(args.next())?,
+                "--instances" => {
+                    out.instances = Some(number("--instances", args.next(), 1, MAX_INSTANCES)?);
+                }
+                "--compare-backends" => out.compare = true,
+                "--payload" => {
+                    out.payload = number("--payload", args.next(), 40, 65_536)? as usize;
+                }
                 other => bail!("unknown argument {other:?} (the only benchmark is \"ingest\")"),
             }
+        }
+        if !out.compare && out.instances.unwrap_or(1) > 1 && out.backend != Backend::Postgres {
+            bail!(
+                "--instances above 1 needs --backend postgres (instances in a shared group must share storage)"
+            );
         }
         Ok(out)
     }
@@ -183,20 +242,58 @@ impl Burst {
     }
 }
 
-/// What the daemon did with one burst.
+/// Where telebridge stores in a run, and how many instances share the ingest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Setup {
+    backend: Backend,
+    instances: usize,
+}
+
+impl Setup {
+    /// `SQLite x1`, `PostgreSQL x3`.
+    fn label(&self) -> String {
+        format!("{} x{}", self.backend.name(), self.instances)
+    }
+
+    /// A short tag for client ids and database names.
+    fn tag(&self) -> String {
+        let b = match self.backend {
+            Backend::Sqlite => "sq",
+            Backend::Postgres => "pg",
+        };
+        format!("{b}{}", self.instances)
+    }
+}
+
+/// What the daemon (or the daemons of one shared group) did with one burst.
 struct DaemonRun {
+    setup: Setup,
     /// Rows committed, and the time from the first publish to the last row.
     committed: Burst,
     /// Seconds the publisher took to hand every message to the broker (QoS 1: acknowledged).
     publish_seconds: f64,
-    /// CPU seconds the daemon and the broker used during the burst.
+    /// CPU seconds during the burst (first publish to last row) of the daemons together,
+    /// the broker, PostgreSQL (server and backends), this process (publisher and row
+    /// polls), and everything else on the machine.
     daemon_cpu: f64,
     broker_cpu: f64,
-    /// Write transactions and the time spent in them, from /metrics.
+    pg_cpu: Option<f64>,
+    bench_cpu: f64,
+    other_cpu: f64,
+    /// Write transactions and the time spent in them during the burst, from /metrics,
+    /// summed over the instances.
     batches: u64,
     commit_seconds: f64,
-    /// Whether the daemon stopped cleanly on SIGTERM.
+    /// Readings each instance committed in the burst (its telebridge_readings_stored_total).
+    per_instance: Vec<u64>,
+    /// Each instance's telebridge_tail_lag_events a moment after the burst (PostgreSQL).
+    tail_lag: Vec<Option<f64>>,
+    /// PostgreSQL's commits and WAL flushes during the burst.
+    pg_stats: Option<PgStats>,
+    /// Whether every daemon stopped cleanly on SIGTERM.
     clean_exit: bool,
+    /// Warnings and errors the daemons logged, prefixed with the instance.
+    log_problems: Vec<String>,
 }
 
 /// How a wait for committed rows ended.
@@ -229,7 +326,19 @@ struct PeerRun {
 /// Runs every case and prints the table; fails unless telebridge stored every row and the
 /// peer could be measured.
 async fn ingest(args: &Args) -> anyhow::Result<ExitCode> {
+    if args.compare {
+        return compare_backends(args).await;
+    }
     let daemon_bin = daemon_binary(None)?;
+    let setup = Setup {
+        backend: args.backend,
+        instances: args.instances.unwrap_or(1) as usize,
+    };
+    // Declared before everything that connects to it, so it is stopped last.
+    let pg = match setup.backend {
+        Backend::Postgres => Some(start_pg().await?),
+        Backend::Sqlite => None,
+    };
     // Installing the peer (minutes on first use) happens before any measurement. It blocks,
     // so on a thread of its own: Ctrl-C can still end the bench meanwhile.
     let peer = if args.no_peer {
@@ -262,7 +371,15 @@ async fn ingest(args: &Args) -> anyhow::Result<ExitCode> {
         }
     }
 
-    print_conditions(args, &broker, &daemon_bin, peer.as_ref(), &cases);
+    print_conditions(
+        args,
+        &broker,
+        &daemon_bin,
+        peer.as_ref(),
+        &cases,
+        setup,
+        pg.as_ref(),
+    );
 
     let mut results = Vec::new();
     for case in &cases {
@@ -280,7 +397,7 @@ async fn ingest(args: &Args) -> anyhow::Result<ExitCode> {
             subscriber.received.count,
             subscriber.received.seconds
         );
-        let daemon = daemon_burst(&daemon_bin, &broker, case, args.timeout)
+        let daemon = daemon_burst(&daemon_bin, &broker, pg.as_ref(), setup, case, args.timeout)
             .await
             .with_context(|| format!("{}: telebridge run", case.label()));
         if let Err(e) = &daemon {
@@ -336,24 +453,267 @@ async fn ingest(args: &Args) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `--compare-backends`: one QoS 1 burst each to the do-nothing subscriber, SQLite x1,
+/// PostgreSQL x1 and PostgreSQL x N, on one broker and one PostgreSQL cluster; prints the
+/// committed rows/s side by side with their ratios.
+async fn compare_backends(args: &Args) -> anyhow::Result<ExitCode> {
+    let daemon_bin = daemon_binary(None)?;
+    // Declared first, so it is stopped last.
+    let pg = start_pg().await?;
+    let broker = Mosquitto::start(Some(0))?;
+    let group = args.instances.unwrap_or(3) as usize;
+    let case = Case {
+        qos: QoS::AtLeastOnce,
+        payload: args.payload,
+        messages: args.messages.unwrap_or(100_000),
+    };
+    let setups = [
+        Setup {
+            backend: Backend::Sqlite,
+            instances: 1,
+        },
+        Setup {
+            backend: Backend::Postgres,
+            instances: 1,
+        },
+        Setup {
+            backend: Backend::Postgres,
+            instances: group,
+        },
+    ];
+    print_conditions(
+        args,
+        &broker,
+        &daemon_bin,
+        None,
+        &[case],
+        setups[2],
+        Some(&pg),
+    );
+    println!(
+        "compare:    {} back to back on this broker and cluster: the do-nothing subscriber, then {}",
+        case.label(),
+        setups
+            .iter()
+            .map(Setup::label)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!();
+
+    eprintln!(
+        "[{}] subscriber burst of {} messages",
+        case.label(),
+        case.messages
+    );
+    let subscriber = subscriber_burst(&broker, &case, args.timeout)
+        .await
+        .context("subscriber run")?;
+    let mut runs = Vec::new();
+    for setup in setups {
+        eprintln!("[{} on {}] telebridge burst", case.label(), setup.label());
+        let run = daemon_burst(&daemon_bin, &broker, Some(&pg), setup, &case, args.timeout)
+            .await
+            .with_context(|| format!("{} on {}", case.label(), setup.label()));
+        match &run {
+            Ok(d) => eprintln!(
+                "[{} on {}] committed {} rows in {:.2} s: {} rows/s",
+                case.label(),
+                setup.label(),
+                d.committed.count,
+                d.committed.seconds,
+                thousands(d.committed.rate())
+            ),
+            Err(e) => eprintln!("[{} on {}] failed: {e:#}", case.label(), setup.label()),
+        }
+        runs.push((setup, run));
+    }
+    print_comparison(&case, &subscriber, &runs);
+    let pg_problems = pg.log_problems();
+    if !pg_problems.is_empty() {
+        println!(
+            "PostgreSQL logged {} warning/error line(s); the first: {}",
+            pg_problems.len(),
+            pg_problems
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    let all_ok = runs
+        .iter()
+        .all(|(_, r)| r.as_ref().is_ok_and(|d| d.committed.count == case.messages));
+    drop(broker);
+    drop(pg);
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_comparison(case: &Case, sub: &SubscriberRun, runs: &[(Setup, anyhow::Result<DaemonRun>)]) {
+    let mut out = String::new();
+    let rate_of = |want: Setup| {
+        runs.iter()
+            .find(|(s, _)| *s == want)
+            .and_then(|(_, r)| r.as_ref().ok())
+            .map(|d| d.committed.rate())
+    };
+    let sqlite1 = rate_of(Setup {
+        backend: Backend::Sqlite,
+        instances: 1,
+    });
+    let pg1 = rate_of(Setup {
+        backend: Backend::Postgres,
+        instances: 1,
+    });
+    let ratio = |a: f64, b: Option<f64>| match b {
+        Some(b) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    };
+    let _ = writeln!(
+        out,
+        "## {}: committed rows/s, {} messages per run (rows counted in the database)",
+        case.label(),
+        case.messages
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "| run | rows | all stored | first publish -> last row s | rows/s | / subscriber | / SQLite x1 | / PostgreSQL x1 | telebridge CPU s | postgres CPU s | mosquitto CPU s | bench CPU s | other CPU s | transactions | rows/txn | ms/txn |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|--:|:-:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    );
+    let _ = writeln!(
+        out,
+        "| do-nothing subscriber | {} received | {} | {:.2} | {} msg/s | 1.00 | {} | {} | - | - | {:.2} | - | - | - | - | - |",
+        sub.received.count,
+        if sub.received.count == case.messages {
+            "yes"
+        } else {
+            "NO"
+        },
+        sub.received.seconds,
+        thousands(sub.received.rate()),
+        ratio(sub.received.rate(), sqlite1),
+        ratio(sub.received.rate(), pg1),
+        sub.broker_cpu,
+    );
+    for (setup, run) in runs {
+        match run {
+            Ok(d) => {
+                let rate = d.committed.rate();
+                let per_txn = |v: f64| {
+                    if d.batches > 0 {
+                        v / d.batches as f64
+                    } else {
+                        0.0
+                    }
+                };
+                let _ = writeln!(
+                    out,
+                    "| telebridge, {} | {} | {} | {:.2} | **{}** | {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {:.2} |",
+                    setup.label(),
+                    d.committed.count,
+                    if d.committed.count == case.messages {
+                        "yes"
+                    } else {
+                        "NO"
+                    },
+                    d.committed.seconds,
+                    thousands(rate),
+                    ratio(rate, Some(sub.received.rate())),
+                    ratio(rate, sqlite1),
+                    ratio(rate, pg1),
+                    d.daemon_cpu,
+                    d.pg_cpu.map_or("-".into(), |c| format!("{c:.2}")),
+                    d.broker_cpu,
+                    d.bench_cpu,
+                    d.other_cpu,
+                    d.batches,
+                    per_txn(d.committed.count as f64),
+                    per_txn(d.commit_seconds * 1000.0),
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(out, "| telebridge, {} | failed: {e:#} |", setup.label());
+            }
+        }
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "CPU seconds are over each run's burst (first publish to last row committed, the subscriber's: \
+         first to last message); postgres = the postmaster and all its processes (backends, WAL \
+         writer, checkpointer); other = the machine's busy time minus the columns before it. \
+         ms/txn is telebridge's own time per write transaction (from BEGIN to COMMIT's answer)."
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(out, "details:");
+    for (setup, run) in runs {
+        if let Ok(d) = run {
+            write_daemon_details(&mut out, &setup.label(), d);
+        }
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "## target");
+    match pg1 {
+        Some(r) => {
+            let _ = writeln!(
+                out,
+                "- PostgreSQL x1 at QoS 1: {} rows/s committed (target >= {}): {}",
+                thousands(r),
+                thousands(TARGET_PG1_ROWS_PER_S),
+                if r >= TARGET_PG1_ROWS_PER_S {
+                    "MET"
+                } else {
+                    "NOT MET"
+                }
+            );
+        }
+        None => {
+            let _ = writeln!(out, "- PostgreSQL x1: no result");
+        }
+    }
+    print!("{out}");
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one report of everything a run used"
+)]
 fn print_conditions(
     args: &Args,
     broker: &Mosquitto,
     daemon: &Path,
     peer: Option<&NodeRedSetup>,
     cases: &[Case],
+    setup: Setup,
+    pg: Option<&PgCluster>,
 ) {
     let machine = Machine::read();
     println!("# telebridge ingest benchmark");
     println!(
-        "machine:    {} cores (nproc), CPU {}, memory {}",
-        machine.nproc, machine.cpu, machine.mem
+        "machine:    {} cores (nproc), CPU {}, memory {}; load average at start {}",
+        machine.nproc,
+        machine.cpu,
+        machine.mem,
+        load_average()
     );
     println!("{}", broker.describe());
+    if let Some(pg) = pg {
+        println!("{}", pg.describe());
+    }
     println!("daemon:     {}", daemon.display());
     println!(
         "            [broker] mode=external, [mqtt] qos = the case's, [log] level=warn; every other key at its default (see config.toml)"
     );
+    println!("            storage: {}", describe_setup(setup));
     match peer {
         Some(p) => {
             println!(
@@ -376,6 +736,7 @@ fn print_conditions(
                 );
             }
         }
+        None if args.compare => println!("peer:       none (--compare-backends)"),
         None => println!("peer:       none (--no-peer)"),
     }
     println!(
@@ -392,20 +753,26 @@ fn print_conditions(
     );
     println!(
         "measure:    subscriber msg/s = received / (last - first received); telebridge and Node-RED \
-         rows/s = rows counted in SQLite / (last row committed - first publish)"
+         rows/s = rows counted in the database (telebridge: SQLite or PostgreSQL; Node-RED: SQLite) / \
+         (last row committed - first publish)"
     );
     println!(
         "            every wait capped at {} s; stalled after {} s without progress",
         args.timeout.as_secs(),
         IDLE_LIMIT.min(args.timeout).as_secs()
     );
-    println!("            everything runs on this machine; SQLite in a temp dir");
+    println!(
+        "            everything runs on this machine; SQLite in a temp dir, PostgreSQL in the bench's own cluster"
+    );
     println!();
 }
 
 fn print_table(results: &[(Case, CaseResult)]) {
     let with_peer = results.iter().any(|(_, r)| r.peer.is_some());
     let mut out = String::new();
+    if let Some(Ok(d)) = results.first().map(|(_, r)| &r.daemon) {
+        let _ = writeln!(out, "telebridge (tb): {}", d.setup.label());
+    }
     let _ = write!(
         out,
         "{:<14} {:>8} {:>9} {:>12} {:>9} {:>14} {:>6} {:>9}",
@@ -509,34 +876,7 @@ fn print_table(results: &[(Case, CaseResult)]) {
     let _ = writeln!(out, "details of the telebridge runs:");
     for (case, r) in results {
         match &r.daemon {
-            Ok(d) => {
-                let avg_batch = if d.batches > 0 {
-                    d.committed.count as f64 / d.batches as f64
-                } else {
-                    0.0
-                };
-                let avg_commit_ms = if d.batches > 0 {
-                    d.commit_seconds * 1000.0 / d.batches as f64
-                } else {
-                    0.0
-                };
-                let _ = writeln!(
-                    out,
-                    "  {:<14} last row after {:.2} s, publishing took {:.2} s; CPU telebridge {:.2} s, \
-                     mosquitto {:.2} s; {} transactions (~{:.0} rows, {:.2} ms each, {:.2} s in all); \
-                     SIGTERM exit {}",
-                    case.label(),
-                    d.committed.seconds,
-                    d.publish_seconds,
-                    d.daemon_cpu,
-                    d.broker_cpu,
-                    d.batches,
-                    avg_batch,
-                    avg_commit_ms,
-                    d.commit_seconds,
-                    if d.clean_exit { "clean" } else { "NOT clean" },
-                );
-            }
+            Ok(d) => write_daemon_details(&mut out, &case.label(), d),
             Err(e) => {
                 let _ = writeln!(out, "  {:<14} failed: {e:#}", case.label());
             }
@@ -576,6 +916,111 @@ fn print_table(results: &[(Case, CaseResult)]) {
         }
     }
     print!("{out}");
+}
+
+/// The details lines of one telebridge run: timings, CPU, transactions, and on PostgreSQL
+/// the split over the instances, their tails, the server's commits and WAL flushes.
+fn write_daemon_details(out: &mut String, label: &str, d: &DaemonRun) {
+    let avg_batch = if d.batches > 0 {
+        d.committed.count as f64 / d.batches as f64
+    } else {
+        0.0
+    };
+    let avg_commit_ms = if d.batches > 0 {
+        d.commit_seconds * 1000.0 / d.batches as f64
+    } else {
+        0.0
+    };
+    let pg_cpu = d
+        .pg_cpu
+        .map_or(String::new(), |c| format!(", postgres {c:.2} s"));
+    let _ = writeln!(
+        out,
+        "  {label:<14} last row after {:.2} s, publishing took {:.2} s; CPU telebridge {:.2} s{}{pg_cpu}, \
+         mosquitto {:.2} s, bench {:.2} s, other processes {:.2} s; {} transactions (~{:.0} rows, \
+         {:.2} ms each, {:.2} s in all); SIGTERM exit {}",
+        d.committed.seconds,
+        d.publish_seconds,
+        d.daemon_cpu,
+        if d.setup.instances > 1 {
+            format!(" ({} instances together)", d.setup.instances)
+        } else {
+            String::new()
+        },
+        d.broker_cpu,
+        d.bench_cpu,
+        d.other_cpu,
+        d.batches,
+        avg_batch,
+        avg_commit_ms,
+        d.commit_seconds,
+        if d.clean_exit { "clean" } else { "NOT clean" },
+    );
+    if d.setup.instances > 1 {
+        let _ = writeln!(
+            out,
+            "  {:<14} readings committed by each instance: {}",
+            "",
+            d.per_instance
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(" / ")
+        );
+    }
+    if d.setup.backend == Backend::Postgres {
+        let _ = writeln!(
+            out,
+            "  {:<14} telebridge_tail_lag_events {:.1} s after the burst: {}",
+            "",
+            PG_STATS_SETTLE.as_secs_f64(),
+            d.tail_lag
+                .iter()
+                .map(|l| l.map_or("?".into(), |l| format!("{l:.0}")))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        );
+    }
+    if let Some(st) = &d.pg_stats {
+        let _ = writeln!(out, "  {:<14} postgres: {}", "", st.describe());
+    }
+    if !d.log_problems.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:<14} {} warning/error line(s) in the daemon logs; the first:",
+            "",
+            d.log_problems.len()
+        );
+        for line in d.log_problems.iter().take(5) {
+            let _ = writeln!(out, "  {:<14}   {line:.300}", "");
+        }
+    }
+}
+
+/// What `setup` means for the daemons' config.
+fn describe_setup(setup: Setup) -> String {
+    match setup.backend {
+        Backend::Sqlite => {
+            "[storage] path = a SQLite file in a temp dir (WAL, synchronous=NORMAL)".to_owned()
+        }
+        Backend::Postgres => format!(
+            "[storage] url = a fresh database per case on the cluster above; {} instance(s) with \
+             [mqtt] shared_group = \"{}\" (subscriptions $share/{}/...) and client ids \
+             telebridge-bench-<case>-<i>, started one after the other",
+            setup.instances,
+            common::SHARED_GROUP,
+            common::SHARED_GROUP
+        ),
+    }
+}
+
+/// Starts the bench's own PostgreSQL cluster (on a blocking thread: initdb and pg_ctl
+/// take seconds, and Ctrl-C can still end the bench meanwhile).
+async fn start_pg() -> anyhow::Result<PgCluster> {
+    eprintln!("starting a PostgreSQL cluster of our own (initdb, pg_ctl start)");
+    tokio::task::spawn_blocking(PgCluster::start)
+        .await
+        .context("the PostgreSQL start-up panicked")?
 }
 
 /// 1234567.8 as "1,234,568".
@@ -807,7 +1252,9 @@ struct Daemon {
     child: Child,
     http: SocketAddr,
     db: PathBuf,
-    /// Holds the config and the database.
+    /// Its stderr (it logs at warn).
+    log: PathBuf,
+    /// Holds the config, the database and the log.
     _dir: TempDir,
 }
 
@@ -816,30 +1263,34 @@ impl Daemon {
         bin: &Path,
         broker_port: u16,
         client_id: &str,
-        qos: u8,
+        placement: &Placement,
         limit: Duration,
     ) -> anyhow::Result<Daemon> {
         let dir = tempfile::tempdir().context("creating a temp dir for telebridge")?;
         let db = dir.path().join("bench.db");
-        let db_toml = toml::Value::String(db.display().to_string()).to_string();
         let config = format!(
             "[broker]\nmode = \"external\"\n\n\
-             [mqtt]\nurl = \"mqtt://127.0.0.1:{broker_port}\"\nclient_id = \"{client_id}\"\nqos = {qos}\n\n\
+             [mqtt]\nurl = \"mqtt://127.0.0.1:{broker_port}\"\nclient_id = \"{client_id}\"\n{}\n\
              [http]\nlisten = \"127.0.0.1:0\"\n\n\
-             [storage]\npath = {db_toml}\n\n\
-             [log]\nlevel = \"warn\"\n"
+             {}\n\
+             [log]\nlevel = \"warn\"\n",
+            placement.mqtt_lines(),
+            placement.storage_and_topics(&db),
         );
         let config_path = dir.path().join("telebridge.toml");
         std::fs::write(&config_path, config)
             .with_context(|| format!("writing {}", config_path.display()))?;
+        let log = dir.path().join("daemon.log");
+        let stderr =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut child = Command::new(bin)
             .arg("run")
             .arg("--config")
             .arg(&config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            // Warnings and errors of the daemon show up in the bench output.
-            .stderr(Stdio::inherit())
+            // Warnings and errors of the daemon are reported with the run.
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let stdout = child
@@ -864,6 +1315,7 @@ impl Daemon {
             child,
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             db,
+            log,
             _dir: dir,
         };
         let addr = match addr_rx.recv_timeout(limit) {
@@ -871,7 +1323,8 @@ impl Daemon {
             Err(_) => {
                 let status = daemon.child.try_wait().ok().flatten();
                 bail!(
-                    "telebridge did not print its dashboard address within {limit:?} (exit status: {status:?})"
+                    "telebridge did not print its dashboard address within {limit:?} (exit status: {status:?}); its log ends:\n{}",
+                    log_tail(&daemon.log, 10)
                 );
             }
         };
@@ -887,7 +1340,10 @@ impl Daemon {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().context("checking on telebridge")? {
-                bail!("telebridge exited before it was ready ({status})");
+                bail!(
+                    "telebridge exited before it was ready ({status}); its log ends:\n{}",
+                    log_tail(&self.log, 10)
+                );
             }
             let last = match http_get(self.http, "/readyz") {
                 Ok((200, _)) => return Ok(()),
@@ -905,8 +1361,19 @@ impl Daemon {
         self.child.id()
     }
 
+    /// GET /metrics, empty if it fails.
+    fn metrics(&self) -> String {
+        http_get(self.http, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
     /// Sends SIGTERM and waits for the exit; true if it exited with success in time.
     fn stop(&mut self, limit: Duration) -> anyhow::Result<bool> {
+        if let Some(status) = self.child.try_wait().context("checking on telebridge")? {
+            eprintln!("  telebridge had already exited ({status})");
+            return Ok(false);
+        }
         let status = Command::new("kill")
             .arg("-TERM")
             .arg(self.pid().to_string())
@@ -967,39 +1434,80 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     Ok((code, body))
 }
 
-/// Read-only queries on the daemon's database.
-struct RowCounter {
-    conn: SqliteConnection,
+/// Read-only queries on a database the bench counts rows in.
+enum RowCounter {
+    /// An SQLite file; `events` says whether it has telebridge's events table (Node-RED's
+    /// database has none).
+    Sqlite {
+        conn: SqliteConnection,
+        events: bool,
+    },
+    /// telebridge's PostgreSQL database.
+    Pg(PgConnection),
 }
 
 impl RowCounter {
-    async fn open(db: &Path) -> anyhow::Result<RowCounter> {
+    async fn open(db: &Path, events: bool) -> anyhow::Result<RowCounter> {
         let opts = SqliteConnectOptions::new().filename(db).read_only(true);
         let conn = SqliteConnection::connect_with(&opts)
             .await
             .with_context(|| format!("opening {} read-only", db.display()))?;
-        Ok(RowCounter { conn })
+        Ok(RowCounter::Sqlite { conn, events })
+    }
+
+    async fn open_pg(url: &str) -> anyhow::Result<RowCounter> {
+        let conn = PgConnection::connect(url)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        Ok(RowCounter::Pg(conn))
     }
 
     /// The authoritative count. It scans an index, so it is not polled at a high rate.
     async fn count(&mut self) -> anyhow::Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
-            .fetch_one(&mut self.conn)
-            .await
-            .context("counting readings")?;
-        Ok(n as u64)
+        const Q: &str = "SELECT count(*) FROM readings";
+        let n: Result<i64, _> = match self {
+            RowCounter::Sqlite { conn, .. } => sqlx::query_scalar(Q).fetch_one(conn).await,
+            RowCounter::Pg(conn) => sqlx::query_scalar(Q).fetch_one(conn).await,
+        };
+        Ok(n.context("counting readings")? as u64)
     }
 
     /// The highest seq: a cheap progress probe (one b-tree descent) for frequent polling.
     async fn max_seq(&mut self) -> anyhow::Result<i64> {
-        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM readings")
-            .fetch_one(&mut self.conn)
-            .await
-            .context("reading max(seq)")
+        const Q: &str = "SELECT coalesce(max(seq), 0) FROM readings";
+        match self {
+            RowCounter::Sqlite { conn, .. } => sqlx::query_scalar(Q).fetch_one(conn).await,
+            RowCounter::Pg(conn) => sqlx::query_scalar(Q).fetch_one(conn).await,
+        }
+        .context("reading max(seq)")
+    }
+
+    /// Events (presence, commands) with a seq in (`after`, `upto`]: they share the readings'
+    /// counter, so the readings committed after `after` are `max_seq - after` minus these.
+    async fn events_between(&mut self, after: i64, upto: i64) -> anyhow::Result<i64> {
+        match self {
+            RowCounter::Sqlite { events: false, .. } => Ok(0),
+            RowCounter::Sqlite { conn, .. } => {
+                sqlx::query_scalar("SELECT count(*) FROM events WHERE seq > ? AND seq <= ?")
+                    .bind(after)
+                    .bind(upto)
+                    .fetch_one(conn)
+                    .await
+            }
+            RowCounter::Pg(conn) => {
+                sqlx::query_scalar("SELECT count(*) FROM events WHERE seq > $1 AND seq <= $2")
+                    .bind(after)
+                    .bind(upto)
+                    .fetch_one(conn)
+                    .await
+            }
+        }
+        .context("counting events")
     }
 }
 
-/// Publishes probe readings until one is stored: proves that messages flow end to end (a
+/// Publishes probe readings until one is stored, and one by each of `daemons` (their
+/// /metrics): proves that messages flow end to end to every member of a shared group (a
 /// QoS 0 message published before the subscription is in place would be lost). Returns the
 /// row count and max(seq) once late probes have landed; the burst is counted on top of them.
 async fn probe_until_stored(
@@ -1008,14 +1516,27 @@ async fn probe_until_stored(
     case: &Case,
     limit: Duration,
     who: &str,
+    daemons: &[&Daemon],
 ) -> anyhow::Result<(u64, i64)> {
     let (probe, mut probe_loop) = connect(&format!("bench-probe-{}", case.tag()), port).await?;
     let probe_poller = tokio::spawn(async move { while probe_loop.poll().await.is_ok() {} });
     let probe_deadline = Instant::now() + limit.min(Duration::from_secs(15));
-    while rows.count().await? == 0 {
+    let every_instance_stored = || {
+        daemons.iter().all(|d| {
+            metric(&d.metrics(), "telebridge_readings_stored_total").is_some_and(|n| n >= 1.0)
+        })
+    };
+    while rows.count().await? == 0 || !every_instance_stored() {
         if Instant::now() > probe_deadline {
             probe_poller.abort();
-            bail!("a probe reading never reached SQLite: is {who} subscribed?");
+            bail!(
+                "a probe reading never reached {}: is {who} subscribed?",
+                if daemons.len() > 1 {
+                    "every instance"
+                } else {
+                    "the database"
+                }
+            );
         }
         probe
             .publish(
@@ -1035,13 +1556,17 @@ async fn probe_until_stored(
     Ok((rows.count().await?, rows.max_seq().await?))
 }
 
-/// Polls the cheap max(seq) until it reaches `target`; seqs are assigned consecutively by the
-/// single writer, so that is the moment the last row was committed. Gives up after
-/// IDLE_LIMIT without a new row, or at `limit`. Returns when the last new row was seen and
-/// why the wait ended; the caller's count(*) decides whether every row is there.
+/// Polls the cheap max(seq) until the readings committed after `base_seq` reach `n`: seqs
+/// are given in commit order from one counter (SQLite's single writer; PostgreSQL's append
+/// lock across instances), shared with the presence events that new devices bring, so
+/// that count is max(seq) - base_seq minus the events in between; that moment is when the
+/// last row was committed. Gives up after IDLE_LIMIT without a new row, or at `limit`.
+/// Returns when the last new row was seen and why the wait ended; the caller's count(*)
+/// decides whether every row is there.
 async fn wait_for_rows(
     rows: &mut RowCounter,
-    target: i64,
+    base_seq: i64,
+    n: u64,
     limit: Duration,
     who: &str,
 ) -> anyhow::Result<(Instant, Finish)> {
@@ -1056,8 +1581,11 @@ async fn wait_for_rows(
             seen = seq;
             progress_at = now;
         }
-        if seq >= target {
-            return Ok((now, Finish::All));
+        if seq - base_seq >= n as i64 {
+            let events = rows.events_between(base_seq, seq).await?;
+            if seq - base_seq - events >= n as i64 {
+                return Ok((now, Finish::All));
+            }
         }
         if now.duration_since(progress_at) > idle {
             eprintln!("  {who}: no new rows for {idle:?}, stopped waiting");
@@ -1071,18 +1599,68 @@ async fn wait_for_rows(
     }
 }
 
-/// Runs telebridge, publishes one burst, and measures the rate at which rows are committed.
+/// Runs telebridge (`setup.instances` daemons in one shared group on PostgreSQL), publishes
+/// one burst, and measures the rate at which rows are committed.
 async fn daemon_burst(
     bin: &Path,
     broker: &Mosquitto,
+    pg: Option<&PgCluster>,
+    setup: Setup,
     case: &Case,
     limit: Duration,
 ) -> anyhow::Result<DaemonRun> {
-    let client_id = format!("telebridge-bench-{}-{}", case.tag(), std::process::id());
-    let run = match Daemon::start(bin, broker.port, &client_id, case.qos_number(), limit) {
-        Ok(mut daemon) => {
-            let result = measure_daemon(&daemon, broker, case, limit).await;
-            let clean_exit = daemon.stop(Duration::from_secs(20));
+    let run_tag = format!("{}-{}-{}", case.tag(), setup.tag(), std::process::id());
+    // The cluster's CPU is the run's only when the run stores there.
+    let pg = pg.filter(|_| setup.backend == Backend::Postgres);
+    let placement = match (setup.backend, pg) {
+        (Backend::Sqlite, _) if setup.instances > 1 => {
+            bail!(
+                "{} instances on SQLite: a shared group needs PostgreSQL",
+                setup.instances
+            )
+        }
+        (Backend::Sqlite, _) => Placement {
+            qos: Some(case.qos_number()),
+            ..Placement::default()
+        },
+        (Backend::Postgres, Some(pg)) => {
+            let url = pg
+                .create_database(&format!("tb_{}", run_tag.replace('-', "_")))
+                .await?;
+            Placement {
+                qos: Some(case.qos_number()),
+                ..Placement::postgres(&url)
+            }
+        }
+        (Backend::Postgres, None) => bail!("--backend postgres without a cluster"),
+    };
+    let client_ids: Vec<String> = (0..setup.instances)
+        .map(|i| format!("telebridge-bench-{run_tag}-{i}"))
+        .collect();
+    let mut daemons = Vec::new();
+    let mut started = Ok(());
+    for id in &client_ids {
+        // One after the other: the first applies the migrations.
+        match Daemon::start(bin, broker.port, id, &placement, limit) {
+            Ok(d) => daemons.push(d),
+            Err(e) => {
+                started = Err(e.context(format!("starting instance {id}")));
+                break;
+            }
+        }
+    }
+    let run = match started {
+        Ok(()) => {
+            let result = measure_daemon(&daemons, broker, pg, &placement, setup, case, limit).await;
+            let mut clean_exit = Ok(true);
+            for d in &mut daemons {
+                match d.stop(Duration::from_secs(20)) {
+                    Ok(clean) => {
+                        clean_exit = clean_exit.map(|c| c && clean);
+                    }
+                    Err(e) => clean_exit = Err(e),
+                }
+            }
             result.and_then(|mut run| {
                 run.clean_exit = clean_exit?;
                 Ok(run)
@@ -1090,50 +1668,112 @@ async fn daemon_burst(
         }
         Err(e) => Err(e),
     };
-    // The daemon may have connected (persistent session) even if the run failed.
-    discard_session(broker.port, &client_id)
-        .await
-        .context("discarding the daemon's broker session")?;
-    run
+    let mut problems = Vec::new();
+    for (i, d) in daemons.iter().enumerate() {
+        problems.extend(
+            log_problems(&d.log)
+                .into_iter()
+                .map(|l| format!("[instance {i}] {l}")),
+        );
+    }
+    for line in problems.iter().take(5) {
+        eprintln!("  daemon log: {line:.300}");
+    }
+    drop(daemons);
+    // The daemons may have connected (persistent sessions) even if the run failed.
+    for id in &client_ids {
+        discard_session(broker.port, id)
+            .await
+            .with_context(|| format!("discarding the broker session of {id}"))?;
+    }
+    run.map(|mut r| {
+        r.log_problems = problems;
+        r
+    })
+}
+
+/// The sum over `daemons` of one /metrics sample.
+fn metric_sum(texts: &[String], name: &str) -> f64 {
+    texts.iter().filter_map(|t| metric(t, name)).sum()
 }
 
 async fn measure_daemon(
-    daemon: &Daemon,
+    daemons: &[Daemon],
     broker: &Mosquitto,
+    pg: Option<&PgCluster>,
+    placement: &Placement,
+    setup: Setup,
     case: &Case,
     limit: Duration,
 ) -> anyhow::Result<DaemonRun> {
-    let mut rows = RowCounter::open(&daemon.db).await?;
+    let mut rows = match &placement.postgres_url {
+        Some(url) => RowCounter::open_pg(url).await?,
+        None => RowCounter::open(&daemons[0].db, true).await?,
+    };
     // /readyz only says the connection is up; the subscription may still be on its way.
+    let all: Vec<&Daemon> = daemons.iter().collect();
     let (base_count, base_seq) =
-        probe_until_stored(&mut rows, broker.port, case, limit, "telebridge").await?;
+        probe_until_stored(&mut rows, broker.port, case, limit, "telebridge", &all).await?;
+    let metrics_0: Vec<String> = daemons.iter().map(Daemon::metrics).collect();
+    let stats_0 = match &placement.postgres_url {
+        Some(url) => Some(PgStats::read(url).await?),
+        None => None,
+    };
 
     let n = case.messages;
-    let cpu_daemon_0 = cpu_seconds(daemon.pid());
+    let pids: Vec<u32> = daemons.iter().map(Daemon::pid).collect();
+    let cpu_daemon_0 = cpu_seconds_of(&pids);
     let cpu_broker_0 = cpu_seconds(broker.pid());
+    let cpu_pg_0 = pg.map(PgCluster::cpu_seconds);
+    let cpu_bench_0 = cpu_seconds(std::process::id());
+    let busy_0 = machine_busy_seconds();
     let publisher = tokio::spawn(publish_burst(
         broker.port,
         *case,
-        format!("bench-pub-tb-{}", case.tag()),
+        format!("bench-pub-tb-{}-{}", case.tag(), setup.tag()),
         limit,
     ));
-    let (last_row_at, _) =
-        wait_for_rows(&mut rows, base_seq + n as i64, limit, "telebridge").await?;
+    let (last_row_at, _) = wait_for_rows(&mut rows, base_seq, n, limit, "telebridge").await?;
+    let cpu_daemon = cpu_seconds_of(&pids) - cpu_daemon_0;
+    let cpu_broker = cpu_seconds(broker.pid()) - cpu_broker_0;
+    let cpu_pg = pg
+        .map(PgCluster::cpu_seconds)
+        .zip(cpu_pg_0)
+        .map(|(b, a)| b - a);
+    let cpu_bench = cpu_seconds(std::process::id()) - cpu_bench_0;
+    let busy = machine_busy_seconds() - busy_0;
     let published = publisher
         .await
         .context("the publisher task panicked")?
         .context("publisher")?;
-    let cpu_daemon = cpu_seconds(daemon.pid()) - cpu_daemon_0;
-    let cpu_broker = cpu_seconds(broker.pid()) - cpu_broker_0;
     let committed = rows.count().await?.saturating_sub(base_count);
     let seconds = last_row_at
         .saturating_duration_since(published.started)
         .as_secs_f64();
-
-    let metrics = http_get(daemon.http, "/metrics")
-        .map(|(_, body)| body)
-        .unwrap_or_default();
+    if setup.backend == Backend::Postgres {
+        tokio::time::sleep(PG_STATS_SETTLE).await;
+    }
+    let pg_stats = match (&placement.postgres_url, stats_0) {
+        (Some(url), Some(before)) => Some(PgStats::read(url).await?.since(&before)),
+        _ => None,
+    };
+    let metrics_1: Vec<String> = daemons.iter().map(Daemon::metrics).collect();
+    let delta = |name: &str| metric_sum(&metrics_1, name) - metric_sum(&metrics_0, name);
+    let per_instance = metrics_0
+        .iter()
+        .zip(&metrics_1)
+        .map(|(a, b)| {
+            let m = |t: &str| metric(t, "telebridge_readings_stored_total").unwrap_or(0.0);
+            (m(b) - m(a)).max(0.0) as u64
+        })
+        .collect();
+    let tail_lag = metrics_1
+        .iter()
+        .map(|t| metric(t, "telebridge_tail_lag_events"))
+        .collect();
+    let other = busy - cpu_daemon - cpu_broker - cpu_pg.unwrap_or(0.0) - cpu_bench;
     Ok(DaemonRun {
+        setup,
         committed: Burst {
             count: committed,
             seconds,
@@ -1141,9 +1781,16 @@ async fn measure_daemon(
         publish_seconds: published.seconds,
         daemon_cpu: cpu_daemon,
         broker_cpu: cpu_broker,
-        batches: metric(&metrics, "telebridge_store_batches_total").unwrap_or(0.0) as u64,
-        commit_seconds: metric(&metrics, "telebridge_store_commit_seconds_total").unwrap_or(0.0),
+        pg_cpu: cpu_pg,
+        bench_cpu: cpu_bench,
+        other_cpu: other.max(0.0),
+        batches: delta("telebridge_store_batches_total").max(0.0) as u64,
+        commit_seconds: delta("telebridge_store_commit_seconds_total").max(0.0),
+        per_instance,
+        tail_lag,
+        pg_stats,
         clean_exit: false,
+        log_problems: Vec::new(),
     })
 }
 
@@ -1378,7 +2025,7 @@ impl NodeRed {
             } else if !self.db.is_file() {
                 last = format!("{} not created yet", self.db.display());
             } else {
-                match RowCounter::open(&self.db).await {
+                match RowCounter::open(&self.db, false).await {
                     Ok(mut rows) => match rows.count().await {
                         Ok(_) => break rows,
                         Err(e) => last = format!("{e:#}"),
@@ -1485,7 +2132,7 @@ async fn measure_peer(
     let started = Instant::now();
     let mut rows = nr.wait_ready(limit).await?;
     let (base_count, base_seq) =
-        probe_until_stored(&mut rows, broker.port, case, limit, "Node-RED").await?;
+        probe_until_stored(&mut rows, broker.port, case, limit, "Node-RED", &[]).await?;
     eprintln!(
         "  Node-RED ready after {:.1} s",
         started.elapsed().as_secs_f64()
@@ -1500,8 +2147,7 @@ async fn measure_peer(
         format!("bench-pub-nr-{}", case.tag()),
         limit,
     ));
-    let (last_row_at, finish) =
-        wait_for_rows(&mut rows, base_seq + n as i64, limit, "Node-RED").await?;
+    let (last_row_at, finish) = wait_for_rows(&mut rows, base_seq, n, limit, "Node-RED").await?;
     let published = publisher
         .await
         .context("the publisher task panicked")?

@@ -3,7 +3,18 @@
 //!
 //! ```text
 //! cargo bench --bench fanout [-- --clients 1,100,1000 --rate 1000 --seconds 10 --idle 10000]
+//! cargo bench --bench fanout -- --backend postgres --instances 2 [--sse-on other|storing] ...
 //! ```
+//!
+//! With `--backend postgres` the daemons store in a fresh database per case on a PostgreSQL
+//! cluster the bench starts itself (`common::PgCluster`). With `--instances N` (N >= 2),
+//! instance A is the only one that ingests (shared group `tb`, the default topics), and the
+//! other N-1 run on the same database in the same group but with `[topics]` telemetry,
+//! status and ack on `nobody/{device}/...`, which nobody publishes to: they store nothing
+//! and serve only what their tail reads from the shared log. The SSE clients connect to
+//! those (round-robin), so the latency measured is publish -> commit by A -> NOTIFY ->
+//! B's tail -> B's SSE clients: the cross-instance path (`--sse-on storing` puts them on A
+//! instead, for comparison).
 //!
 //! Everything runs on loopback on this machine: a private Mosquitto, the release daemon
 //! (`target/release/telebridge`, a fresh one with a fresh database for every case), a QoS 1
@@ -34,9 +45,11 @@
 mod common;
 
 use common::{
-    Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, Publisher, cpu_snapshot, daemon_binary,
-    find_byte, fmt_ms, get_text, leading_u64, load_average, metric, modified, number,
-    open_file_limit, open_sse, path_value, percentile, proc_status_kb, publish_qos1, tokio_workers,
+    Backend, Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, PgCluster, PgStats, Placement,
+    Publisher, cpu_seconds, cpu_seconds_of, daemon_binary, find_byte, fmt_ms, get_text,
+    leading_u64, load_average, machine_busy_seconds, metric, modified, number, open_file_limit,
+    open_sse, path_value, percentile, proc_status_kb, publish_qos1, stop_and_discard,
+    tokio_workers,
 };
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
@@ -48,8 +61,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
 use futures_util::StreamExt as _;
-use sqlx::Connection as _;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -66,7 +77,17 @@ const USAGE: &str = "usage: cargo bench --bench fanout [-- OPTIONS]
   --lazy-ms N      clients other than the 10 sample clients read every N ms, which keeps
                    the load client cheap; 0: every client reads at once and samples every
                    10th event (default 10)
-  --daemon PATH    the telebridge binary to run (default: the release build)";
+  --daemon PATH    the telebridge binary to run (default: the release build)
+  --backend B      sqlite (default) or postgres: a fresh database per case on a PostgreSQL 15
+                   cluster this bench starts and stops itself
+  --instances N    daemons on that database (postgres; default 1): instance A ingests, the
+                   others subscribe to topics nobody publishes to and serve the SSE clients
+                   from the shared log
+  --sse-on WHERE   other (default): SSE clients on the instances that did not store; storing:
+                   on instance A
+  --compare-backends  every --clients case on SQLite x1, PostgreSQL x1 and PostgreSQL x N
+                   (--instances, default 2; SSE clients on the instances that did not store),
+                   back to back on one broker and cluster, then the latencies side by side";
 
 /// Devices the publisher rotates through (`devices/dev-{i % 10}/telemetry`).
 const DEVICES: u64 = 10;
@@ -100,7 +121,7 @@ fn main() -> ExitCode {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Args {
     help: bool,
     clients: Vec<usize>,
@@ -110,6 +131,12 @@ struct Args {
     idle: usize,
     lazy_ms: u64,
     daemon: Option<PathBuf>,
+    backend: Backend,
+    instances: usize,
+    /// SSE clients on the storing instance A rather than on the others.
+    sse_on_storing: bool,
+    /// SQLite x1, PostgreSQL x1 and PostgreSQL x N (SSE on the others) back to back.
+    compare: bool,
 }
 
 impl Args {
@@ -123,6 +150,10 @@ impl Args {
             idle: 10_000,
             lazy_ms: 10,
             daemon: None,
+            backend: Backend::Sqlite,
+            instances: 1,
+            sse_on_storing: false,
+            compare: false,
         };
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -146,8 +177,23 @@ impl Args {
                 "--idle" => out.idle = number("--idle", args.next(), 0, 15_000)? as usize,
                 "--daemon" => out.daemon = Some(path_value("--daemon", args.next())?),
                 "--lazy-ms" => out.lazy_ms = number("--lazy-ms", args.next(), 0, 1000)?,
+                "--backend" => out.backend = Backend::parse(args.next())?,
+                "--instances" => {
+                    out.instances = number("--instances", args.next(), 1, 16)? as usize
+                }
+                "--sse-on" => {
+                    out.sse_on_storing = match args.next().as_deref() {
+                        Some("storing") => true,
+                        Some("other" | "others") => false,
+                        other => bail!("--sse-on {other:?}: expected other or storing"),
+                    }
+                }
+                "--compare-backends" => out.compare = true,
                 other => bail!("unknown argument {other:?}"),
             }
+        }
+        if out.instances > 1 && out.backend != Backend::Postgres && !out.compare {
+            bail!("--instances above 1 needs --backend postgres (instances share one database)");
         }
         Ok(out)
     }
@@ -171,6 +217,35 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     let bin = daemon_binary(args.daemon.as_deref())?;
+    let setups: Vec<Args> = if args.compare {
+        let with = |backend, instances| Args {
+            backend,
+            instances,
+            sse_on_storing: false,
+            compare: false,
+            ..args.clone()
+        };
+        vec![
+            with(Backend::Sqlite, 1),
+            with(Backend::Postgres, 1),
+            with(Backend::Postgres, args.instances.max(2)),
+        ]
+    } else {
+        vec![args.clone()]
+    };
+    // Declared before the broker and the daemons, so it is stopped last.
+    let any_pg = setups.iter().any(|s| s.backend == Backend::Postgres);
+    let pg = match any_pg {
+        true => {
+            eprintln!("starting a PostgreSQL cluster of our own (initdb, pg_ctl start)");
+            Some(
+                tokio::task::spawn_blocking(PgCluster::start)
+                    .await
+                    .context("the PostgreSQL start-up panicked")??,
+            )
+        }
+        false => None,
+    };
     let broker = Mosquitto::start(None)?;
     let machine = Machine::read();
     println!("# telebridge fan-out benchmark (MQTT publish -> SSE receipt)");
@@ -185,6 +260,12 @@ async fn run(args: &Args) -> anyhow::Result<()> {
          sse_buffer=262144, [commands] rate_limit=100000, [log] level=warn, other keys default"
     );
     println!("{}", broker.describe());
+    if let Some(pg) = &pg {
+        println!("{}", pg.describe());
+    }
+    for s in &setups {
+        println!("storage:    {}", describe_instances(s));
+    }
     println!(
         "load:       {} readings/s, QoS 1, {PAYLOAD_BYTES}-byte JSON payloads with \"t\":<unix ns>, \
          to devices/dev-{{0..{}}}/telemetry, paced in {} ms ticks; warm-up {} s, measured {} s",
@@ -217,23 +298,33 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     );
     println!();
 
-    let mut results = Vec::new();
-    for &n in &args.clients {
-        eprintln!("-- case: {n} SSE client(s)");
-        match fanout_case(&bin, &broker, args, n).await {
-            Ok(r) => results.push(r),
-            Err(e) => {
-                eprintln!("case with {n} clients failed: {e:#}");
-                results.push(CaseResult::failed(n, format!("{e:#}")));
+    let mut all = Vec::new();
+    for setup in &setups {
+        let mut results = Vec::new();
+        for &n in &setup.clients {
+            eprintln!("-- case: {n} SSE client(s) on {}", setup_label(setup));
+            match fanout_case(&bin, &broker, pg.as_ref(), setup, n).await {
+                Ok(r) => results.push(r),
+                Err(e) => {
+                    eprintln!("case with {n} clients failed: {e:#}");
+                    results.push(CaseResult::failed(n, format!("{e:#}")));
+                }
             }
         }
+        if !results.is_empty() {
+            print_fanout_table(setup, &results);
+        }
+        all.push((setup, results));
     }
-    if !results.is_empty() {
-        print_fanout_table(args, &results);
+    if args.compare {
+        print_side_by_side(args, &all);
     }
 
     let idle = if args.idle > 0 {
-        eprintln!("-- idle test: {} SSE connections", args.idle);
+        eprintln!(
+            "-- idle test (SQLite, one daemon): {} SSE connections",
+            args.idle
+        );
         Some(idle_case(&bin, &broker, args.idle).await)
     } else {
         None
@@ -244,35 +335,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
 
     println!();
     println!("## targets (PRODUCT.md)");
-    let big = results
-        .iter()
-        .filter(|r| r.error.is_none())
-        .max_by_key(|r| r.clients);
-    match big {
-        Some(r) => {
-            let complete = r.received == r.expected;
-            let p99_ok = r.p99_ms.is_some_and(|p| p < TARGET_P99_MS);
-            println!(
-                "- fan-out, {} clients x {} readings/s: p99 {} (target < {TARGET_P99_MS} ms): {}; \
-                 every client got every reading: {}; ingest kept up: {} => {}",
-                r.clients,
-                args.rate,
-                fmt_ms(r.p99_ms),
-                if p99_ok { "met" } else { "MISSED" },
-                yes_no(complete),
-                yes_no(r.ingest_kept_up),
-                if p99_ok && complete && r.ingest_kept_up && r.clients >= 1000 && args.rate >= 1000
-                {
-                    "MET"
-                } else if r.clients < 1000 || args.rate < 1000 {
-                    "not measured at the target load (1,000 clients x 1,000/s)"
-                } else {
-                    "NOT MET"
-                }
-            );
-        }
-        None if args.clients.is_empty() => println!("- fan-out: skipped (--clients none)"),
-        None => println!("- fan-out: no case completed"),
+    for (setup, results) in &all {
+        print_targets(setup, results);
     }
     match &idle {
         Some(Ok(i)) => println!(
@@ -289,7 +353,190 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         None => println!("- idle: skipped (--idle 0)"),
     }
     drop(broker);
+    drop(pg);
     Ok(())
+}
+
+/// The fan-out target lines of one setup's cases.
+fn print_targets(args: &Args, results: &[CaseResult]) {
+    let big = results
+        .iter()
+        .filter(|r| r.error.is_none())
+        .max_by_key(|r| r.clients);
+    match big {
+        Some(r) if args.backend == Backend::Sqlite => {
+            let complete = r.received == r.expected;
+            let p99_ok = r.p99_ms.is_some_and(|p| p < TARGET_P99_MS);
+            println!(
+                "- fan-out ({}), {} clients x {} readings/s: p99 {} (target < {TARGET_P99_MS} ms): {}; \
+                 every client got every reading: {}; ingest kept up: {} => {}",
+                setup_label(args),
+                r.clients,
+                args.rate,
+                fmt_ms(r.p99_ms),
+                if p99_ok { "met" } else { "MISSED" },
+                yes_no(complete),
+                yes_no(r.ingest_kept_up),
+                if p99_ok && complete && r.ingest_kept_up && r.clients >= 1000 && args.rate >= 1000
+                {
+                    "MET"
+                } else if r.clients < 1000 || args.rate < 1000 {
+                    "not measured at the target load (1,000 clients x 1,000/s)"
+                } else {
+                    "NOT MET"
+                }
+            );
+        }
+        Some(_) => {}
+        None if args.clients.is_empty() => println!("- fan-out: skipped (--clients none)"),
+        None => println!("- fan-out ({}): no case completed", setup_label(args)),
+    }
+    if args.backend == Backend::Postgres {
+        for r in results.iter().filter(|r| r.error.is_none()) {
+            let p99_ok = r.p99_ms.is_some_and(|p| p < TARGET_P99_MS);
+            let complete = r.received == r.expected;
+            println!(
+                "- {} ({}), {} client(s) x {} readings/s: p99 {} (target < {TARGET_P99_MS} ms at 1,000 readings/s); \
+                 every client got every reading: {}; ingest kept up: {} => {}",
+                if args.instances > 1 && !args.sse_on_storing {
+                    "cross-instance fan-out"
+                } else {
+                    "fan-out"
+                },
+                setup_label(args),
+                r.clients,
+                args.rate,
+                fmt_ms(r.p99_ms),
+                yes_no(complete),
+                yes_no(r.ingest_kept_up),
+                if args.rate < 1000 {
+                    "not measured at 1,000 readings/s"
+                } else if p99_ok && complete && r.ingest_kept_up {
+                    "MET"
+                } else {
+                    "NOT MET"
+                }
+            );
+        }
+    }
+}
+
+/// `--compare-backends`: p50 / p99 of every client count on every setup, in one table.
+fn print_side_by_side(args: &Args, all: &[(&Args, Vec<CaseResult>)]) {
+    println!();
+    println!(
+        "## side by side: publish -> SSE receipt, {} readings/s, p50 / p99 / max ms (all delivered?)",
+        args.rate
+    );
+    println!();
+    let mut head = String::from("| clients |");
+    let mut rule = String::from("|--:|");
+    for (setup, _) in all {
+        head.push_str(&format!(
+            " {}{} |",
+            setup_label(setup),
+            if setup.instances > 1 && !setup.sse_on_storing {
+                ", SSE on B (cross-instance)"
+            } else {
+                ""
+            }
+        ));
+        rule.push_str("--:|");
+    }
+    println!("{head}");
+    println!("{rule}");
+    for &n in &args.clients {
+        let mut line = format!("| {n} |");
+        for (_, results) in all {
+            match results.iter().find(|r| r.clients == n) {
+                Some(r) if r.error.is_none() => line.push_str(&format!(
+                    " {} / **{}** / {} ({}) |",
+                    fmt_ms(r.p50_ms),
+                    fmt_ms(r.p99_ms),
+                    fmt_ms(r.max_ms),
+                    if r.received == r.expected {
+                        "yes"
+                    } else {
+                        "NO"
+                    }
+                )),
+                Some(_) => line.push_str(" failed |"),
+                None => line.push_str(" - |"),
+            }
+        }
+        println!("{line}");
+    }
+}
+
+/// `SQLite x1`, `PostgreSQL x2`.
+fn setup_label(args: &Args) -> String {
+    format!("{} x{}", args.backend.name(), args.instances)
+}
+
+/// The report line on where the daemons store and which ones serve the SSE clients.
+fn describe_instances(args: &Args) -> String {
+    match (args.backend, args.instances) {
+        (Backend::Sqlite, _) => {
+            "SQLite, one daemon per case ([storage] path in its temp dir)".into()
+        }
+        (Backend::Postgres, 1) => format!(
+            "PostgreSQL x1: one daemon per case on a fresh database, [mqtt] shared_group = \"{}\"",
+            common::SHARED_GROUP
+        ),
+        (Backend::Postgres, n) => format!(
+            "PostgreSQL x{n} on one fresh database per case, all in [mqtt] shared_group = \"{g}\": \
+             instance A stores (default topics, the group's only member on them); {} with [topics] \
+             telemetry/status/ack = nobody/{{device}}/... (nobody publishes there: they store \
+             nothing and serve what their tail reads from the shared log); SSE clients on {}",
+            if n == 2 {
+                "instance B".to_owned()
+            } else {
+                format!("{} instances B..", n - 1)
+            },
+            if args.sse_on_storing {
+                "instance A (--sse-on storing)".to_owned()
+            } else if n == 2 {
+                "instance B only".to_owned()
+            } else {
+                "those, round-robin".to_owned()
+            },
+            g = common::SHARED_GROUP
+        ),
+    }
+}
+
+/// Starts the case's daemons: one on SQLite, or `args.instances` on a fresh PostgreSQL
+/// database (instance A ingests; the others on topics nobody publishes to). A first.
+async fn start_instances(
+    bin: &Path,
+    broker: &Mosquitto,
+    pg: Option<&PgCluster>,
+    args: &Args,
+    tag: &str,
+) -> anyhow::Result<Vec<Daemon>> {
+    let Some(pg) = pg.filter(|_| args.backend == Backend::Postgres) else {
+        return Ok(vec![Daemon::start(bin, broker.port, tag).await?]);
+    };
+    let url = pg
+        .create_database(&format!("tb_{}", tag.replace('-', "_")))
+        .await?;
+    let mut daemons = Vec::new();
+    for i in 0..args.instances {
+        let placement = if i == 0 {
+            Placement::postgres(&url)
+        } else {
+            Placement::postgres(&url).with_unused(&["telemetry", "status", "ack"])
+        };
+        let name = format!("{tag}-{}", (b'a' + i as u8) as char);
+        match Daemon::start_placed(bin, broker.port, &name, &placement).await {
+            Ok(d) => daemons.push(d),
+            Err(e) => {
+                stop_and_discard(daemons, broker.port).await;
+                return Err(e.context(format!("starting instance {name}")));
+            }
+        }
+    }
+    Ok(daemons)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -306,6 +553,10 @@ struct CaseResult {
     p99_ms: Option<f64>,
     max_ms: Option<f64>,
     daemon_cpu: f64,
+    /// The instances other than A together (PostgreSQL with --instances > 1).
+    others_cpu: Option<f64>,
+    /// PostgreSQL: the postmaster and all its processes.
+    pg_cpu: Option<f64>,
     broker_cpu: f64,
     bench_cpu: f64,
     /// Everything else on the machine (other users' builds and tests).
@@ -327,6 +578,17 @@ struct CaseResult {
     events_per_read: Option<f64>,
     client_errors: usize,
     first_error: Option<String>,
+    /// Most events a serving instance's tail was behind the shared log (its
+    /// telebridge_tail_lag_events at the 250 ms polls); None on SQLite.
+    max_tail_lag: Option<f64>,
+    /// p50/p99 of each serving instance, by its letter.
+    per_instance: Vec<(char, Option<f64>, Option<f64>, usize)>,
+    /// Readings the serving instances stored (they should store none).
+    others_stored: u64,
+    /// PostgreSQL's commits and WAL flushes over the case.
+    pg_stats: Option<PgStats>,
+    /// Warnings and errors in the daemons' logs, prefixed with the instance.
+    log_problems: Vec<String>,
     error: Option<String>,
 }
 
@@ -342,6 +604,8 @@ impl CaseResult {
             p99_ms: None,
             max_ms: None,
             daemon_cpu: 0.0,
+            others_cpu: None,
+            pg_cpu: None,
             broker_cpu: 0.0,
             bench_cpu: 0.0,
             other_cpu: 0.0,
@@ -359,6 +623,11 @@ impl CaseResult {
             events_per_read: None,
             client_errors: 0,
             first_error: None,
+            max_tail_lag: None,
+            per_instance: Vec::new(),
+            others_stored: 0,
+            pg_stats: None,
+            log_problems: Vec::new(),
             error: Some(error),
         }
     }
@@ -370,14 +639,90 @@ struct Window {
     end: AtomicU64,
 }
 
+/// CPU seconds so far of instance A, the other instances, the broker, PostgreSQL, this
+/// process, and the machine's busy time (all cores).
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    storing: f64,
+    others: f64,
+    broker: f64,
+    pg: f64,
+    bench: f64,
+    busy: f64,
+}
+
+impl Cpu {
+    fn now(daemons: &[Daemon], broker: &Mosquitto, pg: Option<&PgCluster>) -> Cpu {
+        let others: Vec<u32> = daemons.iter().skip(1).map(Daemon::pid).collect();
+        Cpu {
+            storing: cpu_seconds(daemons[0].pid()),
+            others: cpu_seconds_of(&others),
+            broker: cpu_seconds(broker.pid()),
+            pg: pg.map_or(0.0, PgCluster::cpu_seconds),
+            bench: cpu_seconds(std::process::id()),
+            busy: machine_busy_seconds(),
+        }
+    }
+}
+
 async fn fanout_case(
     bin: &Path,
     broker: &Mosquitto,
+    pg: Option<&PgCluster>,
     args: &Args,
     n: usize,
 ) -> anyhow::Result<CaseResult> {
-    let tag = format!("fanout-{n}-{}", std::process::id());
-    let daemon = Daemon::start(bin, broker.port, &tag).await?;
+    // Distinct per setup, so a compare run's cases never share a client id or database.
+    let tag = format!(
+        "fanout-{n}-{}{}-{}",
+        match args.backend {
+            Backend::Sqlite => "sq",
+            Backend::Postgres => "pg",
+        },
+        args.instances,
+        std::process::id()
+    );
+    let pg = pg.filter(|_| args.backend == Backend::Postgres);
+    let daemons = start_instances(bin, broker, pg, args, &tag).await?;
+    let result = measure_case(&daemons, broker, pg, args, n, &tag).await;
+    let mut problems = Vec::new();
+    for (i, d) in daemons.iter().enumerate() {
+        let letter = (b'A' + i as u8) as char;
+        problems.extend(
+            d.log_problems()
+                .into_iter()
+                .map(|l| format!("[instance {letter}] {l}")),
+        );
+    }
+    stop_and_discard(daemons, broker.port).await;
+    let mut result = result?;
+    for line in problems.iter().take(5) {
+        eprintln!("   daemon log: {line:.300}");
+    }
+    result.log_problems = problems;
+    Ok(result)
+}
+
+async fn measure_case(
+    daemons: &[Daemon],
+    broker: &Mosquitto,
+    pg: Option<&PgCluster>,
+    args: &Args,
+    n: usize,
+    tag: &str,
+) -> anyhow::Result<CaseResult> {
+    let daemon = &daemons[0];
+    // The instances the SSE clients connect to.
+    let serving: Vec<&Daemon> = if daemons.len() > 1 && !args.sse_on_storing {
+        daemons[1..].iter().collect()
+    } else {
+        vec![daemon]
+    };
+    let serving_index: Vec<usize> = if daemons.len() > 1 && !args.sse_on_storing {
+        (1..daemons.len()).collect()
+    } else {
+        vec![0]
+    };
     let stop = CancellationToken::new();
     // Cancels the client tasks however this function ends.
     let _stop_guard = stop.clone().drop_guard();
@@ -400,7 +745,8 @@ async fn fanout_case(
             (SAMPLE_EVERY_OTHERS, None)
         };
         tasks.push(tokio::spawn(sse_client(SseClient {
-            addr: daemon.addr,
+            addr: serving[idx % serving.len()].addr,
+            server: idx % serving.len(),
             idx,
             sample_every,
             lazy,
@@ -433,8 +779,15 @@ async fn fanout_case(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let sse_clients = metric(&daemon.metrics().await?, "telebridge_sse_clients").unwrap_or(-1.0);
+    let mut sse_clients = 0.0;
+    for d in &serving {
+        sse_clients += metric(&d.metrics().await?, "telebridge_sse_clients").unwrap_or(-1.0);
+    }
     eprintln!("   {n} clients connected (telebridge_sse_clients = {sse_clients})");
+    let pg_stats_0 = match &daemon.pg_url {
+        Some(url) => Some(PgStats::read(url).await?),
+        None => None,
+    };
 
     let publisher = Publisher::connect(broker.port, &format!("pub-{tag}")).await?;
     let sent = Arc::new(AtomicU64::new(0));
@@ -443,6 +796,11 @@ async fn fanout_case(
     let monitor = tokio::spawn(ingest_monitor(
         daemon.http.clone(),
         daemon.addr,
+        if daemon.pg_url.is_some() {
+            serving.iter().map(|d| d.addr).collect()
+        } else {
+            Vec::new()
+        },
         sent.clone(),
         monitor_stop.clone(),
     ));
@@ -458,9 +816,8 @@ async fn fanout_case(
     window
         .end
         .store(start_ns + total.as_nanos() as u64, Ordering::Release);
-    let pids = [daemon.pid(), broker.pid(), std::process::id()];
     let mut cpu_start = if warmup.is_zero() {
-        Some((Instant::now(), cpu_snapshot(pids)))
+        Some((Instant::now(), Cpu::now(daemons, broker, pg)))
     } else {
         None
     };
@@ -475,7 +832,7 @@ async fn fanout_case(
         tick.tick().await;
         let elapsed = start.elapsed();
         if cpu_start.is_none() && elapsed >= warmup {
-            cpu_start = Some((Instant::now(), cpu_snapshot(pids)));
+            cpu_start = Some((Instant::now(), Cpu::now(daemons, broker, pg)));
         }
         if elapsed > total + Duration::from_secs(5) {
             eprintln!(
@@ -495,10 +852,10 @@ async fn fanout_case(
         sent.store(n_sent, Ordering::Relaxed);
     }
     let publish_end = Instant::now();
-    let cpu_end = cpu_snapshot(pids);
-    let (cpu_t0, cpu_start) = cpu_start.unwrap_or((start, [0.0; 4]));
+    let cpu_end = Cpu::now(daemons, broker, pg);
+    let (cpu_t0, cpu_start) = cpu_start.unwrap_or((start, Cpu::default()));
     let cpu_wall = publish_end.duration_since(cpu_t0).as_secs_f64().max(1e-6);
-    let cpu_pct = |i: usize| 100.0 * (cpu_end[i] - cpu_start[i]) / cpu_wall;
+    let pct = |f: fn(&Cpu) -> f64| 100.0 * (f(&cpu_end) - f(&cpu_start)) / cpu_wall;
     eprintln!(
         "   published {n_sent} readings in {:.2} s; waiting for delivery",
         start.elapsed().as_secs_f64()
@@ -555,12 +912,29 @@ async fn fanout_case(
         ),
         _ => (None, None),
     };
-    let metrics_text = daemon.metrics().await?;
-    let cut = metric(&metrics_text, "telebridge_sse_clients_cut_total").unwrap_or(0.0) as u64;
-    let rows = count_rows(&daemon.db).await.ok();
+    let mut cut = 0;
+    for d in &serving {
+        cut +=
+            metric(&d.metrics().await?, "telebridge_sse_clients_cut_total").unwrap_or(0.0) as u64;
+    }
+    let mut others_stored = 0;
+    for d in &daemons[1..] {
+        others_stored +=
+            metric(&d.metrics().await?, "telebridge_readings_stored_total").unwrap_or(0.0) as u64;
+    }
+    let rows = daemon.count_readings().await.ok();
+    let pg_stats = match (&daemon.pg_url, pg_stats_0) {
+        (Some(url), Some(before)) => {
+            // Backends report their statistics within about a second of going idle.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Some(PgStats::read(url).await?.since(&before))
+        }
+        _ => None,
+    };
 
     stop.cancel();
     let mut latencies: Vec<u32> = Vec::new();
+    let mut by_server: Vec<Vec<u32>> = vec![Vec::new(); serving.len()];
     let mut received = 0;
     let (mut sample_events, mut sample_reads) = (0u64, 0u64);
     let mut client_errors = 0;
@@ -574,6 +948,7 @@ async fn fanout_case(
                     sample_reads += outcome.reads;
                 }
                 latencies.extend_from_slice(&outcome.latencies);
+                by_server[outcome.server].extend_from_slice(&outcome.latencies);
                 if let Some(e) = outcome.error {
                     client_errors += 1;
                     first_error.get_or_insert(e);
@@ -592,6 +967,15 @@ async fn fanout_case(
     publisher.stop().await;
     latencies.sort_unstable();
     let ms = |p: f64| percentile(&latencies, p).map(|us| us as f64 / 1000.0);
+    let per_instance = by_server
+        .iter_mut()
+        .zip(&serving_index)
+        .map(|(l, &i)| {
+            l.sort_unstable();
+            let ms = |p: f64| percentile(l, p).map(|us| us as f64 / 1000.0);
+            ((b'A' + i as u8) as char, ms(0.50), ms(0.99), l.len())
+        })
+        .collect();
     let ingest_kept_up = rows.unwrap_or(stored) == n_sent
         && stored == n_sent
         && (max_lag as f64) <= args.rate as f64 * LAG_SECONDS_ALLOWED;
@@ -604,10 +988,18 @@ async fn fanout_case(
         p50_ms: ms(0.50),
         p99_ms: ms(0.99),
         max_ms: latencies.last().map(|&us| us as f64 / 1000.0),
-        daemon_cpu: cpu_pct(0),
-        broker_cpu: cpu_pct(1),
-        bench_cpu: cpu_pct(2),
-        other_cpu: (cpu_pct(3) - cpu_pct(0) - cpu_pct(1) - cpu_pct(2)).max(0.0),
+        daemon_cpu: pct(|c| c.storing),
+        others_cpu: (daemons.len() > 1).then(|| pct(|c| c.others)),
+        pg_cpu: pg.map(|_| pct(|c| c.pg)),
+        broker_cpu: pct(|c| c.broker),
+        bench_cpu: pct(|c| c.bench),
+        other_cpu: (pct(|c| c.busy)
+            - pct(|c| c.storing)
+            - pct(|c| c.others)
+            - pct(|c| c.pg)
+            - pct(|c| c.broker)
+            - pct(|c| c.bench))
+        .max(0.0),
         rows,
         max_lag,
         max_queue,
@@ -626,6 +1018,11 @@ async fn fanout_case(
         events_per_read: (sample_reads > 0).then(|| sample_events as f64 / sample_reads as f64),
         client_errors,
         first_error,
+        max_tail_lag: seen.max_tail_lag,
+        per_instance,
+        others_stored,
+        pg_stats,
+        log_problems: Vec::new(),
         error: None,
     };
     eprintln!(
@@ -635,7 +1032,6 @@ async fn fanout_case(
         fmt_ms(result.p99_ms),
         result.daemon_cpu
     );
-    drop(daemon);
     Ok(result)
 }
 
@@ -649,12 +1045,15 @@ struct Seen {
     /// `telebridge_store_batches_total` and `telebridge_store_commit_seconds_total` at each
     /// poll.
     batches: Vec<(Instant, f64, f64)>,
+    /// The most `telebridge_tail_lag_events` of the tail instances polled.
+    max_tail_lag: Option<f64>,
 }
 
 /// Polls /metrics every 250 ms until stopped.
 async fn ingest_monitor(
     http: reqwest::Client,
     addr: SocketAddr,
+    tails: Vec<SocketAddr>,
     sent: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> Seen {
@@ -682,6 +1081,16 @@ async fn ingest_monitor(
         ) {
             seen.batches.push((Instant::now(), b, c));
         }
+        for &t in &tails {
+            let Ok(Ok(text)) =
+                timeout(Duration::from_secs(2), get_text(&http, t, "/metrics")).await
+            else {
+                continue;
+            };
+            if let Some(lag) = metric(&text, "telebridge_tail_lag_events") {
+                seen.max_tail_lag = Some(seen.max_tail_lag.map_or(lag, |m: f64| m.max(lag)));
+            }
+        }
     }
 }
 
@@ -704,6 +1113,8 @@ fn make_payload(out: &mut Vec<u8>, seq: u64, device: usize) {
 
 struct SseClient {
     addr: SocketAddr,
+    /// Which of the serving instances `addr` is.
+    server: usize,
     idx: usize,
     /// Latency of every Nth event (0: none).
     sample_every: u64,
@@ -717,6 +1128,7 @@ struct SseClient {
 }
 
 struct ClientOutcome {
+    server: usize,
     sample_client: bool,
     events: u64,
     reads: u64,
@@ -752,6 +1164,7 @@ async fn sse_client(c: SseClient) -> ClientOutcome {
         Err(e) => Some(format!("client {}: {e:#}", c.idx)),
     };
     ClientOutcome {
+        server: c.server,
         sample_client: c.sample_every == 1,
         events: scan.events,
         reads: scan.reads,
@@ -936,21 +1349,30 @@ async fn idle_case(bin: &Path, broker: &Mosquitto, n: usize) -> anyhow::Result<I
 
 fn print_fanout_table(args: &Args, results: &[CaseResult]) {
     println!(
-        "## fan-out: {} readings/s for {} s measured (after {} s warm-up)",
-        args.rate, args.seconds, args.warmup
+        "## fan-out on {}{}: {} readings/s for {} s measured (after {} s warm-up)",
+        setup_label(args),
+        if args.instances > 1 && !args.sse_on_storing {
+            ", SSE on the instances that did not store"
+        } else {
+            ""
+        },
+        args.rate,
+        args.seconds,
+        args.warmup
     );
     println!();
     println!(
-        "| clients | readings published | events expected | events received | latency samples | p50 ms | p99 ms | max ms | daemon CPU % | broker CPU % | bench CPU % | other processes CPU % | rows in SQLite | max ingest lag | ingest kept up | drain after last publish | p99 < 50 ms |"
+        "| clients | readings published | events expected | events received | latency samples | p50 ms | p99 ms | max ms | daemon CPU % | other instances CPU % | postgres CPU % | broker CPU % | bench CPU % | other processes CPU % | rows in {} | max ingest lag | max tail lag (serving) | ingest kept up | drain after last publish | p99 < 50 ms |",
+        args.backend.name()
     );
-    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|:-:|");
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|:-:|");
     for r in results {
         if let Some(e) = &r.error {
             println!("| {} | failed: {e} |", r.clients);
             continue;
         }
         println!(
-            "| {} | {} | {} | {} ({:.2}%) | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} (queue ≤ {}) | {} | {} | {} |",
+            "| {} | {} | {} | {} ({:.2}%) | {} | {} | {} | {} | {:.0} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} (queue ≤ {}) | {} | {} | {} | {} |",
             r.clients,
             r.published,
             r.expected,
@@ -965,12 +1387,16 @@ fn print_fanout_table(args: &Args, results: &[CaseResult]) {
             fmt_ms(r.p99_ms),
             fmt_ms(r.max_ms),
             r.daemon_cpu,
+            r.others_cpu.map_or("-".into(), |c| format!("{c:.0}")),
+            r.pg_cpu.map_or("-".into(), |c| format!("{c:.0}")),
             r.broker_cpu,
             r.bench_cpu,
             r.other_cpu,
             r.rows.map_or("?".into(), |n| n.to_string()),
             r.max_lag,
             r.max_queue,
+            r.max_tail_lag
+                .map_or("-".into(), |l| format!("{l:.0} events")),
             yes_no(r.ingest_kept_up),
             r.drain_ms
                 .map_or("incomplete".into(), |ms| format!("{ms:.0} ms")),
@@ -984,9 +1410,17 @@ fn print_fanout_table(args: &Args, results: &[CaseResult]) {
     println!();
     println!(
         "CPU % is of one core over the measured window (100% = one core busy; the machine has {}); \
-         \"other processes\" is the machine's busy time minus daemon, broker and bench.",
+         \"daemon\" is the storing instance (A); \"other instances\" the rest together; postgres = \
+         the postmaster and all its processes; \"other processes\" is the machine's busy time minus \
+         all of those and the bench.",
         Machine::read().nproc
     );
+    if args.backend == Backend::Postgres {
+        println!(
+            "max tail lag: the most telebridge_tail_lag_events (committed by anyone, not yet read by this \
+             instance) seen on a serving instance at the 250 ms polls."
+        );
+    }
     println!(
         "max ingest lag: most readings published but not yet stored, polled every 250 ms; \"kept up\" = \
          rows == published and lag <= {LAG_SECONDS_ALLOWED} s of readings."
@@ -1018,7 +1452,43 @@ fn print_fanout_table(args: &Args, results: &[CaseResult]) {
         "(writes to a sample client are counted as its reads, which it does at once; the kernel may \
          merge writes, so this is a lower bound on the daemon's writes)"
     );
+    if args.backend == Backend::Postgres {
+        println!();
+        println!("per serving instance, and PostgreSQL over the case:");
+        for r in results.iter().filter(|r| r.error.is_none()) {
+            println!(
+                "- {} client(s): {}; readings stored by the non-ingesting instances: {}{}",
+                r.clients,
+                r.per_instance
+                    .iter()
+                    .map(|(l, p50, p99, n)| format!(
+                        "instance {l}: p50 {} / p99 {} ms ({n} samples)",
+                        fmt_ms(*p50),
+                        fmt_ms(*p99)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                r.others_stored,
+                r.pg_stats
+                    .as_ref()
+                    .map_or(String::new(), |s| format!("; postgres: {}", s.describe()))
+            );
+        }
+    }
     for r in results {
+        if !r.log_problems.is_empty() {
+            println!(
+                "note: {} clients: {} warning/error line(s) in the daemon logs; first: {}",
+                r.clients,
+                r.log_problems.len(),
+                r.log_problems
+                    .iter()
+                    .take(3)
+                    .map(|l| format!("{l:.300}"))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
+        }
         if r.received < r.expected && r.error.is_none() {
             println!(
                 "note: {} clients: {:.2}% of the events were not delivered within {} s after the last \
@@ -1089,18 +1559,6 @@ fn yes_no(b: bool) -> &'static str {
 // ---------------------------------------------------------------------------------------
 // Small helpers
 // ---------------------------------------------------------------------------------------
-
-async fn count_rows(db: &Path) -> anyhow::Result<u64> {
-    let opts = SqliteConnectOptions::new().filename(db).read_only(true);
-    let mut conn = SqliteConnection::connect_with(&opts)
-        .await
-        .with_context(|| format!("opening {} read-only", db.display()))?;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
-        .fetch_one(&mut conn)
-        .await?;
-    let _ = conn.close().await;
-    Ok(n as u64)
-}
 
 fn now_ns() -> u64 {
     SystemTime::now()

@@ -211,8 +211,12 @@ pub struct Daemon {
     pub child: Child,
     /// Its HTTP listener.
     pub addr: SocketAddr,
-    /// Its SQLite database.
+    /// Its SQLite database (unused on PostgreSQL).
     pub db: PathBuf,
+    /// Its PostgreSQL database, when it has one instead of `db`.
+    pub pg_url: Option<String>,
+    /// Its `[mqtt] client_id` (empty when the config came from the caller).
+    pub client_id: String,
     /// Holds the config, the database and the log.
     pub dir: TempDir,
     /// A client for its HTTP API.
@@ -222,22 +226,38 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon against the broker on `mqtt_port` and waits for GET /readyz.
     pub async fn start(bin: &Path, mqtt_port: u16, tag: &str) -> anyhow::Result<Daemon> {
+        Daemon::start_placed(bin, mqtt_port, tag, &Placement::default()).await
+    }
+
+    /// Starts the daemon like `start`, with its storage, shared group and topics as
+    /// `placement` says (SQLite in its temp dir by default); waits for GET /readyz.
+    pub async fn start_placed(
+        bin: &Path,
+        mqtt_port: u16,
+        tag: &str,
+        placement: &Placement,
+    ) -> anyhow::Result<Daemon> {
         let dir = tempfile::tempdir().context("creating a temp dir for the daemon")?;
         let db = dir.path().join("bench.db");
         let config = dir.path().join("telebridge.toml");
+        let client_id = format!("telebridge-bench-{tag}");
         std::fs::write(
             &config,
             format!(
                 "[broker]\nmode = \"external\"\n\n\
-                 [mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt_port}\"\nclient_id = \"telebridge-bench-{tag}\"\n\n\
+                 [mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt_port}\"\nclient_id = \"{client_id}\"\n{}\n\
                  [http]\nlisten = \"127.0.0.1:0\"\nmax_sse_clients = 20000\nmax_streams_per_ip = 20000\nsse_buffer = 262144\n\n\
-                 [storage]\npath = {:?}\n\n\
+                 {}\n\
                  [commands]\nrate_limit = 100000\n\n\
                  [log]\nlevel = \"warn\"\n",
-                db.display().to_string()
+                placement.mqtt_lines(),
+                placement.storage_and_topics(&db),
             ),
         )?;
-        Daemon::spawn(bin, &[], dir, db, &config).await
+        let mut daemon = Daemon::spawn(bin, &[], dir, db, &config).await?;
+        daemon.client_id = client_id;
+        daemon.pg_url = placement.postgres_url.clone();
+        Ok(daemon)
     }
 
     /// Starts the daemon like `start`, but with the config that `config` returns (given the
@@ -287,6 +307,8 @@ impl Daemon {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             db,
+            pg_url: None,
+            client_id: String::new(),
             dir,
             http,
         };
@@ -351,6 +373,76 @@ impl Daemon {
     pub fn log_tail(&self) -> String {
         log_tail(&self.dir.path().join("daemon.log"), 20)
     }
+
+    /// The lines of its stderr that are warnings or errors (it logs at `warn`).
+    pub fn log_problems(&self) -> Vec<String> {
+        log_problems(&self.dir.path().join("daemon.log"))
+    }
+
+    /// Readings in its database (SQLite or PostgreSQL).
+    pub async fn count_readings(&self) -> anyhow::Result<u64> {
+        match &self.pg_url {
+            Some(url) => pg_count_readings(url).await,
+            None => sqlite_count_readings(&self.db).await,
+        }
+    }
+}
+
+/// The lines of a daemon log that hold a WARN or ERROR (ANSI colours stripped).
+pub fn log_problems(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("panicked"))
+        .collect()
+}
+
+/// `line` without ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `SELECT count(*) FROM readings` on an SQLite file, read-only.
+pub async fn sqlite_count_readings(db: &Path) -> anyhow::Result<u64> {
+    use sqlx::Connection as _;
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true);
+    let mut conn = sqlx::sqlite::SqliteConnection::connect_with(&opts)
+        .await
+        .with_context(|| format!("opening {} read-only", db.display()))?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
+        .fetch_one(&mut conn)
+        .await?;
+    let _ = conn.close().await;
+    Ok(n as u64)
+}
+
+/// `SELECT count(*) FROM readings` on a PostgreSQL database.
+pub async fn pg_count_readings(url: &str) -> anyhow::Result<u64> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::postgres::PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
+        .fetch_one(&mut conn)
+        .await?;
+    let _ = conn.close().await;
+    Ok(n as u64)
 }
 
 impl Drop for Daemon {
@@ -1008,6 +1100,525 @@ pub fn run_to_exit<T: Termination>(
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Storage backends: where a bench daemon stores, and a private PostgreSQL cluster
+// ---------------------------------------------------------------------------------------
+
+/// The storage backend a bench runs the daemon on (`--backend sqlite|postgres`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `[storage] path`: a file in the daemon's temp dir.
+    Sqlite,
+    /// `[storage] url`: a fresh database on the bench's own PostgreSQL cluster.
+    Postgres,
+}
+
+impl Backend {
+    /// The value of `--backend`.
+    pub fn parse(value: Option<String>) -> anyhow::Result<Backend> {
+        match value.as_deref() {
+            Some("sqlite") => Ok(Backend::Sqlite),
+            Some("postgres" | "postgresql" | "pg") => Ok(Backend::Postgres),
+            Some(other) => bail!("--backend {other:?}: expected sqlite or postgres"),
+            None => bail!("--backend needs a value: sqlite or postgres"),
+        }
+    }
+
+    /// `SQLite` or `PostgreSQL`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+        }
+    }
+}
+
+/// The shared-subscription group the bench's PostgreSQL instances join.
+pub const SHARED_GROUP: &str = "tb";
+
+/// `[topics]` that nobody publishes to: an instance with them stores nothing of its own
+/// and serves only what the shared log brings (`key`: telemetry, status or ack).
+pub fn unused_topic(key: &str) -> (String, String) {
+    let template = match key {
+        "telemetry" => "nobody/{device}/telemetry",
+        "status" => "nobody/{device}/status",
+        "ack" => "nobody/{device}/commands/ack",
+        other => panic!("no unused topic for {other}"),
+    };
+    (key.to_owned(), template.to_owned())
+}
+
+/// How a bench daemon stores and subscribes; the default is SQLite in its temp dir, no
+/// shared group, the default topics.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// `[storage] url`; None: `[storage] path` in the daemon's temp dir.
+    pub postgres_url: Option<String>,
+    /// `[mqtt] shared_group`.
+    pub shared_group: Option<String>,
+    /// `[topics]` entries (key, template) that replace the defaults.
+    pub topics: Vec<(String, String)>,
+    /// `[mqtt] qos`, when not the default (1).
+    pub qos: Option<u8>,
+}
+
+impl Placement {
+    /// On PostgreSQL database `url`, in the bench's shared group.
+    pub fn postgres(url: &str) -> Placement {
+        Placement {
+            postgres_url: Some(url.to_owned()),
+            shared_group: Some(SHARED_GROUP.to_owned()),
+            ..Placement::default()
+        }
+    }
+
+    /// The same, with `keys` (telemetry, status, ack) on topics nobody publishes to.
+    pub fn with_unused(mut self, keys: &[&str]) -> Placement {
+        self.topics.extend(keys.iter().map(|k| unused_topic(k)));
+        self
+    }
+
+    /// Lines for the `[mqtt]` section beyond url and client_id.
+    pub fn mqtt_lines(&self) -> String {
+        let mut out = String::new();
+        if let Some(g) = &self.shared_group {
+            out.push_str(&format!("shared_group = \"{g}\"\n"));
+        }
+        if let Some(q) = self.qos {
+            out.push_str(&format!("qos = {q}\n"));
+        }
+        out
+    }
+
+    /// The `[storage]` section (SQLite at `db`, or the URL) and, if any, `[topics]`.
+    pub fn storage_and_topics(&self, db: &Path) -> String {
+        let toml_str = |s: &str| toml::Value::String(s.to_owned()).to_string();
+        let mut out = match &self.postgres_url {
+            Some(url) => format!("[storage]\nurl = {}\n", toml_str(url)),
+            None => format!(
+                "[storage]\npath = {}\n",
+                toml_str(&db.display().to_string())
+            ),
+        };
+        if !self.topics.is_empty() {
+            out.push_str("\n[topics]\n");
+            for (k, v) in &self.topics {
+                out.push_str(&format!("{k} = {}\n", toml_str(v)));
+            }
+        }
+        out
+    }
+
+    /// One line for a report: backend, group and the topics changed.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![match &self.postgres_url {
+            Some(_) => "PostgreSQL".to_owned(),
+            None => "SQLite".to_owned(),
+        }];
+        if let Some(g) = &self.shared_group {
+            parts.push(format!("shared_group {g}"));
+        }
+        for (k, v) in &self.topics {
+            parts.push(format!("{k} = {v}"));
+        }
+        parts.join(", ")
+    }
+}
+
+/// The server settings of the bench cluster beyond address and socket: commits stay
+/// durable (synchronous_commit and fsync on), as telebridge acknowledges after commit.
+pub const PG_SETTINGS: &[(&str, &str)] = &[
+    ("shared_buffers", "256MB"),
+    ("max_wal_size", "2GB"),
+    ("synchronous_commit", "on"),
+    ("fsync", "on"),
+    ("max_connections", "200"),
+    ("track_wal_io_timing", "on"),
+];
+
+/// PostgreSQL 15's server binaries (off the PATH).
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A PostgreSQL cluster of the bench's own: initdb into a temp dir owned by `postgres`,
+/// the server on a free port on 127.0.0.1 with its socket in that dir, run as `postgres`
+/// when we are root (PostgreSQL refuses to run as root). Stopped with `pg_ctl stop -m fast`
+/// on drop (its postmaster killed by pid if that fails), and the dir removed.
+pub struct PgCluster {
+    /// Its TCP port on 127.0.0.1.
+    pub port: u16,
+    /// What `postgres --version` prints.
+    pub version: String,
+    /// The postmaster's process id.
+    pub pid: u32,
+    data: PathBuf,
+    /// Holds the data directory, the socket and the server log.
+    dir: TempDir,
+}
+
+impl PgCluster {
+    /// initdb, start, and wait until it accepts connections (at most about a minute).
+    pub fn start() -> anyhow::Result<PgCluster> {
+        let bin = PathBuf::from(PG_BIN);
+        if !bin.join("initdb").is_file() {
+            bail!(
+                "{}/initdb is missing: install PostgreSQL 15's server (apt-get install postgresql-15)",
+                bin.display()
+            );
+        }
+        let version = Command::new(bin.join("postgres"))
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|| "postgres".into());
+        let dir = tempfile::Builder::new()
+            .prefix("telebridge-bench-pg.")
+            .tempdir()
+            .context("creating a temp dir for PostgreSQL")?;
+        if running_as_root() {
+            let status = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path())
+                .status()
+                .context("running chown")?;
+            if !status.success() {
+                bail!(
+                    "chown postgres:postgres {} failed ({status})",
+                    dir.path().display()
+                );
+            }
+        }
+        let data = dir.path().join("data");
+        let mut initdb = pg_command(&bin.join("initdb"));
+        initdb.arg("-D").arg(&data).args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]);
+        run_quiet(initdb, "initdb")?;
+        let log = dir.path().join("server.log");
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = free_port()?;
+            let mut opts = format!(
+                "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='{}'",
+                dir.path().display()
+            );
+            for (k, v) in PG_SETTINGS {
+                opts.push_str(&format!(" -c {k}={v}"));
+            }
+            let mut start = pg_command(&bin.join("pg_ctl"));
+            start
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(&log)
+                .args(["-w", "-t", "30", "-o", &opts, "start"]);
+            match run_quiet(start, "pg_ctl start") {
+                Ok(()) => {
+                    let pid = std::fs::read_to_string(data.join("postmaster.pid"))
+                        .ok()
+                        .and_then(|s| s.lines().next()?.trim().parse().ok())
+                        .context("reading the postmaster's pid from postmaster.pid")?;
+                    return Ok(PgCluster {
+                        port,
+                        version,
+                        pid,
+                        data,
+                        dir,
+                    });
+                }
+                Err(e) => last_error = format!("{e:#}\n{}", log_tail(&log, 10)),
+            }
+        }
+        bail!("cannot start PostgreSQL: {last_error}")
+    }
+
+    /// The admin URL (database `postgres`).
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Creates a fresh database `name` (letters, digits and `_`) and returns its URL.
+    pub async fn create_database(&self, name: &str) -> anyhow::Result<String> {
+        use sqlx::Connection as _;
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            bail!("database name {name:?}: letters, digits and _ only");
+        }
+        let mut conn = sqlx::postgres::PgConnection::connect(&self.admin_url())
+            .await
+            .context("connecting to the bench cluster")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("CREATE DATABASE {name}"))?;
+        let _ = conn.close().await;
+        Ok(format!(
+            "postgres://postgres@127.0.0.1:{}/{name}",
+            self.port
+        ))
+    }
+
+    /// Two report lines: version and address, then the settings.
+    pub fn describe(&self) -> String {
+        format!(
+            "postgres:   {} on 127.0.0.1:{} (its own cluster in {}, initdb --no-sync, run as user postgres)\n            {}",
+            self.version,
+            self.port,
+            self.dir.path().display(),
+            PG_SETTINGS
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    }
+
+    /// CPU seconds so far of the whole server: the postmaster, its live children (backends,
+    /// WAL writer, checkpointer, ...) and the children it has reaped.
+    pub fn cpu_seconds(&self) -> f64 {
+        process_tree_cpu_seconds(self.pid)
+    }
+
+    /// The server's lines that are warnings, errors or worse.
+    pub fn log_problems(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("server.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                ["WARNING:", "ERROR:", "FATAL:", "PANIC:"]
+                    .iter()
+                    .any(|k| l.contains(k))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let mut stop = pg_command(&PathBuf::from(PG_BIN).join("pg_ctl"));
+        stop.arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-t", "30", "-m", "fast", "stop"]);
+        if let Err(e) = run_quiet(stop, "pg_ctl stop -m fast") {
+            eprintln!(
+                "{e:#}; killing the postmaster (pid {}) and its children",
+                self.pid
+            );
+            // Our own server: its children first, then the postmaster, by their pids.
+            for child in children_of(self.pid) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &child.to_string()])
+                    .status();
+            }
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.pid.to_string()])
+                .status();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // The TempDir removes the directory.
+    }
+}
+
+/// A monitor of one database's commit and WAL statistics (pg_stat_wal is cluster-wide).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PgStats {
+    /// Transactions committed in the database.
+    pub commits: f64,
+    /// WAL flushes to disk (fsync/fdatasync) and the milliseconds they took.
+    pub wal_syncs: f64,
+    pub wal_sync_ms: f64,
+    /// WAL writes and their milliseconds, and WAL bytes.
+    pub wal_writes: f64,
+    pub wal_write_ms: f64,
+    pub wal_bytes: f64,
+}
+
+impl PgStats {
+    /// The statistics as the server has them now (backends report theirs within about a
+    /// second of going idle, so read the end of a run after a pause).
+    pub async fn read(url: &str) -> anyhow::Result<PgStats> {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::postgres::PgConnection::connect(url)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        let (commits,): (i64,) = sqlx::query_as(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .context("reading pg_stat_database")?;
+        let (wal_syncs, wal_sync_ms, wal_writes, wal_write_ms, wal_bytes): (
+            i64,
+            f64,
+            i64,
+            f64,
+            f64,
+        ) = sqlx::query_as(
+            "SELECT wal_sync, wal_sync_time, wal_write, wal_write_time, wal_bytes::float8 \
+                 FROM pg_stat_wal",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .context("reading pg_stat_wal")?;
+        let _ = conn.close().await;
+        Ok(PgStats {
+            commits: commits as f64,
+            wal_syncs: wal_syncs as f64,
+            wal_sync_ms,
+            wal_writes: wal_writes as f64,
+            wal_write_ms,
+            wal_bytes,
+        })
+    }
+
+    /// What happened between `before` and `self`.
+    pub fn since(&self, before: &PgStats) -> PgStats {
+        PgStats {
+            commits: self.commits - before.commits,
+            wal_syncs: self.wal_syncs - before.wal_syncs,
+            wal_sync_ms: self.wal_sync_ms - before.wal_sync_ms,
+            wal_writes: self.wal_writes - before.wal_writes,
+            wal_write_ms: self.wal_write_ms - before.wal_write_ms,
+            wal_bytes: self.wal_bytes - before.wal_bytes,
+        }
+    }
+
+    /// One line: commits, WAL flushes and their mean time, WAL volume.
+    pub fn describe(&self) -> String {
+        format!(
+            "{:.0} transactions in the database (reads included); {:.0} WAL flushes (fsync), {:.2} ms each, {:.2} s in all; {:.0} WAL writes, {:.1} MB of WAL",
+            self.commits,
+            self.wal_syncs,
+            if self.wal_syncs > 0.0 {
+                self.wal_sync_ms / self.wal_syncs
+            } else {
+                0.0
+            },
+            self.wal_sync_ms / 1000.0,
+            self.wal_writes,
+            self.wal_bytes / 1e6
+        )
+    }
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A command for a PostgreSQL server binary, as the `postgres` user when we are root.
+fn pg_command(bin: &Path) -> Command {
+    if running_as_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+/// Runs `cmd` to its end with its output captured; an error carries that output.
+fn run_quiet(mut cmd: Command, what: &str) -> anyhow::Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The pids of the live processes whose parent is `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let (_, rest) = s.rsplit_once(')')?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// CPU seconds of `pid` with the children it has reaped (cutime, cstime) and those of
+/// its live children.
+pub fn process_tree_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime, stime, cutime, cstime: fields 14 to 17.
+    let own = (tick(11) + tick(12) + tick(13) + tick(14)) / clock_ticks_per_second();
+    own + children_of(pid).into_iter().map(cpu_seconds).sum::<f64>()
+}
+
+/// CPU seconds of several processes together.
+pub fn cpu_seconds_of(pids: &[u32]) -> f64 {
+    pids.iter().copied().map(cpu_seconds).sum()
+}
+
+/// Removes a persistent session from the broker: a clean-session connect with the same
+/// client id discards it. Otherwise the broker keeps queueing QoS 1 messages for a stopped
+/// daemon, and, in a shared group, keeps dealing it its share of the next run's messages.
+pub async fn discard_session(port: u16, client_id: &str) -> anyhow::Result<()> {
+    let (client, mut eventloop) =
+        mqtt_connect(mqtt_options(client_id, port), "session discard").await?;
+    client.try_disconnect().context("queueing the disconnect")?;
+    let _ = timeout(Duration::from_secs(2), async {
+        while let Ok(ev) = eventloop.poll().await {
+            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// Stops every daemon (SIGTERM by pid, as their Drop does), then discards their broker
+/// sessions.
+pub async fn stop_and_discard(daemons: Vec<Daemon>, mqtt_port: u16) {
+    let ids: Vec<String> = daemons
+        .iter()
+        .map(|d| d.client_id.clone())
+        .filter(|id| !id.is_empty())
+        .collect();
+    drop(daemons);
+    for id in ids {
+        if let Err(e) = discard_session(mqtt_port, &id).await {
+            eprintln!("discarding the broker session of {id}: {e:#}");
         }
     }
 }
