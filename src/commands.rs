@@ -154,19 +154,34 @@ impl Commands {
         mut changes: mpsc::Receiver<CommandChange>,
         cancel: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                Some(change) = changes.recv() => self.answered(change),
-                _ = tick.tick() => {
-                    if let Err(e) = self.housekeeping().await {
-                        tracing::warn!(error = %e, "command housekeeping failed; will retry");
+        // Two loops side by side: endings are passed on while housekeeping waits for
+        // storage (a timeout pass that ends thousands at once fills the queue meanwhile).
+        let answers = async {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    change = changes.recv() => match change {
+                        Some(c) => self.answered(c),
+                        None => return,
+                    },
+                }
+            }
+        };
+        let ticks = async {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {
+                        if let Err(e) = self.housekeeping().await {
+                            tracing::warn!(error = %e, "command housekeeping failed; will retry");
+                        }
                     }
                 }
             }
-        }
+        };
+        tokio::join!(answers, ticks);
     }
 
     /// Passes a command's ending, as the log carries it from whichever instance stored

@@ -144,20 +144,38 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "(not a URL)".into();
     };
-    // The authority ends at the first '/', '?' or '#'; credentials end at its last '@'.
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
+    // Credentials end at the last '@' (a password may hold '/', '?' or '#' unencoded); the
+    // query may carry `password=` too.
+    let (userinfo, after) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at..]),
+        None => (None, rest),
     };
-    let (userinfo, host) = authority.split_at(at);
-    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-    let masked = if userinfo.contains(':') {
-        format!("{user}:***")
-    } else {
-        user.to_owned()
-    };
-    format!("{scheme}://{masked}{host}{tail}")
+    let mut shown = format!("{scheme}://");
+    if let Some(userinfo) = userinfo {
+        match userinfo.split_once(':') {
+            Some((user, _)) => {
+                shown.push_str(user);
+                shown.push_str(":***");
+            }
+            None => shown.push_str(userinfo),
+        }
+    }
+    match after.split_once('?') {
+        Some((base, query)) => {
+            shown.push_str(base);
+            shown.push('?');
+            let params: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            shown.push_str(&params.join("&"));
+        }
+        None => shown.push_str(after),
+    }
+    shown
 }
 
 /// Whether `url` is a PostgreSQL URL sqlx can use: the scheme, a host and a database.
@@ -171,8 +189,8 @@ fn check_postgres_url(url: &str) -> Result<(), String> {
             "{shown} is not a PostgreSQL URL: write postgres://USER:PASSWORD@HOST:PORT/DATABASE"
         ));
     };
-    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let after_at = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host = &after_at[..after_at.find(['/', '?']).unwrap_or(after_at.len())];
     if host.is_empty() && !rest.contains("host=") {
         return Err(format!(
             "{shown} names no host: write postgres://USER:PASSWORD@HOST:PORT/DATABASE"
@@ -180,7 +198,7 @@ fn check_postgres_url(url: &str) -> Result<(), String> {
     }
     if let Some((_, port)) = host.rsplit_once(':')
         && !host.ends_with(']')
-        && port.parse::<u16>().is_err()
+        && port.parse::<u16>().ok().is_none_or(|p| p == 0)
     {
         return Err(format!(
             "{shown}: the port {port:?} is not a number from 1 to 65535"
@@ -1142,6 +1160,32 @@ fn line_of(text: &str, pos: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_postgres_url_is_shown_without_its_password_wherever_it_hides() {
+        for (url, shown) in [
+            (
+                "postgres://tb:hunter2@db:5432/tb",
+                "postgres://tb:***@db:5432/tb",
+            ),
+            ("postgres://tb:se/cr?e#t@db/tb", "postgres://tb:***@db/tb"),
+            (
+                "postgres://db/tb?user=tb&password=hunter2&sslmode=require",
+                "postgres://db/tb?user=tb&password=***&sslmode=require",
+            ),
+            ("postgres://tb@db/tb", "postgres://tb@db/tb"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+            assert!(!redact_url(url).contains("hunter2") && !redact_url(url).contains("cr?e"));
+        }
+        let text = "[storage]\nurl = \"postgres://tb:hunter2@db:0/tb\"\n";
+        let problems = format!("{:?}", Config::parse(text).expect_err("port 0"));
+        assert!(problems.contains("storage.url"), "{problems}");
+        assert!(!problems.contains("hunter2"), "{problems}");
+        let both = "[storage]\npath = \"x.db\"\nurl = \"postgres://db/tb\"\n";
+        let problems = format!("{:?}", Config::parse(both).expect_err("both"));
+        assert!(problems.contains("not both"), "{problems}");
+    }
 
     #[test]
     fn events_are_kept_at_least_as_long_as_readings() {

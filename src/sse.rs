@@ -153,7 +153,14 @@ impl Client {
         self.phase = Phase::Live;
         match self.params.last_event_id {
             Some(n) => {
-                let last = *self.last_seq.borrow();
+                let mut last = *self.last_seq.borrow();
+                if n > last {
+                    // Another instance may have served the client past where our tail is:
+                    // the shared log's head decides whether the id exists.
+                    if let Ok(Some(head)) = self.store.head_seq().await {
+                        last = last.max(head);
+                    }
+                }
                 if n > last {
                     // An id from the future (another database?): say so and go live.
                     out.extend_from_slice(&feed::encode_plain(

@@ -67,6 +67,8 @@ pub async fn run_housekeeping(
                             }
                         }
                         Err(StoreError::WriterGone) => return,
+                        // The writer already reports the fault (log, /readyz): no line per tick.
+                        Err(StoreError::Failing(_) | StoreError::WriterBusy(_)) => break,
                         Err(e) => {
                             tracing::warn!(error = %e, "retention failed; will retry");
                             break;
@@ -85,6 +87,7 @@ pub async fn run_housekeeping(
                         tracing::info!(devices = ?ids, "marked offline after silence");
                     }
                     Err(StoreError::WriterGone) => return,
+                    Err(StoreError::Failing(_) | StoreError::WriterBusy(_)) => {}
                     Err(e) => tracing::warn!(error = %e, "presence sweep failed; will retry"),
                     _ => {}
                 }

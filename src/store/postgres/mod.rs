@@ -162,9 +162,12 @@ impl PgStore {
         let opts: PgConnectOptions = url.parse().map_err(connect_error(url))?;
         // A session that hangs inside a transaction (a frozen instance, a dead network)
         // would hold the append lock and stall every instance: the server ends it.
-        let opts = opts
-            .application_name("telebridge")
-            .options([("idle_in_transaction_session_timeout", "15s")]);
+        let opts = opts.application_name("telebridge").options([
+            ("idle_in_transaction_session_timeout", "15s"),
+            // The append protocol relies on each statement seeing what committed before
+            // it (the head read after the lock): never a snapshot from before the wait.
+            ("default_transaction_isolation", "read committed"),
+        ]);
         // One connection first: a pool would only say that it timed out, not why.
         sqlx::PgConnection::connect_with(&opts)
             .await
@@ -412,6 +415,18 @@ impl PgStore {
         cutoff: i64,
         now: i64,
     ) -> Result<Vec<(String, String)>, StoreError> {
+        // Most ticks find nothing due: a plain read first, so that no tick of any instance
+        // takes the cluster-wide append lock for nothing.
+        let due: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT EXISTS (SELECT 1 FROM commands WHERE {})",
+            condition.replace("$3", "$1")
+        )))
+        .bind(cutoff)
+        .fetch_one(&self.pool)
+        .await?;
+        if !due {
+            return Ok(Vec::new());
+        }
         let mut a = begin_append(&self.pool).await?;
         let done: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
             "UPDATE commands SET status = $1, finished_at = $2 WHERE {condition} RETURNING id, device"

@@ -92,6 +92,10 @@ impl Tail {
                     if !matches!(r, Ok(true)) {
                         listener = None;
                     }
+                    // One read covers every commit notified so far.
+                    if let Some(l) = listener.as_mut() {
+                        while l.next_buffered().is_some() {}
+                    }
                 }
                 _ = tokio::time::sleep(POLL) => {
                     if let Ok(head) = self.store.head().await {

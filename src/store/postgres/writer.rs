@@ -17,16 +17,30 @@ use crate::domain::DeviceId;
 use crate::ingest::{AckSink, Item};
 use crate::observability::Metrics;
 use crate::store::health::{FaultKind, Health};
-use crate::store::writer::{self, Backend, Commit, Committed, WriterConfig};
+use crate::store::writer::{self, Backend, Commit, Committed, Entry, WriterConfig};
 use crate::store::{Control, StoreError};
 
 /// How long closing a failed connection may take before it is left to close on its own.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
+/// How long a batch's transaction (waiting for the append lock included) or a connection
+/// may take before the connection is given up as dead and the batch retried.
+const COMMIT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The error for a server that did not answer within `COMMIT_DEADLINE`.
+fn no_answer() -> StoreError {
+    StoreError::Query(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("PostgreSQL did not answer within {COMMIT_DEADLINE:?}"),
+    )))
+}
 
 /// The batch writer and the tail of one instance.
 pub struct Writer {
     batches: Batches,
     tail: super::tail::Tail,
+    /// Where the tail runs: the runtime that opened storage (the HTTP side's), not the
+    /// ingest thread, whose batches hold the cluster-wide append lock.
+    tail_runtime: tokio::runtime::Handle,
 }
 
 impl Writer {
@@ -43,8 +57,10 @@ impl Writer {
                 store: store.clone(),
                 health,
                 seen_written: HashMap::new(),
+                committing: None,
             },
             tail: super::tail::Tail::new(store, head),
+            tail_runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -64,7 +80,7 @@ impl Writer {
         shutdown: CancellationToken,
     ) -> Result<(), StoreError> {
         let committed = Arc::new(committed);
-        let tail = tokio::spawn(self.tail.run(
+        let tail = self.tail_runtime.spawn(self.tail.run(
             committed.clone(),
             metrics.clone(),
             shutdown.clone(),
@@ -96,13 +112,18 @@ struct Batches {
     health: Arc<Health>,
     /// `last_seen` as this instance last wrote it, per device.
     seen_written: HashMap<Arc<str>, i64>,
+    /// A batch whose COMMIT was sent without an answer yet, and how to recognise it.
+    committing: Option<(Probe, Commit)>,
 }
 
 impl Batches {
     async fn take_conn(&mut self) -> Result<PgConnection, StoreError> {
         match self.conn.take() {
             Some(c) => Ok(c),
-            None => Ok(self.opts.connect().await?),
+            None => tokio::time::timeout(COMMIT_DEADLINE, self.opts.connect())
+                .await
+                .map_err(|_| no_answer())?
+                .map_err(StoreError::from),
         }
     }
 
@@ -224,17 +245,107 @@ impl Batches {
         insert_events(&mut tx, &p.plan.events).await?;
         // Unused seqs (unknown acks) may be skipped: ids need order, not density.
         move_head(&mut tx, p.next_seq - 1).await?;
-        tx.commit().await?;
-        for (device, c) in &p.devices {
-            self.seen_written.insert(device.shared(), c.last);
-        }
+        let probe = Probe::of(batch, &p.plan);
+        let seen: Vec<(Arc<str>, i64)> = p
+            .devices
+            .iter()
+            .map(|(d, c)| (d.shared(), c.last))
+            .collect();
         p.finish();
-        Ok(Commit {
+        let commit = Commit {
             readings: p.readings.len() as u64,
             presence: p.presence,
             last_seq: p.next_seq - 1,
             plan: p.plan,
             unknown_acks,
+        };
+        // Kept until COMMIT answers: if the answer is lost, the batch may be stored, and
+        // storing it again would duplicate it (see `Backend::commit`).
+        let unprobed = match probe {
+            Some(probe) => {
+                self.committing = Some((probe, commit));
+                None
+            }
+            None => Some(commit),
+        };
+        tx.commit().await?;
+        self.seen_written.extend(seen);
+        unprobed
+            .or_else(|| self.committing.take().map(|(_, c)| c))
+            .ok_or_else(|| StoreError::Failing("a committed batch went missing".into()))
+    }
+
+    /// Whether the batch whose COMMIT got no answer was stored after all: its first row is
+    /// in the log, exactly as planned (another instance would have taken that seq for
+    /// rows of its own if it was not).
+    async fn landed(&mut self, probe: &Probe) -> Result<bool, StoreError> {
+        let mut conn = self.take_conn().await?;
+        let r = match probe {
+            Probe::Reading {
+                seq,
+                device,
+                topic,
+                received_at,
+            } => {
+                sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM readings WHERE seq = $1 AND device = $2 \
+                     AND topic = $3 AND received_at = $4)",
+                )
+                .bind(seq)
+                .bind(device)
+                .bind(topic)
+                .bind(received_at)
+                .fetch_one(&mut conn)
+                .await
+            }
+            Probe::Event { seq, data } => {
+                sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM events WHERE seq = $1 AND data = $2)",
+                )
+                .bind(seq)
+                .bind(data)
+                .fetch_one(&mut conn)
+                .await
+            }
+        };
+        self.put_back(conn, r.is_ok()).await;
+        Ok(r?)
+    }
+}
+
+/// The first row of a batch, to tell afterwards whether its transaction committed.
+#[derive(Debug)]
+enum Probe {
+    Reading {
+        seq: i64,
+        device: String,
+        topic: String,
+        received_at: i64,
+    },
+    Event {
+        seq: i64,
+        data: String,
+    },
+}
+
+impl Probe {
+    /// The probe of a planned batch: its first reading or event (none when it only
+    /// touches device rows, which a second try rewrites the same way).
+    fn of(batch: &[Item], plan: &writer::Plan) -> Option<Probe> {
+        plan.order.iter().find_map(|e| match *e {
+            Entry::Reading(i, seq) => match batch.get(i) {
+                Some(Item::Reading(r, _)) => Some(Probe::Reading {
+                    seq,
+                    device: r.device.to_string(),
+                    topic: r.topic.to_string(),
+                    received_at: r.received_at,
+                }),
+                _ => None,
+            },
+            Entry::Event(i) => plan.events.get(i).map(|ev| Probe::Event {
+                seq: ev.seq,
+                data: ev.data.clone(),
+            }),
         })
     }
 }
@@ -257,10 +368,37 @@ fn batch_devices(batch: &[Item]) -> Vec<String> {
 
 impl Backend for Batches {
     async fn commit(&mut self, batch: &[Item]) -> Result<Commit, StoreError> {
+        // The last try's COMMIT got no answer (connection lost, deadline): find out first
+        // whether it was stored, rather than store it twice.
+        if let Some((probe, commit)) = self.committing.take() {
+            match tokio::time::timeout(COMMIT_DEADLINE, self.landed(&probe)).await {
+                Ok(Ok(true)) => {
+                    tracing::warn!(
+                        "a batch whose COMMIT got no answer was stored: not storing it again"
+                    );
+                    return Ok(commit);
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    self.committing = Some((probe, commit));
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.conn = None;
+                    self.committing = Some((probe, commit));
+                    return Err(no_answer());
+                }
+            }
+        }
         let mut conn = self.take_conn().await?;
-        let r = self.commit_on(&mut conn, batch).await;
-        self.put_back(conn, r.is_ok()).await;
-        r
+        match tokio::time::timeout(COMMIT_DEADLINE, self.commit_on(&mut conn, batch)).await {
+            Ok(r) => {
+                self.put_back(conn, r.is_ok()).await;
+                r
+            }
+            // A half-open connection would wait forever: dropped, and the batch retried.
+            Err(_) => Err(no_answer()),
+        }
     }
 
     fn publish(&self, _committed: &Committed, _batch: &[Item], _commit: &Commit) {
