@@ -55,6 +55,18 @@ pub struct PgStore {
 /// The reading columns, as the decoders name them.
 const READING_COLUMNS: &str = "seq, device, topic, ts, received_at, payload, flags";
 
+/// Binds a page's device, after, from, to and limit as `$1` to `$5`.
+fn bind_page<'q>(
+    page: &'q Page,
+    q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    q.bind(page.device.as_str())
+        .bind(page.after)
+        .bind(page.from.unwrap_or(i64::MIN))
+        .bind(page.to.unwrap_or(i64::MAX))
+        .bind(page.limit)
+}
+
 /// The kinds of the events table that `kinds` asks for.
 fn event_kinds(kinds: Kinds) -> Vec<&'static str> {
     [Kind::Status, Kind::Command]
@@ -270,16 +282,14 @@ impl PgStore {
 
     /// Presence changes of one device (see [`crate::store::Store::status_history`]).
     pub async fn status_history(&self, page: &Page) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, kind, device, at AS ts, convert_to(data, 'UTF8') AS payload \
-             FROM events WHERE device = $1 AND kind = 'status' AND seq > $2 AND at >= $3 AND at <= $4 \
-             ORDER BY seq LIMIT $5",
+        let rows = bind_page(
+            page,
+            sqlx::query(
+                "SELECT seq, kind, device, at AS ts, convert_to(data, 'UTF8') AS payload \
+                 FROM events WHERE device = $1 AND kind = 'status' AND seq > $2 AND at >= $3 AND at <= $4 \
+                 ORDER BY seq LIMIT $5",
+            ),
         )
-        .bind(&page.device)
-        .bind(page.after)
-        .bind(page.from.unwrap_or(i64::MIN))
-        .bind(page.to.unwrap_or(i64::MAX))
-        .bind(page.limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(event_from_row).collect()
@@ -325,15 +335,13 @@ impl PgStore {
 
     /// History of one device (see [`crate::store::Store::history`]).
     pub async fn history(&self, page: &Page) -> Result<Vec<StoredReading>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {READING_COLUMNS} FROM readings \
-             WHERE device = $1 AND seq > $2 AND ts >= $3 AND ts <= $4 ORDER BY seq LIMIT $5"
-        )))
-        .bind(&page.device)
-        .bind(page.after)
-        .bind(page.from.unwrap_or(i64::MIN))
-        .bind(page.to.unwrap_or(i64::MAX))
-        .bind(page.limit)
+        let rows = bind_page(
+            page,
+            sqlx::query(AssertSqlSafe(format!(
+                "SELECT {READING_COLUMNS} FROM readings \
+                 WHERE device = $1 AND seq > $2 AND ts >= $3 AND ts <= $4 ORDER BY seq LIMIT $5"
+            ))),
+        )
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(reading_from_row).collect()
