@@ -1085,3 +1085,60 @@ async fn a_silent_device_is_marked_offline_once_by_three_instances() {
     let db = c.db().await;
     assert_eq!(db.device("nap0").await.map(|d| d.0), Some(false));
 }
+
+#[tokio::test]
+async fn postgres_that_cannot_be_used_stops_start_up_with_a_clear_error_and_never_the_password() {
+    if skip() {
+        return;
+    }
+    // Arrange: a server nobody listens for, a database that does not exist, bad URLs.
+    let closed = format!(
+        "url = \"postgres://tb:s3cret-pw@127.0.0.1:{}/tb\"",
+        crate::support::free_port()
+    );
+    let cluster = crate::pg::cluster_url();
+    let (base, _) = cluster.rsplit_once('/').expect("cluster URL");
+    let (scheme, host) = base.split_once("://").expect("scheme");
+    let missing = format!("url = \"{scheme}://postgres:s3cret-pw@{host}/no_such_db_here\"");
+
+    // Act
+    let unreachable = crate::support::run_until_exit(&closed);
+    let no_db = crate::support::run_until_exit(&missing);
+    let (bad_port, bad_port_text) =
+        crate::support::check("[storage]\nurl = \"postgres://tb:s3cret-pw@db:99999/tb\"\n");
+    let (both, both_text) = crate::support::check(
+        "[storage]\npath = \"x.db\"\nurl = \"postgres://tb:s3cret-pw@db/tb\"\n",
+    );
+    let (alone, alone_text) =
+        crate::support::check("[mqtt]\nshared_group = \"tb\"\n[storage]\npath = \"x.db\"\n");
+
+    // Assert: exit 3 for storage at start-up, 2 for the config, with what to fix; the
+    // password shown as *** everywhere.
+    for (code, err) in [&unreachable, &no_db] {
+        assert_eq!(*code, 3, "{err}");
+        assert!(err.contains("cannot connect to PostgreSQL at"), "{err}");
+        assert!(err.contains(":***@"), "{err}");
+        assert!(
+            !err.contains("s3cret-pw") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+    assert!(
+        unreachable.1.contains("Connection refused"),
+        "{}",
+        unreachable.1
+    );
+    assert!(no_db.1.contains("does not exist"), "{}", no_db.1);
+    assert_eq!(bad_port, 2, "{bad_port_text}");
+    assert!(
+        bad_port_text.contains("storage.url") && bad_port_text.contains("99999"),
+        "{bad_port_text}"
+    );
+    assert_eq!(both, 2, "{both_text}");
+    assert!(both_text.contains("not both"), "{both_text}");
+    assert_eq!(alone, 2, "{alone_text}");
+    assert!(alone_text.contains("mqtt.shared_group"), "{alone_text}");
+    for text in [&bad_port_text, &both_text] {
+        assert!(!text.contains("s3cret-pw"), "{text}");
+    }
+}

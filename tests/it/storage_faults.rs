@@ -556,43 +556,7 @@ async fn migrated(path: &Path) -> sqlx::SqliteConnection {
 
 /// Runs `telebridge run` on a config whose storage is at `db`: (exit code, stderr).
 fn run_once(db: &Path) -> (i32, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[broker]\nmode = \"external\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n",
-            db.display()
-        ),
-    )
-    .expect("write config");
-    let mut child = Command::new(crate::support::BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start telebridge");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "telebridge kept running with a database at {}",
-                db.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    crate::support::run_until_exit(&format!("path = \"{}\"", db.display()))
 }
 
 #[tokio::test]

@@ -75,6 +75,41 @@ pub fn check(config: &str) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// Runs `telebridge run` with `storage` as its `[storage]` section (no broker needed) and
+/// waits for it to exit, as it must when storage cannot be opened: (exit code, stderr).
+pub fn run_until_exit(storage: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nmode = \"external\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n[storage]\n{storage}\n"
+        ),
+    )
+    .expect("write config");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start telebridge");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("telebridge kept running with [storage] {storage}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A builder for the tests' HTTP clients. reqwest is built with rustls but no crypto provider
 /// of its own (the daemon's is ring), so ring is installed as the process default first.
 pub fn http_builder() -> reqwest::ClientBuilder {
