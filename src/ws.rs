@@ -2,7 +2,8 @@
 //! out. A bad message gets an error frame and the connection stays open; a dead peer is
 //! noticed by ping/pong and closed.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::app::Shared;
 use crate::auth::Principal;
+use crate::commands::Update;
 use crate::protocol::{self, CommandRequest, Refusal, ServerMessage};
 use crate::web::{ApiError, principal, shared};
 
@@ -23,6 +25,8 @@ pub const MAX_MESSAGE: usize = 16 * 1024;
 const HARD_LIMIT: usize = 1024 * 1024;
 /// Ping interval; a peer silent for three of them is considered dead.
 const PING_EVERY: Duration = Duration::from_secs(20);
+/// Updates of unknown commands kept while submissions are in flight.
+const EARLY_MAX: usize = 256;
 /// Commands of one connection being stored and published at once; further frames wait
 /// unread (back-pressure through TCP) until one of them is done.
 const IN_FLIGHT: usize = 32;
@@ -115,7 +119,19 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut last_heard = Instant::now();
     let mut submitting = FuturesUnordered::new();
-    loop {
+    // Updates for commands not (yet) known as ours, kept while a submission is in flight:
+    // under load the device's answer can come back before the submitting task is polled
+    // again with its `accepted`.
+    let mut early: VecDeque<Arc<Update>> = VecDeque::new();
+    // Messages to send after the one of this turn (an early answer after its `accepted`).
+    let mut queued: VecDeque<ServerMessage> = VecDeque::new();
+    'serve: loop {
+        while let Some(msg) = queued.pop_front() {
+            let text = serde_json::to_string(&msg).unwrap_or_default();
+            if tx.send(Message::text(text)).await.is_err() {
+                break 'serve;
+            }
+        }
         let out: Option<ServerMessage> = tokio::select! {
             biased;
             _ = s.streams_stop.cancelled() => {
@@ -128,6 +144,17 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
                 Ok(Ok(msg)) => {
                     if let ServerMessage::Accepted { id, .. } = &msg {
                         mine.insert(id.clone());
+                        early.retain(|u| {
+                            if u.id != *id {
+                                return true;
+                            }
+                            mine.remove(id);
+                            queued.push_back(u.message.clone());
+                            false
+                        });
+                    }
+                    if submitting.is_empty() {
+                        early.clear();
                     }
                     Some(msg)
                 }
@@ -143,6 +170,13 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
                         mine.remove(&u.id);
                     }
                     Some(u.message.clone())
+                }
+                Ok(u) if !submitting.is_empty() => {
+                    if early.len() == EARLY_MAX {
+                        early.pop_front();
+                    }
+                    early.push_back(u);
+                    None
                 }
                 Ok(_) => None,
                 Err(RecvError::Lagged(n)) => {
