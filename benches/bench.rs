@@ -42,7 +42,8 @@ mod common;
 use common::{
     Backend, HANDSHAKE_TIMEOUT, MQTT_INFLIGHT, Machine, Mosquitto, PgCluster, PgStats, Placement,
     cpu_seconds, cpu_seconds_of, daemon_binary, free_port, load_average, log_problems, log_tail,
-    machine_busy_seconds, metric, mqtt_connect, mqtt_options, number, proc_status_kb,
+    machine_busy_seconds, machine_irq_seconds, metric, mqtt_connect, mqtt_options, number,
+    path_value, proc_status_kb,
 };
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -112,7 +113,8 @@ const USAGE: &str = "usage: cargo bench --bench bench -- ingest [--seconds N] [-
   --compare-backends  QoS 1 only: subscriber, SQLite x1, PostgreSQL x1 and PostgreSQL x N
                       (--instances, default 3) back to back, rows/s side by side with ratios;
                       no Node-RED
-  --payload N         payload bytes for --compare-backends (default 100)";
+  --payload N         payload bytes for --compare-backends (default 100)
+  --daemon PATH       the telebridge binary to run (default: the release build)";
 
 /// Command-line options.
 #[derive(Debug)]
@@ -132,6 +134,8 @@ struct Args {
     compare: bool,
     /// Payload size for --compare-backends.
     payload: usize,
+    /// The telebridge binary to run instead of the release build.
+    daemon: Option<PathBuf>,
 }
 
 impl Args {
@@ -145,6 +149,7 @@ impl Args {
             instances: None,
             compare: false,
             payload: 100,
+            daemon: None,
         };
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -164,6 +169,7 @@ impl Args {
                     out.instances = Some(number("--instances", args.next(), 1, MAX_INSTANCES)?);
                 }
                 "--compare-backends" => out.compare = true,
+                "--daemon" => out.daemon = Some(path_value("--daemon", args.next())?),
                 "--payload" => {
                     out.payload = number("--payload", args.next(), 40, 65_536)? as usize;
                 }
@@ -280,6 +286,9 @@ struct DaemonRun {
     pg_cpu: Option<f64>,
     bench_cpu: f64,
     other_cpu: f64,
+    /// The machine's interrupt and softirq time (with tick accounting, as here, it is also
+    /// in the times of the processes it interrupted: mostly the loopback network).
+    irq_cpu: f64,
     /// Write transactions and the time spent in them during the burst, from /metrics,
     /// summed over the instances.
     batches: u64,
@@ -290,6 +299,8 @@ struct DaemonRun {
     tail_lag: Vec<Option<f64>>,
     /// PostgreSQL's commits and WAL flushes during the burst.
     pg_stats: Option<PgStats>,
+    /// The statements that took PostgreSQL the most time during the burst.
+    pg_top: Vec<String>,
     /// Whether every daemon stopped cleanly on SIGTERM.
     clean_exit: bool,
     /// Warnings and errors the daemons logged, prefixed with the instance.
@@ -329,7 +340,7 @@ async fn ingest(args: &Args) -> anyhow::Result<ExitCode> {
     if args.compare {
         return compare_backends(args).await;
     }
-    let daemon_bin = daemon_binary(None)?;
+    let daemon_bin = daemon_binary(args.daemon.as_deref())?;
     let setup = Setup {
         backend: args.backend,
         instances: args.instances.unwrap_or(1) as usize,
@@ -457,7 +468,7 @@ async fn ingest(args: &Args) -> anyhow::Result<ExitCode> {
 /// PostgreSQL x1 and PostgreSQL x N, on one broker and one PostgreSQL cluster; prints the
 /// committed rows/s side by side with their ratios.
 async fn compare_backends(args: &Args) -> anyhow::Result<ExitCode> {
-    let daemon_bin = daemon_binary(None)?;
+    let daemon_bin = daemon_binary(args.daemon.as_deref())?;
     // Declared first, so it is stopped last.
     let pg = start_pg().await?;
     let broker = Mosquitto::start(Some(0))?;
@@ -937,7 +948,9 @@ fn write_daemon_details(out: &mut String, label: &str, d: &DaemonRun) {
     let _ = writeln!(
         out,
         "  {label:<14} last row after {:.2} s, publishing took {:.2} s; CPU telebridge {:.2} s{}{pg_cpu}, \
-         mosquitto {:.2} s, bench {:.2} s, other processes {:.2} s; {} transactions (~{:.0} rows, \
+         mosquitto {:.2} s, bench {:.2} s, other processes {:.2} s (interrupts and softirqs, inside those \
+         times: {:.2} s); \
+         {} transactions (~{:.0} rows, \
          {:.2} ms each, {:.2} s in all); SIGTERM exit {}",
         d.committed.seconds,
         d.publish_seconds,
@@ -950,6 +963,7 @@ fn write_daemon_details(out: &mut String, label: &str, d: &DaemonRun) {
         d.broker_cpu,
         d.bench_cpu,
         d.other_cpu,
+        d.irq_cpu,
         d.batches,
         avg_batch,
         avg_commit_ms,
@@ -983,6 +997,16 @@ fn write_daemon_details(out: &mut String, label: &str, d: &DaemonRun) {
     }
     if let Some(st) = &d.pg_stats {
         let _ = writeln!(out, "  {:<14} postgres: {}", "", st.describe());
+    }
+    if let Some((head, rest)) = d.pg_top.split_first() {
+        let _ = writeln!(
+            out,
+            "  {:<14} postgres statements (pg_stat_statements, by execution time): {head}",
+            ""
+        );
+        for line in rest {
+            let _ = writeln!(out, "  {:<14}   {line}", "");
+        }
     }
     if !d.log_problems.is_empty() {
         let _ = writeln!(
@@ -1719,6 +1743,10 @@ async fn measure_daemon(
         Some(url) => Some(PgStats::read(url).await?),
         None => None,
     };
+    let statements_0 = match (pg, &placement.postgres_url) {
+        (Some(pg), Some(url)) => Some(pg.statements(url).await?),
+        _ => None,
+    };
 
     let n = case.messages;
     let pids: Vec<u32> = daemons.iter().map(Daemon::pid).collect();
@@ -1727,6 +1755,7 @@ async fn measure_daemon(
     let cpu_pg_0 = pg.map(PgCluster::cpu_seconds);
     let cpu_bench_0 = cpu_seconds(std::process::id());
     let busy_0 = machine_busy_seconds();
+    let irq_0 = machine_irq_seconds();
     let publisher = tokio::spawn(publish_burst(
         broker.port,
         *case,
@@ -1742,6 +1771,7 @@ async fn measure_daemon(
         .map(|(b, a)| b - a);
     let cpu_bench = cpu_seconds(std::process::id()) - cpu_bench_0;
     let busy = machine_busy_seconds() - busy_0;
+    let irq = machine_irq_seconds() - irq_0;
     let published = publisher
         .await
         .context("the publisher task panicked")?
@@ -1756,6 +1786,10 @@ async fn measure_daemon(
     let pg_stats = match (&placement.postgres_url, stats_0) {
         (Some(url), Some(before)) => Some(PgStats::read(url).await?.since(&before)),
         _ => None,
+    };
+    let pg_top = match (pg, &placement.postgres_url, &statements_0) {
+        (Some(pg), Some(url), Some(before)) => pg.statements(url).await?.top_since(before, 8),
+        _ => Vec::new(),
     };
     let metrics_1: Vec<String> = daemons.iter().map(Daemon::metrics).collect();
     let delta = |name: &str| metric_sum(&metrics_1, name) - metric_sum(&metrics_0, name);
@@ -1784,11 +1818,13 @@ async fn measure_daemon(
         pg_cpu: cpu_pg,
         bench_cpu: cpu_bench,
         other_cpu: other.max(0.0),
+        irq_cpu: irq,
         batches: delta("telebridge_store_batches_total").max(0.0) as u64,
         commit_seconds: delta("telebridge_store_commit_seconds_total").max(0.0),
         per_instance,
         tail_lag,
         pg_stats,
+        pg_top,
         clean_exit: false,
         log_problems: Vec::new(),
     })

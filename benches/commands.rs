@@ -431,6 +431,10 @@ async fn measure(
         Some(url) => Some(PgStats::read(url).await?),
         None => None,
     };
+    let statements_0 = match (pg, &daemon.pg_url) {
+        (Some(pg), Some(url)) => Some(pg.statements(url).await?),
+        _ => None,
+    };
     let cpu0 = cpu_now(daemons, broker, pg);
     let t0 = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
@@ -459,6 +463,10 @@ async fn measure(
             Some(PgStats::read(url).await?.since(&before))
         }
         _ => None,
+    };
+    let pg_top = match (pg, &daemon.pg_url, &statements_0) {
+        (Some(pg), Some(url), Some(before)) => pg.statements(url).await?.top_since(before, 8),
+        _ => Vec::new(),
     };
     let answered = device.answered.load(Ordering::Relaxed);
     device.stop().await;
@@ -557,6 +565,12 @@ async fn measure(
     }
     if let Some(st) = &pg_stats {
         println!("postgres over the measured run: {}", st.describe());
+    }
+    if let Some((head, rest)) = pg_top.split_first() {
+        println!("postgres statements (pg_stat_statements, by execution time): {head}");
+        for line in rest {
+            println!("  {line}");
+        }
     }
     if let Some(p) = &r.first_problem {
         println!("first problem: {p}");

@@ -587,6 +587,8 @@ struct CaseResult {
     others_stored: u64,
     /// PostgreSQL's commits and WAL flushes over the case.
     pg_stats: Option<PgStats>,
+    /// The statements that took PostgreSQL the most time over the case.
+    pg_top: Vec<String>,
     /// Warnings and errors in the daemons' logs, prefixed with the instance.
     log_problems: Vec<String>,
     error: Option<String>,
@@ -627,6 +629,7 @@ impl CaseResult {
             per_instance: Vec::new(),
             others_stored: 0,
             pg_stats: None,
+            pg_top: Vec::new(),
             log_problems: Vec::new(),
             error: Some(error),
         }
@@ -788,6 +791,10 @@ async fn measure_case(
         Some(url) => Some(PgStats::read(url).await?),
         None => None,
     };
+    let statements_0 = match (pg, &daemon.pg_url) {
+        (Some(pg), Some(url)) => Some(pg.statements(url).await?),
+        _ => None,
+    };
 
     let publisher = Publisher::connect(broker.port, &format!("pub-{tag}")).await?;
     let sent = Arc::new(AtomicU64::new(0));
@@ -931,6 +938,10 @@ async fn measure_case(
         }
         _ => None,
     };
+    let pg_top = match (pg, &daemon.pg_url, &statements_0) {
+        (Some(pg), Some(url), Some(before)) => pg.statements(url).await?.top_since(before, 6),
+        _ => Vec::new(),
+    };
 
     stop.cancel();
     let mut latencies: Vec<u32> = Vec::new();
@@ -1022,6 +1033,7 @@ async fn measure_case(
         per_instance,
         others_stored,
         pg_stats,
+        pg_top,
         log_problems: Vec::new(),
         error: None,
     };
@@ -1473,6 +1485,12 @@ fn print_fanout_table(args: &Args, results: &[CaseResult]) {
                     .as_ref()
                     .map_or(String::new(), |s| format!("; postgres: {}", s.describe()))
             );
+            if let Some((head, rest)) = r.pg_top.split_first() {
+                println!("  postgres statements (pg_stat_statements, by execution time): {head}");
+                for line in rest {
+                    println!("    {line}");
+                }
+            }
         }
     }
     for r in results {

@@ -881,6 +881,25 @@ pub fn machine_busy_seconds() -> f64 {
     (at(0) + at(1) + at(2) + at(5) + at(6) + at(7)) / clock_ticks_per_second()
 }
 
+/// Seconds all cores spent serving interrupts and softirqs since boot (the irq and softirq
+/// fields of /proc/stat's `cpu` line), such as much of the loopback network's path. With
+/// tick-based CPU accounting and no CONFIG_IRQ_TIME_ACCOUNTING, that time is also in the
+/// system time of whichever process it interrupted.
+pub fn machine_irq_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(line) = stat.lines().next() else {
+        return 0.0;
+    };
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    (v.get(5).copied().unwrap_or(0.0) + v.get(6).copied().unwrap_or(0.0)) / clock_ticks_per_second()
+}
+
 /// The 1, 5 and 15 minute load averages.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -1238,6 +1257,8 @@ pub const PG_SETTINGS: &[(&str, &str)] = &[
     ("fsync", "on"),
     ("max_connections", "200"),
     ("track_wal_io_timing", "on"),
+    // Per-statement times for the report (a few per cent of overhead).
+    ("shared_preload_libraries", "pg_stat_statements"),
 ];
 
 /// PostgreSQL 15's server binaries (off the PATH).
@@ -1328,13 +1349,20 @@ impl PgCluster {
                         .ok()
                         .and_then(|s| s.lines().next()?.trim().parse().ok())
                         .context("reading the postmaster's pid from postmaster.pid")?;
-                    return Ok(PgCluster {
+                    let cluster = PgCluster {
                         port,
                         version,
                         pid,
                         data,
                         dir,
-                    });
+                    };
+                    // The view, in the admin database; it sees every database's statements.
+                    let mut psql = pg_command(&bin.join("psql"));
+                    psql.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+                        .arg(cluster.admin_url())
+                        .args(["-c", "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"]);
+                    run_quiet(psql, "psql -c 'CREATE EXTENSION pg_stat_statements'")?;
+                    return Ok(cluster);
                 }
                 Err(e) => last_error = format!("{e:#}\n{}", log_tail(&log, 10)),
             }
@@ -1388,6 +1416,35 @@ impl PgCluster {
         process_tree_cpu_seconds(self.pid)
     }
 
+    /// pg_stat_statements' counters for database `url` now (see [`PgStatements`]).
+    pub async fn statements(&self, url: &str) -> anyhow::Result<PgStatements> {
+        use sqlx::Connection as _;
+        let db = url.rsplit('/').next().unwrap_or_default().to_owned();
+        let mut conn = sqlx::postgres::PgConnection::connect(&self.admin_url())
+            .await
+            .context("connecting to the bench cluster")?;
+        let rows: Vec<(Option<i64>, String, i64, f64, i64)> = sqlx::query_as(
+            "SELECT s.queryid, s.query, s.calls, s.total_exec_time, s.rows \
+             FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+             WHERE d.datname = $1",
+        )
+        .bind(&db)
+        .fetch_all(&mut conn)
+        .await
+        .context("reading pg_stat_statements")?;
+        let _ = conn.close().await;
+        let mut by_id = std::collections::HashMap::new();
+        for (id, query, calls, ms, rows) in rows {
+            let e = by_id
+                .entry(id.unwrap_or(0))
+                .or_insert_with(|| (query, 0.0, 0.0, 0.0));
+            e.1 += calls as f64;
+            e.2 += ms;
+            e.3 += rows as f64;
+        }
+        Ok(PgStatements(by_id))
+    }
+
     /// The server's lines that are warnings, errors or worse.
     pub fn log_problems(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.path().join("server.log"))
@@ -1426,6 +1483,47 @@ impl Drop for PgCluster {
             std::thread::sleep(Duration::from_millis(200));
         }
         // The TempDir removes the directory.
+    }
+}
+
+/// pg_stat_statements of one database: query id -> (text, calls, total execution ms, rows).
+/// Execution time is the server's time in the statement. COMMIT (sent by sqlx as a simple
+/// query) does not appear: its WAL flush is in [`PgStats`].
+#[derive(Debug, Clone, Default)]
+pub struct PgStatements(std::collections::HashMap<i64, (String, f64, f64, f64)>);
+
+impl PgStatements {
+    /// The `n` statements that took the most execution time since `before`, one line each:
+    /// calls, total and mean ms, rows, and the statement's start.
+    pub fn top_since(&self, before: &PgStatements, n: usize) -> Vec<String> {
+        let mut d: Vec<(&str, f64, f64, f64)> = self
+            .0
+            .iter()
+            .map(|(id, (q, calls, ms, rows))| {
+                let (c0, m0, r0) = before
+                    .0
+                    .get(id)
+                    .map_or((0.0, 0.0, 0.0), |b| (b.1, b.2, b.3));
+                (q.as_str(), calls - c0, ms - m0, rows - r0)
+            })
+            .filter(|x| x.1 > 0.0)
+            .collect();
+        d.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let total: f64 = d.iter().map(|x| x.2).sum();
+        let mut out = vec![format!(
+            "{:.0} statements, {:.0} ms of execution in all",
+            d.iter().map(|x| x.1).sum::<f64>(),
+            total
+        )];
+        out.extend(d.iter().take(n).map(|(q, calls, ms, rows)| {
+            let q: String = q.split_whitespace().collect::<Vec<_>>().join(" ");
+            format!(
+                "{calls:>7.0} x {:>8.3} ms = {ms:>8.1} ms ({:>4.1} %), {rows:>8.0} rows: {q:.110}",
+                ms / calls,
+                if total > 0.0 { 100.0 * ms / total } else { 0.0 }
+            )
+        }));
+        out
     }
 }
 
