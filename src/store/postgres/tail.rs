@@ -25,6 +25,12 @@ const PAGE: i64 = 5_000;
 /// How long to wait before connecting the listener again after it failed.
 const RELISTEN: Duration = Duration::from_secs(1);
 
+/// Whether a notification announces a commit past `seen` (its payload is the commit's last
+/// seq; one that cannot be read is taken as new).
+fn newer(n: &sqlx::postgres::PgNotification, seen: i64) -> bool {
+    n.payload().parse::<i64>().map_or(true, |last| last > seen)
+}
+
 /// Where this instance's tail stands.
 pub(super) struct Tail {
     store: PgStore,
@@ -56,17 +62,29 @@ impl Tail {
         let mut listener: Option<PgListener> = None;
         let mut relisten_at = tokio::time::Instant::now();
         let mut failing = false;
+        // Whether the log may hold something past `seen`.
+        let mut due = true;
         loop {
             if listener.is_none() && tokio::time::Instant::now() >= relisten_at {
                 match self.listen().await {
-                    Ok(l) => listener = Some(l),
+                    Ok(l) => {
+                        listener = Some(l);
+                        // What committed before the LISTEN was not notified to us.
+                        due = true;
+                    }
                     Err(e) => {
                         relisten_at = tokio::time::Instant::now() + RELISTEN;
                         tracing::debug!(error = %e, "cannot LISTEN on the log channel; polling meanwhile");
                     }
                 }
             }
-            match self.catch_up(&committed, &metrics).await {
+            let result = if due {
+                self.catch_up(&committed, &metrics).await
+            } else {
+                Ok(())
+            };
+            due = result.is_err();
+            match result {
                 Ok(()) if failing => {
                     failing = false;
                     tracing::info!("reading the shared log works again");
@@ -77,27 +95,35 @@ impl Tail {
                 }
                 _ => {}
             }
+            let seen = self.seen;
             let notified = async {
                 match listener.as_mut() {
-                    Some(l) => l.try_recv().await.map(|n| n.is_some()),
+                    Some(l) => l.try_recv().await.map(|n| n.map(|n| newer(&n, seen))),
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = self.store.wake.notified() => {}
-                r = notified => {
-                    // `None` or an error: the connection dropped; notifications meanwhile are
-                    // lost, which the next read covers.
-                    if !matches!(r, Ok(true)) {
+                _ = self.store.wake.notified() => due = true,
+                r = notified => match r {
+                    Ok(Some(newer_commit)) => {
+                        // One read covers every commit notified so far; a commit already
+                        // read (our own, after the wake-up) needs none.
+                        due |= newer_commit;
+                        if let Some(l) = listener.as_mut() {
+                            while let Some(n) = l.next_buffered() {
+                                due |= newer(&n, seen);
+                            }
+                        }
+                    }
+                    // The connection dropped: notifications meanwhile are lost, so read.
+                    _ => {
                         listener = None;
+                        due = true;
                     }
-                    // One read covers every commit notified so far.
-                    if let Some(l) = listener.as_mut() {
-                        while l.next_buffered().is_some() {}
-                    }
-                }
+                },
                 _ = tokio::time::sleep(POLL) => {
+                    due = true;
                     if let Ok(head) = self.store.head().await {
                         metrics.tail_head.store(head, Ordering::Relaxed);
                     }
