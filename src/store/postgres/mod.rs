@@ -304,21 +304,23 @@ impl PgStore {
         )
     }
 
-    /// The latest reading of each device up to seq `through`, oldest first.
+    /// The latest reading of each device up to seq `through`, oldest first: one index seek
+    /// per known device (readings_device is on (device, seq)), never a scan of every reading.
     pub async fn latest(
         &self,
         devices: Option<&[String]>,
         through: Option<i64>,
     ) -> Result<Vec<StoredReading>, StoreError> {
         let mut q: QueryBuilder<Postgres> = QueryBuilder::new(format!(
-            "SELECT {READING_COLUMNS} FROM (SELECT DISTINCT ON (device) {READING_COLUMNS} \
-             FROM readings WHERE seq <= "
+            "SELECT {READING_COLUMNS} FROM readings WHERE seq IN (SELECT (SELECT max(r.seq) \
+             FROM readings r WHERE r.device = d.id AND r.seq <= "
         ));
-        q.push_bind(through.unwrap_or(i64::MAX));
+        q.push_bind(through.unwrap_or(i64::MAX))
+            .push(") FROM devices d");
         if let Some(d) = devices {
-            q.push(" AND device = ANY(").push_bind(d.to_vec()).push(")");
+            q.push(" WHERE d.id = ANY(").push_bind(d.to_vec()).push(")");
         }
-        q.push(" ORDER BY device, seq DESC) AS latest ORDER BY seq");
+        q.push(") ORDER BY seq");
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter().map(reading_from_row).collect()
     }

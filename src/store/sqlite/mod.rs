@@ -355,12 +355,15 @@ impl SqliteStore {
         devices: Option<&[String]>,
         through: Option<i64>,
     ) -> Result<Vec<StoredReading>, StoreError> {
+        // One index seek per known device (readings_device is ordered by device, then seq),
+        // never a scan of every reading.
         let mut sql = String::from(
             "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
-             FROM readings WHERE seq IN (SELECT max(seq) FROM readings WHERE seq <= ? GROUP BY device)",
+             FROM readings WHERE seq IN (SELECT (SELECT max(r.seq) FROM readings r \
+             WHERE r.device = devices.id AND r.seq <= ?) FROM devices WHERE 1 = 1",
         );
-        push_device_filter(&mut sql, devices);
-        sql.push_str(" ORDER BY seq");
+        push_in(&mut sql, "id", devices);
+        sql.push_str(") ORDER BY seq");
         let mut q = sqlx::query(AssertSqlSafe(sql)).bind(through.unwrap_or(i64::MAX));
         for d in devices.unwrap_or_default() {
             q = q.bind(d.as_str());
@@ -543,8 +546,15 @@ impl SqliteStore {
 
 /// Appends `AND device IN (?, ...)` for a device filter.
 fn push_device_filter(sql: &mut String, devices: Option<&[String]>) {
+    push_in(sql, "device", devices);
+}
+
+/// Appends `AND {column} IN (?, ...)` for a device filter.
+fn push_in(sql: &mut String, column: &str, devices: Option<&[String]>) {
     if let Some(devices) = devices {
-        sql.push_str(" AND device IN (");
+        sql.push_str(" AND ");
+        sql.push_str(column);
+        sql.push_str(" IN (");
         for i in 0..devices.len() {
             sql.push_str(if i == 0 { "?" } else { ",?" });
         }
