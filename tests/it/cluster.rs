@@ -1142,3 +1142,80 @@ async fn postgres_that_cannot_be_used_stops_start_up_with_a_clear_error_and_neve
         assert!(!text.contains("s3cret-pw"), "{text}");
     }
 }
+
+#[tokio::test]
+async fn a_postgresql_server_that_stops_mid_burst_leaves_nothing_acknowledged_unstored_and_recovery_is_automatic()
+ {
+    if skip() {
+        return;
+    }
+    // Arrange: a server of this test's own, so that it can be stopped; a daemon on it.
+    let server = pg::Cluster::start();
+    let mut admin = sqlx::PgConnection::connect(&server.url)
+        .await
+        .expect("connect");
+    sqlx::query("CREATE DATABASE fault")
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    admin.close().await.expect("close");
+    let (base, _) = server.url.rsplit_once('/').expect("cluster URL");
+    let url = format!("{base}/fault");
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(
+        &broker.url(),
+        &format!("[storage]\nurl = \"{url}\"\nretry_max = \"200ms\""),
+    )
+    .await;
+    let publisher = Publisher::connect(&broker.url(), "fault-pub").await;
+    for n in 0..200 {
+        publisher
+            .publish("devices/f1/telemetry", QoS::AtLeastOnce, false, reading(n))
+            .await;
+    }
+    let db = Db::postgres(&url).await;
+    db.wait_count(200, T).await;
+    db.close().await;
+
+    // Act: the server stops; readings keep coming; then it starts again.
+    server.stop();
+    for n in 200..400 {
+        publisher
+            .publish("devices/f1/telemetry", QoS::AtLeastOnce, false, reading(n))
+            .await;
+    }
+    let down = wait_for(T, "/readyz 503 naming the database", || async {
+        let r = daemon.get("/readyz").await;
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.ok()?;
+        (status == 503 && body["database"] == false).then_some(body)
+    })
+    .await;
+    let stored_while_down = daemon.metric("telebridge_readings_stored_total").await;
+    server.start_again();
+
+    // Assert: unready with the reason while down, nothing committed meanwhile; then ready
+    // again by itself, and every reading stored exactly once.
+    let reason = down["storage"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("database server unreachable since"),
+        "{down}"
+    );
+    assert!(stored_while_down <= 200.0 + 1.0, "{stored_while_down}");
+    wait_for(T, "/readyz 200 again", || async {
+        (daemon.get("/readyz").await.status().as_u16() == 200).then_some(())
+    })
+    .await;
+    let db = Db::postgres(&url).await;
+    db.wait_count(400, T).await;
+    let mut numbers = db.numbers().await;
+    numbers.sort_unstable();
+    assert_eq!(numbers, (0..400).collect::<Vec<_>>(), "each reading once");
+    assert!(
+        daemon
+            .metric("telebridge_store_commit_failures_total")
+            .await
+            >= 1.0,
+        "the failed commits are counted"
+    );
+}

@@ -133,7 +133,63 @@ pub fn cluster_url() -> String {
         return url;
     }
     static PRIVATE: OnceLock<String> = OnceLock::new();
-    PRIVATE.get_or_init(start_private_cluster).clone()
+    PRIVATE.get_or_init(|| start_private_cluster().url).clone()
+}
+
+/// A cluster of a test's own, which it may stop and start again (a real server fault);
+/// its watcher removes it once the test process is gone.
+pub struct Cluster {
+    /// The admin URL (database `postgres`).
+    pub url: String,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Cluster {
+    /// initdb and start a cluster for this test alone.
+    pub fn start() -> Cluster {
+        start_private_cluster()
+    }
+
+    /// Stops the server (fast shutdown: sessions are ended).
+    pub fn stop(&self) {
+        let mut stop = pg_command(&server_bin_dir().join("pg_ctl"));
+        stop.arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "-m", "fast", "stop"]);
+        run(stop, "pg_ctl stop").unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Starts it again on the same port.
+    pub fn start_again(&self) {
+        start_server(&self.dir, self.port).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// `pg_ctl start` for the cluster in `dir` on `port`.
+fn start_server(dir: &Path, port: u16) -> Result<(), String> {
+    let mut start = pg_command(&server_bin_dir().join("pg_ctl"));
+    start
+        .arg("-D")
+        .arg(dir.join("data"))
+        .arg("-l")
+        .arg(dir.join("server.log"))
+        .args(["-w", "-t", "30", "-o"])
+        .arg(format!(
+            "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='{}' \
+             -c max_connections=300 -c shared_buffers=128MB -c synchronous_commit=on",
+            dir.display()
+        ))
+        .arg("start")
+        // The server inherits nothing of ours (its output goes to the log).
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    run(start, "pg_ctl start").map_err(|e| {
+        format!(
+            "{e}\n{}",
+            std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+        )
+    })
 }
 
 /// The newest `/usr/lib/postgresql/*/bin` with an `initdb`.
@@ -193,7 +249,7 @@ fn run(mut cmd: Command, what: &str) -> Result<(), String> {
 /// initdb into a temporary directory, start the server on a free loopback port (socket in
 /// the directory), and leave a watcher that stops it and removes the directory when this
 /// process is gone.
-fn start_private_cluster() -> String {
+fn start_private_cluster() -> Cluster {
     let bin = server_bin_dir();
     let dir = tempfile::Builder::new()
         .prefix("telebridge-test-pg.")
@@ -252,30 +308,15 @@ fn start_private_cluster() -> String {
     let mut last_err = String::new();
     for _ in 0..5 {
         let port = crate::support::free_port();
-        let mut start = pg_command(&bin.join("pg_ctl"));
-        start
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.join("server.log"))
-            .args(["-w", "-t", "30", "-o"])
-            .arg(format!(
-                "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='{}' \
-                 -c max_connections=300 -c shared_buffers=128MB -c synchronous_commit=on",
-                dir.display()
-            ))
-            .arg("start")
-            // The server inherits nothing of ours (its output goes to the log).
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        match run(start, "pg_ctl start") {
-            Ok(()) => return format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-            Err(e) => {
-                last_err = format!(
-                    "{e}\n{}",
-                    std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
-                )
+        match start_server(&dir, port) {
+            Ok(()) => {
+                return Cluster {
+                    url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+                    dir,
+                    port,
+                };
             }
+            Err(e) => last_err = e,
         }
     }
     panic!("cannot start a private PostgreSQL cluster: {last_err}");

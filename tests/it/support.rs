@@ -751,6 +751,14 @@ impl Db {
         .expect("device")
     }
 
+    /// Closes the connections (before a test stops the server under them).
+    pub async fn close(self) {
+        match self {
+            Db::Sqlite(p) => p.close().await,
+            Db::Postgres(p) => p.close().await,
+        }
+    }
+
     /// Number of presence and command events.
     pub async fn events(&self) -> i64 {
         const SQL: &str = "SELECT count(*) FROM events";
