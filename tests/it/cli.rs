@@ -122,28 +122,51 @@ fn a_taken_embedded_broker_port_is_a_clear_error_with_the_remedy() {
 }
 
 #[test]
-fn the_systemd_unit_scores_an_exposure_of_2_or_less() {
-    // The threshold is on systemd's 0-100 scale: 20 is the "2.0" that it prints.
-    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/telebridge.service");
-    let out = Command::new("systemd-analyze")
-        .args(["security", "--offline=yes", "--threshold=20", unit])
-        .output()
-        .expect("systemd-analyze (from Debian's systemd package) must be installed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "exposure above 2.0:\n{text}");
-    let score = text
-        .lines()
-        .find(|l| l.contains("Overall exposure level"))
-        .expect("a score");
-    assert!(score.contains("OK"), "{score}");
-    let unit_text = std::fs::read_to_string(unit).expect("unit");
-    for key in [
-        "Type=notify",
-        "WatchdogSec=",
-        "DynamicUser=yes",
-        "StateDirectory=telebridge",
+fn the_systemd_units_score_an_exposure_of_2_or_less() {
+    // The single unit, and the template for several instances as its slot 1 (systemd
+    // analyses an instance, not a template).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let slot = dir.path().join("telebridge@1.service");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/telebridge@.service"),
+        &slot,
+    )
+    .expect("copy the template");
+    let single = std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/telebridge.service"
+    ));
+    for (unit, config) in [
+        (single, "/etc/telebridge/config.toml"),
+        (slot, "/etc/telebridge/%i.toml"),
     ] {
-        assert!(unit_text.contains(key), "the unit lacks {key}");
+        // The threshold is on systemd's 0-100 scale: 20 is the "2.0" that it prints.
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--threshold=20"])
+            .arg(&unit)
+            .output()
+            .expect("systemd-analyze (from Debian's systemd package) must be installed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}: exposure above 2.0:\n{text}",
+            unit.display()
+        );
+        let score = text
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .expect("a score");
+        assert!(score.contains("OK"), "{score}");
+        let unit_text = std::fs::read_to_string(&unit).expect("unit");
+        for key in [
+            "Type=notify",
+            "WatchdogSec=",
+            "DynamicUser=yes",
+            "StateDirectory=telebridge",
+            config,
+        ] {
+            assert!(unit_text.contains(key), "{} lacks {key}", unit.display());
+        }
     }
 }
 
