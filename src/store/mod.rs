@@ -335,7 +335,7 @@ impl Store {
 }
 
 /// Most rows one retention call deletes; a result this large means more may be due.
-pub const RETENTION_PER_CALL: u64 = sqlite::RETENTION_PER_CALL;
+pub const RETENTION_PER_CALL: u64 = 20_000;
 
 /// One page of a device's history: seq after `after`, time within [from, to], at most
 /// `limit` rows, oldest first.

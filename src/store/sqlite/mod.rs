@@ -5,7 +5,7 @@
 mod writer;
 
 pub use writer::Writer;
-pub(crate) use writer::{CONTROL_QUEUE, RETENTION_PER_CALL};
+pub(crate) use writer::CONTROL_QUEUE;
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt as _;

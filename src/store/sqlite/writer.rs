@@ -19,7 +19,7 @@ use crate::observability::Metrics;
 use crate::store::health::{self, FaultKind, Health};
 use crate::store::log::EventRow;
 use crate::store::writer::{self, Backend, Commit, Committed};
-use crate::store::{Control, Inserted, NewCommand, StoreError};
+use crate::store::{Control, Inserted, NewCommand, RETENTION_PER_CALL, StoreError};
 
 /// Rows per multi-row INSERT: one statement round trip per 250 rows instead of per row.
 const ROWS_PER_INSERT: usize = 250;
@@ -27,8 +27,6 @@ const ROWS_PER_INSERT: usize = 250;
 const DEVICES_PER_UPSERT: usize = 100;
 /// Rows deleted per retention statement, so the writer is never held for long.
 const RETENTION_CHUNK: i64 = 5_000;
-/// Most rows one retention call deletes; a result this large means more may be due.
-pub(crate) const RETENTION_PER_CALL: u64 = 20_000;
 
 /// What a write did, and the log events it appended (numbered from the seq it was given).
 type Logged<T> = (T, Vec<EventRow>);
