@@ -4,8 +4,8 @@
 
 mod writer;
 
-pub use writer::Writer;
 pub(crate) use writer::CONTROL_QUEUE;
+pub use writer::Writer;
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt as _;
