@@ -40,10 +40,10 @@
 mod common;
 
 use common::{
-    Backend, HANDSHAKE_TIMEOUT, MQTT_INFLIGHT, Machine, Mosquitto, PgCluster, PgStats, Placement,
-    cpu_seconds, cpu_seconds_of, daemon_binary, free_port, load_average, log_problems, log_tail,
-    machine_busy_seconds, machine_irq_seconds, metric, mqtt_connect, mqtt_options, number,
-    path_value, proc_status_kb,
+    Backend, HANDSHAKE_TIMEOUT, MQTT_INFLIGHT, Machine, Mosquitto, PG_STATS_SETTLE, PgCluster,
+    PgSnapshot, PgStats, Placement, cpu_seconds, cpu_seconds_of, daemon_binary, free_port,
+    load_average, log_problems, log_tail, machine_busy_seconds, machine_irq_seconds, metric,
+    mqtt_connect, mqtt_options, number, path_value, proc_status_kb,
 };
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -85,9 +85,6 @@ const MAX_INSTANCES: u64 = 16;
 /// Target from the PostgreSQL brief: one instance commits at least this many readings/s at
 /// QoS 1.
 const TARGET_PG1_ROWS_PER_S: f64 = 30_000.0;
-/// How long after a burst PostgreSQL's statistics are read (backends report theirs within
-/// about a second of going idle).
-const PG_STATS_SETTLE: Duration = Duration::from_millis(1500);
 
 fn main() -> ExitCode {
     match common::parse_args(USAGE, Args::parse, |a| a.help) {
@@ -1739,14 +1736,7 @@ async fn measure_daemon(
     let (base_count, base_seq) =
         probe_until_stored(&mut rows, broker.port, case, limit, "telebridge", &all).await?;
     let metrics_0: Vec<String> = daemons.iter().map(Daemon::metrics).collect();
-    let stats_0 = match &placement.postgres_url {
-        Some(url) => Some(PgStats::read(url).await?),
-        None => None,
-    };
-    let statements_0 = match (pg, &placement.postgres_url) {
-        (Some(pg), Some(url)) => Some(pg.statements(url).await?),
-        _ => None,
-    };
+    let pg_0 = PgSnapshot::take(pg, placement.postgres_url.as_deref()).await?;
 
     let n = case.messages;
     let pids: Vec<u32> = daemons.iter().map(Daemon::pid).collect();
@@ -1780,17 +1770,8 @@ async fn measure_daemon(
     let seconds = last_row_at
         .saturating_duration_since(published.started)
         .as_secs_f64();
-    if setup.backend == Backend::Postgres {
-        tokio::time::sleep(PG_STATS_SETTLE).await;
-    }
-    let pg_stats = match (&placement.postgres_url, stats_0) {
-        (Some(url), Some(before)) => Some(PgStats::read(url).await?.since(&before)),
-        _ => None,
-    };
-    let pg_top = match (pg, &placement.postgres_url, &statements_0) {
-        (Some(pg), Some(url), Some(before)) => pg.statements(url).await?.top_since(before, 8),
-        _ => Vec::new(),
-    };
+    let (pg_stats, pg_top) =
+        PgSnapshot::since(pg_0, pg, placement.postgres_url.as_deref(), 8).await?;
     let metrics_1: Vec<String> = daemons.iter().map(Daemon::metrics).collect();
     let delta = |name: &str| metric_sum(&metrics_1, name) - metric_sum(&metrics_0, name);
     let per_instance = metrics_0

@@ -26,7 +26,7 @@
 mod common;
 
 use common::{
-    AnsweringDevice, Backend, Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, PgCluster, PgStats,
+    AnsweringDevice, Backend, Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, PgCluster, PgSnapshot,
     Placement, Ws, connect_ws, cpu_seconds, cpu_seconds_of, daemon_binary, fmt_ms, get_text,
     load_average, machine_busy_seconds, metric, modified, mqtt_connect, mqtt_options, number,
     path_value, percentile, stop_and_discard, ws_json,
@@ -427,14 +427,7 @@ async fn measure(
         }
     }
     eprintln!("-- measuring: {} commands", args.commands);
-    let pg_stats_0 = match &daemon.pg_url {
-        Some(url) => Some(PgStats::read(url).await?),
-        None => None,
-    };
-    let statements_0 = match (pg, &daemon.pg_url) {
-        (Some(pg), Some(url)) => Some(pg.statements(url).await?),
-        _ => None,
-    };
+    let pg_0 = PgSnapshot::take(pg, daemon.pg_url.as_deref()).await?;
     let cpu0 = cpu_now(daemons, broker, pg);
     let t0 = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
@@ -456,18 +449,7 @@ async fn measure(
     for d in &daemons[1..] {
         others_metrics.push(d.metrics().await.unwrap_or_default());
     }
-    let pg_stats = match (&daemon.pg_url, pg_stats_0) {
-        (Some(url), Some(before)) => {
-            // Backends report their statistics within about a second of going idle.
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            Some(PgStats::read(url).await?.since(&before))
-        }
-        _ => None,
-    };
-    let pg_top = match (pg, &daemon.pg_url, &statements_0) {
-        (Some(pg), Some(url), Some(before)) => pg.statements(url).await?.top_since(before, 8),
-        _ => Vec::new(),
-    };
+    let (pg_stats, pg_top) = PgSnapshot::since(pg_0, pg, daemon.pg_url.as_deref(), 8).await?;
     let answered = device.answered.load(Ordering::Relaxed);
     device.stop().await;
 

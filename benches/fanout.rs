@@ -45,8 +45,8 @@
 mod common;
 
 use common::{
-    Backend, Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, PgCluster, PgStats, Placement,
-    Publisher, cpu_seconds, cpu_seconds_of, daemon_binary, find_byte, fmt_ms, get_text,
+    Backend, Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, PgCluster, PgSnapshot, PgStats,
+    Placement, Publisher, cpu_seconds, cpu_seconds_of, daemon_binary, find_byte, fmt_ms, get_text,
     leading_u64, load_average, machine_busy_seconds, metric, modified, number, open_file_limit,
     open_sse, path_value, percentile, proc_status_kb, publish_qos1, stop_and_discard,
     tokio_workers,
@@ -787,14 +787,7 @@ async fn measure_case(
         sse_clients += metric(&d.metrics().await?, "telebridge_sse_clients").unwrap_or(-1.0);
     }
     eprintln!("   {n} clients connected (telebridge_sse_clients = {sse_clients})");
-    let pg_stats_0 = match &daemon.pg_url {
-        Some(url) => Some(PgStats::read(url).await?),
-        None => None,
-    };
-    let statements_0 = match (pg, &daemon.pg_url) {
-        (Some(pg), Some(url)) => Some(pg.statements(url).await?),
-        _ => None,
-    };
+    let pg_0 = PgSnapshot::take(pg, daemon.pg_url.as_deref()).await?;
 
     let publisher = Publisher::connect(broker.port, &format!("pub-{tag}")).await?;
     let sent = Arc::new(AtomicU64::new(0));
@@ -930,18 +923,7 @@ async fn measure_case(
             metric(&d.metrics().await?, "telebridge_readings_stored_total").unwrap_or(0.0) as u64;
     }
     let rows = daemon.count_readings().await.ok();
-    let pg_stats = match (&daemon.pg_url, pg_stats_0) {
-        (Some(url), Some(before)) => {
-            // Backends report their statistics within about a second of going idle.
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            Some(PgStats::read(url).await?.since(&before))
-        }
-        _ => None,
-    };
-    let pg_top = match (pg, &daemon.pg_url, &statements_0) {
-        (Some(pg), Some(url), Some(before)) => pg.statements(url).await?.top_since(before, 6),
-        _ => Vec::new(),
-    };
+    let (pg_stats, pg_top) = PgSnapshot::since(pg_0, pg, daemon.pg_url.as_deref(), 6).await?;
 
     stop.cancel();
     let mut latencies: Vec<u32> = Vec::new();

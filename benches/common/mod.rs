@@ -909,22 +909,26 @@ pub fn load_average() -> String {
 
 /// User plus system CPU seconds of a process so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    // utime and stime: fields 14 and 15.
+    stat_seconds(pid, &[14, 15])
+}
+
+/// The sum of the given clock-tick fields (numbered as in proc(5)) of `/proc/PID/stat`, in
+/// seconds; 0 for a process that is gone.
+fn stat_seconds(pid: u32, fields: &[usize]) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
-    // The command name may hold spaces; utime and stime are fields 14 and 15, the 12th and
-    // 13th after the closing parenthesis.
+    // The command name (field 2, in parentheses) may hold spaces: count after it.
     let Some((_, rest)) = stat.rsplit_once(')') else {
         return 0.0;
     };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (tick(11) + tick(12)) / clock_ticks_per_second()
+    let after: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields
+        .iter()
+        .filter_map(|f| after.get(f.checked_sub(3)?)?.parse::<f64>().ok())
+        .sum();
+    ticks / clock_ticks_per_second()
 }
 
 /// The clock ticks per second of /proc's CPU times (USER_HZ), from `getconf CLK_TCK` once;
@@ -1527,6 +1531,50 @@ impl PgStatements {
     }
 }
 
+/// How long PostgreSQL backends take to report their statistics after going idle.
+pub const PG_STATS_SETTLE: Duration = Duration::from_millis(1500);
+
+/// PostgreSQL's counters at the start of a measured run, to report what the run cost.
+pub struct PgSnapshot {
+    stats: PgStats,
+    statements: Option<PgStatements>,
+}
+
+impl PgSnapshot {
+    /// The counters now of the database at `url` (none on SQLite, `url` being `None`).
+    pub async fn take(pg: Option<&PgCluster>, url: Option<&str>) -> anyhow::Result<Option<Self>> {
+        let Some(url) = url else { return Ok(None) };
+        let statements = match pg {
+            Some(pg) => Some(pg.statements(url).await?),
+            None => None,
+        };
+        Ok(Some(PgSnapshot {
+            stats: PgStats::read(url).await?,
+            statements,
+        }))
+    }
+
+    /// What the run cost since the snapshot, once the backends have reported: the stats and
+    /// the `top` statements by execution time.
+    pub async fn since(
+        before: Option<Self>,
+        pg: Option<&PgCluster>,
+        url: Option<&str>,
+        top: usize,
+    ) -> anyhow::Result<(Option<PgStats>, Vec<String>)> {
+        let (Some(before), Some(url)) = (before, url) else {
+            return Ok((None, Vec::new()));
+        };
+        tokio::time::sleep(PG_STATS_SETTLE).await;
+        let stats = PgStats::read(url).await?.since(&before.stats);
+        let statements = match (pg, &before.statements) {
+            (Some(pg), Some(b)) => pg.statements(url).await?.top_since(b, top),
+            _ => Vec::new(),
+        };
+        Ok((Some(stats), statements))
+    }
+}
+
 /// A monitor of one database's commit and WAL statistics (pg_stat_wal is cluster-wide).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PgStats {
@@ -1664,22 +1712,9 @@ pub fn children_of(pid: u32) -> Vec<u32> {
 /// CPU seconds of `pid` with the children it has reaped (cutime, cstime) and those of
 /// its live children.
 pub fn process_tree_cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     // utime, stime, cutime, cstime: fields 14 to 17.
-    let own = (tick(11) + tick(12) + tick(13) + tick(14)) / clock_ticks_per_second();
-    own + children_of(pid).into_iter().map(cpu_seconds).sum::<f64>()
+    stat_seconds(pid, &[14, 15, 16, 17])
+        + children_of(pid).into_iter().map(cpu_seconds).sum::<f64>()
 }
 
 /// CPU seconds of several processes together.
