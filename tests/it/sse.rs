@@ -79,12 +79,7 @@ async fn readings_arrive_on_events_with_the_contract_fields_filtered_by_device_a
         readings.iter().map(|e| e.n()).collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
-    let s2: Vec<i64> = only_s2
-        .take("reading", 2, T)
-        .await
-        .iter()
-        .map(|e| e.n())
-        .collect();
+    let s2: Vec<i64> = only_s2.reading_numbers(2, T).await;
     assert_eq!(s2, vec![2, 3]);
     // New devices appear online with their first reading; then s1 reports offline.
     let status: Vec<(String, bool)> = only_status
@@ -156,12 +151,7 @@ async fn resume_replays_exactly_the_missed_readings_in_order_then_goes_live_with
         None,
     )
     .await;
-    let r1: Vec<i64> = by_query
-        .take("reading", (AWAY / 3) as usize, T)
-        .await
-        .iter()
-        .map(|e| e.n())
-        .collect();
+    let r1: Vec<i64> = by_query.reading_numbers((AWAY / 3) as usize, T).await;
     assert!(r1.iter().all(|n| n % 3 == 1));
     assert_eq!(r1.first(), Some(&10));
 }
@@ -255,21 +245,11 @@ async fn snapshot_latest_starts_with_the_latest_reading_of_each_device() {
     daemon.db().await.wait_count(9, T).await;
 
     let mut all = SseClient::connect(daemon.http, "/events?snapshot=latest", None).await;
-    let snap: Vec<i64> = all
-        .take("reading", 3, T)
-        .await
-        .iter()
-        .map(|e| e.n())
-        .collect();
+    let snap: Vec<i64> = all.reading_numbers(3, T).await;
     assert_eq!(snap, vec![6, 7, 8]);
     let mut one =
         SseClient::connect(daemon.http, "/events?snapshot=latest&device=k1,k2", None).await;
-    let snap: Vec<i64> = one
-        .take("reading", 2, T)
-        .await
-        .iter()
-        .map(|e| e.n())
-        .collect();
+    let snap: Vec<i64> = one.reading_numbers(2, T).await;
     assert_eq!(snap, vec![7, 8]);
 
     // Live continues after the snapshot, without repeating it.
@@ -306,12 +286,7 @@ async fn a_resume_point_older_than_storage_gets_a_gap_event_first() {
     assert_eq!(gap.event, "gap");
     let first_kept = daemon.db().await.rows().await[0].seq;
     assert_eq!(gap.json()["first_available"], first_kept);
-    let rest: Vec<i64> = client
-        .take("reading", 10, T)
-        .await
-        .iter()
-        .map(|e| e.n())
-        .collect();
+    let rest: Vec<i64> = client.reading_numbers(10, T).await;
     assert_eq!(rest, (10..20).collect::<Vec<_>>());
 }
 

@@ -1000,6 +1000,15 @@ impl SseClient {
         .flatten()
     }
 
+    /// The `n` of the next `count` readings, in order (see `take`).
+    pub async fn reading_numbers(&mut self, count: usize, timeout: Duration) -> Vec<i64> {
+        self.take("reading", count, timeout)
+            .await
+            .iter()
+            .map(SseEvent::n)
+            .collect()
+    }
+
     /// The next `count` events of kind `event`, skipping others; panics if they do not come.
     pub async fn take(&mut self, event: &str, count: usize, timeout: Duration) -> Vec<SseEvent> {
         let deadline = Instant::now() + timeout;
