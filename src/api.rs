@@ -9,7 +9,9 @@ use serde_json::json;
 use crate::auth::Principal;
 use crate::domain::{self, DeviceId};
 use crate::feed::{Kind, Kinds};
+use crate::series;
 use crate::sse::{self, Client};
+use crate::store::rollup;
 use crate::store::{Page, StoredReading};
 use crate::web::{ApiError, principal, shared};
 
@@ -200,6 +202,16 @@ pub async fn list_devices(depot: &mut Depot, res: &mut Response) {
         Ok(v) => v,
         Err(e) => return ApiError::from(e).render(res),
     };
+    let fields: std::collections::BTreeSet<String> = latest
+        .iter()
+        .filter(|r| who.sees(&r.device))
+        .flat_map(|r| {
+            rollup::numeric_fields(&r.payload)
+                .into_iter()
+                .map(|(f, _)| f)
+        })
+        .collect();
+    let units = s.series.units(&fields);
     let mut latest: std::collections::HashMap<String, StoredReading> =
         latest.into_iter().map(|r| (r.device.clone(), r)).collect();
     let out: Vec<_> = devices
@@ -216,7 +228,7 @@ pub async fn list_devices(depot: &mut Depot, res: &mut Response) {
         })
         .collect();
     res.render(Json(
-        json!({ "devices": out, "last_event_id": last_event_id }),
+        json!({ "devices": out, "last_event_id": last_event_id, "units": units }),
     ));
 }
 
@@ -401,6 +413,224 @@ fn time_param(req: &Request, name: &str) -> Result<Option<i64>, ApiError> {
             .ok()
             .or_else(|| domain::parse_rfc3339_ms(v))
     })
+}
+
+/// Refuses query parameters that `allowed` does not name.
+fn known_params(req: &Request, allowed: &[&str]) -> Result<(), ApiError> {
+    match req
+        .queries()
+        .keys()
+        .find(|k| !allowed.contains(&k.as_str()))
+    {
+        Some(k) => Err(ApiError::bad_request(
+            "bad_parameter",
+            format!(
+                "{k}: unknown parameter; this endpoint takes {}",
+                allowed.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The series request of `GET /api/devices/{id}/series`, validated; the device checked
+/// (valid, in scope, known) as for history.
+async fn series_query(
+    req: &Request,
+    who: &Principal,
+    s: &crate::app::Shared,
+) -> Result<(series::Query, bool), ApiError> {
+    known_params(req, &["fields", "from", "to", "step", "agg", "format"])?;
+    let bad = |message: String| ApiError::bad_request("bad_parameter", message);
+    let fields = match req.query::<String>("fields") {
+        None => None,
+        Some(list) if list.trim().is_empty() => None,
+        Some(list) => {
+            let mut out: Vec<String> = Vec::new();
+            for f in list.split(',').map(str::trim) {
+                let well_formed = !f.is_empty()
+                    && f.len() <= rollup::MAX_FIELD_LEN
+                    && !f.chars().any(char::is_control)
+                    && f.split('.').all(|part| !part.is_empty());
+                if !well_formed {
+                    return Err(bad(format!(
+                        "fields: {f:?} is not a field name; use names from the payload, dotted for nested ones (engine.temp), at most {} characters",
+                        rollup::MAX_FIELD_LEN
+                    )));
+                }
+                if f == "ts" {
+                    return Err(bad(
+                        "fields: \"ts\" is the reading's time, not a field".into()
+                    ));
+                }
+                if !out.iter().any(|x| x == f) {
+                    out.push(f.to_owned());
+                }
+            }
+            if out.len() > series::MAX_FIELDS {
+                return Err(bad(format!(
+                    "fields: at most {} fields",
+                    series::MAX_FIELDS
+                )));
+            }
+            Some(out)
+        }
+    };
+    let step = match req.query::<String>("step") {
+        None => series::Step::Auto,
+        Some(v) if v.is_empty() => series::Step::Auto,
+        Some(v) => series::Step::parse(&v).map_err(|e| bad(format!("step: {e}")))?,
+    };
+    let aggs = match req.query::<String>("agg") {
+        None => vec![series::Agg::Avg, series::Agg::Min, series::Agg::Max],
+        Some(v) if v.trim().is_empty() => {
+            vec![series::Agg::Avg, series::Agg::Min, series::Agg::Max]
+        }
+        Some(v) => {
+            let mut out = Vec::new();
+            for a in v.split(',').map(str::trim) {
+                let agg = series::Agg::parse(a).ok_or_else(|| {
+                    bad(format!(
+                        "agg: {a:?} is not an aggregate; use avg, min, max, first, last or count"
+                    ))
+                })?;
+                if !out.contains(&agg) {
+                    out.push(agg);
+                }
+            }
+            out
+        }
+    };
+    let csv = match req.query::<String>("format").as_deref() {
+        None | Some("") | Some("json") => false,
+        Some("csv") => true,
+        Some(other) => {
+            return Err(bad(format!(
+                "format: {other:?} is not supported; use json or csv"
+            )));
+        }
+    };
+    let to = time_param(req, "to")?.unwrap_or_else(domain::now_ms);
+    let from = time_param(req, "from")?.unwrap_or(to - 86_400_000);
+    if from > to {
+        return Err(bad("from: must not be after to".into()));
+    }
+    // The same checks as history: a valid device id, in scope, known.
+    let page = history_page(req, who, s).await?;
+    Ok((
+        series::Query {
+            device: page.device,
+            fields,
+            from,
+            to,
+            step,
+            aggs,
+        },
+        csv,
+    ))
+}
+
+/// `GET /api/devices/{id}/series?fields=&from=&to=&step=&agg=&format=`: numeric fields
+/// aggregated per time bucket, from the stored rollups or the raw readings.
+#[handler]
+pub async fn device_series(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let who = principal(depot);
+    let s = shared(depot);
+    let result = async {
+        let (q, csv) = series_query(req, &who, s).await?;
+        let plan = series::plan(&q, &s.series, domain::now_ms())
+            .map_err(|e| ApiError::bad_request("bad_parameter", format!("step: {e}")))?;
+        let buckets = series::compute(&s.store, &q, &plan)
+            .await
+            .map_err(|e| match e {
+                series::SeriesError::Store(e) => ApiError::from(e),
+                e @ series::SeriesError::TooManyRaw(_) => {
+                    ApiError::bad_request("bad_parameter", format!("step: {e}"))
+                }
+            })?;
+        Ok::<_, ApiError>((q, plan, buckets, csv))
+    }
+    .await;
+    let (q, plan, buckets, csv) = match result {
+        Ok(v) => v,
+        Err(e) => return e.render(res),
+    };
+    let fields: Vec<String> = match &q.fields {
+        Some(f) => f.clone(),
+        None => buckets.fields.iter().cloned().collect(),
+    };
+    if csv {
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/csv; charset=utf-8"),
+        );
+        res.body(series_csv(&fields, &q.aggs, &buckets));
+        return;
+    }
+    let points: Vec<serde_json::Value> = buckets
+        .points
+        .iter()
+        .map(|(t, stats)| {
+            let mut point = serde_json::Map::new();
+            point.insert("t".into(), json!(domain::format_ms(*t)));
+            for (field, st) in stats {
+                let values: serde_json::Map<String, serde_json::Value> = q
+                    .aggs
+                    .iter()
+                    .map(|a| (a.as_str().to_owned(), a.of(st)))
+                    .collect();
+                point.insert(field.clone(), serde_json::Value::Object(values));
+            }
+            serde_json::Value::Object(point)
+        })
+        .collect();
+    res.render(Json(json!({
+        "device": q.device,
+        "from": domain::format_ms(q.from),
+        "to": domain::format_ms(q.to),
+        "step": series::format_step(plan.step),
+        "step_ms": plan.step,
+        "resolution": plan.source.name(),
+        "agg": q.aggs.iter().map(|a| a.as_str()).collect::<Vec<_>>(),
+        "fields": fields,
+        "units": s.series.units(&fields),
+        "raw_since": domain::format_ms(plan.raw_since),
+        "past_raw": plan.lo < plan.raw_since,
+        "points": points,
+    })));
+}
+
+/// A series as CSV: `t`, then one column per field and aggregate (`temperature_avg`).
+fn series_csv(fields: &[String], aggs: &[series::Agg], b: &series::Buckets) -> String {
+    let mut out = String::from("t");
+    for f in fields {
+        for a in aggs {
+            out.push_str(&format!(",{}", csv_cell(&format!("{f}_{}", a.as_str()))));
+        }
+    }
+    out.push('\n');
+    for (t, stats) in &b.points {
+        out.push_str(&domain::format_ms(*t));
+        for f in fields {
+            for a in aggs {
+                out.push(',');
+                if let Some(st) = stats.get(f) {
+                    out.push_str(&a.of(st).to_string());
+                }
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A CSV cell, quoted when it holds a comma or a quote.
+fn csv_cell(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
 }
 
 /// Largest command body over HTTP.

@@ -62,6 +62,8 @@ pub struct Shared {
     pub limits: Arc<Limits>,
     /// This instance's name: its MQTT client id, fixed per instance.
     pub instance: Arc<str>,
+    /// Tier retention and units, for the series API.
+    pub series: Arc<crate::series::Settings>,
 }
 
 /// A built, not yet running, daemon.
@@ -119,6 +121,7 @@ impl App {
             heartbeat: config.http.heartbeat,
             streams_stop: CancellationToken::new(),
             instance: Arc::from(config.mqtt.client_id.as_str()),
+            series: Arc::new(crate::series::Settings::of(&config)),
         };
         let https = match (&config.http.tls_cert, &config.http.tls_key) {
             (Some(cert), Some(key)) => {

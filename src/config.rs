@@ -43,6 +43,10 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Units of numeric payload fields by name (dotted for nested ones), for charts and
+    /// the series API; they override the units that field names imply.
+    #[serde(default)]
+    pub units: std::collections::BTreeMap<String, String>,
 }
 
 /// How the embedded broker is used.
@@ -392,6 +396,27 @@ impl Default for HttpConfig {
     }
 }
 
+/// A duration, or `"forever"` (`None`).
+mod forever {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim() == "forever" {
+            return Ok(None);
+        }
+        humantime::parse_duration(text.trim())
+            .map(Some)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{e}; use a duration such as \"365d\", or \"forever\""
+                ))
+            })
+    }
+}
+
 /// `[storage]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -411,6 +436,14 @@ pub struct StorageConfig {
     /// unset: the longer of `retention` and 90 days.
     #[serde(with = "humantime_serde")]
     pub events_retention: Option<Duration>,
+    /// 1-minute rollups whose bucket is older than this are deleted (at least
+    /// `retention`); `None`: kept forever.
+    #[serde(with = "forever")]
+    pub retention_1m: Option<Duration>,
+    /// 1-hour rollups whose bucket is older than this are deleted (at least
+    /// `retention_1m`); `None` ("forever", the default): kept forever.
+    #[serde(with = "forever")]
+    pub retention_1h: Option<Duration>,
     /// How often the retention task runs.
     #[serde(with = "humantime_serde")]
     pub retention_interval: Duration,
@@ -475,6 +508,8 @@ impl Default for StorageConfig {
             max_connections: 8,
             retention: Duration::from_secs(30 * 86_400),
             events_retention: None,
+            retention_1m: Some(Duration::from_secs(365 * 86_400)),
+            retention_1h: None,
             retention_interval: Duration::from_secs(60),
             batch_size: 1000,
             batch_delay: Duration::ZERO,
@@ -722,6 +757,8 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "max_connections",
             "retention",
             "events_retention",
+            "retention_1m",
+            "retention_1h",
             "retention_interval",
             "batch_size",
             "batch_delay",
@@ -734,7 +771,12 @@ const SCHEMA: &[(&str, &[&str])] = &[
     ("commands", &["timeout", "ttl", "rate_limit"]),
     ("auth", &["tokens"]),
     ("log", &["level", "format", "summary"]),
+    // Any field name.
+    ("units", &[ANY_KEY]),
 ];
+
+/// A section whose keys are names the user chooses.
+const ANY_KEY: &str = "*";
 
 impl Config {
     /// Reads, parses and validates a config file.
@@ -882,6 +924,27 @@ impl Config {
                 "storage.events_retention",
                 "must be at least storage.retention: presence and command events are kept at least as long as readings".into(),
             );
+        }
+        let keep = |d: Option<Duration>| d.unwrap_or(Duration::MAX);
+        if keep(self.storage.retention_1m) < self.storage.retention {
+            bad(
+                "storage.retention_1m",
+                "must be at least storage.retention: the rollups outlive the readings they summarize".into(),
+            );
+        }
+        if keep(self.storage.retention_1h) < keep(self.storage.retention_1m) {
+            bad(
+                "storage.retention_1h",
+                "must be at least storage.retention_1m (or \"forever\")".into(),
+            );
+        }
+        for (field, unit) in &self.units {
+            if unit.is_empty() || unit.len() > 32 {
+                bad(
+                    &format!("units.{field}"),
+                    "must be 1 to 32 characters".into(),
+                );
+            }
         }
         if self.storage.retention_interval.is_zero() {
             bad("storage.retention_interval", "must be above 0".into());
@@ -1063,7 +1126,7 @@ fn unknown_keys(text: &str, doc: &DeTable<'_>) -> (Vec<Problem>, Vec<std::ops::R
         };
         for (k, v) in table.iter() {
             let key: &str = k.get_ref();
-            if !known.contains(&key) {
+            if !known.contains(&key) && !known.contains(&ANY_KEY) {
                 out.push(Problem {
                     key: format!("{name}.{key}"),
                     line: Some(line_of(text, k.span().start)),
@@ -1106,6 +1169,7 @@ fn section_errors(text: &str, doc: &DeTable<'_>) -> Vec<Problem> {
         commands: CommandsConfig,
         auth: AuthConfig,
         log: LogConfig,
+        units: std::collections::BTreeMap<String, String>,
     );
     let mut out = Vec::new();
     for (section, e) in errors {
@@ -1212,7 +1276,7 @@ mod tests {
             let DeValue::Table(table) = table.get_ref() else {
                 panic!("[{section}] is not a table")
             };
-            for key in *keys {
+            for key in keys.iter().filter(|k| **k != ANY_KEY) {
                 let commented = text.contains(&format!("# {key} = "));
                 let present = table.iter().any(|(k, _)| k.get_ref() == key);
                 assert!(present || commented, "config.toml lacks {section}.{key}");
@@ -1228,6 +1292,34 @@ mod tests {
             Duration::from_secs(90 * 86_400)
         );
         assert_eq!(parsed.topics.telemetry, defaults.topics.telemetry);
+        assert_eq!(parsed.storage.retention_1m, defaults.storage.retention_1m);
+        assert_eq!(parsed.storage.retention_1h, None);
+    }
+
+    #[test]
+    fn rollups_outlive_the_tier_below() {
+        let ok = Config::parse("[storage]\nretention_1m = \"forever\"\n").expect("valid");
+        assert_eq!(ok.storage.retention_1m, None);
+        let short = Config::parse("[storage]\nretention = \"90d\"\nretention_1m = \"30d\"\n");
+        assert!(format!("{:?}", short.err()).contains("storage.retention_1m"));
+        let hour =
+            Config::parse("[storage]\nretention_1m = \"forever\"\nretention_1h = \"400d\"\n");
+        assert!(format!("{:?}", hour.err()).contains("storage.retention_1h"));
+        let bad = format!(
+            "{:?}",
+            Config::parse("[storage]\nretention_1h = \"ever\"\n").err()
+        );
+        assert!(
+            bad.contains("storage.retention_1h") && bad.contains("forever"),
+            "{bad}"
+        );
+        let units = Config::parse("[units]\ntemperature = \"°F\"\n\"engine.rpm\" = \"rpm\"\n")
+            .expect("valid");
+        assert_eq!(
+            units.units.get("engine.rpm").map(String::as_str),
+            Some("rpm")
+        );
+        assert!(Config::parse("[units]\nx = 3\n").is_err());
     }
 
     #[test]

@@ -32,6 +32,8 @@
 //!   HTTP, published to devices and followed to their ack, timeout or expiry.
 //! - [`auth`]: tokens, roles, device scopes and browser sessions; [`limits`]: connection caps.
 //! - [`web`]: the HTTP server, routes and JSON errors; [`tls`]: certificates for HTTPS and MQTT.
+//! - [`series`]: aggregated history from the stored rollups (`store/rollup.rs`) or raw
+//!   readings, for `/api/devices/{id}/series`.
 //! - [`observability`]: logging and metrics.
 //! - [`service`]: systemd readiness and watchdog.
 //! - [`simulate`]: simulated devices.
@@ -51,6 +53,7 @@ pub mod limits;
 pub mod mqtt;
 pub mod observability;
 pub mod protocol;
+pub mod series;
 pub mod service;
 pub mod simulate;
 pub mod sse;

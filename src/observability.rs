@@ -93,6 +93,8 @@ pub struct Metrics {
     pub stale_acks: AtomicU64,
     /// Readings deleted by retention.
     pub retention_deleted: AtomicU64,
+    /// Readings not stored because they repeat a stored one (QoS 1 redelivery).
+    pub repeated: AtomicU64,
     /// Devices marked offline for silence.
     pub presence_timeouts: AtomicU64,
     /// Open SSE streams.
@@ -250,6 +252,12 @@ impl Metrics {
             "telebridge_retention_deleted_total",
             "Readings deleted by retention.",
             g(&self.retention_deleted),
+        );
+        counter(
+            &mut out,
+            "telebridge_readings_repeated_total",
+            "Readings acknowledged but not stored again: same device, ts and payload as a stored one (QoS 1 redelivery).",
+            g(&self.repeated),
         );
         counter(
             &mut out,

@@ -119,6 +119,7 @@ pub fn router(shared: Shared) -> Router {
         .push(Router::with_path("events").get(api::events))
         .push(Router::with_path("api/devices").get(api::list_devices))
         .push(Router::with_path("api/devices/{id}/readings").get(api::device_readings))
+        .push(Router::with_path("api/devices/{id}/series").get(api::device_series))
         .push(Router::with_path("api/devices/{id}/status-history").get(api::status_history))
         .push(Router::with_path("api/devices/{id}/commands").post(api::post_command))
         .push(Router::with_path("api/commands").get(api::list_commands))

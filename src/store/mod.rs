@@ -4,10 +4,12 @@
 //! instances). SQL lives only in those two. `writer` is the batch loop they share,
 //! [`health`] what the writer reports about itself, [`log`] the event rows besides readings.
 
+mod dedupe;
 pub mod health;
 mod housekeeping;
 pub mod log;
 mod postgres;
+pub mod rollup;
 mod rows;
 mod sqlite;
 mod writer;
@@ -244,6 +246,19 @@ impl Store {
     /// History of one device: seq after `after`, device time within [from, to], oldest first.
     pub async fn history(&self, page: &Page) -> Result<Vec<StoredReading>, StoreError> {
         dispatch!(self, b => b.history(page).await)
+    }
+
+    /// Stored rollup rows of one device and tier (bucket width, ms) with bucket start in
+    /// [from, to), of the given fields (every numeric field when `None`), by bucket.
+    pub async fn rollups(
+        &self,
+        device: &str,
+        tier: i64,
+        from: i64,
+        to: i64,
+        fields: Option<&[String]>,
+    ) -> Result<Vec<rollup::RollupRow>, StoreError> {
+        dispatch!(self, b => b.rollups(device, tier, from, to, fields).await)
     }
 
     /// Stores a new command and its first event, or returns the existing one for a

@@ -2,8 +2,8 @@
 //! queries name their columns the same way, so one set of decoders serves both; the macro
 //! writes them for a backend's row type (sqlx's decoding bounds are per database).
 
-/// Defines `reading_from_row`, `event_from_row`, `entry_from_row`, `device_from_row` and
-/// `command_from_row` for the row type `$row`.
+/// Defines `reading_from_row`, `event_from_row`, `entry_from_row`, `rollup_from_row`,
+/// `device_from_row` and `command_from_row` for the row type `$row`.
 macro_rules! decoders {
     ($row:ty) => {
         /// A reading: seq, device, topic, ts, received_at, payload, flags.
@@ -48,6 +48,32 @@ macro_rules! decoders {
             } else {
                 event_from_row(r).map($crate::store::LogEntry::Event)
             }
+        }
+
+        /// A rollup row, every column.
+        fn rollup_from_row(
+            r: &$row,
+        ) -> Result<$crate::store::rollup::RollupRow, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            let lo: Option<i64> = r.try_get("seq_lo")?;
+            let hi: Option<i64> = r.try_get("seq_hi")?;
+            Ok($crate::store::rollup::RollupRow {
+                device: std::sync::Arc::from(r.try_get::<String, _>("device")?),
+                tier: r.try_get("tier")?,
+                bucket: r.try_get("bucket")?,
+                field: r.try_get("field")?,
+                stats: $crate::store::rollup::Stats {
+                    count: r.try_get("n")?,
+                    sum: r.try_get("total")?,
+                    min: r.try_get("lo")?,
+                    max: r.try_get("hi")?,
+                    first: r.try_get("first_v")?,
+                    first_ts: r.try_get("first_ts")?,
+                    last: r.try_get("last_v")?,
+                    last_ts: r.try_get("last_ts")?,
+                },
+                seqs: lo.zip(hi),
+            })
         }
 
         /// A device: id, first_seen, last_seen, online.

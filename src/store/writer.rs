@@ -184,6 +184,8 @@ pub(super) enum Entry {
 pub(super) struct Commit {
     pub readings: u64,
     pub presence: u64,
+    /// Readings not stored because they repeat a stored one.
+    pub repeated: u64,
     pub last_seq: i64,
     pub plan: Plan,
     /// Answers that matched no sent command: (id, device).
@@ -219,6 +221,8 @@ pub(super) struct Planned<'a> {
     pub acks: Vec<(&'a CommandAck, i64, usize)>,
     pub plan: Plan,
     pub presence: u64,
+    /// Readings that repeat a stored one.
+    pub repeated: u64,
     /// The seq after the batch's last.
     pub next_seq: i64,
 }
@@ -279,6 +283,7 @@ pub(super) fn ack_status(ack: &CommandAck) -> &'static str {
 /// `last_seen` as last written, to skip rewriting it for a device that stays online.
 pub(super) fn plan<'a>(
     batch: &'a [Item],
+    repeats: &[bool],
     next_seq: i64,
     was_online: impl Fn(&str) -> Option<bool>,
     seen_written: &HashMap<Arc<str>, i64>,
@@ -290,7 +295,13 @@ pub(super) fn plan<'a>(
     let mut plan = Plan::default();
     let mut presence = 0u64;
     let mut seq = next_seq;
+    let mut repeated = 0u64;
     for (i, item) in batch.iter().enumerate() {
+        if repeats.get(i) == Some(&true) {
+            // Already stored: acknowledged with the batch, and nothing else.
+            repeated += 1;
+            continue;
+        }
         let (device, at) = match item {
             Item::Reading(r, _) => (&r.device, r.received_at),
             Item::Presence { device, at, .. } => (device, *at),
@@ -369,6 +380,7 @@ pub(super) fn plan<'a>(
         acks,
         plan,
         presence,
+        repeated,
         next_seq: seq,
     }
 }
@@ -557,6 +569,9 @@ async fn commit_with_retry<B: Backend>(
                     tracing::warn!(%id, %device, "ack for an unknown or already finished command");
                 }
                 metrics.stored.fetch_add(commit.readings, Ordering::Relaxed);
+                metrics
+                    .repeated
+                    .fetch_add(commit.repeated, Ordering::Relaxed);
                 metrics
                     .presence
                     .fetch_add(commit.presence, Ordering::Relaxed);

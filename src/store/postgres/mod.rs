@@ -25,6 +25,7 @@ use crate::config::{StorageConfig, redact_url};
 use crate::feed::{Kind, Kinds};
 use crate::store::health::Health;
 use crate::store::log::EventRow;
+use crate::store::rollup::RollupRow;
 use crate::store::{
     CommandRow, DeviceRow, Inserted, LogEntry, NewCommand, Page, RETENTION_PER_CALL, StoreError,
     StoredReading,
@@ -95,6 +96,60 @@ async fn lock_append(conn: &mut sqlx::PgConnection) -> Result<i64, StoreError> {
         .fetch_one(&mut *conn)
         .await?;
     Ok(last + 1)
+}
+
+/// Readings rolled up per transaction by the backfill.
+const BACKFILL_CHUNK: i64 = 20_000;
+
+/// Rolls up the readings stored before rollups existed (migration 0002 says up to which
+/// seq), chunk by chunk under the append lock, so that instances starting together do it
+/// once between them and an interrupted start resumes.
+async fn backfill_rollups(pool: &PgPool) -> Result<(), StoreError> {
+    let mut announced = false;
+    loop {
+        let mut tx = pool.begin().await?;
+        lock_append(&mut tx).await?;
+        let (to, done): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT convert_from(value, 'UTF8')::bigint FROM meta WHERE key = 'rollups_backfill_to'), \
+             (SELECT convert_from(value, 'UTF8')::bigint FROM meta WHERE key = 'rollups_backfill_done')",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if done >= to {
+            tx.rollback().await?;
+            if announced {
+                tracing::info!("rollups of the earlier readings done");
+            }
+            return Ok(());
+        }
+        if !announced {
+            announced = true;
+            tracing::info!(
+                through_seq = to,
+                "rolling up the readings stored before rollups existed"
+            );
+        }
+        let rows = sqlx::query(
+            "SELECT seq, device, topic, ts, received_at, payload, flags FROM readings \
+             WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(done)
+        .bind(to)
+        .bind(BACKFILL_CHUNK)
+        .fetch_all(&mut *tx)
+        .await?;
+        let readings: Vec<StoredReading> = rows
+            .iter()
+            .map(reading_from_row)
+            .collect::<Result<_, _>>()?;
+        let done = readings.last().map_or(to, |r| r.seq);
+        writer::upsert_rollups(&mut tx, &crate::store::rollup::of_stored(&readings)).await?;
+        sqlx::query("UPDATE meta SET value = convert_to($1::text, 'UTF8') WHERE key = 'rollups_backfill_done'")
+            .bind(done.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
 }
 
 /// Begins a transaction that appends to the log.
@@ -203,6 +258,7 @@ impl PgStore {
             }
             Err(e) => return Err(e.into()),
         }
+        backfill_rollups(&pool).await?;
         let wake = Arc::new(Notify::new());
         let store = PgStore {
             pool: pool.clone(),
@@ -347,6 +403,33 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(reading_from_row).collect()
+    }
+
+    /// Stored rollup rows of one device and tier with bucket in [from, to), of the given
+    /// fields (every field but the all-readings one when `None`), by bucket.
+    pub async fn rollups(
+        &self,
+        device: &str,
+        tier: i64,
+        from: i64,
+        to: i64,
+        fields: Option<&[String]>,
+    ) -> Result<Vec<RollupRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT device, tier, bucket, field, n, total, lo, hi, first_v, first_ts, last_v, \
+             last_ts, seq_lo, seq_hi FROM rollups \
+             WHERE device = $1 AND tier = $2 AND bucket >= $3 AND bucket < $4 \
+             AND (CASE WHEN $5::text[] IS NULL THEN field <> '' ELSE field = ANY($5) END) \
+             ORDER BY bucket, field",
+        )
+        .bind(device)
+        .bind(tier)
+        .bind(from)
+        .bind(to)
+        .bind(fields)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rollup_from_row).collect()
     }
 
     /// Tells this instance's tail that something was committed.

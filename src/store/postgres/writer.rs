@@ -16,7 +16,9 @@ use super::{PgStore, insert_events, lock_append, move_head};
 use crate::domain::DeviceId;
 use crate::ingest::{AckSink, Item};
 use crate::observability::Metrics;
+use crate::store::dedupe;
 use crate::store::health::{FaultKind, Health};
+use crate::store::rollup::{self, RollupRow};
 use crate::store::writer::{self, Backend, Commit, Committed, Entry, WriterConfig};
 use crate::store::{Control, StoreError};
 
@@ -149,11 +151,25 @@ impl Batches {
         let next = lock_append(&mut tx).await?;
         let ids: Vec<String> = batch_devices(batch);
         let stored = PgStore::presence(&mut tx, ids).await?;
-        let mut p = writer::plan(batch, next, |d| stored.get(d).copied(), &self.seen_written);
+        // Under the append lock: a copy that another instance is storing now is seen.
+        let copies = stored_copies(&mut tx, batch).await?;
+        let repeats = dedupe::repeats(batch, |r| {
+            copies
+                .get(&(r.device.to_string(), r.ts))
+                .is_some_and(|ps| ps.iter().any(|p| p[..] == r.payload[..]))
+        });
+        let mut p = writer::plan(
+            batch,
+            &repeats,
+            next,
+            |d| stored.get(d).copied(),
+            &self.seen_written,
+        );
         if p.is_empty() {
             tx.rollback().await?;
             return Ok(Commit {
                 last_seq: next - 1,
+                repeated: p.repeated,
                 ..Commit::default()
             });
         }
@@ -191,6 +207,7 @@ impl Batches {
             .bind(flags)
             .execute(&mut *tx)
             .await?;
+            upsert_rollups(&mut tx, &rollup::of_batch(&p.readings)).await?;
         }
         if !p.devices.is_empty() {
             let mut ids = Vec::new();
@@ -255,6 +272,7 @@ impl Batches {
         let commit = Commit {
             readings: p.readings.len() as u64,
             presence: p.presence,
+            repeated: p.repeated,
             last_seq: p.next_seq - 1,
             plan: p.plan,
             unknown_acks,
@@ -348,6 +366,82 @@ impl Probe {
             }),
         })
     }
+}
+
+/// Stored readings with the device and device time of one of the batch's, by those two:
+/// their payloads, to tell a redelivered reading from a new one.
+async fn stored_copies(
+    conn: &mut PgConnection,
+    batch: &[Item],
+) -> Result<HashMap<(String, i64), Vec<Vec<u8>>>, StoreError> {
+    let (mut devices, mut ts) = (Vec::new(), Vec::new());
+    for item in batch {
+        if let Item::Reading(r, _) = item {
+            devices.push(r.device.as_str());
+            ts.push(r.ts);
+        }
+    }
+    let mut out: HashMap<(String, i64), Vec<Vec<u8>>> = HashMap::new();
+    if devices.is_empty() {
+        return Ok(out);
+    }
+    let rows: Vec<(String, i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT device, ts, payload FROM readings \
+         WHERE (device, ts) IN (SELECT * FROM UNNEST($1::text[], $2::bigint[]))",
+    )
+    .bind(devices)
+    .bind(ts)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (device, ts, payload) in rows {
+        out.entry((device, ts)).or_default().push(payload);
+    }
+    Ok(out)
+}
+
+/// Merges rollup rows into `rollups` inside the caller's transaction (see the SQLite
+/// writer's upsert: the same arithmetic).
+pub(super) async fn upsert_rollups(
+    conn: &mut PgConnection,
+    rows: &[RollupRow],
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let col = |f: fn(&RollupRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
+    let fcol = |f: fn(&RollupRow) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
+    sqlx::query(
+        "INSERT INTO rollups (device, tier, bucket, field, n, total, lo, hi, first_v, first_ts, \
+         last_v, last_ts, seq_lo, seq_hi) \
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], \
+         $6::float8[], $7::float8[], $8::float8[], $9::float8[], $10::bigint[], $11::float8[], \
+         $12::bigint[], $13::bigint[], $14::bigint[]) \
+         ON CONFLICT (device, tier, bucket, field) DO UPDATE SET \
+         n = rollups.n + excluded.n, total = rollups.total + excluded.total, \
+         lo = LEAST(rollups.lo, excluded.lo), hi = GREATEST(rollups.hi, excluded.hi), \
+         first_v = CASE WHEN excluded.first_ts < rollups.first_ts THEN excluded.first_v ELSE rollups.first_v END, \
+         first_ts = LEAST(rollups.first_ts, excluded.first_ts), \
+         last_v = CASE WHEN excluded.last_ts >= rollups.last_ts THEN excluded.last_v ELSE rollups.last_v END, \
+         last_ts = GREATEST(rollups.last_ts, excluded.last_ts), \
+         seq_lo = LEAST(rollups.seq_lo, excluded.seq_lo), seq_hi = GREATEST(rollups.seq_hi, excluded.seq_hi)",
+    )
+    .bind(rows.iter().map(|r| &*r.device).collect::<Vec<&str>>())
+    .bind(col(|r| r.tier))
+    .bind(col(|r| r.bucket))
+    .bind(rows.iter().map(|r| r.field.as_str()).collect::<Vec<&str>>())
+    .bind(col(|r| r.stats.count))
+    .bind(fcol(|r| r.stats.sum))
+    .bind(fcol(|r| r.stats.min))
+    .bind(fcol(|r| r.stats.max))
+    .bind(fcol(|r| r.stats.first))
+    .bind(col(|r| r.stats.first_ts))
+    .bind(fcol(|r| r.stats.last))
+    .bind(col(|r| r.stats.last_ts))
+    .bind(rows.iter().map(|r| r.seqs.map(|s| s.0)).collect::<Vec<Option<i64>>>())
+    .bind(rows.iter().map(|r| r.seqs.map(|s| s.1)).collect::<Vec<Option<i64>>>())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// The distinct devices a batch concerns.

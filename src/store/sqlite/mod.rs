@@ -23,8 +23,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::StorageConfig;
 use crate::domain;
 use crate::feed::{Kind, Kinds};
+use crate::store::dedupe::{self, Recent};
 use crate::store::health::Health;
 use crate::store::log::EventRow;
+use crate::store::rollup::{self, RollupRow};
 use crate::store::writer::ASK_DEADLINE;
 use crate::store::{
     CommandRow, Control, DeviceRow, Inserted, LogEntry, NewCommand, Page, StoreError, StoredReading,
@@ -72,6 +74,95 @@ pub(crate) async fn append(
         q.execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// The newest stored readings, so that one redelivered after a restart is known.
+async fn load_recent(conn: &mut SqliteConnection) -> Result<Recent, StoreError> {
+    let rows: Vec<(String, i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT device, ts, CAST(payload AS BLOB) FROM readings ORDER BY seq DESC LIMIT ?",
+    )
+    .bind(dedupe::RECENT as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut recent = Recent::default();
+    for (device, ts, payload) in rows.into_iter().rev() {
+        recent.insert(dedupe::id_of(&device, ts, &payload));
+    }
+    Ok(recent)
+}
+
+/// Readings rolled up per transaction by the backfill.
+const BACKFILL_CHUNK: i64 = 20_000;
+
+/// Rolls up the readings stored before rollups existed (migration 0004 says up to which
+/// seq), in chunks that each record their progress, so an interrupted start resumes.
+async fn backfill_rollups(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    let meta = |key: &'static str| {
+        sqlx::query_scalar::<_, i64>("SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?")
+            .bind(key)
+    };
+    let to = meta("rollups_backfill_to")
+        .fetch_optional(&mut *conn)
+        .await?
+        .unwrap_or(0);
+    let mut done = meta("rollups_backfill_done")
+        .fetch_optional(&mut *conn)
+        .await?
+        .unwrap_or(0);
+    if done >= to {
+        return Ok(());
+    }
+    tracing::info!(
+        through_seq = to,
+        "rolling up the readings stored before rollups existed"
+    );
+    while done < to {
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = sqlx::query(
+            "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
+             FROM readings WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(done)
+        .bind(to)
+        .bind(BACKFILL_CHUNK)
+        .fetch_all(&mut *tx)
+        .await?;
+        let readings: Vec<StoredReading> = rows
+            .iter()
+            .map(reading_from_row)
+            .collect::<Result<_, _>>()?;
+        done = readings.last().map_or(to, |r| r.seq);
+        writer::upsert_rollups(&mut tx, &rollup::of_stored(&readings)).await?;
+        sqlx::query("UPDATE meta SET value = ? WHERE key = 'rollups_backfill_done'")
+            .bind(done)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    tracing::info!("rollups of the earlier readings done");
+    Ok(())
+}
+
+/// Limits a device's readings to the seqs of the 1-minute buckets of a time range: every
+/// reading counts in its bucket's all-readings row, which keeps the bucket's seq range.
+/// Binds: device, first bucket, last bucket, twice (see [`bind_seqs_of_time`]).
+const SEQS_OF_TIME: &str = "AND seq >= coalesce((SELECT min(seq_lo) FROM rollups WHERE device = ? \
+     AND tier = 60000 AND bucket >= ? AND bucket <= ? AND field = ''), 0) \
+     AND seq <= coalesce((SELECT max(seq_hi) FROM rollups WHERE device = ? \
+     AND tier = 60000 AND bucket >= ? AND bucket <= ? AND field = ''), -1)";
+
+/// Binds [`SEQS_OF_TIME`] for device time within [from, to].
+fn bind_seqs_of_time<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    device: &str,
+    from: Option<i64>,
+    to: Option<i64>,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    let (lo, hi) = rollup::bucket_span(from, to, rollup::TIERS[0]);
+    for _ in 0..2 {
+        q = q.bind(device.to_owned()).bind(lo).bind(hi);
+    }
+    q
 }
 
 /// Binds a page's device, after, from, to and limit, in that order.
@@ -219,6 +310,8 @@ impl SqliteStore {
                 .into_iter()
                 .map(|(id, online)| (Arc::from(id), online))
                 .collect();
+        backfill_rollups(&mut conn).await?;
+        let recent = load_recent(&mut conn).await?;
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         // Readers get a smaller page cache than the writer's 32 MiB: four of them resuming
         // clients at once would otherwise hold 128 MiB.
@@ -243,6 +336,7 @@ impl SqliteStore {
                 upsert_sql: HashMap::new(),
                 online,
                 seen_written: HashMap::new(),
+                recent,
                 control_rx,
                 health,
                 wal_checked: std::time::Instant::now(),
@@ -382,14 +476,55 @@ impl SqliteStore {
     }
 
     /// History of one device: seq after `after`, device time within [from, to], oldest first.
+    /// A time range is found through the 1-minute rollups' seq ranges, then readings_device.
     pub async fn history(&self, page: &Page) -> Result<Vec<StoredReading>, StoreError> {
-        let rows = bind_page(page, sqlx::query(
-                "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
-                 FROM readings WHERE device = ? AND seq > ? AND ts >= ? AND ts <= ? ORDER BY seq LIMIT ?",
-            ))
-            .fetch_all(&self.pool)
-            .await?;
+        let timed = page.from.is_some() || page.to.is_some();
+        let sql = format!(
+            "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
+             FROM readings WHERE device = ? AND seq > ? AND ts >= ? AND ts <= ? {} ORDER BY seq LIMIT ?",
+            if timed { SEQS_OF_TIME } else { "" }
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(page.device.as_str())
+            .bind(page.after)
+            .bind(page.from.unwrap_or(i64::MIN))
+            .bind(page.to.unwrap_or(i64::MAX));
+        if timed {
+            q = bind_seqs_of_time(q, &page.device, page.from, page.to);
+        }
+        let rows = q.bind(page.limit).fetch_all(&self.pool).await?;
         rows.iter().map(reading_from_row).collect()
+    }
+
+    /// Stored rollup rows of one device and tier with bucket in [from, to), of the given
+    /// fields (every field but the all-readings one when `None`), by bucket.
+    pub async fn rollups(
+        &self,
+        device: &str,
+        tier: i64,
+        from: i64,
+        to: i64,
+        fields: Option<&[String]>,
+    ) -> Result<Vec<RollupRow>, StoreError> {
+        let mut sql = String::from(
+            "SELECT device, tier, bucket, field, n, total, lo, hi, first_v, first_ts, last_v, last_ts, \
+             seq_lo, seq_hi FROM rollups WHERE device = ? AND tier = ? AND bucket >= ? AND bucket < ?",
+        );
+        match fields {
+            None => sql.push_str(" AND field != ''"),
+            Some(f) => push_in(&mut sql, "field", Some(f)),
+        }
+        sql.push_str(" ORDER BY bucket, field");
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(device)
+            .bind(tier)
+            .bind(from)
+            .bind(to);
+        for f in fields.unwrap_or_default() {
+            q = q.bind(f.as_str());
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(rollup_from_row).collect()
     }
 
     /// Hands work to the writer and waits for its answer.

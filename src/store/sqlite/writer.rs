@@ -16,8 +16,10 @@ use super::file_id;
 use crate::domain;
 use crate::ingest::{Item, Reading};
 use crate::observability::Metrics;
+use crate::store::dedupe::{self, Recent};
 use crate::store::health::{self, FaultKind, Health};
 use crate::store::log::EventRow;
+use crate::store::rollup::{self, RollupRow};
 use crate::store::writer::{self, Backend, Commit, Committed};
 use crate::store::{Control, Inserted, NewCommand, RETENTION_PER_CALL, StoreError};
 
@@ -160,6 +162,8 @@ pub struct Writer {
     pub(super) online: HashMap<Arc<str>, bool>,
     /// `last_seen` as last written, per device.
     pub(super) seen_written: HashMap<Arc<str>, i64>,
+    /// The newest readings stored, to tell a redelivered one.
+    pub(super) recent: Recent,
     /// Work besides readings.
     pub(super) control_rx: mpsc::Receiver<Control>,
     /// What the writer reports about itself.
@@ -311,9 +315,12 @@ impl Writer {
         conn: &mut SqliteConnection,
         batch: &[Item],
     ) -> Result<Commit, StoreError> {
+        let recent = &self.recent;
+        let repeats = dedupe::repeats(batch, |r| recent.contains(r));
         let online = &self.online;
         let mut p = writer::plan(
             batch,
+            &repeats,
             self.next_seq,
             |d| online.get(d).copied(),
             &self.seen_written,
@@ -321,31 +328,9 @@ impl Writer {
         if p.is_empty() {
             return Ok(Commit {
                 last_seq: self.next_seq - 1,
+                repeated: p.repeated,
                 plan: p.plan,
                 ..Commit::default()
-            });
-        }
-        if p.readings.len() <= ROWS_PER_INSERT
-            && p.devices.is_empty()
-            && p.acks.is_empty()
-            && p.plan.events.is_empty()
-        {
-            // One statement is atomic on its own: no BEGIN and COMMIT, which would be two
-            // more round trips to the SQLite thread (the common case under load, now that
-            // last_seen is not rewritten every time).
-            // Never into a file that was deleted or replaced: nothing is committed (or
-            // acknowledged) and the batch stays ours.
-            self.check_file()?;
-            insert_readings(&mut self.insert_sql, &p.readings)
-                .execute(&mut *conn)
-                .await?;
-            self.next_seq = p.next_seq;
-            return Ok(Commit {
-                readings: p.readings.len() as u64,
-                presence: p.presence,
-                last_seq: p.next_seq - 1,
-                plan: p.plan,
-                unknown_acks: Vec::new(),
             });
         }
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
@@ -354,6 +339,7 @@ impl Writer {
                 .execute(&mut *tx)
                 .await?;
         }
+        upsert_rollups(&mut tx, &rollup::of_batch(&p.readings)).await?;
         // One statement per 100 devices.
         for chunk in p.devices.chunks(DEVICES_PER_UPSERT) {
             let sql = self
@@ -400,10 +386,15 @@ impl Writer {
         for (device, now) in &p.online {
             self.online.insert(device.shared(), *now);
         }
+        for (r, _) in &p.readings {
+            self.recent
+                .insert(dedupe::id_of(r.device.as_str(), r.ts, &r.payload));
+        }
         p.finish();
         Ok(Commit {
             readings: p.readings.len() as u64,
             presence: p.presence,
+            repeated: p.repeated,
             last_seq: p.next_seq - 1,
             plan: p.plan,
             unknown_acks,
@@ -696,6 +687,60 @@ async fn retention(
         }
     }
     Ok(total)
+}
+
+/// Rollup rows per multi-row upsert (14 parameters each).
+const ROLLUPS_PER_UPSERT: usize = 200;
+
+/// Merges a batch's rollup rows into `rollups`, inside the caller's transaction: counts and
+/// sums add up, extremes widen, first and last go by device time.
+pub(super) async fn upsert_rollups(
+    conn: &mut SqliteConnection,
+    rows: &[RollupRow],
+) -> Result<(), StoreError> {
+    for chunk in rows.chunks(ROLLUPS_PER_UPSERT) {
+        let mut sql = String::from(
+            "INSERT INTO rollups (device, tier, bucket, field, n, total, lo, hi, first_v, \
+             first_ts, last_v, last_ts, seq_lo, seq_hi) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        }
+        sql.push_str(
+            " ON CONFLICT (device, tier, bucket, field) DO UPDATE SET \
+             n = n + excluded.n, total = total + excluded.total, \
+             lo = min(lo, excluded.lo), hi = max(hi, excluded.hi), \
+             first_v = CASE WHEN excluded.first_ts < first_ts THEN excluded.first_v ELSE first_v END, \
+             first_ts = min(first_ts, excluded.first_ts), \
+             last_v = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last_v ELSE last_v END, \
+             last_ts = max(last_ts, excluded.last_ts), \
+             seq_lo = min(seq_lo, excluded.seq_lo), seq_hi = max(seq_hi, excluded.seq_hi)",
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for r in chunk {
+            let s = &r.stats;
+            q = q
+                .bind(r.device.clone())
+                .bind(r.tier)
+                .bind(r.bucket)
+                .bind(r.field.clone())
+                .bind(s.count)
+                .bind(s.sum)
+                .bind(s.min)
+                .bind(s.max)
+                .bind(s.first)
+                .bind(s.first_ts)
+                .bind(s.last)
+                .bind(s.last_ts)
+                .bind(r.seqs.map(|(lo, _)| lo))
+                .bind(r.seqs.map(|(_, hi)| hi));
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 fn upsert_sql(rows: usize) -> String {

@@ -1,0 +1,77 @@
+//! Telling a repeated reading from a new one. QoS 1 is "at least once": after a crash
+//! between our commit and the broker getting our ack, or when a device resends because it
+//! missed the broker's, the same message arrives again. A reading is the same when its
+//! device, device time (`ts`) and payload bytes are; a repeat is acknowledged but neither
+//! stored nor rolled up, so history and rollups count it once.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use crate::ingest::{Item, Reading};
+
+/// How many of the newest readings the SQLite writer remembers: a repeat arriving after
+/// this many newer readings is taken for a new one.
+pub const RECENT: usize = 100_000;
+
+/// A reading's identity: device, device time and a hash of the payload.
+type Id = (Arc<str>, i64, u64);
+
+fn payload_hash(payload: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    payload.hash(&mut h);
+    h.finish()
+}
+
+/// The identity of a reading.
+pub fn id_of(device: &str, ts: i64, payload: &[u8]) -> (Arc<str>, i64, u64) {
+    (Arc::from(device), ts, payload_hash(payload))
+}
+
+/// The newest readings stored, by identity (SQLite, where this writer is the only one).
+#[derive(Debug, Default)]
+pub struct Recent {
+    ids: HashMap<Id, u32>,
+    order: VecDeque<Id>,
+}
+
+impl Recent {
+    /// Whether a reading with this identity is among the remembered ones.
+    pub fn contains(&self, r: &Reading) -> bool {
+        self.ids
+            .contains_key(&(r.device.shared(), r.ts, payload_hash(&r.payload)))
+    }
+
+    /// Remembers a stored reading, forgetting the oldest past [`RECENT`].
+    pub fn insert(&mut self, id: Id) {
+        *self.ids.entry(id.clone()).or_default() += 1;
+        self.order.push_back(id);
+        while self.order.len() > RECENT {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(n) = self.ids.get_mut(&old) {
+                *n -= 1;
+                if *n == 0 {
+                    self.ids.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// Which items of a batch are repeats: of a stored reading (`stored` says), or of an
+/// earlier reading in the same batch.
+pub fn repeats(batch: &[Item], stored: impl Fn(&Reading) -> bool) -> Vec<bool> {
+    let mut seen: HashSet<(&str, i64, &[u8])> = HashSet::new();
+    batch
+        .iter()
+        .map(|item| match item {
+            Item::Reading(r, _) => {
+                !seen.insert((r.device.as_str(), r.ts, &r.payload[..])) || stored(r)
+            }
+            _ => false,
+        })
+        .collect()
+}

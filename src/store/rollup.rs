@@ -1,0 +1,298 @@
+//! Stored rollups: per device, numeric field and time bucket of device time, the count,
+//! sum, minimum, maximum, first and last value, in two tiers (1 minute and 1 hour). The
+//! writer computes a batch's rollup rows here and both backends merge them into the
+//! `rollups` table in the transaction that stores the readings, so the two never disagree.
+//!
+//! Every reading also counts in a row of the empty field `""`, numeric fields or not: its
+//! count, and the range of seqs in the bucket, which finds a device's readings of a time
+//! range through the (device, seq) index without an index on time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::ingest::Reading;
+
+/// Bucket widths of the stored tiers, in ms: 1 minute and 1 hour.
+pub const TIERS: [i64; 2] = [60_000, 3_600_000];
+
+/// The field of the row every reading counts in.
+pub const ALL: &str = "";
+
+/// Most numeric fields taken from one payload; the rest are not rolled up.
+pub const MAX_FIELDS: usize = 64;
+/// How deep nested objects are followed for dotted names.
+const MAX_DEPTH: usize = 4;
+/// Longest field name (dotted path) rolled up.
+pub const MAX_FIELD_LEN: usize = 128;
+
+/// Aggregates of one bucket. `first` is the value with the smallest device time (the
+/// earliest stored on a tie), `last` the one with the largest (the latest stored on a tie).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    /// Values.
+    pub count: i64,
+    /// Their sum.
+    pub sum: f64,
+    /// The smallest.
+    pub min: f64,
+    /// The largest.
+    pub max: f64,
+    /// The value of the earliest device time.
+    pub first: f64,
+    /// That time (Unix ms).
+    pub first_ts: i64,
+    /// The value of the latest device time.
+    pub last: f64,
+    /// That time (Unix ms).
+    pub last_ts: i64,
+}
+
+impl Stats {
+    /// One value at device time `ts`.
+    pub fn one(v: f64, ts: i64) -> Stats {
+        Stats {
+            count: 1,
+            sum: v,
+            min: v,
+            max: v,
+            first: v,
+            first_ts: ts,
+            last: v,
+            last_ts: ts,
+        }
+    }
+
+    /// Adds `other`, which was stored after `self` (so it wins ties for `last` only).
+    pub fn merge(&mut self, other: &Stats) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        if other.first_ts < self.first_ts {
+            self.first = other.first;
+            self.first_ts = other.first_ts;
+        }
+        if other.last_ts >= self.last_ts {
+            self.last = other.last;
+            self.last_ts = other.last_ts;
+        }
+    }
+
+    /// The mean.
+    pub fn avg(&self) -> f64 {
+        self.sum / self.count as f64
+    }
+}
+
+/// One stored rollup row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollupRow {
+    /// Device id.
+    pub device: Arc<str>,
+    /// Bucket width, ms (one of [`TIERS`]).
+    pub tier: i64,
+    /// Bucket start, Unix ms.
+    pub bucket: i64,
+    /// Dotted field name, or [`ALL`].
+    pub field: String,
+    /// The aggregates (for [`ALL`]: count, and first/last device time; values are 0).
+    pub stats: Stats,
+    /// Smallest and largest seq in the bucket (kept for [`ALL`] only).
+    pub seqs: Option<(i64, i64)>,
+}
+
+/// Start of the bucket of width `width` holding `ts`.
+pub fn bucket_of(ts: i64, width: i64) -> i64 {
+    ts.div_euclid(width) * width
+}
+
+/// The first and last bucket start of width `width` that device times within [from, to]
+/// fall in (open ends stay open).
+pub fn bucket_span(from: Option<i64>, to: Option<i64>, width: i64) -> (i64, i64) {
+    (
+        from.map_or(i64::MIN, |f| bucket_of(f, width)),
+        to.map_or(i64::MAX, |t| bucket_of(t, width)),
+    )
+}
+
+/// The numeric fields of a JSON object payload: top-level names and nested ones by dotted
+/// path (`a.b`), numbers only, without the top-level `ts` (the reading's time). At most
+/// [`MAX_FIELDS`], by name.
+pub fn numeric_fields(payload: &[u8]) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(payload) {
+        for (k, v) in &map {
+            if k != "ts" {
+                collect(k.clone(), v, 1, &mut out);
+            }
+        }
+    }
+    out
+}
+
+fn collect(name: String, v: &Value, depth: usize, out: &mut Vec<(String, f64)>) {
+    if out.len() >= MAX_FIELDS || name.len() > MAX_FIELD_LEN || name.is_empty() {
+        return;
+    }
+    match v {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|f| f.is_finite()) {
+                out.push((name, f));
+            }
+        }
+        Value::Object(map) if depth < MAX_DEPTH => {
+            for (k, v) in map {
+                collect(format!("{name}.{k}"), v, depth + 1, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// One field's value in a payload by dotted path, when it is a finite number.
+pub fn field_value(payload: &Value, path: &str) -> Option<f64> {
+    let mut v = payload;
+    for part in path.split('.') {
+        v = v.get(part)?;
+    }
+    v.as_f64().filter(|f| f.is_finite())
+}
+
+type Key = (Arc<str>, i64, i64, String);
+
+/// A reading as rollups see it.
+pub struct Sample<'a> {
+    /// Device id.
+    pub device: Arc<str>,
+    /// Device time, Unix ms.
+    pub ts: i64,
+    /// The payload as sent.
+    pub payload: &'a [u8],
+    /// `domain::flags` bits.
+    pub flags: i64,
+    /// Its seq.
+    pub seq: i64,
+}
+
+/// The rollup rows of a batch of new readings, each with its seq (in seq order).
+pub fn of_batch(readings: &[(&Reading, i64)]) -> Vec<RollupRow> {
+    of_samples(readings.iter().map(|(r, seq)| Sample {
+        device: r.device.shared(),
+        ts: r.ts,
+        payload: &r.payload,
+        flags: r.flags,
+        seq: *seq,
+    }))
+}
+
+/// The rollup rows of stored readings, in seq order (the backfill of older databases).
+pub fn of_stored(readings: &[super::StoredReading]) -> Vec<RollupRow> {
+    of_samples(readings.iter().map(|r| Sample {
+        device: Arc::from(r.device.as_str()),
+        ts: r.ts,
+        payload: &r.payload,
+        flags: r.flags,
+        seq: r.seq,
+    }))
+}
+
+/// The rollup rows of readings in seq order: one row per (device, tier, bucket, field),
+/// ready to be merged into what is stored.
+pub fn of_samples<'a>(readings: impl IntoIterator<Item = Sample<'a>>) -> Vec<RollupRow> {
+    let mut rows: HashMap<Key, (Stats, Option<(i64, i64)>)> = HashMap::new();
+    let mut add = |key: Key, stats: Stats, seq: Option<i64>| {
+        rows.entry(key)
+            .and_modify(|(s, seqs)| {
+                s.merge(&stats);
+                if let (Some((lo, hi)), Some(q)) = (seqs.as_mut(), seq) {
+                    *lo = (*lo).min(q);
+                    *hi = (*hi).max(q);
+                }
+            })
+            .or_insert((stats, seq.map(|q| (q, q))));
+    };
+    for r in readings {
+        let fields = if r.flags & crate::domain::flags::RAW == 0 {
+            numeric_fields(r.payload)
+        } else {
+            Vec::new()
+        };
+        let (device, seq) = (r.device, &r.seq);
+        for tier in TIERS {
+            let bucket = bucket_of(r.ts, tier);
+            add(
+                (device.clone(), tier, bucket, ALL.to_owned()),
+                Stats::one(0.0, r.ts),
+                Some(*seq),
+            );
+            for (name, v) in &fields {
+                add(
+                    (device.clone(), tier, bucket, name.clone()),
+                    Stats::one(*v, r.ts),
+                    None,
+                );
+            }
+        }
+    }
+    let mut out: Vec<RollupRow> = rows
+        .into_iter()
+        .map(|((device, tier, bucket, field), (stats, seqs))| RollupRow {
+            device,
+            tier,
+            bucket,
+            field,
+            stats,
+            seqs,
+        })
+        .collect();
+    // One order for every writer, so two instances' upserts never lock rows crosswise.
+    out.sort_unstable_by(|a, b| {
+        (&*a.device, a.tier, a.bucket, &a.field).cmp(&(&*b.device, b.tier, b.bucket, &b.field))
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numeric_fields_follow_dotted_paths_and_skip_the_rest() {
+        let f = numeric_fields(
+            br#"{"ts":5,"t":21.5,"on":true,"s":"x","n":{"a":1,"b":{"c":-2}},"arr":[1]}"#,
+        );
+        assert_eq!(
+            f,
+            vec![
+                ("n.a".to_owned(), 1.0),
+                ("n.b.c".to_owned(), -2.0),
+                ("t".to_owned(), 21.5)
+            ]
+        );
+        assert!(numeric_fields(b"[1,2]").is_empty());
+        assert!(numeric_fields(b"nope").is_empty());
+    }
+
+    #[test]
+    fn merging_keeps_first_and_last_by_device_time() {
+        let mut s = Stats::one(5.0, 100);
+        s.merge(&Stats::one(1.0, 50)); // late: becomes first
+        s.merge(&Stats::one(9.0, 200));
+        s.merge(&Stats::one(7.0, 200)); // tie: the later stored is last
+        s.merge(&Stats::one(3.0, 50)); // tie: the earlier stored stays first
+        assert_eq!(s.count, 5);
+        assert_eq!(s.sum, 25.0);
+        assert_eq!((s.min, s.max), (1.0, 9.0));
+        assert_eq!((s.first, s.first_ts), (1.0, 50));
+        assert_eq!((s.last, s.last_ts), (7.0, 200));
+        assert_eq!(s.avg(), 5.0);
+    }
+
+    #[test]
+    fn buckets_floor_even_before_1970() {
+        assert_eq!(bucket_of(119_999, 60_000), 60_000);
+        assert_eq!(bucket_of(-1, 60_000), -60_000);
+    }
+}
