@@ -224,9 +224,7 @@ impl App {
         );
         tracker.spawn(store::run_housekeeping(
             shared.store.clone(),
-            config.storage.retention,
-            config.storage.events_retention(),
-            config.storage.retention_interval,
+            config.storage.clone(),
             config.presence.timeout,
             shared.metrics.clone(),
             shutdown.child_token(),

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use super::{RETENTION_PER_CALL, Store, StoreError};
+use crate::config::StorageConfig;
 use crate::domain;
 
 /// How often committed WAL frames are checkpointed into the database file.
@@ -13,14 +14,19 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// Sends retention and presence work to the writer on a timer until cancelled.
 pub async fn run_housekeeping(
     store: Store,
-    retention: Duration,
-    events_retention: Duration,
-    retention_every: Duration,
+    storage: StorageConfig,
     presence_timeout: Duration,
     metrics: std::sync::Arc<crate::observability::Metrics>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     use std::sync::atomic::Ordering;
+    let retention = storage.retention;
+    let events_retention = storage.events_retention();
+    let retention_every = storage.retention_interval;
+    let rollup_retention = [
+        (super::rollup::TIERS[0], storage.retention_1m),
+        (super::rollup::TIERS[1], storage.retention_1h),
+    ];
     let mut retention_tick = tokio::time::interval(retention_every);
     let sweep_every =
         (presence_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
@@ -77,6 +83,30 @@ pub async fn run_housekeeping(
                 }
                 if deleted > 0 {
                     tracing::info!(deleted, "retention removed old readings and events");
+                }
+                for (tier, keep) in rollup_retention {
+                    let Some(keep) = keep else { continue };
+                    let cutoff = now - keep.as_millis() as i64;
+                    let mut deleted = 0;
+                    loop {
+                        match store.rollup_retention(tier, cutoff).await {
+                            Ok(n) => {
+                                deleted += n;
+                                if n < RETENTION_PER_CALL || cancel.is_cancelled() {
+                                    break;
+                                }
+                            }
+                            Err(StoreError::WriterGone) => return,
+                            Err(StoreError::Failing(_) | StoreError::WriterBusy(_)) => break,
+                            Err(e) => {
+                                tracing::warn!(error = %e, tier, "rollup retention failed; will retry");
+                                break;
+                            }
+                        }
+                    }
+                    if deleted > 0 {
+                        tracing::info!(deleted, tier_ms = tier, "retention removed old rollups");
+                    }
                 }
             }
             _ = sweep_tick.tick() => {

@@ -295,6 +295,14 @@ impl Store {
         dispatch!(self, b => b.retention(cutoff, events_cutoff).await)
     }
 
+    /// Deletes rollups of the tier `tier` (bucket width, ms) whose bucket starts before
+    /// `cutoff`, at most [`RETENTION_PER_CALL`] rows a call; the count. A bucket's
+    /// all-readings row stays while any of its readings is still stored: time ranges of
+    /// raw history find their readings through it.
+    pub async fn rollup_retention(&self, tier: i64, cutoff: i64) -> Result<u64, StoreError> {
+        dispatch!(self, b => b.rollup_retention(tier, cutoff).await)
+    }
+
     /// Marks devices silent since before `cutoff` offline; the ids this call moved.
     pub async fn presence_sweep(&self, cutoff: i64) -> Result<Vec<String>, StoreError> {
         dispatch!(self, b => b.presence_sweep(cutoff).await)
@@ -527,6 +535,15 @@ pub enum Control {
         /// Rows deleted.
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    /// Delete rollups of a tier older than a cutoff; replies with the count.
+    RollupRetention {
+        /// Bucket width, ms.
+        tier: i64,
+        /// Bucket starts before this go, Unix ms.
+        cutoff: i64,
+        /// Rows deleted.
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
     /// Mark devices silent since before `cutoff` offline; replies with their ids.
     PresenceSweep {
         /// Cutoff, Unix ms.
@@ -572,7 +589,9 @@ impl Control {
     /// Whether nobody waits for the answer any more.
     fn abandoned(&self) -> bool {
         match self {
-            Control::Retention { reply, .. } => reply.is_closed(),
+            Control::Retention { reply, .. } | Control::RollupRetention { reply, .. } => {
+                reply.is_closed()
+            }
             Control::PresenceSweep { reply, .. } => reply.is_closed(),
             Control::InsertCommand { reply, .. } => reply.is_closed(),
             Control::MarkSent { reply, .. } => reply.is_closed(),

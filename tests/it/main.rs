@@ -12,6 +12,7 @@ mod event_log;
 mod history;
 mod ingest;
 mod pg;
+mod series;
 mod sse;
 mod storage_faults;
 mod support;

@@ -546,6 +546,16 @@ impl Daemon {
         .await
     }
 
+    /// Moves every reading two days into the past (as received).
+    pub async fn age_all_readings(&self) -> u64 {
+        self.write(
+            "UPDATE readings SET received_at = received_at - 2 * 86400000 WHERE seq > ?",
+            "UPDATE readings SET received_at = received_at - 2 * 86400000 WHERE seq > $1",
+            0,
+        )
+        .await
+    }
+
     /// Moves the readings whose `n` is below `n` two days into the past (as received).
     pub async fn age_readings_below(&self, n: i64) -> u64 {
         self.write(

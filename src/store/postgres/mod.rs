@@ -587,6 +587,40 @@ impl PgStore {
         Ok(ids)
     }
 
+    /// Deletes rollups of a tier older than `cutoff` (see
+    /// [`crate::store::Store::rollup_retention`]). No lock: deleting is the same whichever
+    /// instance does it, and no log event comes of it.
+    pub async fn rollup_retention(&self, tier: i64, cutoff: i64) -> Result<u64, StoreError> {
+        let devices: Vec<String> = sqlx::query_scalar("SELECT id FROM devices ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut total = 0;
+        for device in &devices {
+            loop {
+                let n = sqlx::query(
+                    "DELETE FROM rollups WHERE ctid IN (SELECT ctid FROM rollups \
+                     WHERE device = $1 AND tier = $2 AND bucket < $3 AND (field <> '' OR \
+                     seq_hi <= (SELECT readings_purged_through FROM log_head)) LIMIT $4)",
+                )
+                .bind(device)
+                .bind(tier)
+                .bind(cutoff)
+                .bind(RETENTION_CHUNK)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                total += n;
+                if total >= RETENTION_PER_CALL {
+                    return Ok(total);
+                }
+                if (n as i64) < RETENTION_CHUNK {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
     /// Deletes readings received before `cutoff` and events before `events_cutoff`, oldest
     /// first in chunks, and records how far each is purged; at most `RETENTION_PER_CALL`.
     /// Each chunk holds the append lock, so instances never purge at once.

@@ -592,6 +592,16 @@ impl SqliteStore {
         .await
     }
 
+    /// Deletes rollups of a tier older than `cutoff` (see [`crate::store::Store::rollup_retention`]).
+    pub async fn rollup_retention(&self, tier: i64, cutoff: i64) -> Result<u64, StoreError> {
+        self.ask(|reply| Control::RollupRetention {
+            tier,
+            cutoff,
+            reply,
+        })
+        .await
+    }
+
     /// Marks devices silent since before `cutoff` offline; their ids.
     pub async fn presence_sweep(&self, cutoff: i64) -> Result<Vec<String>, StoreError> {
         self.ask(|reply| Control::PresenceSweep { cutoff, reply })

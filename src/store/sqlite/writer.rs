@@ -504,6 +504,16 @@ impl Writer {
                     .await;
                 let _ = reply.send(result);
             }
+            Control::RollupRetention {
+                tier,
+                cutoff,
+                reply,
+            } => {
+                let result = self
+                    .on_conn(async |c| rollup_retention(c, tier, cutoff).await)
+                    .await;
+                let _ = reply.send(result);
+            }
             Control::PresenceSweep { cutoff, reply } => {
                 // After a fault, `last_seen` lags the readings still waiting: a sweep now
                 // would log devices offline that are not. The next tick tries again.
@@ -683,6 +693,48 @@ async fn retention(
             if total >= RETENTION_PER_CALL {
                 // Readings wait meanwhile: housekeeping asks again at once for the rest.
                 return Ok(total);
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Deletes a tier's rollups older than `cutoff`, device by device (each a seek on the
+/// primary key), in short transactions, at most `RETENTION_PER_CALL` rows a call; on
+/// `conn` (the writer's).
+async fn rollup_retention(
+    conn: &mut SqliteConnection,
+    tier: i64,
+    cutoff: i64,
+) -> Result<u64, StoreError> {
+    let devices: Vec<String> = sqlx::query_scalar("SELECT id FROM devices ORDER BY id")
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut total = 0;
+    for device in &devices {
+        loop {
+            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+            let n = sqlx::query(
+                "DELETE FROM rollups WHERE (device, tier, bucket, field) IN \
+                 (SELECT device, tier, bucket, field FROM rollups \
+                 WHERE device = ? AND tier = ? AND bucket < ? AND (field <> '' OR seq_hi <= \
+                 (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'readings_purged_through')) \
+                 LIMIT ?)",
+            )
+            .bind(device)
+            .bind(tier)
+            .bind(cutoff)
+            .bind(RETENTION_CHUNK)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            total += n;
+            if total >= RETENTION_PER_CALL {
+                return Ok(total);
+            }
+            if (n as i64) < RETENTION_CHUNK {
+                break;
             }
         }
     }
