@@ -8,6 +8,8 @@
 //                                 replays them from storage after a reconnect: the browser sends
 //                                 Last-Event-ID, or we reopen with our own last id)
 //   GET api/devices/{id}/readings?from=  -> a chart's history, merged with the live points by seq
+//   GET api/devices/{id}/series?from=    -> the long ranges: buckets with min, max and average; the
+//                                 newest bucket is counted in the page from readings and the feed
 //   WebSocket ws               -> commands out, accepted / ack / timeout / error back
 //   GET api/commands           -> the command log
 // Rendering is batched into one requestAnimationFrame; the device list redraws at most 4x/s.
@@ -31,6 +33,8 @@ const state = {
   order: [], // device ids, sorted
   orderDirty: false,
   selected: null,
+  range: { key: "live" }, // see parseRange
+  units: {}, // field -> unit, from GET api/devices
   chart: null,
   lastSeq: 0, // the last reading's seq
   lastId: 0, // the last event id of any kind (readings' seq are event ids too)
@@ -112,14 +116,21 @@ function setText(node, text) {
   if (node.textContent !== text) node.textContent = text;
 }
 
-/** Numeric top-level fields of a payload, without the device's own `ts`. */
+/**
+ * Numeric fields of a payload, nested ones by their dotted path (`gps.speed`), as the series
+ * API names them; without the device's own `ts`.
+ */
 function numericFields(payload) {
   const out = [];
-  if (payload && typeof payload === "object" && !Array.isArray(payload)) {
-    for (const [k, v] of Object.entries(payload)) {
-      if (k !== "ts" && typeof v === "number" && Number.isFinite(v)) out.push([k, v]);
+  const walk = (obj, prefix, depth) => {
+    for (const [k, v] of Object.entries(obj)) {
+      if (!prefix && k === "ts") continue;
+      const name = prefix + k;
+      if (typeof v === "number" && Number.isFinite(v)) out.push([name, v]);
+      else if (v && typeof v === "object" && !Array.isArray(v) && depth < 3) walk(v, `${name}.`, depth + 1);
     }
-  }
+  };
+  if (payload && typeof payload === "object" && !Array.isArray(payload)) walk(payload, "", 0);
   return out;
 }
 
@@ -219,6 +230,7 @@ function applyDeviceList(list) {
 async function loadDevices() {
   const body = await api("api/devices");
   applyDeviceList(body.devices || []);
+  if (body.units && typeof body.units === "object") state.units = body.units;
   // The log position the list reflects: the feed starts there (readings, presence and
   // command changes alike), so a page on a fleet without readings replays nothing old.
   let max = Number(body.last_event_id) || 0;
@@ -337,10 +349,9 @@ function select(id, { auto = false } = {}) {
   for (const d of state.devices.values()) {
     if (d.row) d.row.li.setAttribute("aria-selected", String(d.id === id));
   }
-  if (!auto || !location.hash) history.replaceState(null, "", `#device=${encodeURIComponent(id)}`);
-  if (state.chart) state.chart.destroy();
-  state.chart = new DeviceChart(id, Number($("window").value));
-  state.chart.loadHistory();
+  // A device picked for the user leaves a link's device (one not listed yet) in the URL.
+  if (!auto || !urlParams().has("device")) writeUrl();
+  openChart(id);
   const sel = $("cmd-device");
   if ([...sel.options].some((o) => o.value === id)) sel.value = id;
   schedule();
@@ -366,27 +377,185 @@ function renderDetailHead() {
   }
 }
 
+// ---------------------------------------------------------------- time ranges
+
+/**
+ * The range picker's presets. Each ends at the device's latest time and follows the live feed;
+ * `series` ones are drawn from GET api/devices/{id}/series (per field a min–max band and the
+ * average), the others from raw readings.
+ */
+const RANGES = {
+  live: { span: "5 min", sec: 300 },
+  "15m": { span: "15 min", sec: 900 },
+  "1h": { span: "1 h", sec: 3600 },
+  "24h": { span: "24 h", sec: 86400, series: true },
+  "7d": { span: "7 days", sec: 7 * 86400, series: true },
+  "30d": { span: "30 days", sec: 30 * 86400, series: true },
+};
+/** A custom range longer than this is drawn aggregated: its raw points would be too many. */
+const RAW_MAX_MS = 2 * 3600 * 1000;
+
+/** Unix ms from an RFC 3339 time or a Unix ms number; NaN when it is neither. */
+function parseTime(s) {
+  return /^-?\d+$/.test(s) ? Number(s) : Date.parse(s);
+}
+
+/**
+ * The range a URL fragment names: `range=24h`, or `from=..&to=..` (RFC 3339 or Unix ms; no `to`:
+ * until now). Anything unreadable is the live view.
+ */
+function parseRange(params) {
+  if (params.has("from")) {
+    const from = parseTime(params.get("from"));
+    const to = params.get("to") ? parseTime(params.get("to")) : null;
+    if (Number.isFinite(from) && (to === null || to > from)) return { key: "custom", from, to };
+  }
+  const key = params.get("range");
+  return { key: Object.hasOwn(RANGES, key) ? key : "live" };
+}
+
+/** The fragment's part for a range; none for the live view, so that old links stay as they were. */
+function rangeParams(range) {
+  if (range.key === "custom") {
+    const from = `from=${new Date(range.from).toISOString()}`;
+    return range.to === null ? from : `${from}&to=${new Date(range.to).toISOString()}`;
+  }
+  return range.key === "live" ? "" : `range=${range.key}`;
+}
+
+const urlParams = () => new URLSearchParams(location.hash.slice(1));
+
+/** Keeps the selected device and range in the URL, so that a reload or a shared link restores them. */
+function writeUrl() {
+  const parts = [];
+  if (state.selected) parts.push(`device=${encodeURIComponent(state.selected)}`);
+  const r = rangeParams(state.range);
+  if (r) parts.push(r);
+  const hash = parts.length ? `#${parts.join("&")}` : "";
+  if (location.hash !== hash) history.replaceState(null, "", hash || location.pathname + location.search);
+}
+
+function aggregated(range) {
+  if (range.key !== "custom") return !!RANGES[range.key].series;
+  return (range.to === null ? Date.now() : range.to) - range.from > RAW_MAX_MS;
+}
+
+const dateTimeFormat = new Intl.DateTimeFormat([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
+const yearTimeFormat = new Intl.DateTimeFormat([], { year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
+/** A date and time to the minute; with the year when it is not this year's. */
+const fmtDateTime = (t) =>
+  (new Date(t).getFullYear() === new Date().getFullYear() ? dateTimeFormat : yearTimeFormat).format(t);
+
+function rangeText(range) {
+  if (range.key !== "custom") return `the last ${RANGES[range.key].span}`;
+  return `${fmtDateTime(range.from)} – ${range.to === null ? "now" : fmtDateTime(range.to)}`;
+}
+
+/** "2m", "1h", "90s" as the series API writes a step, from milliseconds. */
+function fmtStep(stepMs) {
+  const s = stepMs / 1000;
+  for (const [unit, n] of [["d", 86400], ["h", 3600], ["m", 60]]) if (s >= n && s % n === 0) return `${s / n}${unit}`;
+  return `${s}s`;
+}
+
+const RESOLUTION_TEXT = { raw: "from raw readings", "1m": "from 1-minute rollups", "1h": "from 1-hour rollups" };
+
+function setRange(range) {
+  state.range = range;
+  renderRangePicker();
+  writeUrl();
+  if (state.selected) openChart(state.selected);
+}
+
+function renderRangePicker() {
+  for (const b of $("range").querySelectorAll("button")) {
+    b.setAttribute("aria-pressed", String(b.dataset.range === state.range.key));
+  }
+  const custom = state.range.key === "custom";
+  $("range-custom").setAttribute("aria-expanded", String(!$("custom-range").hidden));
+  if (custom) {
+    $("range-from").value = localInput(state.range.from);
+    $("range-to").value = state.range.to === null ? "" : localInput(state.range.to);
+  }
+}
+
+/** A time as a datetime-local input's value (local time, to the minute). */
+function localInput(t) {
+  const d = new Date(t);
+  const p = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}`;
+}
+
+function openCustom() {
+  const form = $("custom-range");
+  form.hidden = !form.hidden;
+  if (!form.hidden && state.range.key !== "custom") {
+    // Start from what is shown now.
+    const { from } = state.chart ? state.chart.bounds() : { from: Date.now() - 86400000 };
+    $("range-from").value = localInput(from);
+    $("range-to").value = "";
+  }
+  $("range-error").hidden = true;
+  renderRangePicker();
+  if (!form.hidden) $("range-from").focus();
+}
+
+function applyCustom(ev) {
+  ev.preventDefault();
+  const err = $("range-error");
+  // A datetime-local value has no offset: Date.parse reads it as local time.
+  const from = Date.parse($("range-from").value);
+  const to = $("range-to").value ? Date.parse($("range-to").value) : null;
+  let problem = null;
+  if (!Number.isFinite(from)) problem = "Pick the start of the range.";
+  else if (to !== null && !(to > from)) problem = "The end of the range must be after its start.";
+  else if (from > Date.now()) problem = "The start of the range is in the future.";
+  if (problem) {
+    setText(err, problem);
+    err.hidden = false;
+    return;
+  }
+  err.hidden = true;
+  setRange({ key: "custom", from, to });
+}
+
 // ---------------------------------------------------------------- charts
 
-/** The live charts of one device: columnar data sorted by seq, one uPlot per numeric field. */
-class DeviceChart {
-  constructor(device, windowSec) {
+function setStatus(text, kind = "") {
+  const s = $("detail-status");
+  setText(s, text);
+  s.dataset.kind = kind;
+}
+
+function openChart(id) {
+  if (state.chart) state.chart.destroy();
+  state.chart = aggregated(state.range) ? new SeriesChart(id, state.range) : new RawChart(id, state.range);
+  state.chart.loadHistory();
+  schedule();
+}
+
+/** What the charts of one device share: one card and one uPlot per numeric field, resizing, the readout. */
+class Chart {
+  constructor(device, range, mode) {
     this.device = device;
-    this.windowSec = windowSec;
-    this.seqs = [];
-    this.xs = []; // seconds (device time)
-    this.cols = new Map(); // metric -> values aligned with xs
-    this.plots = new Map(); // metric -> { plot, card, value }
+    this.range = range;
+    this.mode = mode;
+    this.plots = new Map(); // metric -> { plot, card, name, value, at }
+    this.units = {};
     this.historyLoaded = false;
+    this.historyFailed = false;
+    this.error = null;
     this.dirty = true;
     this.destroyed = false;
     this.shownPayloadSeq = -1;
     this.generation = 0;
     this.container = $("charts");
     this.container.replaceChildren();
+    this.container.dataset.mode = mode;
+    this.container.dataset.points = "0";
     this.resizer = new ResizeObserver(() => { this.resized = true; schedule(); });
     this.resizer.observe(this.container);
-    setText($("detail-status"), "Loading history…");
+    setStatus("Loading history…");
   }
 
   destroy() {
@@ -397,41 +566,168 @@ class DeviceChart {
     this.container.replaceChildren();
   }
 
-  /** History for the window, oldest first, paged; merged with whatever arrived live meanwhile. */
-  async loadHistory() {
-    const gen = ++this.generation;
+  stale(gen) {
+    return this.destroyed || gen !== this.generation;
+  }
+
+  /**
+   * The range in Unix ms; `to` null while it follows the live feed. A preset ends at the
+   * device's latest time, so a device with a skewed clock still shows.
+   */
+  bounds() {
+    const r = this.range;
+    if (r.key === "custom") return { from: r.from, to: r.to };
     const d = state.devices.get(this.device);
-    // The window ends at the device's latest time, so a device with a skewed clock still shows.
     const end = d && d.latest ? ms(d.latest.ts) : Date.now();
-    const from = Math.min(end, Date.now()) - this.windowSec * 1000;
+    return { from: Math.min(end, Date.now()) - RANGES[r.key].sec * 1000, to: null };
+  }
+
+  /** Whether live readings still extend the range. */
+  following() {
+    return this.range.key !== "custom" || this.range.to === null || this.range.to > Date.now();
+  }
+
+  /**
+   * Stored readings from `from` (device time) on, oldest first, paged by seq; null when the
+   * chart went away meanwhile. `complete` is false when there were more than the pages hold.
+   */
+  async readings(from, to, gen) {
     let after = 0;
     const rows = [];
+    for (let page = 0; page < HISTORY_MAX_PAGES; page++) {
+      const q = new URLSearchParams({ from: String(from), limit: String(HISTORY_PAGE) });
+      if (to !== null) q.set("to", String(to));
+      if (after) q.set("after", String(after));
+      const body = await api(`api/devices/${encodeURIComponent(this.device)}/readings?${q}`);
+      if (this.stale(gen)) return null;
+      rows.push(...body.readings);
+      if (body.next_after == null) return { rows, complete: true };
+      after = body.next_after;
+    }
+    return { rows, complete: false };
+  }
+
+  unit(name) {
+    return this.units[name] || state.units[name] || "";
+  }
+
+  withUnit(text, name) {
+    const u = this.unit(name);
+    return u && text !== "–" ? `${text} ${u}` : text;
+  }
+
+  render() {
+    if (this.destroyed) return;
+    if (this.resized) {
+      this.resized = false;
+      for (const p of this.plots.values()) p.plot.setSize(this.size(p.card));
+    }
+    if (!this.dirty) return;
+    this.dirty = false;
+    this.draw();
+    for (const name of this.plots.keys()) this.readout(name);
+  }
+
+  /** The card's header: the hovered point (uPlot's cursor, synced over the cards), else the latest. */
+  readout(name) {
+    const p = this.plots.get(name);
+    if (!p) return;
+    const u = this.unit(name);
+    setText(p.name, u ? `${name} (${u})` : name);
+    const idx = p.plot.cursor.idx;
+    const [value, at] = idx == null ? this.latestText(name) : this.pointText(name, idx);
+    setText(p.value, value);
+    setText(p.at, at);
+    p.card.dataset.hover = String(idx != null);
+  }
+
+  size(card) {
+    const w = Math.max(200, Math.floor(card.clientWidth - 2));
+    return { width: w, height: 130 };
+  }
+
+  /** A card with a uPlot of `series` (after x) and `bands`, kept in order by name. */
+  addPlot(name, data, series, bands) {
+    const card = el("figure", "chart");
+    card.dataset.metric = name;
+    const head = el("figcaption", "chart-head");
+    const nameNode = el("span", "chart-name", name);
+    const value = el("span", "chart-value", "–");
+    const at = el("span", "chart-at muted", "");
+    head.append(nameNode, value, at);
+    const body = el("div", "chart-body");
+    card.append(head, body);
+    const after = [...this.container.children].find((c) => c.dataset.metric > name);
+    this.container.insertBefore(card, after || null);
+    const axis = cssVar("--muted", "#6b7280");
+    const grid = cssVar("--grid", "#e5e7eb");
+    const font = "11px system-ui, sans-serif";
+    const opts = {
+      ...this.size(card),
+      legend: { show: false },
+      cursor: { drag: { x: false, y: false }, points: { size: 5 }, sync: { key: "telebridge" } },
+      scales: { x: { time: true } },
+      axes: [
+        { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1, size: 4 }, font, size: 26, values: timeTicks },
+        { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { show: false }, font, size: 48, gap: 4 },
+      ],
+      series: [{}, ...series],
+      bands,
+      hooks: { setCursor: [() => this.readout(name)] },
+    };
+    const plot = new uPlot(opts, data, body);
+    card.dataset.series = series.map((s) => s.label).join(",");
+    card.dataset.bands = String(bands.length);
+    const p = { plot, card, name: nameNode, value, at };
+    this.plots.set(name, p);
+    return p;
+  }
+
+  color() {
+    const palette = ["--c1", "--c2", "--c3", "--c4", "--c5", "--c6"];
+    return cssVar(palette[this.plots.size % palette.length], "#2563eb");
+  }
+}
+
+/** Raw points for the short ranges: columnar data sorted by seq. */
+class RawChart extends Chart {
+  constructor(device, range) {
+    super(device, range, "raw");
+    this.seqs = [];
+    this.xs = []; // seconds (device time)
+    this.cols = new Map(); // metric -> values aligned with xs
+  }
+
+  /** History for the range, oldest first, paged; merged with whatever arrived live meanwhile. */
+  async loadHistory() {
+    const gen = ++this.generation;
+    const { from, to } = this.bounds();
+    let got;
     try {
-      for (let page = 0; page < HISTORY_MAX_PAGES; page++) {
-        const q = new URLSearchParams({ from: String(from), limit: String(HISTORY_PAGE) });
-        if (after) q.set("after", String(after));
-        const body = await api(`api/devices/${encodeURIComponent(this.device)}/readings?${q}`);
-        if (this.destroyed || gen !== this.generation) return;
-        rows.push(...body.readings);
-        if (body.next_after == null) break;
-        after = body.next_after;
-      }
+      got = await this.readings(from, to, gen);
     } catch (e) {
-      if (this.destroyed || e instanceof AuthRequired) return;
+      if (this.stale(gen) || e instanceof AuthRequired) return;
       this.historyFailed = e.status !== 404;
       if (e.status === 404) {
-        setText($("detail-status"), "No readings stored for this device yet.");
+        setStatus("No readings stored for this device yet.");
       } else {
-        setText($("detail-status"), `Could not load history: ${e.message}. Live points still arrive.`);
+        setStatus(`Could not load history: ${e.message}. Live points still arrive.`, "error");
       }
       this.historyLoaded = true;
       return;
     }
-    this.merge(rows);
+    if (!got) return;
+    this.merge(got.rows.filter((r) => this.accepts(ms(r.ts))));
     this.historyLoaded = true;
     this.historyFailed = false;
     this.dirty = true;
     schedule();
+  }
+
+  /** A custom range takes only the readings inside it; a preset trims by time instead. */
+  accepts(t) {
+    const r = this.range;
+    return r.key !== "custom" || (t >= r.from && (r.to === null || t <= r.to));
   }
 
   /** Adds rows (any order, possibly already present) keeping seq order without duplicates. */
@@ -457,11 +753,6 @@ class DeviceChart {
     }
   }
 
-  /** Appends one reading (seq above every seq held). */
-  push(r) {
-    this.pushPoint(r.seq, ms(r.ts) / 1000, numericFields(r.payload));
-  }
-
   pushPoint(seq, x, fields) {
     const n = this.xs.length;
     this.seqs.push(seq);
@@ -480,8 +771,9 @@ class DeviceChart {
 
   /** A live reading of this device. */
   live(r) {
+    if (!this.accepts(ms(r.ts))) return;
     const last = this.seqs.length ? this.seqs[this.seqs.length - 1] : 0;
-    if (r.seq > last) this.push(r);
+    if (r.seq > last) this.pushPoint(r.seq, ms(r.ts) / 1000, numericFields(r.payload));
     else this.merge([r]);
     if (this.xs.length > MAX_POINTS * 1.25) this.trim();
     this.dirty = true;
@@ -490,9 +782,11 @@ class DeviceChart {
   trim() {
     const n = this.xs.length;
     if (!n) return;
-    const newest = this.xs[n - 1];
     let cut = 0;
-    while (cut < n && this.xs[cut] < newest - this.windowSec) cut++;
+    if (this.range.key !== "custom") {
+      const oldest = this.xs[n - 1] - RANGES[this.range.key].sec;
+      while (cut < n && this.xs[cut] < oldest) cut++;
+    }
     cut = Math.max(cut, n - MAX_POINTS);
     if (cut <= 0) return;
     this.seqs.splice(0, cut);
@@ -500,85 +794,270 @@ class DeviceChart {
     for (const col of this.cols.values()) col.splice(0, cut);
   }
 
-  setWindow(sec) {
-    const grow = sec > this.windowSec;
-    this.windowSec = sec;
-    if (grow) {
-      this.loadHistory();
-    }
-    this.dirty = true;
-    schedule();
-  }
-
-  render() {
-    if (this.destroyed) return;
-    if (this.resized) {
-      this.resized = false;
-      for (const p of this.plots.values()) p.plot.setSize(this.size(p.card));
-    }
-    if (!this.dirty) return;
-    this.dirty = false;
+  draw() {
     this.trim();
     for (const [name, col] of this.cols) {
-      let p = this.plots.get(name);
-      if (!p) p = this.addPlot(name);
-      let v = null;
-      for (let i = col.length - 1; i >= 0 && i >= col.length - 50; i--) if (col[i] != null) { v = col[i]; break; }
-      setText(p.value, fmtValue(v));
+      const p = this.plots.get(name) || this.addRawPlot(name);
       p.plot.setData([this.xs, col]);
     }
     const n = this.seqs.length;
-    if (this.historyLoaded) {
+    if (this.historyLoaded && !this.historyFailed) {
+      const live = this.following() ? " · live" : "";
       let text = n
-        ? `${fmtInt(n)} readings in the last ${fmtWindow(this.windowSec)} · live`
-        : `No readings in the last ${fmtWindow(this.windowSec)}; waiting for live data…`;
+        ? `${fmtInt(n)} readings in ${rangeText(this.range)}${live}`
+        : `No readings in ${rangeText(this.range)}${this.following() ? "; waiting for live data…" : "."}`;
       if (n && !this.cols.size) text += " · no numeric fields to chart (see the payload below)";
-      setText($("detail-status"), text);
+      setStatus(text);
     }
     this.container.dataset.points = String(n);
   }
 
-  size(card) {
-    const w = Math.max(200, Math.floor(card.clientWidth - 2));
-    return { width: w, height: 130 };
+  addRawPlot(name) {
+    const color = this.color();
+    return this.addPlot(name, [this.xs, this.cols.get(name)], [
+      { label: name, stroke: color, width: 1.5, fill: color + "22", fillTo: (u) => u.scales.y.min, points: { show: false } },
+    ], []);
   }
 
-  addPlot(name) {
-    const card = el("figure", "chart");
-    card.dataset.metric = name;
-    const head = el("figcaption", "chart-head");
-    const value = el("span", "chart-value", "–");
-    head.append(el("span", "chart-name", name), value);
-    const body = el("div", "chart-body");
-    card.append(head, body);
-    // Keep a stable order: by name.
-    const after = [...this.container.children].find((c) => c.dataset.metric > name);
-    this.container.insertBefore(card, after || null);
-    const palette = ["--c1", "--c2", "--c3", "--c4", "--c5", "--c6"];
-    const color = cssVar(palette[this.plots.size % palette.length], "#2563eb");
-    const axis = cssVar("--muted", "#6b7280");
-    const grid = cssVar("--grid", "#e5e7eb");
-    const font = "11px system-ui, sans-serif";
-    const opts = {
-      ...this.size(card),
-      legend: { show: false },
-      cursor: { drag: { x: false, y: false }, points: { size: 5 }, sync: { key: "telebridge" } },
-      scales: { x: { time: true } },
-      axes: [
-        { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1, size: 4 }, font, size: 26, values: timeTicks },
-        { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { show: false }, font, size: 48, gap: 4 },
-      ],
-      series: [
-        {},
-        { label: name, stroke: color, width: 1.5, fill: color + "22", fillTo: (u) => u.scales.y.min, points: { show: false } },
-      ],
-    };
-    const plot = new uPlot(opts, [this.xs, this.cols.get(name)], body);
-    const p = { plot, card, value };
-    this.plots.set(name, p);
-    return p;
+  latestText(name) {
+    const col = this.cols.get(name);
+    for (let i = col.length - 1; i >= 0 && i >= col.length - 50; i--) {
+      if (col[i] != null) return [this.withUnit(fmtValue(col[i]), name), fmtTime(this.xs[i] * 1000)];
+    }
+    return ["–", ""];
+  }
+
+  pointText(name, idx) {
+    const v = this.cols.get(name)[idx];
+    return [this.withUnit(fmtValue(v), name), fmtTime(this.xs[idx] * 1000)];
   }
 }
+
+/**
+ * The long ranges: per numeric field a min–max band and the average line, one point per
+ * bucket of GET api/devices/{id}/series. The newest bucket and those after it are counted here
+ * from raw readings and the live feed instead; raw readings carry seqs, so a reading that both
+ * bring is counted once.
+ */
+class SeriesChart extends Chart {
+  constructor(device, range) {
+    super(device, range, "series");
+    this.step = 0; // ms
+    this.resolution = null;
+    this.fields = []; // metric names, at most MAX_METRICS
+    this.request = null; // the series request drawn, relative to the page
+    this.answered = 0; // points in its answer
+    // By start time; per metric {avg, min, max} from the daemon, or {sum, n, min, max} counted here.
+    this.buckets = [];
+    this.cut = Infinity; // readings from here on (device time) are counted here
+    this.seen = new Set(); // seqs of the stored readings counted here
+    this.seenUpTo = 0; // live readings above this seq are new (the feed gives each seq once)
+    this.pending = null; // live readings that arrived while loading
+    this.counted = 0;
+    this.lastSeq = 0;
+    this.newest = -Infinity; // device time of the newest reading counted here
+    this.latest = new Map(); // metric -> [value, device time] of the newest reading
+  }
+
+  async loadHistory() {
+    const gen = ++this.generation;
+    this.pending = [];
+    const { from, to } = this.bounds();
+    // Under a minute the API counts raw readings, at most 200,000 a request; a minute, which its
+    // rollups answer, is fine enough for a range of a few hours, and auto is a minute or more
+    // beyond 1,000 minutes.
+    const span = (to === null ? Date.now() : to) - from;
+    const q = new URLSearchParams({ from: String(from), step: span <= 1000 * 60000 ? "1m" : "auto", agg: "avg,min,max" });
+    if (to !== null) q.set("to", String(to));
+    const request = `api/devices/${encodeURIComponent(this.device)}/series?${q}`;
+    this.request = request;
+    let body;
+    let tail;
+    try {
+      body = await api(request);
+      if (this.stale(gen)) return;
+      const points = body.points || [];
+      const step = Number(body.step_ms);
+      if (!(step > 0)) throw new Error(`the series answer has no step_ms (${JSON.stringify(body.step_ms)})`);
+      const last = points.length ? ms(points[points.length - 1].t) : Math.floor(from / step) * step;
+      // To the end of the last bucket, not `to`: buckets are whole, as the daemon's are.
+      tail = await this.readings(last, to === null ? null : last + step - 1, gen);
+      if (!tail) return;
+      this.step = step;
+      this.cut = last;
+      let server = points.length ? points.slice(0, -1) : points;
+      if (!tail.complete) {
+        // Too many raw readings to count the newest bucket here: keep the daemon's, and count
+        // only the buckets after it (live readings late into it are left out).
+        server = points;
+        this.cut = points.length ? last + step : last;
+      }
+      this.answered = points.length;
+      this.resolution = body.resolution || null;
+      this.units = body.units || {};
+      this.fields = (body.fields || []).slice(0, MAX_METRICS);
+      this.buckets = server.map((p) => {
+        const f = new Map();
+        for (const [k, v] of Object.entries(p)) if (k !== "t" && v && typeof v === "object") f.set(k, { avg: v.avg, min: v.min, max: v.max });
+        return { t: ms(p.t), f };
+      });
+    } catch (e) {
+      if (this.stale(gen) || e instanceof AuthRequired) return;
+      this.pending = null;
+      this.historyLoaded = true;
+      this.historyFailed = e.status !== 404;
+      if (e.status === 404) {
+        setStatus("No readings stored for this device yet.");
+      } else {
+        this.error = `Could not load the series for ${rangeText(this.range)}: ${e.message}`;
+        setStatus(this.error, "error");
+      }
+      return;
+    }
+    for (const r of tail.rows) {
+      this.add(r);
+      this.seen.add(r.seq);
+      if (r.seq > this.seenUpTo) this.seenUpTo = r.seq;
+    }
+    for (const r of this.pending) this.live(r);
+    this.pending = null;
+    this.error = null;
+    this.historyLoaded = true;
+    this.historyFailed = false;
+    this.dirty = true;
+    schedule();
+  }
+
+  live(r) {
+    if (this.pending) {
+      this.pending.push(r);
+      if (this.pending.length > MAX_POINTS) this.pending.shift();
+      return;
+    }
+    if (!this.step || (r.seq <= this.seenUpTo && this.seen.has(r.seq))) return;
+    if (this.add(r)) this.dirty = true;
+  }
+
+  /** Counts one reading into its bucket; false when it is not this chart's to count. */
+  add(r) {
+    const t = ms(r.ts);
+    const start = Math.floor(t / this.step) * this.step;
+    // Before the cut the daemon's buckets hold it already, unless it came in late.
+    if (t < this.cut) return false;
+    if (this.range.key === "custom" && this.range.to !== null && start > this.range.to) return false;
+    const fields = numericFields(r.payload);
+    this.counted++;
+    if (r.seq > this.lastSeq) {
+      this.lastSeq = r.seq;
+      for (const [k, v] of fields) this.latest.set(k, [v, t]);
+    }
+    if (t > this.newest) this.newest = t;
+    if (!fields.length) return false;
+    let i = this.buckets.length;
+    while (i > 0 && this.buckets[i - 1].t > start) i--;
+    let b = this.buckets[i - 1];
+    if (!b || b.t !== start) {
+      b = { t: start, f: new Map() };
+      this.buckets.splice(i, 0, b);
+    }
+    for (const [k, v] of fields) {
+      if (!this.fields.includes(k)) {
+        if (this.fields.length >= MAX_METRICS) continue;
+        this.fields.push(k);
+      }
+      const a = b.f.get(k);
+      if (!a) b.f.set(k, { sum: v, n: 1, min: v, max: v });
+      else {
+        a.sum += v;
+        a.n++;
+        a.min = Math.min(a.min, v);
+        a.max = Math.max(a.max, v);
+      }
+    }
+    return true;
+  }
+
+  /** A preset drops the buckets that fell out of it, keeping one bucket to spare at its start. */
+  trim() {
+    if (this.range.key === "custom" || !this.buckets.length) return;
+    const edge = this.newest - RANGES[this.range.key].sec * 1000 - this.step;
+    let cut = 0;
+    while (cut < this.buckets.length && this.buckets[cut].t + this.step <= edge) cut++;
+    if (cut) this.buckets.splice(0, cut);
+  }
+
+  draw() {
+    if (!this.historyLoaded || this.error) return;
+    this.trim();
+    const xs = this.buckets.map((b) => b.t / 1000);
+    for (const name of this.fields) {
+      const lo = [];
+      const hi = [];
+      const avg = [];
+      let any = false;
+      for (const b of this.buckets) {
+        const a = b.f.get(name);
+        if (a) any = true;
+        lo.push(a ? a.min : null);
+        hi.push(a ? a.max : null);
+        avg.push(a ? avgOf(a) : null);
+      }
+      let p = this.plots.get(name);
+      if (!p && !any) continue;
+      const data = [xs, lo, hi, avg];
+      if (!p) p = this.addSeriesPlot(name, data);
+      else p.plot.setData(data);
+      p.data = data;
+    }
+    const n = xs.length;
+    const from = RESOLUTION_TEXT[this.resolution] ? ` ${RESOLUTION_TEXT[this.resolution]}` : "";
+    const live = this.following() ? " · live" : "";
+    setStatus(n
+      ? `${fmtInt(n)} buckets of ${fmtStep(this.step)}${from}: min–max band and average, ${rangeText(this.range)}${live}`
+      : `No numeric readings in ${rangeText(this.range)}${this.following() ? "; waiting for live data…" : "."}`);
+    this.container.dataset.points = String(n);
+    this.container.dataset.step = String(this.step);
+  }
+
+  addSeriesPlot(name, data) {
+    const color = this.color();
+    const edge = { stroke: color + "66", width: 1, points: { show: false } };
+    return this.addPlot(name, data, [
+      { label: "min", ...edge },
+      { label: "max", ...edge },
+      { label: "avg", stroke: color, width: 1.5 },
+    ], [{ series: [2, 1], fill: color + "2e" }]);
+  }
+
+  latestText(name) {
+    const l = this.latest.get(name);
+    if (l) return [this.withUnit(fmtValue(l[0]), name), `latest · ${fmtTime(l[1])}`];
+    for (let i = this.buckets.length - 1; i >= 0; i--) {
+      const a = this.buckets[i].f.get(name);
+      if (a) return [this.withUnit(fmtValue(avgOf(a)), name), `avg · ${fmtDateTime(this.buckets[i].t)}`];
+    }
+    return ["–", ""];
+  }
+
+  pointText(name, idx) {
+    const b = this.buckets[idx];
+    const a = b && b.f.get(name);
+    if (!a) return ["–", b ? fmtDateTime(b.t) : ""];
+    const band = a.min === a.max ? "" : ` · ${fmtValue(a.min)}–${fmtValue(a.max)}`;
+    return [this.withUnit(fmtValue(avgOf(a)), name), `avg${band} · ${fmtDateTime(b.t)}, ${fmtStep(this.step)}`];
+  }
+
+  /** The buckets as the series API writes them, for tests and the console. */
+  points() {
+    return this.buckets.map((b) => {
+      const p = { t: new Date(b.t).toISOString() };
+      for (const [k, a] of b.f) p[k] = { avg: avgOf(a), min: a.min, max: a.max };
+      return p;
+    });
+  }
+}
+
+const avgOf = (a) => (a.n ? a.sum / a.n : a.avg);
 
 /** One-line time labels: seconds when the ticks are less than a minute apart. */
 const tickFormats = {
@@ -590,10 +1069,6 @@ const tickFormats = {
 function timeTicks(u, splits, _axis, _space, incr) {
   const f = incr >= 86400 ? tickFormats.day : incr >= 60 ? tickFormats.minute : tickFormats.second;
   return splits.map((s) => f.format(s * 1000));
-}
-
-function fmtWindow(sec) {
-  return sec >= 3600 ? `${sec / 3600} h` : `${sec / 60} min`;
 }
 
 // ---------------------------------------------------------------- live feed (SSE)
@@ -1089,7 +1564,7 @@ async function boot() {
     state.lastId = max;
   }
   state.started = true;
-  const wanted = decodeURIComponent((location.hash.match(/device=([^&]+)/) || [])[1] || "");
+  const wanted = urlParams().get("device");
   if (wanted && state.devices.has(wanted)) select(wanted, { auto: true });
   connectSse();
   connectWs();
@@ -1106,13 +1581,31 @@ function wire() {
     revealSelected();
   });
   $("log-refresh").addEventListener("click", loadCommandLog);
-  $("window").addEventListener("change", () => {
-    if (state.chart) state.chart.setWindow(Number($("window").value));
+  state.range = parseRange(urlParams());
+  $("custom-range").hidden = state.range.key !== "custom";
+  renderRangePicker();
+  $("range").addEventListener("click", (e) => {
+    const b = e.target.closest("button[data-range]");
+    if (!b) return;
+    if (b.dataset.range === "custom") return openCustom();
+    $("custom-range").hidden = true;
+    setRange({ key: b.dataset.range });
   });
+  $("custom-range").addEventListener("submit", applyCustom);
   $("cmd-send").disabled = true;
+  // A link edited or pasted into the address bar of an open page.
   window.addEventListener("hashchange", () => {
-    const id = decodeURIComponent((location.hash.match(/device=([^&]+)/) || [])[1] || "");
-    if (id && state.devices.has(id)) select(id);
+    const params = urlParams();
+    const range = parseRange(params);
+    const rangeChanged = rangeParams(range) !== rangeParams(state.range);
+    if (rangeChanged) {
+      state.range = range;
+      $("custom-range").hidden = range.key !== "custom";
+      renderRangePicker();
+    }
+    const id = params.get("device");
+    if (id && id !== state.selected && state.devices.has(id)) select(id);
+    else if (rangeChanged && state.selected) openChart(state.selected);
   });
   // Relative times ("3 s ago") move on even when no data arrives.
   setInterval(() => {
@@ -1137,7 +1630,44 @@ globalThis.telebridge = Object.freeze({
         return { id, online: d.online, lastSeq: d.latest ? d.latest.seq : null };
       }),
       selected: state.selected,
-      chart: c ? { device: c.device, historyLoaded: c.historyLoaded, seqs: c.seqs.slice(), metrics: [...c.plots.keys()] } : null,
+      range: { ...state.range },
+      chart: c ? {
+        device: c.device,
+        mode: c.mode,
+        historyLoaded: c.historyLoaded,
+        error: c.error,
+        seqs: c.mode === "raw" ? c.seqs.slice() : [],
+        metrics: [...c.plots.keys()],
+        units: Object.fromEntries([...c.plots.keys()].map((k) => [k, c.unit(k)])),
+        points: Number(c.container.dataset.points),
+        lastSeq: c.mode === "raw" ? c.seqs[c.seqs.length - 1] || 0 : c.lastSeq,
+      } : null,
+    };
+  },
+  /** The aggregated chart: its request, its buckets (as the API writes them) and what uPlot draws. */
+  series() {
+    const c = state.chart;
+    if (!c || c.mode !== "series") return null;
+    const drawn = {};
+    for (const [name, p] of c.plots) {
+      drawn[name] = {
+        series: p.plot.series.slice(1).map((s) => s.label),
+        bands: p.plot.bands ? p.plot.bands.length : 0,
+        points: p.plot.data[0].length,
+        filled: p.plot.data.slice(1).map((col) => col.filter((v) => v != null).length),
+        head: p.card.querySelector(".chart-head").innerText.replace(/\s+/g, " ").trim(),
+      };
+    }
+    return {
+      request: c.request,
+      answered: c.answered,
+      step_ms: c.step,
+      resolution: c.resolution,
+      cut: c.cut === Infinity ? null : new Date(c.cut).toISOString(),
+      counted: c.counted,
+      lastSeq: c.lastSeq,
+      points: c.points(),
+      drawn,
     };
   },
 });
