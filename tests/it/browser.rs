@@ -13,9 +13,10 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rumqttc::QoS;
 use serde_json::Value;
 
-use crate::support::{BIN, Daemon, Mosquitto, free_port, wait_for};
+use crate::support::{BIN, Daemon, Mosquitto, Publisher, free_port, wait_for};
 
 /// Upper bound for one browser script.
 const SCRIPT_LIMIT: Duration = Duration::from_secs(60);
@@ -713,4 +714,309 @@ async fn the_dashboard_stays_responsive_with_100_devices_at_10_readings_per_seco
         r["consoleErrors"]
     );
     assert!(strings(&r["pageErrors"]).is_empty(), "{}", r["pageErrors"]);
+}
+
+/// The API's answer to a series request the page made (a path relative to the page).
+async fn series(daemon: &Daemon, request: &Value) -> Value {
+    let path = format!("/{}", request.as_str().expect("the series request"));
+    let r = daemon.get(&path).await;
+    assert_eq!(r.status(), 200, "GET {path}");
+    r.json().await.expect("JSON")
+}
+
+/// Asserts that the page's buckets are the API's: the same start times, fields and values.
+fn assert_same_points(page: &Value, api: &Value, what: &str) {
+    let (page, api) = (
+        page.as_array().expect("points"),
+        api.as_array().expect("points"),
+    );
+    let times = |ps: &[Value]| -> Vec<i64> {
+        ps.iter()
+            .map(|p| telebridge::domain::parse_rfc3339_ms(p["t"].as_str().expect("t")).expect("t"))
+            .collect()
+    };
+    assert_eq!(times(page), times(api), "{what}: bucket start times");
+    for (p, a) in page.iter().zip(api) {
+        let fields = |v: &Value| -> Vec<String> {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.retain(|k| k != "t");
+            k.sort();
+            k
+        };
+        assert_eq!(
+            fields(p),
+            fields(a),
+            "{what}: fields of the bucket at {}",
+            a["t"]
+        );
+        for field in fields(a) {
+            for agg in ["avg", "min", "max"] {
+                let (x, y) = (p[&field][agg].as_f64(), a[&field][agg].as_f64());
+                let close = x
+                    .zip(y)
+                    .is_some_and(|(x, y)| (x - y).abs() <= 1e-9 * y.abs().max(1.0));
+                assert!(
+                    close,
+                    "{what}: {field}.{agg} at {}: page {x:?}, API {y:?}",
+                    a["t"]
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_draws_24_hours_as_bands_from_the_series_api_extends_them_live_and_keeps_the_range_in_the_url()
+ {
+    // Arrange: one reading a minute over the last 24 hours, with the device's own ts.
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(&broker.url(), "[units]\nhumidity = \"%RH\"\n").await;
+    let publisher = Publisher::connect(&broker.url(), "ranges-pub").await;
+    let now = telebridge::domain::now_ms();
+    let topic = "devices/range-1/telemetry";
+    for i in (0..=1440i64).rev() {
+        let payload = serde_json::json!({
+            "ts": now - i * 60_000,
+            "temperature": 20.0 + (i * 7 % 13) as f64 * 0.25,
+            "humidity": 40 + i % 11,
+        });
+        publisher
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_string())
+            .await;
+    }
+    daemon
+        .db()
+        .await
+        .wait_count(1441, Duration::from_secs(30))
+        .await;
+    let dir = artifacts();
+    let url = format!("http://{}/", daemon.http);
+    let live_value = 99.5;
+
+    // Act: the page picks 24 h; the API answers the request it made; a live reading follows.
+    let mut script = Script::start(
+        "ranges",
+        &[
+            "--url",
+            &url,
+            "--artifacts",
+            dir.to_str().unwrap(),
+            "--device",
+            "range-1",
+            "--live-value",
+            &live_value.to_string(),
+        ],
+    );
+    let drawn = script.event("drawn", Duration::from_secs(40)).await;
+    let before = series(&daemon, &drawn["series"]["request"]).await;
+    let live_ts = telebridge::domain::now_ms();
+    publisher
+        .publish(
+            topic,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::json!({ "ts": live_ts, "temperature": live_value, "humidity": 50 })
+                .to_string(),
+        )
+        .await;
+    let r = script.result(SCRIPT_LIMIT).await;
+    let after = series(&daemon, &r["extended"]["request"]).await;
+
+    // Assert: what the page drew at first is the API's answer, as a band and an average.
+    let hash = drawn["hash"].clone();
+    let drawn = &drawn["series"];
+    assert!(
+        drawn["request"]
+            .as_str()
+            .unwrap()
+            .starts_with("api/devices/range-1/series?"),
+        "{}",
+        drawn["request"]
+    );
+    let points = before["points"].as_array().unwrap().len();
+    eprintln!(
+        "24 h: {points} buckets of {} from {}",
+        before["step"], before["resolution"]
+    );
+    assert!(
+        (280..=1000).contains(&points),
+        "24 h of readings in {points} buckets of {}",
+        before["step"]
+    );
+    assert_eq!(drawn["answered"].as_u64(), Some(points as u64));
+    assert_eq!(drawn["step_ms"], before["step_ms"]);
+    assert_eq!(drawn["resolution"], before["resolution"]);
+    assert_same_points(&drawn["points"], &before["points"], "drawn");
+    for field in ["temperature", "humidity"] {
+        let chart = &drawn["drawn"][field];
+        assert_eq!(
+            chart["series"],
+            serde_json::json!(["min", "max", "avg"]),
+            "{field}"
+        );
+        assert_eq!(chart["bands"], 1, "{field}: a min–max band");
+        assert_eq!(chart["points"].as_u64(), Some(points as u64), "{field}");
+        assert_eq!(
+            chart["filled"],
+            serde_json::json!([points, points, points]),
+            "{field}: every bucket has a value"
+        );
+    }
+    assert_eq!(strings(&r["pressed24"]), ["24h"]);
+    assert_eq!(
+        before["units"],
+        serde_json::json!({ "humidity": "%RH", "temperature": "°C" })
+    );
+    for (field, unit) in [("humidity", "%RH"), ("temperature", "°C")] {
+        let head = drawn["drawn"][field]["head"].as_str().unwrap();
+        assert!(
+            head.starts_with(&format!("{field} ({unit})")) && head.contains(&format!(" {unit} ")),
+            "{field}'s unit in its name and value: {head}"
+        );
+        assert_eq!(
+            r["live"]["units"][field], unit,
+            "the live chart has the unit from GET /api/devices"
+        );
+    }
+    let status = r["status"].as_str().unwrap();
+    assert!(
+        status.contains(&format!("{points} buckets")) && status.contains("live"),
+        "{status}"
+    );
+    let hover = r["hover"].as_str().unwrap();
+    assert!(
+        hover.contains("avg ·"),
+        "the hovered bucket's average and band: {hover}"
+    );
+
+    // The live reading is in its bucket, and the page's buckets are still the API's.
+    let extended = &r["extended"];
+    let step = before["step_ms"].as_i64().unwrap();
+    let bucket = telebridge::domain::format_ms(live_ts - live_ts.rem_euclid(step));
+    let last = extended["points"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        telebridge::domain::parse_rfc3339_ms(last["t"].as_str().unwrap()),
+        telebridge::domain::parse_rfc3339_ms(&bucket),
+        "the live reading's bucket is the last: {last}"
+    );
+    assert_eq!(last["temperature"]["max"], live_value);
+    assert_same_points(
+        &extended["points"],
+        &after["points"],
+        "after the live reading",
+    );
+    let live_seq = daemon
+        .db()
+        .await
+        .rows()
+        .await
+        .into_iter()
+        .map(|row| row.seq)
+        .max()
+        .unwrap();
+    assert_eq!(
+        extended["lastSeq"], live_seq,
+        "the page counted the live reading"
+    );
+
+    // The URL held the device and range; a reload came back to both.
+    assert_eq!(hash, "#device=range-1&range=24h");
+    let reloaded = &r["reloaded"];
+    assert_eq!(reloaded["hash"], "#device=range-1&range=24h");
+    assert_eq!(strings(&reloaded["pressed"]), ["24h"]);
+    assert_eq!(reloaded["range"]["key"], "24h");
+    let again = series(&daemon, &reloaded["series"]["request"]).await;
+    assert_same_points(
+        &reloaded["series"]["points"],
+        &again["points"],
+        "after the reload",
+    );
+
+    // A custom range of 5 h is aggregated, in the URL; one of 90 min is raw.
+    let long = &r["customLong"];
+    let long_hash = long["hash"].as_str().unwrap();
+    assert!(
+        long_hash.starts_with("#device=range-1&from=") && long_hash.contains("&to="),
+        "{long_hash}"
+    );
+    assert_eq!(strings(&long["pressed"]), ["custom"]);
+    let answer = series(&daemon, &long["series"]["request"]).await;
+    assert_same_points(
+        &long["series"]["points"],
+        &answer["points"],
+        "a custom range",
+    );
+    assert!(!answer["points"].as_array().unwrap().is_empty(), "{answer}");
+    let short = &r["customShort"];
+    assert_eq!(short["chart"]["mode"], "raw");
+    let short_hash = short["hash"].as_str().unwrap();
+    let from = short_hash
+        .strip_prefix("#device=range-1&from=")
+        .unwrap_or_else(|| panic!("{short_hash}"));
+    assert!(
+        !from.contains("&to="),
+        "no end: it follows the live feed: {short_hash}"
+    );
+    let from = telebridge::domain::parse_rfc3339_ms(from).expect("from");
+    let stored: Vec<i64> = daemon
+        .db()
+        .await
+        .rows()
+        .await
+        .into_iter()
+        .filter(|row| row.device == "range-1" && row.ts >= from)
+        .map(|row| row.seq)
+        .collect();
+    assert_eq!(
+        seqs(&short["chart"]["seqs"]),
+        stored,
+        "90 min to now: every stored reading since, the live one too"
+    );
+    assert!((90..=93).contains(&stored.len()), "{}", stored.len());
+
+    // The refused range: the API's message on the page, marked as an error.
+    let refused = &r["refused"];
+    let path = format!("/{}", refused["request"].as_str().unwrap());
+    let answer = daemon.get(&path).await;
+    assert_eq!(answer.status(), 400, "GET {path}");
+    let body: Value = answer.json().await.expect("JSON");
+    let message = body["error"]["message"].as_str().unwrap();
+    let status = refused["status"].as_str().unwrap();
+    assert!(
+        status.starts_with("Could not load the series") && status.ends_with(message),
+        "{status} / {message}"
+    );
+    assert_eq!(refused["kind"], "error");
+    assert!(
+        strings(&refused["consoleErrors"])
+            .iter()
+            .all(|e| e.contains("400")),
+        "only Chromium's note of the refused request: {}",
+        refused["consoleErrors"]
+    );
+
+    assert!(
+        strings(&r["consoleErrors"]).is_empty(),
+        "{}",
+        r["consoleErrors"]
+    );
+    assert!(strings(&r["pageErrors"]).is_empty(), "{}", r["pageErrors"]);
+    let failed_requests: Vec<String> = strings(&r["failedRequests"])
+        .into_iter()
+        .filter(|f| !f.ends_with("net::ERR_ABORTED"))
+        .collect();
+    assert!(failed_requests.is_empty(), "{failed_requests:?}");
+    for shot in [
+        "ranges-24h",
+        "ranges-24h-hover",
+        "ranges-custom",
+        "ranges-refused",
+    ] {
+        assert!(dir.join(format!("{shot}.png")).exists(), "{shot}.png");
+    }
 }
