@@ -184,8 +184,9 @@ async fn a_filesystem_that_fills_mid_burst_stops_the_acks_and_everything_is_stor
     if crate::support::sqlite_only() {
         return;
     }
-    // Arrange
-    let fs = Tmpfs::mount("24m", "");
+    // Arrange: room for the readings of every round and a WAL of tens of MiB (each
+    // commit writes the readings' pages and their rollups'), all but what the filler takes.
+    let fs = Tmpfs::mount("32m", "");
     let broker = Mosquitto::start().await;
     let daemon = Daemon::start(&broker.url(), &storage_in(fs.path())).await;
     let mut daemon = daemon;
@@ -285,7 +286,8 @@ async fn a_filesystem_that_fills_mid_burst_stops_the_acks_and_everything_is_stor
 
     // Assert: commands work again, and shutdown is clean.
     let r = post_command(&daemon, "f1", serde_json::json!({"name": "ping"})).await;
-    assert_eq!(r.status().as_u16(), 202);
+    let status = r.status().as_u16();
+    assert_eq!(status, 202, "{}", r.text().await.unwrap_or_default());
     assert!(
         daemon
             .metric("telebridge_store_commit_failures_total")
