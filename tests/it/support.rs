@@ -709,7 +709,8 @@ impl Db {
         match self {
             Db::Sqlite(p) => rows!(
                 p,
-                "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags FROM readings ORDER BY seq"
+                "SELECT r.seq AS seq, s.device AS device, s.topic AS topic, r.ts AS ts, r.received_at AS received_at, \
+                 CAST(r.payload AS BLOB) AS payload, r.flags AS flags FROM readings r JOIN sources s ON s.id = r.src ORDER BY r.seq"
             ),
             Db::Postgres(p) => rows!(
                 p,

@@ -76,11 +76,17 @@ pub(crate) async fn append(
     Ok(())
 }
 
+/// A reading's columns, from `READINGS` (each names its source: device and topic).
+const READING_COLUMNS: &str = "r.seq AS seq, s.device AS device, s.topic AS topic, r.ts AS ts, \
+     r.received_at AS received_at, CAST(r.payload AS BLOB) AS payload, r.flags AS flags";
+/// Readings with their source.
+const READINGS: &str = "readings r JOIN sources s ON s.id = r.src";
+
 /// The newest stored readings, so that one redelivered after a restart is known.
 async fn load_recent(conn: &mut SqliteConnection) -> Result<Recent, StoreError> {
-    let rows: Vec<(String, i64, Vec<u8>)> = sqlx::query_as(
-        "SELECT device, ts, CAST(payload AS BLOB) FROM readings ORDER BY seq DESC LIMIT ?",
-    )
+    let rows: Vec<(String, i64, Vec<u8>)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT s.device, r.ts, CAST(r.payload AS BLOB) FROM {READINGS} ORDER BY r.seq DESC LIMIT ?"
+    )))
     .bind(dedupe::RECENT as i64)
     .fetch_all(&mut *conn)
     .await?;
@@ -118,10 +124,9 @@ async fn backfill_rollups(conn: &mut SqliteConnection) -> Result<(), StoreError>
     );
     while done < to {
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = sqlx::query(
-            "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
-             FROM readings WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-        )
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {READING_COLUMNS} FROM {READINGS} WHERE r.seq > ? AND r.seq <= ? ORDER BY r.seq LIMIT ?"
+        )))
         .bind(done)
         .bind(to)
         .bind(BACKFILL_CHUNK)
@@ -146,9 +151,9 @@ async fn backfill_rollups(conn: &mut SqliteConnection) -> Result<(), StoreError>
 /// Limits a device's readings to the seqs of the 1-minute buckets of a time range: every
 /// reading counts in its bucket's all-readings row, which keeps the bucket's seq range.
 /// Binds: device, first bucket, last bucket, twice (see [`bind_seqs_of_time`]).
-const SEQS_OF_TIME: &str = "AND seq >= coalesce((SELECT min(seq_lo) FROM rollups WHERE device = ? \
+const SEQS_OF_TIME: &str = "AND r.seq >= coalesce((SELECT min(seq_lo) FROM rollups WHERE device = ? \
      AND tier = 60000 AND bucket >= ? AND bucket <= ? AND field = ''), 0) \
-     AND seq <= coalesce((SELECT max(seq_hi) FROM rollups WHERE device = ? \
+     AND r.seq <= coalesce((SELECT max(seq_hi) FROM rollups WHERE device = ? \
      AND tier = 60000 AND bucket >= ? AND bucket <= ? AND field = ''), -1)";
 
 /// Binds [`SEQS_OF_TIME`] for device time within [from, to].
@@ -312,6 +317,13 @@ impl SqliteStore {
                 .collect();
         backfill_rollups(&mut conn).await?;
         let recent = load_recent(&mut conn).await?;
+        let sources: HashMap<writer::SourceKey, i64> =
+            sqlx::query_as::<_, (i64, String, String)>("SELECT id, device, topic FROM sources")
+                .fetch_all(&mut conn)
+                .await?
+                .into_iter()
+                .map(|(id, device, topic)| ((Arc::from(device), Arc::from(topic)), id))
+                .collect();
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         // Readers get a smaller page cache than the writer's 32 MiB: four of them resuming
         // clients at once would otherwise hold 128 MiB.
@@ -337,6 +349,7 @@ impl SqliteStore {
                 online,
                 seen_written: HashMap::new(),
                 recent,
+                sources,
                 control_rx,
                 health,
                 wal_checked: std::time::Instant::now(),
@@ -368,12 +381,18 @@ impl SqliteStore {
             .collect();
         let mut arms = Vec::new();
         if kinds.has(Kind::Reading) {
-            let mut sql = String::from(
-                "SELECT seq, 'reading' AS kind, device, topic, ts, received_at, \
-                 CAST(payload AS BLOB) AS payload, flags FROM readings WHERE seq > ?",
+            let mut sql = format!(
+                // The events arm's column order: UNION ALL goes by position.
+                "SELECT r.seq AS seq, 'reading' AS kind, s.device AS device, s.topic AS topic, \
+                 r.ts AS ts, r.received_at AS received_at, CAST(r.payload AS BLOB) AS payload, \
+                 r.flags AS flags FROM {READINGS} WHERE r.seq > ?"
             );
-            push_device_filter(&mut sql, devices);
-            sql.push_str(" ORDER BY seq LIMIT ?");
+            if devices.is_some() {
+                sql.push_str(" AND r.src IN (SELECT id FROM sources WHERE 1 = 1");
+                push_device_filter(&mut sql, devices);
+                sql.push(')');
+            }
+            sql.push_str(" ORDER BY r.seq LIMIT ?");
             arms.push((sql, false));
         }
         if !others.is_empty() {
@@ -449,21 +468,29 @@ impl SqliteStore {
         devices: Option<&[String]>,
         through: Option<i64>,
     ) -> Result<Vec<StoredReading>, StoreError> {
-        // One index seek per known device (readings_device is ordered by device, then seq),
-        // never a scan of every reading.
-        let mut sql = String::from(
-            "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
-             FROM readings WHERE seq IN (SELECT (SELECT max(r.seq) FROM readings r \
-             WHERE r.device = devices.id AND r.seq <= ?) FROM devices WHERE 1 = 1",
+        // One index seek per source (readings_src is ordered by source, then seq), never
+        // a scan of every reading; a device with several topics keeps its newest.
+        let mut sql = format!(
+            "SELECT {READING_COLUMNS} FROM {READINGS} WHERE r.seq IN (SELECT (SELECT max(x.seq) \
+             FROM readings x WHERE x.src = sources.id AND x.seq <= ?) FROM sources WHERE 1 = 1"
         );
-        push_in(&mut sql, "id", devices);
-        sql.push_str(") ORDER BY seq");
+        push_device_filter(&mut sql, devices);
+        sql.push_str(") ORDER BY r.seq");
         let mut q = sqlx::query(AssertSqlSafe(sql)).bind(through.unwrap_or(i64::MAX));
         for d in devices.unwrap_or_default() {
             q = q.bind(d.as_str());
         }
         let rows = q.fetch_all(&self.pool).await?;
-        rows.iter().map(reading_from_row).collect()
+        let all: Vec<StoredReading> = rows
+            .iter()
+            .map(reading_from_row)
+            .collect::<Result<_, _>>()?;
+        // Oldest first, so the last seq seen per device is its newest.
+        let newest: HashMap<String, i64> = all.iter().map(|r| (r.device.clone(), r.seq)).collect();
+        Ok(all
+            .into_iter()
+            .filter(|r| newest.get(&r.device) == Some(&r.seq))
+            .collect())
     }
 
     /// One device.
@@ -478,14 +505,26 @@ impl SqliteStore {
     /// History of one device: seq after `after`, device time within [from, to], oldest first.
     /// A time range is found through the 1-minute rollups' seq ranges, then readings_device.
     pub async fn history(&self, page: &Page) -> Result<Vec<StoredReading>, StoreError> {
+        let sources: Vec<i64> = sqlx::query_scalar("SELECT id FROM sources WHERE device = ?")
+            .bind(page.device.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        if sources.is_empty() {
+            return Ok(Vec::new());
+        }
         let timed = page.from.is_some() || page.to.is_some();
+        // One source (the usual case) is an equality, so the index gives seq order.
+        let marks = vec!["?"; sources.len()].join(",");
         let sql = format!(
-            "SELECT seq, device, topic, ts, received_at, CAST(payload AS BLOB) AS payload, flags \
-             FROM readings WHERE device = ? AND seq > ? AND ts >= ? AND ts <= ? {} ORDER BY seq LIMIT ?",
+            "SELECT {READING_COLUMNS} FROM {READINGS} WHERE r.src IN ({marks}) AND r.seq > ? \
+             AND r.ts >= ? AND r.ts <= ? {} ORDER BY r.seq LIMIT ?",
             if timed { SEQS_OF_TIME } else { "" }
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql))
-            .bind(page.device.as_str())
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for src in sources {
+            q = q.bind(src);
+        }
+        q = q
             .bind(page.after)
             .bind(page.from.unwrap_or(i64::MIN))
             .bind(page.to.unwrap_or(i64::MAX));

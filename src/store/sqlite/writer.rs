@@ -164,6 +164,8 @@ pub struct Writer {
     pub(super) seen_written: HashMap<Arc<str>, i64>,
     /// The newest readings stored, to tell a redelivered one.
     pub(super) recent: Recent,
+    /// Source ids by device and topic, as committed.
+    pub(super) sources: HashMap<SourceKey, i64>,
     /// Work besides readings.
     pub(super) control_rx: mpsc::Receiver<Control>,
     /// What the writer reports about itself.
@@ -174,24 +176,19 @@ pub struct Writer {
     pub(super) busy_timeout: Duration,
 }
 
-/// One multi-row INSERT of `chunk`, each reading with its seq; the SQL text for each row
-/// count is made once.
+/// One multi-row INSERT of `chunk`, each reading with its seq and source; the SQL text for
+/// each row count is made once.
 fn insert_readings<'q>(
     cache: &mut HashMap<usize, String>,
-    chunk: &[(&Reading, i64)],
+    chunk: &[(&Reading, i64, i64)],
 ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
     let sql = cache
         .entry(chunk.len())
         .or_insert_with(|| insert_sql(chunk.len()))
         .clone();
     let mut q = sqlx::query(AssertSqlSafe(sql));
-    for (r, seq) in chunk {
-        q = q
-            .bind(*seq)
-            .bind(r.device.shared())
-            .bind(r.topic.clone())
-            .bind(r.ts)
-            .bind(r.received_at);
+    for (r, seq, src) in chunk {
+        q = q.bind(*seq).bind(*src).bind(r.ts).bind(r.received_at);
         // Checked to be UTF-8 JSON by ingest; stored as TEXT for SQLite's JSON functions.
         q = match std::str::from_utf8(&r.payload) {
             Ok(text) if r.flags & domain::flags::RAW == 0 => q.bind(text.to_owned()),
@@ -200,6 +197,48 @@ fn insert_readings<'q>(
         q = q.bind(r.flags);
     }
     q
+}
+
+/// A reading's source: its device and topic.
+pub(super) type SourceKey = (Arc<str>, Arc<str>);
+
+/// The source id of each reading, from `known` or made now in the caller's transaction;
+/// the ones made now, to remember once it commits.
+async fn source_ids(
+    conn: &mut SqliteConnection,
+    known: &HashMap<SourceKey, i64>,
+    readings: &[(&Reading, i64)],
+) -> Result<(Vec<i64>, Vec<(SourceKey, i64)>), StoreError> {
+    let mut fresh: Vec<(SourceKey, i64)> = Vec::new();
+    let mut ids = Vec::with_capacity(readings.len());
+    for (r, _) in readings {
+        let key: SourceKey = (r.device.shared(), r.topic.clone());
+        let id = match known.get(&key) {
+            Some(id) => *id,
+            None => match fresh.iter().find(|(k, _)| *k == key) {
+                Some((_, id)) => *id,
+                None => {
+                    sqlx::query(
+                        "INSERT INTO sources (device, topic) VALUES (?, ?) ON CONFLICT (device, topic) DO NOTHING",
+                    )
+                    .bind(key.0.clone())
+                    .bind(key.1.clone())
+                    .execute(&mut *conn)
+                    .await?;
+                    let id: i64 =
+                        sqlx::query_scalar("SELECT id FROM sources WHERE device = ? AND topic = ?")
+                            .bind(key.0.clone())
+                            .bind(key.1.clone())
+                            .fetch_one(&mut *conn)
+                            .await?;
+                    fresh.push((key, id));
+                    id
+                }
+            },
+        };
+        ids.push(id);
+    }
+    Ok((ids, fresh))
 }
 
 /// How long the writer waits before it tries again to restart a WAL that a reader kept busy.
@@ -334,7 +373,14 @@ impl Writer {
             });
         }
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        for chunk in p.readings.chunks(ROWS_PER_INSERT) {
+        let (srcs, fresh) = source_ids(&mut tx, &self.sources, &p.readings).await?;
+        let rows: Vec<(&Reading, i64, i64)> = p
+            .readings
+            .iter()
+            .zip(srcs)
+            .map(|((r, seq), src)| (*r, *seq, src))
+            .collect();
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
             insert_readings(&mut self.insert_sql, chunk)
                 .execute(&mut *tx)
                 .await?;
@@ -386,6 +432,7 @@ impl Writer {
         for (device, now) in &p.online {
             self.online.insert(device.shared(), *now);
         }
+        self.sources.extend(fresh);
         for (r, _) in &p.readings {
             self.recent
                 .insert(dedupe::id_of(r.device.as_str(), r.ts, &r.payload));
@@ -814,14 +861,13 @@ fn upsert_sql(rows: usize) -> String {
 }
 
 fn insert_sql(rows: usize) -> String {
-    let mut sql = String::from(
-        "INSERT INTO readings (seq, device, topic, ts, received_at, payload, flags) VALUES ",
-    );
+    let mut sql =
+        String::from("INSERT INTO readings (seq, src, ts, received_at, payload, flags) VALUES ");
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
         }
-        sql.push_str("(?,?,?,?,?,?,?)");
+        sql.push_str("(?,?,?,?,?,?)");
     }
     sql
 }
