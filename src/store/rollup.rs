@@ -5,7 +5,7 @@
 //!
 //! Every reading also counts in a row of the empty field `""`, numeric fields or not: its
 //! count, and the range of seqs in the bucket, which finds a device's readings of a time
-//! range through the (device, seq) index without an index on time.
+//! range through the index on (device or source, seq), without an index on time.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -349,6 +349,10 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_its_reading_id
         .expect("copy migration");
     }
     let db_path = dir.path().join("old.db");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
     {
         use sqlx::Connection as _;
         let opts = sqlx::sqlite::SqliteConnectOptions::new()
@@ -363,11 +367,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_its_reading_id
             .run(&mut c)
             .await
             .expect("migrate to the previous schema");
-        // Recent: retention must not take them.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_millis() as i64;
+        // Recent (`now`): retention must not take them.
         for n in 1..=30i64 {
             sqlx::query(
                 "INSERT INTO readings (seq, device, topic, ts, received_at, payload, flags) \
@@ -416,4 +416,22 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_its_reading_id
     );
     assert!(id(&new[0]) > 60, "{:?}", new[0]);
     assert_eq!(daemon.db().await.count().await, 31);
+    // The readings from before rollups existed were rolled up when the file was opened.
+    let series: serde_json::Value = daemon
+        .get(&format!(
+            "/api/devices/u1/series?fields=n&from={}&to={}&step=1h&agg=count,min,max",
+            now - 1,
+            now + 31
+        ))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let counted: i64 = series["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| p["n"]["count"].as_i64().expect("count"))
+        .sum();
+    assert_eq!(counted, 30, "{series}");
 }

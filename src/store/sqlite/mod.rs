@@ -503,7 +503,7 @@ impl SqliteStore {
     }
 
     /// History of one device: seq after `after`, device time within [from, to], oldest first.
-    /// A time range is found through the 1-minute rollups' seq ranges, then readings_device.
+    /// A time range is found through the 1-minute rollups' seq ranges, then readings_src.
     pub async fn history(&self, page: &Page) -> Result<Vec<StoredReading>, StoreError> {
         let sources: Vec<i64> = sqlx::query_scalar("SELECT id FROM sources WHERE device = ?")
             .bind(page.device.as_str())
