@@ -77,6 +77,8 @@ pub struct Metrics {
     rejected_bad_ack: AtomicU64,
     /// Write transactions committed.
     pub batches: AtomicU64,
+    /// How long each batch took to commit, retries included.
+    pub commit_latency: Histogram,
     /// Sum of commit latencies, microseconds.
     pub commit_micros: AtomicU64,
     /// Write transactions that failed (and were retried).
@@ -200,6 +202,11 @@ impl Metrics {
             "telebridge_store_batches_total",
             "Write transactions committed.",
             g(&self.batches),
+        );
+        self.commit_latency.render(
+            &mut out,
+            "telebridge_store_batch_commit_seconds",
+            "How long a batch of readings took to commit, retries included.",
         );
         let _ = writeln!(
             out,
@@ -429,6 +436,48 @@ pub fn render_instance(out: &mut String, instance: &str, backend: &str, m: &Metr
     );
 }
 
+/// Upper bounds of [`Histogram`]'s buckets, in seconds: fine enough below 10 ms to tell a
+/// commit's p99 from twice it.
+const BUCKETS: [f64; 20] = [
+    0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// A Prometheus histogram of durations, lock-free.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    /// Past the last bound.
+    over: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        match BUCKETS.iter().position(|b| secs <= *b) {
+            Some(i) => self.counts[i].fetch_add(1, Ordering::Relaxed),
+            None => self.over.fetch_add(1, Ordering::Relaxed),
+        };
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut total = 0;
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            total += count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {total}");
+        }
+        total += self.over.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {total}");
+    }
+}
+
 fn counter(out: &mut String, name: &str, help: &str, v: u64) {
     let _ = writeln!(
         out,
@@ -438,4 +487,26 @@ fn counter(out: &mut String, name: &str, help: &str, v: u64) {
 
 fn gauge(out: &mut String, name: &str, help: &str, v: i64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(400));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let mut out = String::new();
+        h.render(&mut out, "x_seconds", "help");
+        assert!(out.contains("x_seconds_bucket{le=\"0.0005\"} 1\n"), "{out}");
+        assert!(out.contains("x_seconds_bucket{le=\"0.003\"} 2\n"), "{out}");
+        assert!(out.contains("x_seconds_bucket{le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_seconds_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_seconds_count 3\n"), "{out}");
+        assert!(out.contains("x_seconds_sum 60.0034\n"), "{out}");
+    }
 }

@@ -357,8 +357,12 @@ impl Store {
     }
 }
 
-/// Most rows one retention call deletes; a result this large means more may be due.
-pub const RETENTION_PER_CALL: u64 = 20_000;
+/// Most rows one retention call deletes; a result this large means more may be due. One
+/// chunk a call, so that batches of readings commit between chunks: a pass over millions
+/// of rows never holds the writer (or PostgreSQL's append lock) for longer than one.
+pub const RETENTION_PER_CALL: u64 = RETENTION_CHUNK_ROWS as u64;
+/// Rows one retention statement deletes.
+pub(crate) const RETENTION_CHUNK_ROWS: i64 = 2_000;
 
 /// One page of a device's history: seq after `after`, time within [from, to], at most
 /// `limit` rows, oldest first.

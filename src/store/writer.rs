@@ -556,6 +556,7 @@ async fn commit_with_retry<B: Backend>(
     let mut delay = Duration::from_millis(50).min(cfg.retry_max);
     let mut give_up_at: Option<tokio::time::Instant> = None;
     let mut attempts = 0u64;
+    let first_try = Instant::now();
     loop {
         let started = Instant::now();
         match backend.commit(batch).await {
@@ -579,6 +580,7 @@ async fn commit_with_retry<B: Backend>(
                 metrics
                     .commit_micros
                     .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                metrics.commit_latency.observe(first_try.elapsed());
                 backend.health().committed(queue.len());
                 acks.extend(batch.drain(..).filter_map(|item| match item {
                     Item::Reading(_, ack) | Item::Skip(ack) | Item::Presence { ack, .. } => ack,

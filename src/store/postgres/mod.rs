@@ -27,8 +27,8 @@ use crate::store::health::Health;
 use crate::store::log::EventRow;
 use crate::store::rollup::RollupRow;
 use crate::store::{
-    CommandRow, DeviceRow, Inserted, LogEntry, NewCommand, Page, RETENTION_PER_CALL, StoreError,
-    StoredReading,
+    CommandRow, DeviceRow, Inserted, LogEntry, NewCommand, Page, RETENTION_CHUNK_ROWS,
+    RETENTION_PER_CALL, StoreError, StoredReading,
 };
 
 crate::store::rows::decoders!(PgRow);
@@ -38,8 +38,6 @@ crate::store::rows::decoders!(PgRow);
 pub(crate) const APPEND_LOCK: i64 = 0x7465_6c65_6272_6467;
 /// The channel each commit notifies with its last seq; every instance's tail listens.
 pub(crate) const CHANNEL: &str = "telebridge_log";
-/// Rows deleted per retention statement, so appends never wait long behind it.
-const RETENTION_CHUNK: i64 = 5_000;
 /// How long getting a connection may take before the work fails (the server is away).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -605,7 +603,7 @@ impl PgStore {
                 .bind(device)
                 .bind(tier)
                 .bind(cutoff)
-                .bind(RETENTION_CHUNK)
+                .bind(RETENTION_CHUNK_ROWS)
                 .execute(&self.pool)
                 .await?
                 .rows_affected();
@@ -613,7 +611,7 @@ impl PgStore {
                 if total >= RETENTION_PER_CALL {
                     return Ok(total);
                 }
-                if (n as i64) < RETENTION_CHUNK {
+                if (n as i64) < RETENTION_CHUNK_ROWS {
                     break;
                 }
             }
@@ -638,7 +636,7 @@ impl PgStore {
             loop {
                 let mut a = begin_append(&self.pool).await?;
                 let seqs: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(delete.clone()))
-                    .bind(RETENTION_CHUNK)
+                    .bind(RETENTION_CHUNK_ROWS)
                     .bind(cutoff)
                     .fetch_all(&mut *a.tx)
                     .await?;
@@ -650,7 +648,7 @@ impl PgStore {
                 }
                 a.commit(&[]).await?;
                 total += seqs.len() as u64;
-                if (seqs.len() as i64) < RETENTION_CHUNK {
+                if (seqs.len() as i64) < RETENTION_CHUNK_ROWS {
                     break;
                 }
                 if total >= RETENTION_PER_CALL {

@@ -21,14 +21,14 @@ use crate::store::health::{self, FaultKind, Health};
 use crate::store::log::EventRow;
 use crate::store::rollup::{self, RollupRow};
 use crate::store::writer::{self, Backend, Commit, Committed};
-use crate::store::{Control, Inserted, NewCommand, RETENTION_PER_CALL, StoreError};
+use crate::store::{
+    Control, Inserted, NewCommand, RETENTION_CHUNK_ROWS, RETENTION_PER_CALL, StoreError,
+};
 
 /// Rows per multi-row INSERT: one statement round trip per 250 rows instead of per row.
 const ROWS_PER_INSERT: usize = 250;
 /// Devices per multi-row upsert.
 const DEVICES_PER_UPSERT: usize = 100;
-/// Rows deleted per retention statement, so the writer is never held for long.
-const RETENTION_CHUNK: i64 = 5_000;
 
 /// What a write did, and the log events it appended (numbered from the seq it was given).
 type Logged<T> = (T, Vec<EventRow>);
@@ -721,7 +721,7 @@ async fn retention(
         loop {
             let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
             let seqs: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(delete.clone()))
-                .bind(RETENTION_CHUNK)
+                .bind(RETENTION_CHUNK_ROWS)
                 .bind(cutoff)
                 .fetch_all(&mut *tx)
                 .await?;
@@ -734,7 +734,7 @@ async fn retention(
             }
             tx.commit().await?;
             total += seqs.len() as u64;
-            if (seqs.len() as i64) < RETENTION_CHUNK {
+            if (seqs.len() as i64) < RETENTION_CHUNK_ROWS {
                 break;
             }
             if total >= RETENTION_PER_CALL {
@@ -771,7 +771,7 @@ async fn rollup_retention(
             .bind(device)
             .bind(tier)
             .bind(cutoff)
-            .bind(RETENTION_CHUNK)
+            .bind(RETENTION_CHUNK_ROWS)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -780,7 +780,7 @@ async fn rollup_retention(
             if total >= RETENTION_PER_CALL {
                 return Ok(total);
             }
-            if (n as i64) < RETENTION_CHUNK {
+            if (n as i64) < RETENTION_CHUNK_ROWS {
                 break;
             }
         }
