@@ -1,0 +1,1321 @@
+//! History benchmark (issue #14): reads of a large database through the daemon's HTTP API.
+//!
+//! ```text
+//! cargo bench --bench history [-- --backend sqlite|postgres --readings N --devices D
+//!     --samples S --dir PATH]
+//! ```
+//!
+//! 1. The database: `--readings` (default 100,000,000) readings over `--devices` (default
+//!    1,000), one reading a second per device, ending at the time the database is built (each
+//!    device covers readings / devices seconds). Each payload is a 100-byte JSON object
+//!    (`{"ts":..,"temperature":..,"humidity":..,"battery":..,"pad":"xx.."}`), its `ts` 3 ms
+//!    before its receive time. The readings go straight into storage through the library
+//!    (`Store::open` and `Writer::run`, in time order, large batches), not through MQTT, so
+//!    the writer lays out whatever the schema keeps (rollups included) as the daemon would.
+//!    The database stays in `--dir` (default `target/history-bench/`: `history-sqlite.db`,
+//!    or a PostgreSQL cluster in `pg-data/`) with a marker (`history-<backend>.json`) that
+//!    records what it holds; a later run with the same readings, devices and migrations
+//!    reuses it and only measures (`--rebuild` builds it again).
+//! 2. The measurement: the release daemon (`target/release/telebridge`) on that database,
+//!    against a private Mosquitto, and `--samples` (default 200) sequential HTTP requests of
+//!    each kind, after a few warm-up ones: a 100-row history page of a random device from a
+//!    random time within its span, a 24-hour and a 30-day series (`step=auto`) ending at the
+//!    data's end, and the device list. Latency is the request's send to the last byte of its
+//!    body, on loopback. Then the database's size per reading: SQLite: the file and its WAL
+//!    (with the split by table and index from `dbstat`); PostgreSQL: `pg_database_size` and
+//!    each table's heap and indexes.
+//!
+//! Targets: every query's p99 below 50 ms; at most 150 bytes of database per 100-byte
+//! reading. Every loop is bounded (counts, and time caps on generation and requests);
+//! everything started is stopped by Drop guards (children by their pid).
+
+mod common;
+
+use common::{
+    Backend, Daemon, Machine, Mosquitto, PgCluster, PgSnapshot, cpu_seconds, daemon_binary, fmt_ms,
+    load_average, machine_busy_seconds, modified, number, path_value, percentile,
+};
+use std::fmt::Write as _;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, anyhow, bail};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use telebridge::config::StorageConfig;
+use telebridge::domain::DeviceId;
+use telebridge::feed::Feed;
+use telebridge::ingest::{AckSink, AckToken, Item, Reading};
+use telebridge::observability::Metrics;
+use telebridge::store::{Committed, Store, WriterConfig};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+const USAGE: &str = "usage: cargo bench --bench history [-- OPTIONS]
+
+  --backend B       sqlite (default) or postgres: a PostgreSQL 15 cluster this bench starts
+                    and stops itself, its data kept in DIR/pg-data
+  --readings N      readings in the database (default 100000000)
+  --devices D       devices they are spread over, one reading a second each (default 1000)
+  --samples S       measured requests of each kind (default 200)
+  --warmup N        warm-up requests of each kind, not measured (default 5)
+  --dir PATH        where the database is kept between runs (default target/history-bench)
+  --rebuild         build the database again even when DIR holds one with these readings
+  --batch N         readings per transaction while building (default 50000)
+  --build-seconds N cap on building the database (default 14400)
+  --seed N          seed of the random devices and times (default 14)
+  --daemon PATH     the telebridge binary to run (default: the release build)";
+
+/// Targets from issue #14.
+const TARGET_P99_MS: f64 = 50.0;
+const TARGET_BYTES_PER_READING: f64 = 150.0;
+/// Size of each payload.
+const PAYLOAD_BYTES: usize = 100;
+/// Rows of a history page.
+const PAGE_ROWS: u64 = 100;
+/// How often building prints its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Building that commits nothing for this long has stalled.
+const BUILD_STALL: Duration = Duration::from_secs(180);
+/// Longest wait for one HTTP request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Cap on the measuring requests of one kind, warm-up included.
+const KIND_CAP: Duration = Duration::from_secs(600);
+/// Longest wait for SQLite's dbstat scan (it reads every page).
+const DBSTAT_TIMEOUT: Duration = Duration::from_secs(300);
+/// The database in the PostgreSQL cluster.
+const PG_DATABASE: &str = "history";
+/// Readings are received at most this long after their device time.
+const DEVICE_LAG_MS: i64 = 3;
+
+fn main() -> ExitCode {
+    match common::parse_args(USAGE, Args::parse, |a| a.help) {
+        ControlFlow::Continue(args) => common::run_to_exit(run(&args)),
+        ControlFlow::Break(code) => code,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Args {
+    help: bool,
+    backend: Backend,
+    readings: u64,
+    devices: u64,
+    samples: u64,
+    warmup: u64,
+    dir: PathBuf,
+    rebuild: bool,
+    batch: u64,
+    build_seconds: u64,
+    seed: u64,
+    daemon: Option<PathBuf>,
+}
+
+impl Args {
+    fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
+        let mut out = Args {
+            help: false,
+            backend: Backend::Sqlite,
+            readings: 100_000_000,
+            devices: 1_000,
+            samples: 200,
+            warmup: 5,
+            dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/history-bench"),
+            rebuild: false,
+            batch: 50_000,
+            build_seconds: 14_400,
+            seed: 14,
+            daemon: None,
+        };
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                // `cargo bench` passes --bench to harness = false targets.
+                "--bench" => {}
+                "-h" | "--help" => out.help = true,
+                "--backend" => out.backend = Backend::parse(args.next())?,
+                "--readings" => {
+                    out.readings = number("--readings", args.next(), 1, 10_000_000_000)?;
+                }
+                "--devices" => out.devices = number("--devices", args.next(), 1, 99_999)?,
+                "--samples" => out.samples = number("--samples", args.next(), 1, 1_000_000)?,
+                "--warmup" => out.warmup = number("--warmup", args.next(), 0, 10_000)?,
+                "--dir" => out.dir = path_value("--dir", args.next())?,
+                "--rebuild" => out.rebuild = true,
+                "--batch" => out.batch = number("--batch", args.next(), 1, 100_000)?,
+                "--build-seconds" => {
+                    out.build_seconds = number("--build-seconds", args.next(), 1, 7 * 86_400)?;
+                }
+                "--seed" => out.seed = number("--seed", args.next(), 0, u64::MAX)?,
+                "--daemon" => out.daemon = Some(path_value("--daemon", args.next())?),
+                other => bail!("unknown argument {other:?}"),
+            }
+        }
+        if out.readings < out.devices {
+            bail!(
+                "--readings {} is fewer than --devices {}: every device needs a reading",
+                out.readings,
+                out.devices
+            );
+        }
+        Ok(out)
+    }
+
+    /// Seconds each device covers (the last one may be partly filled).
+    fn seconds(&self) -> u64 {
+        self.readings.div_ceil(self.devices)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Where the database is, and what it holds
+// ---------------------------------------------------------------------------------------
+
+/// What the marker next to a finished database records.
+#[derive(Debug, Clone)]
+struct Built {
+    readings: u64,
+    devices: u64,
+    /// The receive time of the newest reading (Unix ms): the data's "now".
+    end_ms: i64,
+    /// A fingerprint of the backend's migrations the database was built with.
+    schema: String,
+    /// Wall time of the build and its committed readings per second.
+    build_seconds: f64,
+    batch: u64,
+    /// When it was built (Unix ms) and by which commit.
+    built_at_ms: i64,
+    commit: String,
+}
+
+impl Built {
+    fn to_json(&self) -> Value {
+        json!({
+            "readings": self.readings,
+            "devices": self.devices,
+            "end_ms": self.end_ms,
+            "schema": self.schema,
+            "build_seconds": self.build_seconds,
+            "batch": self.batch,
+            "built_at_ms": self.built_at_ms,
+            "commit": self.commit,
+            "payload_bytes": PAYLOAD_BYTES,
+        })
+    }
+
+    fn from_json(v: &Value) -> Option<Built> {
+        Some(Built {
+            readings: v.get("readings")?.as_u64()?,
+            devices: v.get("devices")?.as_u64()?,
+            end_ms: v.get("end_ms")?.as_i64()?,
+            schema: v.get("schema")?.as_str()?.to_owned(),
+            build_seconds: v.get("build_seconds")?.as_f64()?,
+            batch: v.get("batch")?.as_u64()?,
+            built_at_ms: v.get("built_at_ms")?.as_i64()?,
+            commit: v.get("commit")?.as_str()?.to_owned(),
+        })
+        .filter(|_| v.get("payload_bytes").and_then(Value::as_u64) == Some(PAYLOAD_BYTES as u64))
+    }
+
+    fn rows_per_second(&self) -> f64 {
+        self.readings as f64 / self.build_seconds.max(1e-9)
+    }
+}
+
+/// The files of one backend's database in `--dir`.
+struct Place {
+    /// `--dir`, absolute.
+    dir: PathBuf,
+    backend: Backend,
+}
+
+impl Place {
+    fn name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+
+    fn marker(&self) -> PathBuf {
+        self.dir.join(format!("history-{}.json", self.name()))
+    }
+
+    fn sqlite_db(&self) -> PathBuf {
+        self.dir.join("history-sqlite.db")
+    }
+
+    fn pg_data(&self) -> PathBuf {
+        self.dir.join("pg-data")
+    }
+
+    fn read_marker(&self) -> Option<Built> {
+        let text = std::fs::read_to_string(self.marker()).ok()?;
+        Built::from_json(&serde_json::from_str(&text).ok()?)
+    }
+
+    /// Removes the database and its marker (the marker first: a half-removed database is
+    /// never taken for a finished one).
+    fn wipe(&self) -> anyhow::Result<()> {
+        let marker = self.marker();
+        if marker.exists() {
+            std::fs::remove_file(&marker)
+                .with_context(|| format!("removing {}", marker.display()))?;
+        }
+        match self.backend {
+            Backend::Sqlite => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let p = PathBuf::from(format!("{}{suffix}", self.sqlite_db().display()));
+                    if p.exists() {
+                        std::fs::remove_file(&p)
+                            .with_context(|| format!("removing {}", p.display()))?;
+                    }
+                }
+            }
+            Backend::Postgres => {
+                let data = self.pg_data();
+                if data.exists() {
+                    std::fs::remove_dir_all(&data)
+                        .with_context(|| format!("removing {}", data.display()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A fingerprint of the backend's migrations (names and contents, FNV-1a), so that a
+/// database built with another schema is built again rather than measured.
+fn schema_fingerprint(backend: Backend) -> anyhow::Result<String> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(match backend {
+        Backend::Sqlite => "migrations/sqlite",
+        Backend::Postgres => "migrations/postgres",
+    });
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut names = Vec::new();
+    for f in &files {
+        let name = f
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let body = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+        for b in name.as_bytes().iter().chain(&body) {
+            hash ^= u64::from(*b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        names.push(name);
+    }
+    Ok(format!("{} ({hash:016x})", names.join(" ")))
+}
+
+/// The commit HEAD points at, for the marker.
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(
+            || "?".into(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        )
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+// ---------------------------------------------------------------------------------------
+// The readings
+// ---------------------------------------------------------------------------------------
+
+/// Where every reading falls: reading `i` is device `i % devices` at second `i / devices`,
+/// received `phase(device)` ms into that second, so the readings arrive in time order.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    devices: u64,
+    readings: u64,
+    /// The start of second 0 (Unix ms).
+    base_ms: i64,
+    /// The receive time of the last reading.
+    end_ms: i64,
+}
+
+impl Layout {
+    /// Readings ending at `end_ms` (the receive time of the last device in the last second).
+    fn ending_at(args: &Args, end_ms: i64) -> Layout {
+        let seconds = args.seconds() as i64;
+        let last_in_last_second = (args.readings - 1) % args.devices;
+        let phase = Layout::phase_of(last_in_last_second, args.devices);
+        Layout {
+            devices: args.devices,
+            readings: args.readings,
+            base_ms: end_ms - (seconds - 1) * 1000 - phase,
+            end_ms,
+        }
+    }
+
+    fn phase_of(device: u64, devices: u64) -> i64 {
+        (device * 1000 / devices) as i64
+    }
+
+    fn device_name(d: u64) -> String {
+        format!("dev-{d:05}")
+    }
+
+    /// Receive time of device `d`'s reading in second `t`.
+    fn received_at(&self, d: u64, t: u64) -> i64 {
+        self.base_ms + t as i64 * 1000 + Layout::phase_of(d, self.devices)
+    }
+
+    /// The first and last receive time of device `d`.
+    fn span(&self, d: u64) -> (i64, i64) {
+        let seconds = self.readings.div_ceil(self.devices);
+        let has_last = (seconds - 1) * self.devices + d < self.readings;
+        let last_t = if has_last { seconds - 1 } else { seconds - 2 };
+        (self.received_at(d, 0), self.received_at(d, last_t))
+    }
+}
+
+/// A small, fast, seeded generator (SplitMix64): the same devices and times on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in 0..n (n > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The 100-byte payload of device `d`'s reading at device time `ts`, second `t`: values that
+/// drift smoothly with a little noise, padded with `x` to exactly [`PAYLOAD_BYTES`].
+fn payload(buf: &mut String, rng: &mut Rng, d: u64, t: u64, ts: i64) -> Bytes {
+    let hours = t as f64 / 3600.0;
+    let phase = d as f64 * 0.37;
+    let temperature = 21.0
+        + 4.0 * (hours * std::f64::consts::TAU / 24.0 + phase).sin()
+        + (rng.unit() - 0.5) * 0.2;
+    let humidity = 45.0
+        + 10.0 * (hours * std::f64::consts::TAU / 24.0 + phase).cos()
+        + (rng.unit() - 0.5) * 0.5;
+    let battery = 100.0 - (t % 360_000) as f64 / 4000.0 - (d % 7) as f64;
+    buf.clear();
+    let _ = write!(
+        buf,
+        "{{\"ts\":{ts},\"temperature\":{temperature:.2},\"humidity\":{humidity:.1},\"battery\":{battery:.1},\"pad\":\""
+    );
+    // The closing `"}`.
+    let pad = PAYLOAD_BYTES.saturating_sub(buf.len() + 2);
+    buf.extend(std::iter::repeat_n('x', pad));
+    buf.push_str("\"}");
+    Bytes::copy_from_slice(buf.as_bytes())
+}
+
+/// Acknowledges nothing: the readings come from no broker.
+struct NoAcks;
+
+impl AckSink for NoAcks {
+    fn ack(&mut self, tokens: &mut Vec<AckToken>) {
+        tokens.clear();
+    }
+}
+
+/// Builds the database: every reading through the library's writer, in time order.
+async fn build(args: &Args, storage: &StorageConfig, layout: Layout) -> anyhow::Result<f64> {
+    let mut storage = storage.clone();
+    storage.batch_size = args.batch as usize;
+    storage.batch_delay = Duration::ZERO;
+    let (store, writer) = Store::open(&storage)
+        .await
+        .with_context(|| format!("opening storage at {}", storage.describe()))?;
+    let metrics = Arc::new(Metrics::default());
+    let (last_seq, _last_seq_rx) = watch::channel(store.opened_at());
+    let (changes, _changes_rx) = mpsc::channel(4096);
+    let committed = Committed {
+        last_seq,
+        feed: Feed::new(1024),
+        commands: changes,
+    };
+    let (items_tx, items_rx) = mpsc::channel::<Item>(args.batch as usize * 2);
+    let shutdown = CancellationToken::new();
+    let writer_task = tokio::spawn(writer.run(
+        WriterConfig::from(&storage),
+        items_rx,
+        Box::new(NoAcks),
+        metrics.clone(),
+        committed,
+        shutdown.clone(),
+    ));
+    // The producer: an OS thread of its own, blocking on the bounded queue.
+    let stop = Arc::new(AtomicBool::new(false));
+    // Dropped when the producer ends, however it ends.
+    let (produced_tx, mut produced_rx) = tokio::sync::oneshot::channel::<()>();
+    let producer = {
+        let stop = stop.clone();
+        let seed = args.seed;
+        std::thread::Builder::new()
+            .name("history-producer".into())
+            .spawn(move || -> anyhow::Result<()> {
+                let _produced = produced_tx;
+                let devices: Vec<(DeviceId, Arc<str>)> = (0..layout.devices)
+                    .map(|d| {
+                        let name = Layout::device_name(d);
+                        let topic: Arc<str> = Arc::from(format!("devices/{name}/telemetry"));
+                        DeviceId::parse(&name).map(|id| (id, topic))
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| anyhow!("device id: {e}"))?;
+                let mut rng = Rng(seed ^ 0x5eed);
+                let mut buf = String::with_capacity(PAYLOAD_BYTES + 16);
+                for i in 0..layout.readings {
+                    if i % 4096 == 0 && stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let (d, t) = (i % layout.devices, i / layout.devices);
+                    let (id, topic) = &devices[d as usize];
+                    let received_at = layout.received_at(d, t);
+                    let ts = received_at - DEVICE_LAG_MS;
+                    let reading = Reading {
+                        device: id.clone(),
+                        topic: topic.clone(),
+                        ts,
+                        received_at,
+                        payload: payload(&mut buf, &mut rng, d, t, ts),
+                        flags: 0,
+                    };
+                    if items_tx
+                        .blocking_send(Item::Reading(reading, None))
+                        .is_err()
+                    {
+                        bail!("the writer stopped taking readings after {i}");
+                    }
+                }
+                Ok(())
+            })
+            .context("starting the producer thread")?
+    };
+    let _stop_on_exit = StopOnDrop(stop.clone());
+
+    let started = Instant::now();
+    let cap = Duration::from_secs(args.build_seconds);
+    let mut ticker = tokio::time::interval(PROGRESS_EVERY);
+    ticker.tick().await;
+    let (mut last_n, mut last_at, mut moved_at) = (0u64, started, started);
+    let mut writer_task = writer_task;
+    let mut producing = true;
+    let writer_result = loop {
+        tokio::select! {
+            r = &mut writer_task => break r,
+            // Every reading is queued: the writer drains the queue and returns, and
+            // PostgreSQL's log tail, which runs until shutdown, stops with it.
+            _ = &mut produced_rx, if producing => {
+                producing = false;
+                shutdown.cancel();
+            }
+            _ = ticker.tick() => {
+                let n = metrics.stored.load(Ordering::Relaxed);
+                let now = Instant::now();
+                let recent = (n - last_n) as f64 / now.duration_since(last_at).as_secs_f64();
+                let average = n as f64 / started.elapsed().as_secs_f64();
+                let left = layout.readings.saturating_sub(n) as f64 / average.max(1.0);
+                eprintln!(
+                    "  building: {} / {} readings ({:.1} %), {} rows/s now, {} on average, about {} left",
+                    thousands(n as f64),
+                    thousands(layout.readings as f64),
+                    100.0 * n as f64 / layout.readings as f64,
+                    thousands(recent),
+                    thousands(average),
+                    duration_text(left)
+                );
+                if n > last_n {
+                    moved_at = now;
+                }
+                (last_n, last_at) = (n, now);
+                if now.duration_since(moved_at) > BUILD_STALL {
+                    stop.store(true, Ordering::Relaxed);
+                    shutdown.cancel();
+                    bail!(
+                        "building stalled: nothing committed for {BUILD_STALL:?} at {n} readings"
+                    );
+                }
+                if started.elapsed() > cap {
+                    stop.store(true, Ordering::Relaxed);
+                    shutdown.cancel();
+                    bail!(
+                        "building took longer than --build-seconds {} (at {n} readings); \
+                         the database is not kept",
+                        args.build_seconds
+                    );
+                }
+            }
+        }
+    };
+    let took = started.elapsed().as_secs_f64();
+    let produced = producer
+        .join()
+        .map_err(|_| anyhow!("the producer thread panicked"))?;
+    writer_result
+        .context("the writer task panicked")?
+        .context("the writer failed")?;
+    produced?;
+    let stored = metrics.stored.load(Ordering::Relaxed);
+    if stored != layout.readings {
+        bail!(
+            "the writer committed {stored} readings of {}",
+            layout.readings
+        );
+    }
+    store
+        .checkpoint()
+        .await
+        .context("checkpointing the database")?;
+    drop(store);
+    Ok(took)
+}
+
+/// Tells the producer to stop when building ends early (an error, Ctrl-C).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------------------
+
+/// The `[storage]` section: the database, and readings kept a year (as long as the 1-minute
+/// rollups by default), so that a database reused weeks later is not cut by retention.
+fn storage_section(place: &Place, pg: Option<&PgCluster>) -> String {
+    let toml_str = |s: &str| toml::Value::String(s.to_owned()).to_string();
+    let location = match pg {
+        Some(pg) => format!("url = {}", toml_str(&pg.database_url(PG_DATABASE))),
+        None => format!(
+            "path = {}",
+            toml_str(&place.sqlite_db().display().to_string())
+        ),
+    };
+    format!("[storage]\n{location}\nretention = \"365d\"\n")
+}
+
+/// The storage config `section` gives, as the daemon reads it.
+fn storage_config(section: &str) -> anyhow::Result<StorageConfig> {
+    telebridge::Config::parse(section)
+        .map(|c| c.storage)
+        .map_err(|problems| {
+            anyhow!(
+                "the bench's [storage] section does not parse: {}",
+                problems
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        })
+}
+
+async fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let bin = daemon_binary(args.daemon.as_deref())?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    let place = Place {
+        dir: args
+            .dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", args.dir.display()))?,
+        backend: args.backend,
+    };
+    let schema = schema_fingerprint(args.backend)?;
+    let previous = place.read_marker();
+    let reuse = previous.as_ref().filter(|b| {
+        !args.rebuild
+            && b.readings == args.readings
+            && b.devices == args.devices
+            && b.schema == schema
+            && match args.backend {
+                Backend::Sqlite => place.sqlite_db().is_file(),
+                Backend::Postgres => place.pg_data().join("PG_VERSION").is_file(),
+            }
+    });
+    let why_build = match (&previous, reuse) {
+        (_, Some(_)) => None,
+        (None, None) => Some("no finished database of this backend in --dir".to_owned()),
+        (Some(_), None) if args.rebuild => Some("--rebuild".to_owned()),
+        (Some(b), None) if b.schema != schema => Some(format!(
+            "the migrations changed since it was built (then: {}; now: {schema})",
+            b.schema
+        )),
+        (Some(b), None) => Some(format!(
+            "it holds {} readings over {} devices",
+            thousands(b.readings as f64),
+            b.devices
+        )),
+    };
+    let reuse = reuse.cloned();
+    if why_build.is_some() {
+        place.wipe()?;
+    }
+
+    // Declared before the broker and the daemon, so it is stopped last.
+    let pg = match args.backend {
+        Backend::Postgres => {
+            eprintln!(
+                "starting a PostgreSQL cluster of our own on {} (initdb if new, pg_ctl start)",
+                place.pg_data().display()
+            );
+            let data = place.pg_data();
+            let pg = tokio::task::spawn_blocking(move || PgCluster::start_kept(&data))
+                .await
+                .context("the PostgreSQL start-up panicked")??;
+            if reuse.is_none() {
+                pg.create_database(PG_DATABASE).await?;
+            }
+            Some(pg)
+        }
+        Backend::Sqlite => None,
+    };
+    let section = storage_section(&place, pg.as_ref());
+    let storage = storage_config(&section)?;
+
+    let built_now = reuse.is_none();
+    let built = match (reuse, why_build) {
+        (Some(b), _) => b,
+        (None, why) => {
+            let end_ms = now_ms() / 1000 * 1000;
+            let layout = Layout::ending_at(args, end_ms);
+            eprintln!(
+                "building the database ({}): {} readings over {} devices, batches of {}",
+                why.unwrap_or_default(),
+                thousands(args.readings as f64),
+                args.devices,
+                thousands(args.batch as f64)
+            );
+            let took = build(args, &storage, layout).await?;
+            let b = Built {
+                readings: args.readings,
+                devices: args.devices,
+                end_ms,
+                schema: schema.clone(),
+                build_seconds: took,
+                batch: args.batch,
+                built_at_ms: now_ms(),
+                commit: git_commit(),
+            };
+            std::fs::write(place.marker(), b.to_json().to_string())
+                .with_context(|| format!("writing {}", place.marker().display()))?;
+            eprintln!(
+                "built in {} ({} rows/s)",
+                duration_text(took),
+                thousands(b.rows_per_second())
+            );
+            b
+        }
+    };
+    let layout = Layout::ending_at(args, built.end_ms);
+
+    let broker = Mosquitto::start(None)?;
+    let machine = Machine::read();
+    println!(
+        "# telebridge history benchmark (issue #14): history pages and series of a large database"
+    );
+    println!("machine:    {}", machine.describe());
+    println!("daemon:     {} (built {})", bin.display(), modified(&bin));
+    println!(
+        "            [broker] mode=external, [storage] retention=365d, [log] level=warn, other keys default"
+    );
+    println!("{}", broker.describe());
+    if let Some(pg) = &pg {
+        println!("{}", pg.describe());
+    }
+    println!(
+        "storage:    {} in {}{}",
+        args.backend.name(),
+        match args.backend {
+            Backend::Sqlite => place.sqlite_db().display().to_string(),
+            Backend::Postgres => format!("{} (database {PG_DATABASE})", place.pg_data().display()),
+        },
+        if built_now {
+            " (built by this run)"
+        } else {
+            " (reused: built earlier with these readings and migrations)"
+        }
+    );
+    println!(
+        "            built {} by {} through Store::open + Writer::run, batches of {}: {} readings in {} = {} rows/s",
+        telebridge::domain::format_ms(built.built_at_ms),
+        built.commit,
+        thousands(built.batch as f64),
+        thousands(built.readings as f64),
+        duration_text(built.build_seconds),
+        thousands(built.rows_per_second())
+    );
+    println!("            migrations {}", built.schema);
+    println!(
+        "data:       {} readings over {} devices, one a second per device ({} each), {} to {} (the data's \"now\"); {}-byte JSON payloads, ts {DEVICE_LAG_MS} ms before receipt",
+        thousands(args.readings as f64),
+        thousands(args.devices as f64),
+        duration_text(args.seconds() as f64),
+        telebridge::domain::format_ms(layout.base_ms),
+        telebridge::domain::format_ms(layout.end_ms),
+        PAYLOAD_BYTES
+    );
+    println!(
+        "client:     reqwest on loopback, one request at a time; {} warm-up + {} measured requests per query; latency = send -> last byte of the body; random devices and times (seed {})",
+        args.warmup, args.samples, args.seed
+    );
+    println!(
+        "targets:    every query p99 < {TARGET_P99_MS:.0} ms; <= {TARGET_BYTES_PER_READING:.0} B of database per {PAYLOAD_BYTES}-byte reading"
+    );
+    println!(
+        "everything shares this machine's {} cores; load average at start {}",
+        machine.nproc,
+        load_average()
+    );
+    println!();
+
+    eprintln!("starting the daemon on the database");
+    let daemon_config = |_: &Path| {
+        format!(
+            "[broker]\nmode = \"external\"\n\n\
+             [mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nclient_id = \"telebridge-bench-history\"\n\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n\n\
+             {section}\n\
+             [log]\nlevel = \"warn\"\n",
+            broker.port
+        )
+    };
+    let daemon = Daemon::start_with_config(&bin, &[], daemon_config).await?;
+    let cpu_before = (
+        Instant::now(),
+        machine_busy_seconds(),
+        cpu_seconds(daemon.pid()),
+        cpu_seconds(std::process::id()),
+        pg.as_ref().map_or(0.0, PgCluster::cpu_seconds),
+    );
+    let pg_url = pg.as_ref().map(|pg| pg.database_url(PG_DATABASE));
+    let result = measure(args, &daemon, layout, pg.as_ref(), pg_url.as_deref()).await;
+    let busy = (
+        cpu_before.0.elapsed().as_secs_f64(),
+        machine_busy_seconds() - cpu_before.1,
+        cpu_seconds(daemon.pid()) - cpu_before.2,
+        cpu_seconds(std::process::id()) - cpu_before.3,
+        pg.as_ref().map_or(0.0, PgCluster::cpu_seconds) - cpu_before.4,
+    );
+    let sizes = match &pg {
+        Some(pg) => pg_sizes(&pg.database_url(PG_DATABASE)).await,
+        None => sqlite_sizes(&place.sqlite_db()).await,
+    };
+    let problems = daemon.log_problems();
+    drop(daemon);
+    let queries = result?;
+
+    println!(
+        "| query | samples | p50 ms | p99 ms | max ms | what came back | p99 < {TARGET_P99_MS:.0} ms |"
+    );
+    println!("|---|--:|--:|--:|--:|---|:-:|");
+    let mut met = true;
+    for q in &queries {
+        match &q.missing {
+            Some(why) => {
+                met = false;
+                println!(
+                    "| {} | 0 | - | - | - | not available: {why} | NO |",
+                    q.label
+                );
+            }
+            None => {
+                let ok = q.failures == 0 && q.p(0.99).is_some_and(|p| p < TARGET_P99_MS);
+                met &= ok;
+                println!(
+                    "| {} | {} | {} | **{}** | {} | {}{} | {} |",
+                    q.label,
+                    q.micros.len(),
+                    fmt_ms(q.p(0.50)),
+                    fmt_ms(q.p(0.99)),
+                    fmt_ms(q.max()),
+                    q.detail(),
+                    if q.failures > 0 {
+                        format!("; {} failed, the first: {}", q.failures, q.first_error)
+                    } else {
+                        String::new()
+                    },
+                    if ok { "yes" } else { "NO" }
+                );
+            }
+        }
+    }
+    println!();
+    for q in queries.iter().filter(|q| !q.pg_top.is_empty()) {
+        println!(
+            "postgres statements over \"{}\" (pg_stat_statements, by execution time):",
+            q.label
+        );
+        for line in &q.pg_top {
+            println!("  {line}");
+        }
+    }
+    match sizes {
+        Ok(s) => {
+            let per = s.total as f64 / args.readings as f64;
+            met &= per <= TARGET_BYTES_PER_READING;
+            println!(
+                "database:   {} = {} for {} readings: **{per:.1} B per reading** (target <= {TARGET_BYTES_PER_READING:.0} B per {PAYLOAD_BYTES}-byte reading): {}",
+                s.what,
+                megabytes(s.total),
+                thousands(args.readings as f64),
+                if per <= TARGET_BYTES_PER_READING {
+                    "yes"
+                } else {
+                    "NO"
+                }
+            );
+            for (name, bytes) in &s.split {
+                println!(
+                    "            {name}: {} ({:.1} B per reading)",
+                    megabytes(*bytes),
+                    *bytes as f64 / args.readings as f64
+                );
+            }
+            if let Some(note) = &s.note {
+                println!("            {note}");
+            }
+        }
+        Err(e) => {
+            met = false;
+            println!("database:   size not measured: {e:#}");
+        }
+    }
+    if !problems.is_empty() {
+        println!(
+            "daemon log: {} warning/error line(s); the first: {}",
+            problems.len(),
+            problems
+                .iter()
+                .take(3)
+                .map(|l| format!("{l:.300}"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    println!(
+        "cpu:        over the {:.1} s of requests: daemon {:.1} CPU s, {}this bench {:.1}, everything else on the machine {:.1} ({:.0} % of one core); load average at the end {}",
+        busy.0,
+        busy.2,
+        if pg.is_some() {
+            format!("postgres {:.1}, ", busy.4)
+        } else {
+            String::new()
+        },
+        busy.3,
+        (busy.1 - busy.2 - busy.3 - busy.4).max(0.0),
+        100.0 * (busy.1 - busy.2 - busy.3 - busy.4).max(0.0) / busy.0.max(1e-9),
+        load_average()
+    );
+    println!(
+        "targets:    {}",
+        if met { "all met" } else { "NOT all met" }
+    );
+    drop(broker);
+    drop(pg);
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------------
+// Measuring
+// ---------------------------------------------------------------------------------------
+
+/// One kind of request and what its samples gave.
+struct Query {
+    label: String,
+    /// Latencies of the successful measured requests, sorted (µs).
+    micros: Vec<u32>,
+    failures: u64,
+    first_error: String,
+    /// Why the endpoint could not be measured at all (404: not there yet).
+    missing: Option<String>,
+    /// Rows or points per response, and body bytes.
+    items: Vec<u64>,
+    bytes: Vec<u64>,
+    /// `resolution` values of series responses, with their counts.
+    resolutions: Vec<(String, u64)>,
+    /// What the list holds: "rows", "points" or "devices".
+    noun: &'static str,
+    /// PostgreSQL's statements by execution time over these requests (pg_stat_statements).
+    pg_top: Vec<String>,
+}
+
+impl Query {
+    fn p(&self, q: f64) -> Option<f64> {
+        percentile(&self.micros, q).map(|us| f64::from(us) / 1000.0)
+    }
+
+    fn max(&self) -> Option<f64> {
+        self.micros.last().map(|us| f64::from(*us) / 1000.0)
+    }
+
+    fn detail(&self) -> String {
+        let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
+        let (lo, hi) = (
+            self.items.iter().min().copied().unwrap_or(0),
+            self.items.iter().max().copied().unwrap_or(0),
+        );
+        let mut out = if lo == hi {
+            format!("{lo} {}", self.noun)
+        } else {
+            format!("{lo}-{hi} {} (mean {:.1})", self.noun, mean(&self.items))
+        };
+        let _ = write!(out, ", {} B", thousands(mean(&self.bytes)));
+        if !self.resolutions.is_empty() {
+            let r: Vec<String> = self
+                .resolutions
+                .iter()
+                .map(|(r, n)| format!("{r} x{n}"))
+                .collect();
+            let _ = write!(out, ", {}", r.join(", "));
+        }
+        out
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Page,
+    Series { hours: i64 },
+    Devices,
+}
+
+async fn measure(
+    args: &Args,
+    daemon: &Daemon,
+    layout: Layout,
+    pg: Option<&PgCluster>,
+    pg_url: Option<&str>,
+) -> anyhow::Result<Vec<Query>> {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(REQUEST_TIMEOUT)
+        .build()?;
+    let kinds = [
+        (
+            Kind::Page,
+            format!("history page: readings?from=<random>&limit={PAGE_ROWS}"),
+        ),
+        (
+            Kind::Series { hours: 24 },
+            "24 h series: series?from=now-24h&to=now&step=auto".to_owned(),
+        ),
+        (
+            Kind::Series { hours: 30 * 24 },
+            "30 d series: series?from=now-30d&to=now&step=auto".to_owned(),
+        ),
+        (Kind::Devices, "GET /api/devices".to_owned()),
+    ];
+    let mut out = Vec::new();
+    let mut rng = Rng(args.seed);
+    for (kind, label) in kinds {
+        eprintln!("measuring {label}");
+        let before = PgSnapshot::take(pg, pg_url).await?;
+        let mut q = sample(args, &http, daemon, layout, &mut rng, kind, label).await;
+        (_, q.pg_top) = PgSnapshot::since(before, pg, pg_url, 3).await?;
+        out.push(q);
+    }
+    Ok(out)
+}
+
+/// The path of one request of `kind`, at a random device and time.
+fn request_path(kind: Kind, layout: Layout, rng: &mut Rng) -> String {
+    let d = rng.below(layout.devices);
+    let dev = Layout::device_name(d);
+    match kind {
+        Kind::Page => {
+            let (first, last) = layout.span(d);
+            // A full page: at least PAGE_ROWS seconds before the device's last reading.
+            let latest = (last - PAGE_ROWS as i64 * 1000).max(first);
+            let from = first + rng.below((latest - first) as u64 + 1) as i64;
+            format!("/api/devices/{dev}/readings?from={from}&limit={PAGE_ROWS}")
+        }
+        Kind::Series { hours } => format!(
+            "/api/devices/{dev}/series?from={}&to={}&step=auto",
+            layout.end_ms - hours * 3_600_000,
+            layout.end_ms
+        ),
+        Kind::Devices => "/api/devices".to_owned(),
+    }
+}
+
+async fn sample(
+    args: &Args,
+    http: &reqwest::Client,
+    daemon: &Daemon,
+    layout: Layout,
+    rng: &mut Rng,
+    kind: Kind,
+    label: String,
+) -> Query {
+    let mut q = Query {
+        label,
+        micros: Vec::with_capacity(args.samples as usize),
+        failures: 0,
+        first_error: String::new(),
+        missing: None,
+        items: Vec::new(),
+        bytes: Vec::new(),
+        resolutions: Vec::new(),
+        pg_top: Vec::new(),
+        noun: match kind {
+            Kind::Page => "rows",
+            Kind::Series { .. } => "points",
+            Kind::Devices => "devices",
+        },
+    };
+    let started = Instant::now();
+    for i in 0..args.warmup + args.samples {
+        if started.elapsed() > KIND_CAP {
+            q.failures += 1;
+            if q.first_error.is_empty() {
+                q.first_error = format!("stopped at the {KIND_CAP:?} cap after {i} requests");
+            }
+            break;
+        }
+        let path = request_path(kind, layout, rng);
+        let url = format!("http://{}{path}", daemon.addr);
+        let t0 = Instant::now();
+        let got = match http.get(&url).send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                resp.bytes().await.map(|b| (status, b))
+            }
+            Err(e) => Err(e),
+        };
+        let us = t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+        let (status, body) = match got {
+            Ok(x) => x,
+            Err(e) => {
+                q.failures += 1;
+                if q.first_error.is_empty() {
+                    q.first_error = format!("GET {path}: {e}");
+                }
+                continue;
+            }
+        };
+        if status == 404 && matches!(kind, Kind::Series { .. }) {
+            q.missing = Some(format!(
+                "404 {}",
+                String::from_utf8_lossy(&body)
+                    .chars()
+                    .take(160)
+                    .collect::<String>()
+            ));
+            break;
+        }
+        let parsed = serde_json::from_slice::<Value>(&body);
+        let list = parsed.as_ref().ok().and_then(|v| match kind {
+            Kind::Page => v.get("readings")?.as_array().map(Vec::len),
+            Kind::Series { .. } => v.get("points")?.as_array().map(Vec::len),
+            Kind::Devices => v.get("devices")?.as_array().map(Vec::len),
+        });
+        let (200, Some(n)) = (status, list) else {
+            q.failures += 1;
+            if q.first_error.is_empty() {
+                q.first_error = format!(
+                    "GET {path}: {status} {}",
+                    String::from_utf8_lossy(&body)
+                        .chars()
+                        .take(160)
+                        .collect::<String>()
+                );
+            }
+            continue;
+        };
+        if i < args.warmup {
+            continue;
+        }
+        q.micros.push(us);
+        q.items.push(n as u64);
+        q.bytes.push(body.len() as u64);
+        if let Some(v) = parsed
+            .as_ref()
+            .ok()
+            .filter(|v| v.get("resolution").is_some())
+        {
+            let text = |k: &str| match v.get(k) {
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+                None => "?".into(),
+            };
+            let r = format!("step {} from {}", text("step"), text("resolution"));
+            match q.resolutions.iter_mut().find(|(x, _)| *x == r) {
+                Some((_, c)) => *c += 1,
+                None => q.resolutions.push((r, 1)),
+            }
+        }
+    }
+    q.micros.sort_unstable();
+    q
+}
+
+// ---------------------------------------------------------------------------------------
+// Database size
+// ---------------------------------------------------------------------------------------
+
+struct Sizes {
+    /// What `total` counts.
+    what: String,
+    total: u64,
+    /// By table or index, largest first.
+    split: Vec<(String, u64)>,
+    note: Option<String>,
+}
+
+/// The SQLite file and its WAL; by table and index from dbstat (read-only, bounded).
+async fn sqlite_sizes(db: &Path) -> anyhow::Result<Sizes> {
+    use sqlx::Connection as _;
+    let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let main = len(db);
+    let wal = len(Path::new(&format!("{}-wal", db.display())));
+    let mut sizes = Sizes {
+        what: format!("file {} + WAL {}", megabytes(main), megabytes(wal)),
+        total: main + wal,
+        split: Vec::new(),
+        note: None,
+    };
+    let split = async {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(db)
+            .read_only(true);
+        let mut conn = sqlx::sqlite::SqliteConnection::connect_with(&opts)
+            .await
+            .with_context(|| format!("opening {} read-only", db.display()))?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC")
+                .fetch_all(&mut conn)
+                .await
+                .context("reading dbstat")?;
+        let _ = conn.close().await;
+        anyhow::Ok(rows)
+    };
+    match tokio::time::timeout(DBSTAT_TIMEOUT, split).await {
+        Ok(Ok(rows)) => {
+            let pages: u64 = rows.iter().map(|(_, b)| *b as u64).sum();
+            sizes.split = rows
+                .into_iter()
+                .filter(|(_, b)| *b as u64 * 200 >= pages)
+                .map(|(n, b)| (format!("{n} (dbstat)"), b as u64))
+                .collect();
+            sizes.note = Some(format!(
+                "(dbstat counts the pages of the main file: {}; tables and indexes under 0.5 % not listed)",
+                megabytes(pages)
+            ));
+        }
+        Ok(Err(e)) => sizes.note = Some(format!("no split by table: {e:#}")),
+        Err(_) => {
+            sizes.note = Some(format!(
+                "no split by table: dbstat did not finish within {DBSTAT_TIMEOUT:?}"
+            ));
+        }
+    }
+    Ok(sizes)
+}
+
+/// pg_database_size, and each table's heap (with TOAST) and indexes.
+async fn pg_sizes(url: &str) -> anyhow::Result<Sizes> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::postgres::PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let (total,): (i64,) = sqlx::query_as("SELECT pg_database_size(current_database())")
+        .fetch_one(&mut conn)
+        .await
+        .context("reading pg_database_size")?;
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT c.relname::text, pg_table_size(c.oid), pg_indexes_size(c.oid) \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') \
+         ORDER BY pg_table_size(c.oid) + pg_indexes_size(c.oid) DESC",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .context("reading the table sizes")?;
+    let _ = conn.close().await;
+    let total = total as u64;
+    let mut split = Vec::new();
+    for (name, table, indexes) in rows {
+        if (table + indexes) as u64 * 200 >= total {
+            split.push((format!("{name} table"), table as u64));
+            split.push((format!("{name} indexes"), indexes as u64));
+        }
+    }
+    Ok(Sizes {
+        what: "pg_database_size".into(),
+        total,
+        split,
+        note: Some(
+            "(heap with TOAST and free space map; WAL is outside the database; tables under 0.5 % not listed)"
+                .into(),
+        ),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Formatting
+// ---------------------------------------------------------------------------------------
+
+/// A whole number with thousands separators.
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+/// Seconds as `1 h 02 min`, `3 min 05 s` or `12.3 s`.
+fn duration_text(secs: f64) -> String {
+    let s = secs.max(0.0);
+    if s >= 3600.0 {
+        format!(
+            "{} h {:02} min",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
+    } else if s >= 60.0 {
+        format!("{} min {:02} s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!("{s:.1} s")
+    }
+}
