@@ -549,7 +549,7 @@ impl Daemon {
     /// Moves every reading two days into the past (as received).
     pub async fn age_all_readings(&self) -> u64 {
         self.write(
-            "UPDATE readings SET received_at = received_at - 2 * 86400000 WHERE seq > ?",
+            "UPDATE readings SET lag = lag - 2 * 86400000 WHERE seq > ?",
             "UPDATE readings SET received_at = received_at - 2 * 86400000 WHERE seq > $1",
             0,
         )
@@ -559,7 +559,7 @@ impl Daemon {
     /// Moves the readings whose `n` is below `n` two days into the past (as received).
     pub async fn age_readings_below(&self, n: i64) -> u64 {
         self.write(
-            "UPDATE readings SET received_at = received_at - 2 * 86400000 WHERE json_extract(payload, '$.n') < ?",
+            "UPDATE readings SET lag = lag - 2 * 86400000 WHERE json_extract(payload, '$.n') < ?",
             "UPDATE readings SET received_at = received_at - 2 * 86400000 \
              WHERE (convert_from(payload, 'UTF8')::jsonb->>'n')::bigint < $1",
             n,
@@ -709,7 +709,7 @@ impl Db {
         match self {
             Db::Sqlite(p) => rows!(
                 p,
-                "SELECT r.seq AS seq, s.device AS device, s.topic AS topic, r.ts AS ts, r.received_at AS received_at, \
+                "SELECT r.seq AS seq, s.device AS device, s.topic AS topic, r.ts AS ts, r.ts + r.lag AS received_at, \
                  CAST(r.payload AS BLOB) AS payload, r.flags AS flags FROM readings r JOIN sources s ON s.id = r.src ORDER BY r.seq"
             ),
             Db::Postgres(p) => rows!(

@@ -358,23 +358,24 @@ impl PgStore {
         )
     }
 
-    /// The latest reading of each device up to seq `through`, oldest first: one index seek
-    /// per known device (readings_device is on (device, seq)), never a scan of every reading.
+    /// The latest reading of each device up to seq `through`, oldest first: one backward
+    /// index seek per known device (readings_device is on (device, seq)), never a scan of
+    /// every reading (`seq IN (SELECT max ...)` let the planner hash-join every reading).
     pub async fn latest(
         &self,
         devices: Option<&[String]>,
         through: Option<i64>,
     ) -> Result<Vec<StoredReading>, StoreError> {
         let mut q: QueryBuilder<Postgres> = QueryBuilder::new(format!(
-            "SELECT {READING_COLUMNS} FROM readings WHERE seq IN (SELECT (SELECT max(r.seq) \
-             FROM readings r WHERE r.device = d.id AND r.seq <= "
+            "SELECT {READING_COLUMNS} FROM devices d CROSS JOIN LATERAL (SELECT * FROM readings r \
+             WHERE r.device = d.id AND r.seq <= "
         ));
         q.push_bind(through.unwrap_or(i64::MAX))
-            .push(") FROM devices d");
+            .push(" ORDER BY r.seq DESC LIMIT 1) last");
         if let Some(d) = devices {
             q.push(" WHERE d.id = ANY(").push_bind(d.to_vec()).push(")");
         }
-        q.push(") ORDER BY seq");
+        q.push(" ORDER BY last.seq");
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter().map(reading_from_row).collect()
     }

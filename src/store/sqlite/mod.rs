@@ -78,7 +78,7 @@ pub(crate) async fn append(
 
 /// A reading's columns, from `READINGS` (each names its source: device and topic).
 const READING_COLUMNS: &str = "r.seq AS seq, s.device AS device, s.topic AS topic, r.ts AS ts, \
-     r.received_at AS received_at, CAST(r.payload AS BLOB) AS payload, r.flags AS flags";
+     r.ts + r.lag AS received_at, CAST(r.payload AS BLOB) AS payload, r.flags AS flags";
 /// Readings with their source.
 const READINGS: &str = "readings r JOIN sources s ON s.id = r.src";
 
@@ -384,7 +384,7 @@ impl SqliteStore {
             let mut sql = format!(
                 // The events arm's column order: UNION ALL goes by position.
                 "SELECT r.seq AS seq, 'reading' AS kind, s.device AS device, s.topic AS topic, \
-                 r.ts AS ts, r.received_at AS received_at, CAST(r.payload AS BLOB) AS payload, \
+                 r.ts AS ts, r.ts + r.lag AS received_at, CAST(r.payload AS BLOB) AS payload, \
                  r.flags AS flags FROM {READINGS} WHERE r.seq > ?"
             );
             if devices.is_some() {

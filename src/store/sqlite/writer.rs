@@ -188,7 +188,11 @@ fn insert_readings<'q>(
         .clone();
     let mut q = sqlx::query(AssertSqlSafe(sql));
     for (r, seq, src) in chunk {
-        q = q.bind(*seq).bind(*src).bind(r.ts).bind(r.received_at);
+        q = q
+            .bind(*seq)
+            .bind(*src)
+            .bind(r.ts)
+            .bind(r.received_at - r.ts);
         // Checked to be UTF-8 JSON by ingest; stored as TEXT for SQLite's JSON functions.
         q = match std::str::from_utf8(&r.payload) {
             Ok(text) if r.flags & domain::flags::RAW == 0 => q.bind(text.to_owned()),
@@ -710,7 +714,7 @@ async fn retention(
 ) -> Result<u64, StoreError> {
     let mut total = 0;
     for (table, time, cutoff, key) in [
-        ("readings", "received_at", cutoff, "readings_purged_through"),
+        ("readings", "ts + lag", cutoff, "readings_purged_through"),
         ("events", "at", events_cutoff, "events_purged_through"),
     ] {
         let delete = format!(
@@ -861,8 +865,7 @@ fn upsert_sql(rows: usize) -> String {
 }
 
 fn insert_sql(rows: usize) -> String {
-    let mut sql =
-        String::from("INSERT INTO readings (seq, src, ts, received_at, payload, flags) VALUES ");
+    let mut sql = String::from("INSERT INTO readings (seq, src, ts, lag, payload, flags) VALUES ");
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
