@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use crate::ingest::{Item, Reading};
 
-/// How many of the newest readings the SQLite writer remembers: a repeat arriving after
-/// this many newer readings is taken for a new one.
+/// How many of the newest readings the SQLite writer remembers (about 8 MB): a repeat
+/// arriving after this many newer readings is taken for a new one.
 pub const RECENT: usize = 100_000;
 
 /// A reading's identity: device, device time and a hash of the payload.
@@ -25,8 +25,8 @@ fn payload_hash(payload: &[u8]) -> u64 {
 }
 
 /// The identity of a reading.
-pub fn id_of(device: &str, ts: i64, payload: &[u8]) -> (Arc<str>, i64, u64) {
-    (Arc::from(device), ts, payload_hash(payload))
+pub fn id_of(device: Arc<str>, ts: i64, payload: &[u8]) -> (Arc<str>, i64, u64) {
+    (device, ts, payload_hash(payload))
 }
 
 /// The newest readings stored, by identity (SQLite, where this writer is the only one).
@@ -74,4 +74,54 @@ pub fn repeats(batch: &[Item], stored: impl Fn(&Reading) -> bool) -> Vec<bool> {
             _ => false,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::DeviceId;
+
+    fn reading(device: &str, ts: i64, payload: &'static str) -> Reading {
+        Reading {
+            device: DeviceId::parse(device).expect("device"),
+            topic: Arc::from("t"),
+            ts,
+            received_at: ts,
+            payload: bytes::Bytes::from_static(payload.as_bytes()),
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn a_repeat_is_the_same_device_time_and_bytes() {
+        let batch: Vec<Item> = [
+            reading("a", 1, "{}"),
+            reading("a", 1, "{}"),
+            reading("a", 1, "{\"x\":1}"),
+            reading("b", 1, "{}"),
+            reading("a", 2, "{}"),
+        ]
+        .into_iter()
+        .map(|r| Item::Reading(r, None))
+        .collect();
+        let stored = reading("a", 2, "{}");
+        let mut recent = Recent::default();
+        recent.insert(id_of(stored.device.shared(), stored.ts, &stored.payload));
+        assert_eq!(
+            repeats(&batch, |r| recent.contains(r)),
+            vec![false, true, false, false, true]
+        );
+    }
+
+    #[test]
+    fn the_oldest_are_forgotten_past_the_window() {
+        let mut recent = Recent::default();
+        let first = reading("a", 0, "{}");
+        for ts in 0..=RECENT as i64 {
+            recent.insert(id_of(first.device.shared(), ts, &first.payload));
+        }
+        assert!(!recent.contains(&first));
+        assert!(recent.contains(&reading("a", 1, "{}")));
+        assert!(recent.contains(&reading("a", RECENT as i64, "{}")));
+    }
 }

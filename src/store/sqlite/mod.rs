@@ -91,8 +91,14 @@ async fn load_recent(conn: &mut SqliteConnection) -> Result<Recent, StoreError> 
     .fetch_all(&mut *conn)
     .await?;
     let mut recent = Recent::default();
+    // One allocation per device, not per reading.
+    let mut ids: HashMap<String, Arc<str>> = HashMap::new();
     for (device, ts, payload) in rows.into_iter().rev() {
-        recent.insert(dedupe::id_of(&device, ts, &payload));
+        let device = ids
+            .entry(device)
+            .or_insert_with_key(|d| Arc::from(d.as_str()))
+            .clone();
+        recent.insert(dedupe::id_of(device, ts, &payload));
     }
     Ok(recent)
 }

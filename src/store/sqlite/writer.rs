@@ -439,7 +439,7 @@ impl Writer {
         self.sources.extend(fresh);
         for (r, _) in &p.readings {
             self.recent
-                .insert(dedupe::id_of(r.device.as_str(), r.ts, &r.payload));
+                .insert(dedupe::id_of(r.device.shared(), r.ts, &r.payload));
         }
         p.finish();
         Ok(Commit {
