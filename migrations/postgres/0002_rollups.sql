@@ -17,7 +17,10 @@ CREATE TABLE rollups (
     seq_lo    BIGINT,
     seq_hi    BIGINT,
     PRIMARY KEY (device, tier, bucket, field)
-);
+)
+-- Every batch updates the open buckets' rows in place: room on the page lets PostgreSQL
+-- keep the new version there (a HOT update, no index entry), instead of bloating the table.
+WITH (fillfactor = 70);
 
 -- A device's readings by device time: time ranges and telling a redelivered reading from
 -- a new one are seeks.
