@@ -72,6 +72,7 @@ pub fn forbidden(s: &crate::app::Shared, message: String) -> ApiError {
 }
 
 fn sse_params(req: &Request) -> Result<sse::Params, ApiError> {
+    known_params(req, &["device", "type", "last_event_id", "snapshot"])?;
     let devices = match req.query::<String>("device") {
         Some(list) if !list.is_empty() => Some(parse_devices(&list)?),
         _ => None,
@@ -187,9 +188,12 @@ impl From<StoredReading> for ReadingOut {
 
 /// `GET /api/devices`
 #[handler]
-pub async fn list_devices(depot: &mut Depot, res: &mut Response) {
+pub async fn list_devices(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let who = principal(depot);
     let s = shared(depot);
+    if let Err(e) = known_params(req, &[]) {
+        return e.render(res);
+    }
     // Read first: a page that streams from here replays whatever the list may miss.
     let last_event_id = *s.last_seq.borrow();
     let result = async {
@@ -293,6 +297,7 @@ pub async fn device_readings(req: &mut Request, depot: &mut Depot, res: &mut Res
     let who = principal(depot);
     let s = shared(depot);
     let result = async {
+        known_params(req, &["from", "to", "after", "limit", "format"])?;
         let q = history_page(req, &who, s).await?;
         let csv = match req.query::<String>("format").as_deref() {
             None | Some("") | Some("json") => false,
@@ -339,6 +344,7 @@ pub async fn status_history(req: &mut Request, depot: &mut Depot, res: &mut Resp
     let who = principal(depot);
     let s = shared(depot);
     let result = async {
+        known_params(req, &["from", "to", "after", "limit"])?;
         let q = history_page(req, &who, s).await?;
         let rows = s.store.status_history(&q).await?;
         Ok::<_, ApiError>((q, rows))
@@ -722,6 +728,7 @@ pub async fn list_commands(req: &mut Request, depot: &mut Depot, res: &mut Respo
     let who = principal(depot);
     let s = shared(depot);
     let result = async {
+        known_params(req, &["device", "limit"])?;
         let device = match req.query::<String>("device") {
             Some(d) if !d.is_empty() => {
                 DeviceId::check(&d).map_err(|e| {

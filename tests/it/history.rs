@@ -109,6 +109,7 @@ async fn bad_history_parameters_get_a_400_naming_the_parameter_and_unknown_devic
         ("to=soon", "to"),
         ("from=1700000000009&to=1700000000001", "from"),
         ("format=xml", "format"),
+        ("before=5", "before"),
     ] {
         let r = daemon
             .get(&format!("/api/devices/b1/readings?{query}"))
@@ -122,6 +123,25 @@ async fn bad_history_parameters_get_a_400_naming_the_parameter_and_unknown_devic
                 .unwrap_or("")
                 .starts_with(word),
             "{query}: {body}"
+        );
+    }
+    // Unknown parameters are refused on every endpoint, named in the message.
+    for path in [
+        "/api/devices?sort=id",
+        "/api/devices/b1/status-history?page=2",
+        "/api/commands?status=sent",
+        "/events?devices=b1",
+    ] {
+        let r = daemon.get(path).await;
+        assert_eq!(r.status(), 400, "{path}");
+        let body: serde_json::Value = r.json().await.expect("json");
+        let name = path.split(['?', '=']).nth(1).expect("name");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(&format!("{name}: unknown parameter")),
+            "{path}: {body}"
         );
     }
     let r = daemon.get("/api/devices/nobody/readings").await;
