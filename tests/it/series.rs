@@ -219,6 +219,22 @@ async fn every_aggregate_at_every_step_matches_the_raw_readings_late_ones_includ
         late_one.temperature
     );
 
+    // A long or open-ended range (seq bounds from the hour tier) holds every reading too.
+    for query in [
+        format!("from={from}"),
+        format!("to={to}"),
+        format!("from={from}&to={to}"),
+    ] {
+        let body: Value = daemon
+            .get(&format!("/api/devices/s1/readings?{query}&limit=10000"))
+            .await
+            .json()
+            .await
+            .expect("json");
+        let got = body["readings"].as_array().map(Vec::len);
+        assert_eq!(got, Some(order.len()), "{query}");
+    }
+
     // CSV: one column per field and aggregate, one row per bucket.
     let csv = daemon
         .get(&format!(
