@@ -3,6 +3,8 @@
 //! ```text
 //! cargo bench --bench history [-- --backend sqlite|postgres --readings N --devices D
 //!     --samples S --dir PATH]
+//! cargo bench --bench history -- --retention [--backend B --retention-readings N
+//!     --retention-due N --rate R --idle-seconds S]
 //! ```
 //!
 //! 1. The database: `--readings` (default 100,000,000) readings over `--devices` (default
@@ -25,22 +27,39 @@
 //!    (with the split by table and index from `dbstat`); PostgreSQL: `pg_database_size` and
 //!    each table's heap and indexes.
 //!
+//! 3. With `--retention`, instead of 1 and 2: whether a retention pass of millions of rows
+//!    stalls ingest. A database of its own, `--retention-readings` (default 5,000,000) over
+//!    `--devices`, laid out and built as in 1 but in `DIR/retention/` and anew on every run
+//!    (retention eats it). The daemon on it (`[storage] retention_interval = "1s"`,
+//!    `retention_1m = "365d"`), a publisher sending `--rate` (default 2,000) readings a
+//!    second at QoS 1 round the same devices, each with its send time in its pad, and an SSE
+//!    client timing each one's way back (publish -> SSE). Three windows, each the delta of
+//!    `telebridge_store_batch_commit_seconds`: (a) idle, `--idle-seconds` (default 30) with
+//!    retention 365d; (b) restarted with a retention (`"<N>s"`) whose cutoff at start-up is
+//!    the receive time of reading number `--retention-due` (default 3,000,000), until
+//!    `telebridge_retention_deleted_total` holds every reading received before the moving
+//!    cutoff (capped at `--pass-seconds`); (c) `--idle-seconds` more on that daemon, the
+//!    cutoff moving a second of data a second. Then the readings left are counted.
+//!
 //! Targets: every query's p99 below 50 ms; at most 150 bytes of database per 100-byte
-//! reading. Every loop is bounded (counts, and time caps on generation and requests);
+//! reading; with `--retention`, the commit p99 during the pass within 2x of the idle p99
+//! (from bucket bounds). Every loop is bounded (counts, and time caps on generation and requests);
 //! everything started is stopped by Drop guards (children by their pid).
 
 mod common;
 
 use common::{
-    Backend, Daemon, Machine, Mosquitto, PgCluster, PgSnapshot, cpu_seconds, daemon_binary, fmt_ms,
-    load_average, machine_busy_seconds, modified, number, path_value, percentile,
+    Backend, Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, PgCluster, PgSnapshot, Publisher,
+    cpu_seconds, daemon_binary, find_byte, find_subslice, fmt_ms, leading_u64, load_average,
+    machine_busy_seconds, metric, modified, number, open_sse, path_value, percentile,
+    pg_count_readings, publish_qos1, sqlite_count_readings,
 };
 use std::fmt::Write as _;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
@@ -68,7 +87,15 @@ const USAGE: &str = "usage: cargo bench --bench history [-- OPTIONS]
   --batch N         readings per transaction while building (default 50000)
   --build-seconds N cap on building the database (default 14400)
   --seed N          seed of the random devices and times (default 14)
-  --daemon PATH     the telebridge binary to run (default: the release build)";
+  --daemon PATH     the telebridge binary to run (default: the release build)
+
+  --retention       instead of the queries: whether a retention pass stalls ingest, on a
+                    database of its own in DIR/retention, built anew each run (below)
+  --retention-readings N  readings in that database (default 5000000)
+  --retention-due N       of them, how many the pass deletes (default 3000000)
+  --rate R          readings a second published over MQTT QoS 1 meanwhile (default 2000)
+  --idle-seconds S  length of the idle windows (default 30)
+  --pass-seconds S  cap on waiting for the pass to catch up (default 900)";
 
 /// Targets from issue #14.
 const TARGET_P99_MS: f64 = 50.0;
@@ -113,6 +140,12 @@ struct Args {
     build_seconds: u64,
     seed: u64,
     daemon: Option<PathBuf>,
+    retention: bool,
+    retention_readings: u64,
+    retention_due: u64,
+    rate: u64,
+    idle_seconds: u64,
+    pass_seconds: u64,
 }
 
 impl Args {
@@ -130,6 +163,12 @@ impl Args {
             build_seconds: 14_400,
             seed: 14,
             daemon: None,
+            retention: false,
+            retention_readings: 5_000_000,
+            retention_due: 3_000_000,
+            rate: 2_000,
+            idle_seconds: 30,
+            pass_seconds: 900,
         };
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -151,6 +190,21 @@ impl Args {
                 }
                 "--seed" => out.seed = number("--seed", args.next(), 0, u64::MAX)?,
                 "--daemon" => out.daemon = Some(path_value("--daemon", args.next())?),
+                "--retention" => out.retention = true,
+                "--retention-readings" => {
+                    out.retention_readings =
+                        number("--retention-readings", args.next(), 1, 1_000_000_000)?;
+                }
+                "--retention-due" => {
+                    out.retention_due = number("--retention-due", args.next(), 1, 1_000_000_000)?;
+                }
+                "--rate" => out.rate = number("--rate", args.next(), 1, 100_000)?,
+                "--idle-seconds" => {
+                    out.idle_seconds = number("--idle-seconds", args.next(), 1, 3_600)?;
+                }
+                "--pass-seconds" => {
+                    out.pass_seconds = number("--pass-seconds", args.next(), 1, 86_400)?;
+                }
                 other => bail!("unknown argument {other:?}"),
             }
         }
@@ -160,6 +214,22 @@ impl Args {
                 out.readings,
                 out.devices
             );
+        }
+        if out.retention {
+            if out.retention_readings < out.devices {
+                bail!(
+                    "--retention-readings {} is fewer than --devices {}",
+                    out.retention_readings,
+                    out.devices
+                );
+            }
+            if out.retention_due >= out.retention_readings {
+                bail!(
+                    "--retention-due {} must be fewer than --retention-readings {}",
+                    out.retention_due,
+                    out.retention_readings
+                );
+            }
         }
         Ok(out)
     }
@@ -354,14 +424,20 @@ struct Layout {
 }
 
 impl Layout {
-    /// Readings ending at `end_ms` (the receive time of the last device in the last second).
+    /// The `--readings` over `--devices`, ending at `end_ms`.
     fn ending_at(args: &Args, end_ms: i64) -> Layout {
-        let seconds = args.seconds() as i64;
-        let last_in_last_second = (args.readings - 1) % args.devices;
-        let phase = Layout::phase_of(last_in_last_second, args.devices);
+        Layout::new(args.readings, args.devices, end_ms)
+    }
+
+    /// `readings` over `devices` ending at `end_ms` (the receive time of the last device in
+    /// the last second).
+    fn new(readings: u64, devices: u64, end_ms: i64) -> Layout {
+        let seconds = readings.div_ceil(devices) as i64;
+        let last_in_last_second = (readings - 1) % devices;
+        let phase = Layout::phase_of(last_in_last_second, devices);
         Layout {
-            devices: args.devices,
-            readings: args.readings,
+            devices,
+            readings,
             base_ms: end_ms - (seconds - 1) * 1000 - phase,
             end_ms,
         }
@@ -386,6 +462,27 @@ impl Layout {
         let has_last = (seconds - 1) * self.devices + d < self.readings;
         let last_t = if has_last { seconds - 1 } else { seconds - 2 };
         (self.received_at(d, 0), self.received_at(d, last_t))
+    }
+
+    /// How many readings were received before `cutoff` (Unix ms): what retention with that
+    /// cutoff deletes.
+    fn received_before(&self, cutoff: i64) -> u64 {
+        let seconds = self.readings.div_ceil(self.devices);
+        (0..self.devices)
+            .map(|d| {
+                let held = if (seconds - 1) * self.devices + d < self.readings {
+                    seconds
+                } else {
+                    seconds - 1
+                };
+                let first = self.received_at(d, 0);
+                if cutoff <= first {
+                    0
+                } else {
+                    ((cutoff - first) as u64).div_ceil(1000).min(held)
+                }
+            })
+            .sum()
     }
 }
 
@@ -614,15 +711,22 @@ impl Drop for StopOnDrop {
 /// The `[storage]` section: the database, and readings kept a year (as long as the 1-minute
 /// rollups by default), so that a database reused weeks later is not cut by retention.
 fn storage_section(place: &Place, pg: Option<&PgCluster>) -> String {
+    format!(
+        "[storage]\n{}\nretention = \"365d\"\n",
+        storage_location(place, pg)
+    )
+}
+
+/// The `[storage]` line that says where the database is.
+fn storage_location(place: &Place, pg: Option<&PgCluster>) -> String {
     let toml_str = |s: &str| toml::Value::String(s.to_owned()).to_string();
-    let location = match pg {
+    match pg {
         Some(pg) => format!("url = {}", toml_str(&pg.database_url(PG_DATABASE))),
         None => format!(
             "path = {}",
             toml_str(&place.sqlite_db().display().to_string())
         ),
-    };
-    format!("[storage]\n{location}\nretention = \"365d\"\n")
+    }
 }
 
 /// The storage config `section` gives, as the daemon reads it.
@@ -643,6 +747,9 @@ fn storage_config(section: &str) -> anyhow::Result<StorageConfig> {
 
 async fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let bin = daemon_binary(args.daemon.as_deref())?;
+    if args.retention {
+        return run_retention(args, &bin).await;
+    }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
     let place = Place {
@@ -1281,6 +1388,845 @@ async fn pg_sizes(url: &str) -> anyhow::Result<Sizes> {
                 .into(),
         ),
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// The retention phase (--retention)
+// ---------------------------------------------------------------------------------------
+
+/// The retention phase's database: this subdirectory of `--dir`, built anew on every run.
+const RETENTION_SUBDIR: &str = "retention";
+/// The daemon's histogram of batch commit latency.
+const COMMIT_HISTOGRAM: &str = "telebridge_store_batch_commit_seconds";
+/// Target from the issue: the commit latency p99 during a retention pass of millions of
+/// rows within this factor of the idle p99.
+const TARGET_PASS_RATIO: f64 = 2.0;
+/// `[storage] retention_interval` of the phase's daemons.
+const RETENTION_INTERVAL: &str = "1s";
+/// How often a window polls the daemon's metrics.
+const POLL_EVERY: Duration = Duration::from_millis(250);
+/// Longest wait, after a window, for its readings to come back over SSE.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The pass has caught up once retention has deleted every built reading received before
+/// the moving cutoff less this (its ticks are a second apart).
+const CATCH_UP_SLACK_MS: i64 = 2_000;
+/// What a published payload's pad starts with, its send time (Unix µs) after it.
+const SENT_MARK: &[u8] = b"\"pad\":\"s";
+
+/// The daemon's commit latency histogram at one moment, or the difference of two.
+#[derive(Debug, Clone, Default)]
+struct Buckets {
+    /// (upper bound in seconds, +Inf last; cumulative count).
+    cumulative: Vec<(f64, u64)>,
+    sum: f64,
+    count: u64,
+}
+
+impl Buckets {
+    fn parse(text: &str) -> anyhow::Result<Buckets> {
+        let prefix = format!("{COMMIT_HISTOGRAM}_bucket{{le=\"");
+        let mut cumulative = Vec::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            let (le, value) = rest
+                .split_once("\"} ")
+                .with_context(|| format!("unexpected /metrics line {line:?}"))?;
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse()
+                    .with_context(|| format!("the bucket bound of {line:?}"))?
+            };
+            let count = value
+                .trim()
+                .parse()
+                .with_context(|| format!("the bucket count of {line:?}"))?;
+            cumulative.push((bound, count));
+        }
+        if cumulative.is_empty() {
+            bail!("GET /metrics has no {COMMIT_HISTOGRAM}: a daemon older than the histogram?");
+        }
+        let sum = metric(text, &format!("{COMMIT_HISTOGRAM}_sum"))
+            .with_context(|| format!("GET /metrics has no {COMMIT_HISTOGRAM}_sum"))?;
+        let count = metric(text, &format!("{COMMIT_HISTOGRAM}_count"))
+            .with_context(|| format!("GET /metrics has no {COMMIT_HISTOGRAM}_count"))?;
+        Ok(Buckets {
+            cumulative,
+            sum,
+            count: count as u64,
+        })
+    }
+
+    /// The commits since `before` (the same daemon).
+    fn since(&self, before: &Buckets) -> Buckets {
+        Buckets {
+            cumulative: self
+                .cumulative
+                .iter()
+                .map(|&(bound, n)| {
+                    let was = before
+                        .cumulative
+                        .iter()
+                        .find(|(b, _)| *b == bound)
+                        .map_or(0, |(_, n)| *n);
+                    (bound, n.saturating_sub(was))
+                })
+                .collect(),
+            sum: (self.sum - before.sum).max(0.0),
+            count: self.count.saturating_sub(before.count),
+        }
+    }
+
+    /// The upper bound (s) of the bucket that holds the `q` quantile (nearest rank), infinite
+    /// past the last bound; None without commits.
+    fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        self.cumulative
+            .iter()
+            .find(|(_, n)| *n >= rank)
+            .map(|(bound, _)| *bound)
+    }
+
+    fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+
+    /// The non-empty buckets, each as its count (not cumulative): `<= 1 ms: 120, ...`.
+    fn spread(&self) -> String {
+        let mut prev = 0;
+        let mut parts = Vec::new();
+        for &(bound, n) in &self.cumulative {
+            if n > prev {
+                parts.push(format!("{} {}", bound_text(bound), n - prev));
+            }
+            prev = n;
+        }
+        if parts.is_empty() {
+            "no commits".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// A bucket's upper bound: `<= 1.5 ms`, or `> 10 s` past the last finite one.
+fn bound_text(bound: f64) -> String {
+    if bound.is_infinite() {
+        return "> 10 s".into();
+    }
+    let ms = bound * 1000.0;
+    if ms >= 1000.0 {
+        format!("<= {} s", trim_zeros(bound))
+    } else {
+        format!("<= {} ms", trim_zeros(ms))
+    }
+}
+
+/// `1.50` as `1.5`, `2.00` as `2`.
+fn trim_zeros(v: f64) -> String {
+    let s = format!("{v:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+/// What the daemon's metrics say at one moment.
+struct Scrape {
+    commits: Buckets,
+    /// Readings retention deleted since the daemon started.
+    deleted: u64,
+    stored: u64,
+}
+
+async fn scrape(daemon: &Daemon) -> anyhow::Result<Scrape> {
+    let text = daemon.metrics().await.context("GET /metrics")?;
+    let count = |name: &str| metric(&text, name).map_or(0, |v| v as u64);
+    Ok(Scrape {
+        commits: Buckets::parse(&text)?,
+        deleted: count("telebridge_retention_deleted_total"),
+        stored: count("telebridge_readings_stored_total"),
+    })
+}
+
+fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The 100-byte payload of a live reading of device `d` at device time `ts`: the fields of
+/// the database's readings, the pad starting with `s` and the send time (Unix µs).
+fn live_payload(buf: &mut String, d: u64, ts: i64, sent_us: u64) -> Bytes {
+    let hours = ts as f64 / 3_600_000.0;
+    let phase = d as f64 * 0.37;
+    let temperature = 21.0 + 4.0 * (hours * std::f64::consts::TAU / 24.0 + phase).sin();
+    let humidity = 45.0 + 10.0 * (hours * std::f64::consts::TAU / 24.0 + phase).cos();
+    let battery = 90.0 - (d % 7) as f64;
+    buf.clear();
+    let _ = write!(
+        buf,
+        "{{\"ts\":{ts},\"temperature\":{temperature:.2},\"humidity\":{humidity:.1},\"battery\":{battery:.1},\"pad\":\"s{sent_us}"
+    );
+    let pad = PAYLOAD_BYTES.saturating_sub(buf.len() + 2);
+    buf.extend(std::iter::repeat_n('x', pad));
+    buf.push_str("\"}");
+    Bytes::copy_from_slice(buf.as_bytes())
+}
+
+/// Publishes `rate` readings a second (10 ms ticks) at QoS 1, device after device over
+/// `devices` (the database's), until `stop` or `cap` of them; how many it published.
+async fn publish_steady(
+    client: rumqttc::AsyncClient,
+    devices: u64,
+    rate: u64,
+    cap: u64,
+    stop: CancellationToken,
+) -> anyhow::Result<u64> {
+    let topics: Vec<String> = (0..devices)
+        .map(|d| format!("devices/{}/telemetry", Layout::device_name(d)))
+        .collect();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A publisher that fell behind catches up at no more than 4 ticks' worth a tick.
+    let per_tick = (rate / 100).max(1) * 4;
+    let started = Instant::now();
+    let mut buf = String::with_capacity(PAYLOAD_BYTES + 16);
+    let mut sent = 0u64;
+    while sent < cap {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(cap);
+        let mut n = 0;
+        while sent < due && n < per_tick {
+            let d = sent % devices;
+            let sent_us = unix_micros();
+            let payload = live_payload(&mut buf, d, (sent_us / 1000) as i64, sent_us);
+            publish_qos1(&client, &topics[d as usize], &payload).await?;
+            sent += 1;
+            n += 1;
+        }
+    }
+    Ok(sent)
+}
+
+/// The published readings seen on the daemon's SSE feed: publish -> SSE latency (µs).
+#[derive(Default)]
+struct Arrivals {
+    latencies: std::sync::Mutex<Vec<u32>>,
+    seen: AtomicU64,
+}
+
+impl Arrivals {
+    fn restart(&self) {
+        self.lock().clear();
+        self.seen.store(0, Ordering::Relaxed);
+    }
+
+    fn take(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        self.latencies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Reads `GET /events?type=reading` until `stop` or the daemon closes it: every `data:` line
+/// whose pad holds a send time adds its latency. The daemon writes whole events per chunk,
+/// so chunk-size lines fall between them.
+async fn read_sse(
+    addr: std::net::SocketAddr,
+    arrivals: Arc<Arrivals>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut stream, mut filled) = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        open_sse(addr, "/events?type=reading", "", &mut buf),
+    )
+    .await
+    .context("no SSE response head")??;
+    loop {
+        let mut start = 0;
+        while let Some(i) = find_byte(&buf[start..filled], b'\n') {
+            let line = &buf[start..start + i];
+            if line.starts_with(b"data: ")
+                && let Some(at) = find_subslice(line, SENT_MARK)
+                && let Some(sent) = leading_u64(&line[at + SENT_MARK.len()..])
+            {
+                let us = unix_micros().saturating_sub(sent).min(u64::from(u32::MAX)) as u32;
+                arrivals.lock().push(us);
+                arrivals.seen.fetch_add(1, Ordering::Relaxed);
+            }
+            start += i + 1;
+        }
+        buf.copy_within(start..filled, 0);
+        filled -= start;
+        if filled == buf.len() {
+            // A line longer than the buffer: not one of ours.
+            filled = 0;
+        }
+        let n = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            r = stream.read(&mut buf[filled..]) => r.context("reading the SSE stream")?,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        filled += n;
+    }
+}
+
+/// CPU seconds so far: the machine, the daemon, this bench and PostgreSQL.
+#[derive(Clone, Copy)]
+struct Cpu {
+    at: Instant,
+    machine: f64,
+    daemon: f64,
+    bench: f64,
+    pg: f64,
+}
+
+impl Cpu {
+    fn now(daemon: &Daemon, pg: Option<&PgCluster>) -> Cpu {
+        Cpu {
+            at: Instant::now(),
+            machine: machine_busy_seconds(),
+            daemon: cpu_seconds(daemon.pid()),
+            bench: cpu_seconds(std::process::id()),
+            pg: pg.map_or(0.0, PgCluster::cpu_seconds),
+        }
+    }
+
+    /// What was used since `before`, as cores (CPU seconds per second).
+    fn since(&self, before: &Cpu, pg: bool) -> String {
+        let wall = self.at.duration_since(before.at).as_secs_f64().max(1e-9);
+        let daemon = self.daemon - before.daemon;
+        let bench = self.bench - before.bench;
+        let pgs = self.pg - before.pg;
+        let other = (self.machine - before.machine - daemon - bench - pgs).max(0.0);
+        let mut out = format!("daemon {:.2}", daemon / wall);
+        if pg {
+            let _ = write!(out, ", postgres {:.2}", pgs / wall);
+        }
+        let _ = write!(
+            out,
+            ", bench {:.2}, other {:.2} cores",
+            bench / wall,
+            other / wall
+        );
+        out
+    }
+}
+
+/// How a window ends.
+#[derive(Clone, Copy)]
+enum Until {
+    /// After this long.
+    Elapsed(Duration),
+    /// Once retention (`retention_ms`) has deleted every reading of `layout` received before
+    /// its moving cutoff (less CATCH_UP_SLACK_MS), or after `cap`.
+    CaughtUp {
+        layout: Layout,
+        retention_ms: i64,
+        cap: Duration,
+    },
+}
+
+/// One measured window.
+struct Window {
+    label: String,
+    /// From the publisher's start to the window's end.
+    seconds: f64,
+    /// The daemon's commits from the window's start until its readings were all back.
+    commits: Buckets,
+    published: u64,
+    stored: u64,
+    /// Publish -> SSE latencies (µs) of the window's readings, sorted.
+    trip: Vec<u32>,
+    /// Readings retention deleted in the window, and since the daemon started.
+    deleted: u64,
+    deleted_total: u64,
+    /// When retention caught up (since the window's start); None at the cap or for
+    /// `Until::Elapsed`.
+    caught_up: Option<Duration>,
+    started: Instant,
+    cpu: String,
+    load: String,
+}
+
+struct Phase<'a> {
+    args: &'a Args,
+    broker_port: u16,
+    pg: Option<&'a PgCluster>,
+}
+
+impl Phase<'_> {
+    /// Publishes `--rate` readings a second until `until`, then waits for them on SSE.
+    async fn window(
+        &self,
+        label: &str,
+        daemon: &Daemon,
+        arrivals: &Arrivals,
+        until: Until,
+        client_id: &str,
+    ) -> anyhow::Result<Window> {
+        eprintln!("window: {label}");
+        arrivals.restart();
+        let before = scrape(daemon).await?;
+        let cpu0 = Cpu::now(daemon, self.pg);
+        let longest = match until {
+            Until::Elapsed(d) => d,
+            Until::CaughtUp { cap, .. } => cap,
+        };
+        let cap = self.args.rate * (longest.as_secs() + 10);
+        let publisher = Publisher::connect(self.broker_port, client_id).await?;
+        let stop = CancellationToken::new();
+        let started = Instant::now();
+        let mut task = tokio::spawn(publish_steady(
+            publisher.client.clone(),
+            self.args.devices,
+            self.args.rate,
+            cap,
+            stop.clone(),
+        ));
+        let mut caught_up = None;
+        let mut last_progress = started;
+        let end = loop {
+            tokio::select! {
+                r = &mut task => {
+                    publisher.stop().await;
+                    let r = r.context("the publisher task panicked")?;
+                    bail!("the publisher stopped early: {:?}", r.map(|n| format!("{n} published")));
+                }
+                _ = tokio::time::sleep(POLL_EVERY) => {}
+            }
+            match until {
+                Until::Elapsed(d) => {
+                    if started.elapsed() >= d {
+                        break scrape(daemon).await?;
+                    }
+                }
+                Until::CaughtUp {
+                    layout,
+                    retention_ms,
+                    cap,
+                } => {
+                    let s = scrape(daemon).await?;
+                    let due = layout.received_before(now_ms() - retention_ms - CATCH_UP_SLACK_MS);
+                    if s.deleted >= due {
+                        caught_up = Some(started.elapsed());
+                        break s;
+                    }
+                    if started.elapsed() >= cap {
+                        break s;
+                    }
+                    if last_progress.elapsed() >= Duration::from_secs(5) {
+                        eprintln!(
+                            "  retention deleted {} of {} due so far",
+                            thousands(s.deleted as f64),
+                            thousands(due as f64)
+                        );
+                        last_progress = Instant::now();
+                    }
+                }
+            }
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let cpu1 = Cpu::now(daemon, self.pg);
+        let load = load_average();
+        stop.cancel();
+        let published = task
+            .await
+            .context("the publisher task panicked")?
+            .context("publishing")?;
+        publisher.stop().await;
+        let drain_until = Instant::now() + DRAIN_TIMEOUT;
+        while arrivals.seen.load(Ordering::Relaxed) < published && Instant::now() < drain_until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let after = scrape(daemon).await?;
+        let mut trip = arrivals.take();
+        trip.sort_unstable();
+        Ok(Window {
+            label: label.to_owned(),
+            seconds,
+            commits: after.commits.since(&before.commits),
+            published,
+            stored: after.stored.saturating_sub(before.stored),
+            trip,
+            deleted: end.deleted - before.deleted,
+            deleted_total: end.deleted,
+            caught_up,
+            started,
+            cpu: cpu1.since(&cpu0, self.pg.is_some()),
+            load,
+        })
+    }
+}
+
+/// `VACUUM ANALYZE` of the whole database, as a database that has been running would be.
+async fn pg_vacuum(url: &str) -> anyhow::Result<f64> {
+    use sqlx::Connection as _;
+    let started = Instant::now();
+    let mut conn = sqlx::postgres::PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    sqlx::raw_sql("VACUUM ANALYZE")
+        .execute(&mut conn)
+        .await
+        .context("VACUUM ANALYZE")?;
+    let _ = conn.close().await;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The retention phase: a database of `--retention-readings` built anew in
+/// DIR/retention, the daemon on it under a steady QoS 1 load, idle (retention 365d), then
+/// restarted with a retention that makes `--retention-due` of its readings due.
+async fn run_retention(args: &Args, bin: &Path) -> anyhow::Result<ExitCode> {
+    let dir = args.dir.join(RETENTION_SUBDIR);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let place = Place {
+        dir: dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", dir.display()))?,
+        backend: args.backend,
+    };
+    // Retention eats it: always built anew.
+    place.wipe()?;
+    let pg = match args.backend {
+        Backend::Postgres => {
+            eprintln!(
+                "starting a PostgreSQL cluster of our own on {} (initdb, pg_ctl start)",
+                place.pg_data().display()
+            );
+            let data = place.pg_data();
+            let pg = tokio::task::spawn_blocking(move || PgCluster::start_kept(&data))
+                .await
+                .context("the PostgreSQL start-up panicked")??;
+            pg.create_database(PG_DATABASE).await?;
+            Some(pg)
+        }
+        Backend::Sqlite => None,
+    };
+    let location = storage_location(&place, pg.as_ref());
+    let section = |retention: &str| {
+        format!(
+            "[storage]\n{location}\nretention = \"{retention}\"\nretention_1m = \"365d\"\n\
+             retention_interval = \"{RETENTION_INTERVAL}\"\n"
+        )
+    };
+    let storage = storage_config(&section("365d"))?;
+    let end_ms = now_ms() / 1000 * 1000;
+    let layout = Layout::new(args.retention_readings, args.devices, end_ms);
+    eprintln!(
+        "building the retention database: {} readings over {} devices, batches of {}",
+        thousands(layout.readings as f64),
+        args.devices,
+        thousands(args.batch as f64)
+    );
+    let build_seconds = build(args, &storage, layout).await?;
+    eprintln!(
+        "built in {} ({} rows/s)",
+        duration_text(build_seconds),
+        thousands(layout.readings as f64 / build_seconds.max(1e-9))
+    );
+    let vacuum = match &pg {
+        Some(pg) => Some(pg_vacuum(&pg.database_url(PG_DATABASE)).await?),
+        None => None,
+    };
+
+    let broker = Mosquitto::start(None)?;
+    let machine = Machine::read();
+    let seconds_each = layout.readings.div_ceil(layout.devices);
+    println!(
+        "# telebridge history benchmark (issue #14), retention phase: commit latency while a retention pass deletes millions of rows"
+    );
+    println!("machine:    {}", machine.describe());
+    println!("daemon:     {} (built {})", bin.display(), modified(bin));
+    println!(
+        "            [broker] mode=external, [storage] retention_1m=365d (no rollups deleted) retention_interval={RETENTION_INTERVAL}, [log] level=warn, other keys default"
+    );
+    println!("{}", broker.describe());
+    if let Some(pg) = &pg {
+        println!("{}", pg.describe());
+    }
+    println!(
+        "storage:    {} in {}, built by this run through Store::open + Writer::run, batches of {}: {} readings in {} = {} rows/s{}",
+        args.backend.name(),
+        match args.backend {
+            Backend::Sqlite => place.sqlite_db().display().to_string(),
+            Backend::Postgres => format!("{} (database {PG_DATABASE})", place.pg_data().display()),
+        },
+        thousands(args.batch as f64),
+        thousands(layout.readings as f64),
+        duration_text(build_seconds),
+        thousands(layout.readings as f64 / build_seconds.max(1e-9)),
+        vacuum.map_or(String::new(), |s| format!(
+            "; then VACUUM ANALYZE ({})",
+            duration_text(s)
+        ))
+    );
+    println!(
+        "data:       {} readings over {} devices, one a second per device ({} each), {} to {}; {PAYLOAD_BYTES}-byte JSON payloads",
+        thousands(layout.readings as f64),
+        thousands(layout.devices as f64),
+        duration_text(seconds_each as f64),
+        telebridge::domain::format_ms(layout.base_ms),
+        telebridge::domain::format_ms(layout.end_ms),
+    );
+    println!(
+        "load:       one rumqttc publisher, {} readings/s at QoS 1 (10 ms ticks) round the same {} devices, {PAYLOAD_BYTES}-byte payloads with their send time in the pad; one SSE client on /events?type=reading (publish -> SSE: broker, daemon, queue, commit, feed)",
+        thousands(args.rate as f64),
+        thousands(args.devices as f64)
+    );
+    println!(
+        "commits:    the delta of {COMMIT_HISTOGRAM} over each window (from its start until its readings are all back on SSE); p50/p99 are the upper bounds of the buckets that hold them"
+    );
+    println!("target:     commit p99 during the pass <= {TARGET_PASS_RATIO:.0} x the idle p99");
+    println!(
+        "everything shares this machine's {} cores; load average at start {}",
+        machine.nproc,
+        load_average()
+    );
+    println!();
+
+    let phase = Phase {
+        args,
+        broker_port: broker.port,
+        pg: pg.as_ref(),
+    };
+    let start = |retention: String| {
+        let section = section(&retention);
+        let port = broker.port;
+        move |_: &Path| {
+            format!(
+                "[broker]\nmode = \"external\"\n\n\
+                 [mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"telebridge-bench-history\"\n\n\
+                 [http]\nlisten = \"127.0.0.1:0\"\n\n\
+                 {section}\n\
+                 [log]\nlevel = \"warn\"\n"
+            )
+        }
+    };
+    let idle_for = Duration::from_secs(args.idle_seconds);
+    let mut problems = Vec::new();
+
+    // (a) Idle: nothing due.
+    eprintln!("starting the daemon with retention 365d");
+    let daemon = Daemon::start_with_config(bin, &[], start("365d".into())).await?;
+    let arrivals = Arc::new(Arrivals::default());
+    let sse_stop = CancellationToken::new();
+    let sse = tokio::spawn(read_sse(daemon.addr, arrivals.clone(), sse_stop.clone()));
+    let idle = phase
+        .window(
+            "idle: retention 365d, nothing due",
+            &daemon,
+            &arrivals,
+            Until::Elapsed(idle_for),
+            "history-retention-idle",
+        )
+        .await;
+    problems.extend(daemon.log_problems());
+    sse_stop.cancel();
+    drop(daemon);
+    let _ = sse.await;
+    let idle = idle?;
+
+    // (b) Restarted with a retention that makes `--retention-due` readings due: the cutoff
+    // at the first tick, right after start-up, is the receive time of reading number
+    // `--retention-due` (in time order).
+    let k = args.retention_due / args.devices;
+    let r = args.retention_due % args.devices;
+    let cutoff = layout.base_ms + k as i64 * 1000 + Layout::phase_of(r, args.devices);
+    // About a second of start-up.
+    let retention_s = ((now_ms() + 1000 - cutoff).max(0) as u64).div_ceil(1000) as i64;
+    if retention_s < 60 {
+        bail!(
+            "a retention of {retention_s} s would make {} readings due, but it must be at least 1m: ask fewer due, or more readings",
+            args.retention_due
+        );
+    }
+    let retention_ms = retention_s * 1000;
+    eprintln!("starting the daemon with retention {retention_s}s");
+    let daemon = Daemon::start_with_config(bin, &[], start(format!("{retention_s}s"))).await?;
+    let ready = Instant::now();
+    let due_at_start = layout.received_before(now_ms() - retention_ms);
+    let arrivals = Arc::new(Arrivals::default());
+    let sse_stop = CancellationToken::new();
+    let sse = tokio::spawn(read_sse(daemon.addr, arrivals.clone(), sse_stop.clone()));
+    let pass = phase
+        .window(
+            &format!("retention pass: retention {retention_s}s"),
+            &daemon,
+            &arrivals,
+            Until::CaughtUp {
+                layout,
+                retention_ms,
+                cap: Duration::from_secs(args.pass_seconds),
+            },
+            "history-retention-pass",
+        )
+        .await;
+    let after = match &pass {
+        Ok(_) => Some(
+            phase
+                .window(
+                    "after the pass: the cutoff moving on",
+                    &daemon,
+                    &arrivals,
+                    Until::Elapsed(idle_for),
+                    "history-retention-after",
+                )
+                .await,
+        ),
+        Err(_) => None,
+    };
+    problems.extend(daemon.log_problems());
+    sse_stop.cancel();
+    drop(daemon);
+    let _ = sse.await;
+    let pass = pass?;
+    let after = after.transpose()?;
+    let left = match &pg {
+        Some(pg) => pg_count_readings(&pg.database_url(PG_DATABASE)).await,
+        None => sqlite_count_readings(&place.sqlite_db()).await,
+    };
+
+    let windows: Vec<&Window> = [Some(&idle), Some(&pass), after.as_ref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let ms = |s: Option<f64>| match s {
+        Some(s) if s.is_infinite() => "> 10 s".to_owned(),
+        Some(s) => trim_zeros(s * 1000.0),
+        None => "-".to_owned(),
+    };
+    let trip = |w: &Window, q: f64| fmt_ms(percentile(&w.trip, q).map(|us| f64::from(us) / 1000.0));
+    println!(
+        "| window | s | published | stored | commits | commit p50 ms (bucket <=) | commit p99 ms (bucket <=) | commit mean ms | publish -> SSE p50 / p99 / max ms | retention deleted |"
+    );
+    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for w in &windows {
+        println!(
+            "| {} | {:.1} | {} | {} | {} | {} | **{}** | {} | {} / {} / {}{} | {} |",
+            w.label,
+            w.seconds,
+            thousands(w.published as f64),
+            thousands(w.stored as f64),
+            thousands(w.commits.count as f64),
+            ms(w.commits.quantile(0.50)),
+            ms(w.commits.quantile(0.99)),
+            w.commits
+                .mean()
+                .map_or("-".into(), |m| format!("{:.2}", m * 1000.0)),
+            trip(w, 0.50),
+            trip(w, 0.99),
+            fmt_ms(w.trip.last().map(|us| f64::from(*us) / 1000.0)),
+            if (w.trip.len() as u64) < w.published {
+                format!(
+                    " ({} of the published not back within {DRAIN_TIMEOUT:?})",
+                    w.published - w.trip.len() as u64
+                )
+            } else {
+                String::new()
+            },
+            thousands(w.deleted as f64)
+        );
+    }
+    println!();
+    for w in &windows {
+        println!("commits, {}: {}", w.label, w.commits.spread());
+    }
+    for w in &windows {
+        println!(
+            "cpu, {}: {}; load average at its end {}",
+            w.label, w.cpu, w.load
+        );
+    }
+    let pass_seconds = pass
+        .caught_up
+        .map(|c| (pass.started + c).duration_since(ready).as_secs_f64());
+    match pass_seconds {
+        Some(s) => println!(
+            "pass:       retention {retention_s}s: {} readings due at start-up (of {}); {} deleted in {} from the daemon's readiness to catching up ({} rows/s), {} of them before the publisher started; deletes of 2,000 rows a call, batches committed between them",
+            thousands(due_at_start as f64),
+            thousands(layout.readings as f64),
+            thousands(pass.deleted_total as f64),
+            duration_text(s),
+            thousands(pass.deleted_total as f64 / s.max(1e-9)),
+            thousands((pass.deleted_total - pass.deleted) as f64)
+        ),
+        None => println!(
+            "pass:       retention {retention_s}s: {} readings due at start-up; NOT caught up within --pass-seconds {}: {} deleted",
+            thousands(due_at_start as f64),
+            args.pass_seconds,
+            thousands(pass.deleted_total as f64)
+        ),
+    }
+    if let Some(a) = &after {
+        println!(
+            "after:      {} more deleted in {:.1} s as the cutoff moved on (the data holds {} readings a second)",
+            thousands(a.deleted as f64),
+            a.seconds,
+            thousands(layout.devices as f64)
+        );
+    }
+    let published: u64 = windows.iter().map(|w| w.published).sum();
+    let deleted = pass.deleted_total + after.as_ref().map_or(0, |a| a.deleted);
+    match left {
+        Ok(n) => println!(
+            "readings:   {} left = {} built - {} deleted + {} published: {}",
+            thousands(n as f64),
+            thousands(layout.readings as f64),
+            thousands(deleted as f64),
+            thousands(published as f64),
+            if n + deleted == layout.readings + published {
+                "yes".to_owned()
+            } else {
+                format!(
+                    "NO (off by {})",
+                    n as i64 - (layout.readings + published) as i64 + deleted as i64
+                )
+            }
+        ),
+        Err(e) => println!("readings:   not counted: {e:#}"),
+    }
+    if !problems.is_empty() {
+        println!(
+            "daemon log: {} warning/error line(s); the first: {}",
+            problems.len(),
+            problems
+                .iter()
+                .take(3)
+                .map(|l| format!("{l:.300}"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    let ratio = match (idle.commits.quantile(0.99), pass.commits.quantile(0.99)) {
+        (Some(i), Some(p)) if i.is_finite() && p.is_finite() => Some(p / i),
+        _ => None,
+    };
+    let met = pass_seconds.is_some() && ratio.is_some_and(|r| r <= TARGET_PASS_RATIO);
+    println!(
+        "target:     commit p99 during the pass {} ms vs idle {} ms (bucket bounds): {} x, target <= {TARGET_PASS_RATIO:.0} x: {}",
+        ms(pass.commits.quantile(0.99)),
+        ms(idle.commits.quantile(0.99)),
+        ratio.map_or("-".into(), |r| format!("{r:.2}")),
+        if met { "yes" } else { "NO" }
+    );
+    drop(broker);
+    drop(pg);
+    Ok(ExitCode::SUCCESS)
 }
 
 // ---------------------------------------------------------------------------------------
