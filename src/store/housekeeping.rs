@@ -88,12 +88,14 @@ pub async fn run_housekeeping(
                     let Some(keep) = keep else { continue };
                     let cutoff = now - keep.as_millis() as i64;
                     let mut deleted = 0;
+                    let mut after = String::new();
                     loop {
-                        match store.rollup_retention(tier, cutoff).await {
-                            Ok(n) => {
-                                deleted += n;
-                                if n < RETENTION_PER_CALL || cancel.is_cancelled() {
-                                    break;
+                        match store.rollup_retention(tier, cutoff, &after).await {
+                            Ok(sweep) => {
+                                deleted += sweep.deleted;
+                                match sweep.next {
+                                    Some(next) if !cancel.is_cancelled() => after = next,
+                                    _ => break,
                                 }
                             }
                             Err(StoreError::WriterGone) => return,

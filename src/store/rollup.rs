@@ -117,6 +117,36 @@ pub fn bucket_span(from: Option<i64>, to: Option<i64>, width: i64) -> (i64, i64)
     )
 }
 
+/// The stored buckets that cover device times within [from, to] (open ends stay open), as
+/// (tier, first bucket, last bucket): minutes at the partial hours of the ends, whole hours
+/// between. Every reading of the range is in one of them, and reading them costs at most
+/// 120 minute rows plus one row per hour.
+pub fn covering(from: Option<i64>, to: Option<i64>) -> Vec<(i64, i64, i64)> {
+    let [m, h] = TIERS;
+    let hour_of = |t: Option<i64>| t.map(|t| bucket_of(t, h));
+    let (first_hour, last_hour) = (hour_of(from), hour_of(to));
+    if let (Some(f), Some(t)) = (from, to)
+        && first_hour == last_hour
+    {
+        return vec![(m, bucket_of(f, m), bucket_of(t, m))];
+    }
+    let mut out = Vec::new();
+    if let (Some(f), Some(fh)) = (from, first_hour) {
+        out.push((m, bucket_of(f, m), fh + h - m));
+    }
+    let (mid_lo, mid_hi) = (
+        first_hour.map_or(i64::MIN, |fh| fh + h),
+        last_hour.map_or(i64::MAX, |lh| lh - h),
+    );
+    if mid_lo <= mid_hi {
+        out.push((h, mid_lo, mid_hi));
+    }
+    if let (Some(t), Some(lh)) = (to, last_hour) {
+        out.push((m, lh, bucket_of(t, m)));
+    }
+    out
+}
+
 /// The numeric fields of a JSON object payload: top-level names and nested ones by dotted
 /// path (`a.b`), numbers only, without the top-level `ts` (the reading's time). At most
 /// [`MAX_FIELDS`], by name.
@@ -288,6 +318,37 @@ mod tests {
         assert_eq!((s.first, s.first_ts), (1.0, 50));
         assert_eq!((s.last, s.last_ts), (7.0, 200));
         assert_eq!(s.avg(), 5.0);
+    }
+
+    #[test]
+    fn a_range_is_covered_by_minutes_at_its_ends_and_hours_between() {
+        const M: i64 = 60_000;
+        const H: i64 = 3_600_000;
+        let t = 100 * H;
+        assert_eq!(
+            covering(Some(t + 5 * M + 7), Some(t + 9 * M)),
+            vec![(M, t + 5 * M, t + 9 * M)]
+        );
+        assert_eq!(
+            covering(Some(t + 5 * M), Some(t + 3 * H + 2 * M + 1)),
+            vec![
+                (M, t + 5 * M, t + H - M),
+                (H, t + H, t + 2 * H),
+                (M, t + 3 * H, t + 3 * H + 2 * M)
+            ]
+        );
+        assert_eq!(
+            covering(Some(t + 5 * M), Some(t + H)),
+            vec![(M, t + 5 * M, t + H - M), (M, t + H, t + H)]
+        );
+        assert_eq!(
+            covering(Some(t + M), None),
+            vec![(M, t + M, t + H - M), (H, t + H, i64::MAX)]
+        );
+        assert_eq!(
+            covering(None, Some(t + M)),
+            vec![(H, i64::MIN, t - H), (M, t, t + M)]
+        );
     }
 
     #[test]

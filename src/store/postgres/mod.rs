@@ -28,7 +28,7 @@ use crate::store::log::EventRow;
 use crate::store::rollup::RollupRow;
 use crate::store::{
     CommandRow, DeviceRow, Inserted, LogEntry, NewCommand, Page, RETENTION_CHUNK_ROWS,
-    RETENTION_PER_CALL, StoreError, StoredReading,
+    RETENTION_PER_CALL, ROLLUP_SWEEP_DEVICES, RollupSweep, StoreError, StoredReading,
 };
 
 crate::store::rows::decoders!(PgRow);
@@ -586,38 +586,50 @@ impl PgStore {
         Ok(ids)
     }
 
-    /// Deletes rollups of a tier older than `cutoff` (see
-    /// [`crate::store::Store::rollup_retention`]). No lock: deleting is the same whichever
-    /// instance does it, and no log event comes of it.
-    pub async fn rollup_retention(&self, tier: i64, cutoff: i64) -> Result<u64, StoreError> {
-        let devices: Vec<String> = sqlx::query_scalar("SELECT id FROM devices ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
-        let mut total = 0;
+    /// Deletes rollups of a tier older than `cutoff` for the devices after `after` (see
+    /// [`crate::store::Store::rollup_retention`]). No append lock: deleting is the same
+    /// whichever instance does it, and no log event comes of it.
+    pub async fn rollup_retention(
+        &self,
+        tier: i64,
+        cutoff: i64,
+        after: &str,
+    ) -> Result<RollupSweep, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let devices: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM devices WHERE id > $1 ORDER BY id LIMIT $2")
+                .bind(after)
+                .bind(ROLLUP_SWEEP_DEVICES)
+                .fetch_all(&mut *tx)
+                .await?;
+        let mut sweep = RollupSweep::default();
+        let mut done = after.to_owned();
         for device in &devices {
-            loop {
-                let n = sqlx::query(
-                    "DELETE FROM rollups WHERE ctid IN (SELECT ctid FROM rollups \
-                     WHERE device = $1 AND tier = $2 AND bucket < $3 AND (field <> '' OR \
-                     seq_hi <= (SELECT readings_purged_through FROM log_head)) LIMIT $4)",
-                )
-                .bind(device)
-                .bind(tier)
-                .bind(cutoff)
-                .bind(RETENTION_CHUNK_ROWS)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
-                total += n;
-                if total >= RETENTION_PER_CALL {
-                    return Ok(total);
-                }
-                if (n as i64) < RETENTION_CHUNK_ROWS {
-                    break;
-                }
+            let budget = RETENTION_CHUNK_ROWS - sweep.deleted as i64;
+            let n = sqlx::query(
+                "DELETE FROM rollups WHERE ctid IN (SELECT ctid FROM rollups \
+                 WHERE device = $1 AND tier = $2 AND bucket < $3 AND (field <> '' OR \
+                 seq_hi <= (SELECT readings_purged_through FROM log_head)) LIMIT $4)",
+            )
+            .bind(device)
+            .bind(tier)
+            .bind(cutoff)
+            .bind(budget)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sweep.deleted += n;
+            if n as i64 == budget {
+                // Out of room for this call: this device may have more, so it comes again.
+                sweep.next = Some(done);
+                tx.commit().await?;
+                return Ok(sweep);
             }
+            done.clone_from(device);
         }
-        Ok(total)
+        tx.commit().await?;
+        sweep.next = (devices.len() as i64 == ROLLUP_SWEEP_DEVICES).then_some(done);
+        Ok(sweep)
     }
 
     /// Deletes readings received before `cutoff` and events before `events_cutoff`, oldest

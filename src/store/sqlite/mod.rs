@@ -29,7 +29,8 @@ use crate::store::log::EventRow;
 use crate::store::rollup::{self, RollupRow};
 use crate::store::writer::ASK_DEADLINE;
 use crate::store::{
-    CommandRow, Control, DeviceRow, Inserted, LogEntry, NewCommand, Page, StoreError, StoredReading,
+    CommandRow, Control, DeviceRow, Inserted, LogEntry, NewCommand, Page, RollupSweep, StoreError,
+    StoredReading,
 };
 
 /// Read access to the SQLite file, and the writer's work queue.
@@ -152,36 +153,6 @@ async fn backfill_rollups(conn: &mut SqliteConnection) -> Result<(), StoreError>
     }
     tracing::info!("rollups of the earlier readings done");
     Ok(())
-}
-
-/// Limits a device's readings to the seqs of the buckets of a time range: every reading
-/// counts in its bucket's all-readings row, which keeps the bucket's seq range. Binds:
-/// device, tier, first bucket, last bucket, twice (see [`bind_seqs_of_time`]).
-const SEQS_OF_TIME: &str = "AND r.seq >= coalesce((SELECT min(seq_lo) FROM rollups WHERE device = ? \
-     AND tier = ? AND bucket >= ? AND bucket <= ? AND field = ''), 0) \
-     AND r.seq <= coalesce((SELECT max(seq_hi) FROM rollups WHERE device = ? \
-     AND tier = ? AND bucket >= ? AND bucket <= ? AND field = ''), -1)";
-
-/// Ranges longer than this (or open at an end) take their seq bounds from the 1-hour tier:
-/// 60 times fewer rows to read, for a few more readings to filter at each end.
-const HOUR_TIER_SPAN_MS: i64 = 6 * 3_600_000;
-
-/// Binds [`SEQS_OF_TIME`] for device time within [from, to].
-fn bind_seqs_of_time<'q>(
-    mut q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
-    device: &str,
-    from: Option<i64>,
-    to: Option<i64>,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
-    let tier = match (from, to) {
-        (Some(f), Some(t)) if t.saturating_sub(f) <= HOUR_TIER_SPAN_MS => rollup::TIERS[0],
-        _ => rollup::TIERS[1],
-    };
-    let (lo, hi) = rollup::bucket_span(from, to, tier);
-    for _ in 0..2 {
-        q = q.bind(device.to_owned()).bind(tier).bind(lo).bind(hi);
-    }
-    q
 }
 
 /// Binds a page's device, after, from, to and limit, in that order.
@@ -526,13 +497,31 @@ impl SqliteStore {
         if sources.is_empty() {
             return Ok(Vec::new());
         }
-        let timed = page.from.is_some() || page.to.is_some();
+        // A time range is a seq range of the device index: the bounds come from the
+        // all-readings rows of the buckets that cover it (an end left open stays open).
+        let (lo, hi) = if page.from.is_some() || page.to.is_some() {
+            match self.seq_bounds(&page.device, page.from, page.to).await? {
+                Some(b) => b,
+                None => return Ok(Vec::new()),
+            }
+        } else {
+            (0, i64::MAX)
+        };
         // One source (the usual case) is an equality, so the index gives seq order.
         let marks = vec!["?"; sources.len()].join(",");
         let sql = format!(
             "SELECT {READING_COLUMNS} FROM {READINGS} WHERE r.src IN ({marks}) AND r.seq > ? \
-             AND r.ts >= ? AND r.ts <= ? {} ORDER BY r.seq LIMIT ?",
-            if timed { SEQS_OF_TIME } else { "" }
+             AND r.ts >= ? AND r.ts <= ?{}{} ORDER BY r.seq LIMIT ?",
+            if page.from.is_some() {
+                " AND r.seq >= ?"
+            } else {
+                ""
+            },
+            if page.to.is_some() {
+                " AND r.seq <= ?"
+            } else {
+                ""
+            },
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for src in sources {
@@ -542,11 +531,38 @@ impl SqliteStore {
             .bind(page.after)
             .bind(page.from.unwrap_or(i64::MIN))
             .bind(page.to.unwrap_or(i64::MAX));
-        if timed {
-            q = bind_seqs_of_time(q, &page.device, page.from, page.to);
+        if page.from.is_some() {
+            q = q.bind(lo);
+        }
+        if page.to.is_some() {
+            q = q.bind(hi);
         }
         let rows = q.bind(page.limit).fetch_all(&self.pool).await?;
         rows.iter().map(reading_from_row).collect()
+    }
+
+    /// The smallest and largest seq of a device's readings with device time within
+    /// [from, to], from the all-readings rows of the covering buckets; `None` when no
+    /// reading is in the range.
+    async fn seq_bounds(
+        &self,
+        device: &str,
+        from: Option<i64>,
+        to: Option<i64>,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let parts = rollup::covering(from, to);
+        let arm = "SELECT seq_lo, seq_hi FROM rollups WHERE device = ? AND tier = ? \
+                   AND bucket >= ? AND bucket <= ? AND field = ''";
+        let sql = format!(
+            "SELECT min(seq_lo), max(seq_hi) FROM ({})",
+            vec![arm; parts.len()].join(" UNION ALL ")
+        );
+        let mut q = sqlx::query_as::<_, (Option<i64>, Option<i64>)>(AssertSqlSafe(sql));
+        for (tier, lo, hi) in parts {
+            q = q.bind(device).bind(tier).bind(lo).bind(hi);
+        }
+        let (lo, hi) = q.fetch_one(&self.pool).await?;
+        Ok(lo.zip(hi))
     }
 
     /// Stored rollup rows of one device and tier with bucket in [from, to), of the given
@@ -646,10 +662,16 @@ impl SqliteStore {
     }
 
     /// Deletes rollups of a tier older than `cutoff` (see [`crate::store::Store::rollup_retention`]).
-    pub async fn rollup_retention(&self, tier: i64, cutoff: i64) -> Result<u64, StoreError> {
+    pub async fn rollup_retention(
+        &self,
+        tier: i64,
+        cutoff: i64,
+        after: &str,
+    ) -> Result<RollupSweep, StoreError> {
         self.ask(|reply| Control::RollupRetention {
             tier,
             cutoff,
+            after: after.to_owned(),
             reply,
         })
         .await

@@ -22,7 +22,8 @@ use crate::store::log::EventRow;
 use crate::store::rollup::{self, RollupRow};
 use crate::store::writer::{self, Backend, Commit, Committed};
 use crate::store::{
-    Control, Inserted, NewCommand, RETENTION_CHUNK_ROWS, RETENTION_PER_CALL, StoreError,
+    Control, Inserted, NewCommand, RETENTION_CHUNK_ROWS, RETENTION_PER_CALL, ROLLUP_SWEEP_DEVICES,
+    RollupSweep, StoreError,
 };
 
 /// Rows per multi-row INSERT: one statement round trip per 250 rows instead of per row.
@@ -558,10 +559,11 @@ impl Writer {
             Control::RollupRetention {
                 tier,
                 cutoff,
+                after,
                 reply,
             } => {
                 let result = self
-                    .on_conn(async |c| rollup_retention(c, tier, cutoff).await)
+                    .on_conn(async |c| rollup_retention(c, tier, cutoff, &after).await)
                     .await;
                 let _ = reply.send(result);
             }
@@ -750,46 +752,51 @@ async fn retention(
     Ok(total)
 }
 
-/// Deletes a tier's rollups older than `cutoff`, device by device (each a seek on the
-/// primary key), in short transactions, at most `RETENTION_PER_CALL` rows a call; on
-/// `conn` (the writer's).
+/// Deletes a tier's rollups older than `cutoff` for the devices after `after`, in one short
+/// transaction (see [`RollupSweep`]), on `conn` (the writer's).
 async fn rollup_retention(
     conn: &mut SqliteConnection,
     tier: i64,
     cutoff: i64,
-) -> Result<u64, StoreError> {
-    let devices: Vec<String> = sqlx::query_scalar("SELECT id FROM devices ORDER BY id")
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut total = 0;
+    after: &str,
+) -> Result<RollupSweep, StoreError> {
+    let devices: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM devices WHERE id > ? ORDER BY id LIMIT ?")
+            .bind(after)
+            .bind(ROLLUP_SWEEP_DEVICES)
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let mut sweep = RollupSweep::default();
+    let mut done = after.to_owned();
     for device in &devices {
-        loop {
-            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-            let n = sqlx::query(
-                "DELETE FROM rollups WHERE (device, tier, bucket, field) IN \
-                 (SELECT device, tier, bucket, field FROM rollups \
-                 WHERE device = ? AND tier = ? AND bucket < ? AND (field <> '' OR seq_hi <= \
-                 (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'readings_purged_through')) \
-                 LIMIT ?)",
-            )
-            .bind(device)
-            .bind(tier)
-            .bind(cutoff)
-            .bind(RETENTION_CHUNK_ROWS)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let budget = RETENTION_CHUNK_ROWS - sweep.deleted as i64;
+        let n = sqlx::query(
+            "DELETE FROM rollups WHERE (device, tier, bucket, field) IN \
+             (SELECT device, tier, bucket, field FROM rollups \
+             WHERE device = ? AND tier = ? AND bucket < ? AND (field <> '' OR seq_hi <= \
+             (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'readings_purged_through')) \
+             LIMIT ?)",
+        )
+        .bind(device)
+        .bind(tier)
+        .bind(cutoff)
+        .bind(budget)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sweep.deleted += n;
+        if n as i64 == budget {
+            // Out of room for this call: this device may have more, so it comes again.
+            sweep.next = Some(done);
             tx.commit().await?;
-            total += n;
-            if total >= RETENTION_PER_CALL {
-                return Ok(total);
-            }
-            if (n as i64) < RETENTION_CHUNK_ROWS {
-                break;
-            }
+            return Ok(sweep);
         }
+        done.clone_from(device);
     }
-    Ok(total)
+    tx.commit().await?;
+    sweep.next = (devices.len() as i64 == ROLLUP_SWEEP_DEVICES).then_some(done);
+    Ok(sweep)
 }
 
 /// Rollup rows per multi-row upsert (14 parameters each).
