@@ -2173,7 +2173,7 @@ async fn run_retention(args: &Args, bin: &Path) -> anyhow::Result<ExitCode> {
         .map(|c| (pass.started + c).duration_since(ready).as_secs_f64());
     match pass_seconds {
         Some(s) => println!(
-            "pass:       retention {retention_s}s: {} readings due at start-up (of {}); {} deleted in {} from the daemon's readiness to catching up ({} rows/s), {} of them before the publisher started; deletes of 2,000 rows a call, batches committed between them",
+            "pass:       retention {retention_s}s: {} readings due at start-up (of {}); {} deleted in {} from the daemon's readiness to catching up ({} rows/s), {} of them before the publisher started; deletes in chunks (RETENTION_CHUNK_ROWS in src/store/mod.rs), batches committed between them",
             thousands(due_at_start as f64),
             thousands(layout.readings as f64),
             thousands(pass.deleted_total as f64),

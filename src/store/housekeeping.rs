@@ -8,6 +8,10 @@ use super::{RETENTION_PER_CALL, Store, StoreError};
 use crate::config::StorageConfig;
 use crate::domain;
 
+/// Retention pauses this many times as long as each chunk took before the next one, so a
+/// pass takes at most a quarter of the writer's time.
+const RETENTION_PAUSE_FACTOR: u32 = 3;
+
 /// How often committed WAL frames are checkpointed into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
@@ -61,15 +65,25 @@ pub async fn run_housekeeping(
                 let cutoff = now - retention.as_millis() as i64;
                 let events_cutoff = now - events_retention.as_millis() as i64;
                 // In calls of at most RETENTION_PER_CALL rows, so that readings are
-                // committed between them even when a long downtime left millions due.
+                // committed between them even when a long downtime left millions due, and
+                // at most a quarter of the time: deletes slow the commits beside them too.
                 let mut deleted = 0;
                 loop {
+                    let started = std::time::Instant::now();
                     match store.retention(cutoff, events_cutoff).await {
                         Ok(n) => {
                             deleted += n;
                             metrics.retention_deleted.fetch_add(n, Ordering::Relaxed);
                             if n < RETENTION_PER_CALL || cancel.is_cancelled() {
                                 break;
+                            }
+                            let pause = started.elapsed() * RETENTION_PAUSE_FACTOR;
+                            if let Err(e) = store.checkpoint().await {
+                                tracing::debug!(error = %e, "checkpoint between retention chunks failed");
+                            }
+                            tokio::select! {
+                                _ = tokio::time::sleep(pause) => {}
+                                _ = cancel.cancelled() => break,
                             }
                         }
                         Err(StoreError::WriterGone) => return,
