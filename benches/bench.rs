@@ -43,7 +43,7 @@ use common::{
     Backend, HANDSHAKE_TIMEOUT, MQTT_INFLIGHT, Machine, Mosquitto, PG_STATS_SETTLE, PgCluster,
     PgSnapshot, PgStats, Placement, cpu_seconds, cpu_seconds_of, daemon_binary, free_port,
     load_average, log_problems, log_tail, machine_busy_seconds, machine_irq_seconds, metric,
-    mqtt_connect, mqtt_options, number, path_value, proc_status_kb,
+    mqtt_connect, mqtt_options, number, path_value, proc_status_kb, thousands,
 };
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -1042,19 +1042,6 @@ async fn start_pg() -> anyhow::Result<PgCluster> {
     tokio::task::spawn_blocking(PgCluster::start)
         .await
         .context("the PostgreSQL start-up panicked")?
-}
-
-/// 1234567.8 as "1,234,568".
-fn thousands(v: f64) -> String {
-    let digits = format!("{:.0}", v.max(0.0));
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ use common::{
     Backend, Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, PgCluster, PgSnapshot, Publisher,
     cpu_seconds, daemon_binary, find_byte, find_subslice, fmt_ms, leading_u64, load_average,
     machine_busy_seconds, metric, modified, number, open_sse, path_value, percentile,
-    pg_count_readings, publish_qos1, sqlite_count_readings,
+    pg_count_readings, publish_qos1, sqlite_count_readings, thousands,
 };
 use std::fmt::Write as _;
 use std::ops::ControlFlow;
@@ -2258,19 +2258,6 @@ async fn run_retention(args: &Args, bin: &Path) -> anyhow::Result<ExitCode> {
 // ---------------------------------------------------------------------------------------
 // Formatting
 // ---------------------------------------------------------------------------------------
-
-/// A whole number with thousands separators.
-fn thousands(v: f64) -> String {
-    let digits = format!("{:.0}", v.max(0.0));
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
 
 fn megabytes(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)

@@ -1287,6 +1287,13 @@ pub struct PgCluster {
 impl PgCluster {
     /// initdb, start, and wait until it accepts connections (at most about a minute).
     pub fn start() -> anyhow::Result<PgCluster> {
+        Self::launch(None)
+    }
+
+    /// Starts a cluster on `kept` (a data directory that outlives the run, initdb'd when it
+    /// holds no cluster yet), or on a fresh one in the temp dir; the socket and the server
+    /// log are in the temp dir either way.
+    fn launch(kept: Option<&Path>) -> anyhow::Result<PgCluster> {
         let bin = PathBuf::from(PG_BIN);
         if !bin.join("initdb").is_file() {
             bail!(
@@ -1304,31 +1311,43 @@ impl PgCluster {
             .prefix("telebridge-bench-pg.")
             .tempdir()
             .context("creating a temp dir for PostgreSQL")?;
-        if running_as_root() {
+        let give_to_postgres = |p: &Path| -> anyhow::Result<()> {
+            if !running_as_root() {
+                return Ok(());
+            }
             let status = Command::new("chown")
                 .arg("postgres:postgres")
-                .arg(dir.path())
+                .arg(p)
                 .status()
                 .context("running chown")?;
             if !status.success() {
-                bail!(
-                    "chown postgres:postgres {} failed ({status})",
-                    dir.path().display()
-                );
+                bail!("chown postgres:postgres {} failed ({status})", p.display());
             }
+            Ok(())
+        };
+        give_to_postgres(dir.path())?;
+        let data = kept.map_or_else(|| dir.path().join("data"), Path::to_owned);
+        if !data.join("PG_VERSION").is_file() {
+            if kept.is_some() {
+                let parent = data
+                    .parent()
+                    .context("the PostgreSQL data directory has no parent")?;
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+                give_to_postgres(parent)?;
+            }
+            let mut initdb = pg_command(&bin.join("initdb"));
+            initdb.arg("-D").arg(&data).args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]);
+            run_quiet(initdb, "initdb")?;
         }
-        let data = dir.path().join("data");
-        let mut initdb = pg_command(&bin.join("initdb"));
-        initdb.arg("-D").arg(&data).args([
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ]);
-        run_quiet(initdb, "initdb")?;
         let log = dir.path().join("server.log");
         let mut last_error = String::new();
         for _ in 0..5 {
@@ -1341,12 +1360,13 @@ impl PgCluster {
                 opts.push_str(&format!(" -c {k}={v}"));
             }
             let mut start = pg_command(&bin.join("pg_ctl"));
+            // A kept cluster may first replay a large WAL.
             start
                 .arg("-D")
                 .arg(&data)
                 .arg("-l")
                 .arg(&log)
-                .args(["-w", "-t", "30", "-o", &opts, "start"]);
+                .args(["-w", "-t", "120", "-o", &opts, "start"]);
             match run_quiet(start, "pg_ctl start") {
                 Ok(()) => {
                     let pid = std::fs::read_to_string(data.join("postmaster.pid"))
@@ -1371,7 +1391,10 @@ impl PgCluster {
                 Err(e) => last_error = format!("{e:#}\n{}", log_tail(&log, 10)),
             }
         }
-        bail!("cannot start PostgreSQL: {last_error}")
+        bail!(
+            "cannot start PostgreSQL on {}: {last_error}",
+            data.display()
+        )
     }
 
     /// The admin URL (database `postgres`).
@@ -1766,106 +1789,24 @@ impl PgCluster {
     /// given to `postgres`), reused as it is otherwise. The socket and the server log are in
     /// a temp dir of this run; drop stops the server the same way and leaves `data` alone.
     pub fn start_kept(data: &Path) -> anyhow::Result<PgCluster> {
-        let bin = PathBuf::from(PG_BIN);
-        if !bin.join("initdb").is_file() {
-            bail!(
-                "{}/initdb is missing: install PostgreSQL 15's server (apt-get install postgresql-15)",
-                bin.display()
-            );
-        }
-        let version = Command::new(bin.join("postgres"))
-            .arg("--version")
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_else(|| "postgres".into());
-        let dir = tempfile::Builder::new()
-            .prefix("telebridge-bench-pg.")
-            .tempdir()
-            .context("creating a temp dir for PostgreSQL's socket and log")?;
-        let give_to_postgres = |p: &Path| -> anyhow::Result<()> {
-            if !running_as_root() {
-                return Ok(());
-            }
-            let status = Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(p)
-                .status()
-                .context("running chown")?;
-            if !status.success() {
-                bail!("chown postgres:postgres {} failed ({status})", p.display());
-            }
-            Ok(())
-        };
-        give_to_postgres(dir.path())?;
-        if !data.join("PG_VERSION").is_file() {
-            let parent = data
-                .parent()
-                .context("the PostgreSQL data directory has no parent")?;
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("creating {}", parent.display()))?;
-            give_to_postgres(parent)?;
-            let mut initdb = pg_command(&bin.join("initdb"));
-            initdb.arg("-D").arg(data).args([
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ]);
-            run_quiet(initdb, "initdb")?;
-        }
-        let log = dir.path().join("server.log");
-        let mut last_error = String::new();
-        for _ in 0..5 {
-            let port = free_port()?;
-            let mut opts = format!(
-                "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='{}'",
-                dir.path().display()
-            );
-            for (k, v) in PG_SETTINGS {
-                opts.push_str(&format!(" -c {k}={v}"));
-            }
-            let mut start = pg_command(&bin.join("pg_ctl"));
-            start
-                .arg("-D")
-                .arg(data)
-                .arg("-l")
-                .arg(&log)
-                .args(["-w", "-t", "120", "-o", &opts, "start"]);
-            match run_quiet(start, "pg_ctl start") {
-                Ok(()) => {
-                    let pid = std::fs::read_to_string(data.join("postmaster.pid"))
-                        .ok()
-                        .and_then(|s| s.lines().next()?.trim().parse().ok())
-                        .context("reading the postmaster's pid from postmaster.pid")?;
-                    let cluster = PgCluster {
-                        port,
-                        version,
-                        pid,
-                        data: data.to_owned(),
-                        dir,
-                    };
-                    let mut psql = pg_command(&bin.join("psql"));
-                    psql.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
-                        .arg(cluster.admin_url())
-                        .args(["-c", "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"]);
-                    run_quiet(psql, "psql -c 'CREATE EXTENSION pg_stat_statements'")?;
-                    return Ok(cluster);
-                }
-                Err(e) => last_error = format!("{e:#}\n{}", log_tail(&log, 10)),
-            }
-        }
-        bail!(
-            "cannot start PostgreSQL on {}: {last_error}",
-            data.display()
-        )
+        Self::launch(Some(data))
     }
 
     /// The URL of database `name` on this cluster (which may or may not exist).
     pub fn database_url(&self, name: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
     }
+}
+
+/// 1234567.8 as "1,234,568".
+pub fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
