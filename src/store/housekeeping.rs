@@ -1,4 +1,5 @@
-//! Housekeeping on timers: WAL checkpoints (SQLite), retention and presence timeouts. On
+//! Housekeeping on timers: WAL checkpoints (SQLite), retention and presence timeouts (two
+//! loops: a long retention pass never delays the others). On
 //! SQLite they are the writer's work; on PostgreSQL every instance runs them, and the
 //! append lock makes each change happen once.
 
@@ -23,15 +24,22 @@ pub async fn run_housekeeping(
     metrics: std::sync::Arc<crate::observability::Metrics>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
+    // A retention pass may take minutes (it pauses between chunks): on a loop of its own,
+    // so checkpoints and presence timeouts never wait for it.
+    tokio::join!(
+        run_retention(store.clone(), storage, metrics.clone(), cancel.clone()),
+        checkpoints_and_presence(store, presence_timeout, metrics, cancel),
+    );
+}
+
+/// Checkpoints and presence timeouts on their timers until cancelled.
+async fn checkpoints_and_presence(
+    store: Store,
+    presence_timeout: Duration,
+    metrics: std::sync::Arc<crate::observability::Metrics>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
     use std::sync::atomic::Ordering;
-    let retention = storage.retention;
-    let events_retention = storage.events_retention();
-    let retention_every = storage.retention_interval;
-    let rollup_retention = [
-        (super::rollup::TIERS[0], storage.retention_1m),
-        (super::rollup::TIERS[1], storage.retention_1h),
-    ];
-    let mut retention_tick = tokio::time::interval(retention_every);
     let sweep_every =
         (presence_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
     let mut sweep_tick = tokio::time::interval(sweep_every);
@@ -60,71 +68,6 @@ pub async fn run_housekeeping(
                     _ => {}
                 }
             }
-            _ = retention_tick.tick() => {
-                let now = domain::now_ms();
-                let cutoff = now - retention.as_millis() as i64;
-                let events_cutoff = now - events_retention.as_millis() as i64;
-                // In calls of at most RETENTION_PER_CALL rows, so that readings are
-                // committed between them even when a long downtime left millions due, and
-                // at most a quarter of the time: deletes slow the commits beside them too.
-                let mut deleted = 0;
-                loop {
-                    let started = std::time::Instant::now();
-                    match store.retention(cutoff, events_cutoff).await {
-                        Ok(n) => {
-                            deleted += n;
-                            metrics.retention_deleted.fetch_add(n, Ordering::Relaxed);
-                            if n < RETENTION_PER_CALL || cancel.is_cancelled() {
-                                break;
-                            }
-                            let pause = started.elapsed() * RETENTION_PAUSE_FACTOR;
-                            if let Err(e) = store.checkpoint().await {
-                                tracing::debug!(error = %e, "checkpoint between retention chunks failed");
-                            }
-                            tokio::select! {
-                                _ = tokio::time::sleep(pause) => {}
-                                _ = cancel.cancelled() => break,
-                            }
-                        }
-                        Err(StoreError::WriterGone) => return,
-                        // The writer already reports the fault (log, /readyz): no line per tick.
-                        Err(StoreError::Failing(_) | StoreError::WriterBusy(_)) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "retention failed; will retry");
-                            break;
-                        }
-                    }
-                }
-                if deleted > 0 {
-                    tracing::info!(deleted, "retention removed old readings and events");
-                }
-                for (tier, keep) in rollup_retention {
-                    let Some(keep) = keep else { continue };
-                    let cutoff = now - keep.as_millis() as i64;
-                    let mut deleted = 0;
-                    let mut after = String::new();
-                    loop {
-                        match store.rollup_retention(tier, cutoff, &after).await {
-                            Ok(sweep) => {
-                                deleted += sweep.deleted;
-                                match sweep.next {
-                                    Some(next) if !cancel.is_cancelled() => after = next,
-                                    _ => break,
-                                }
-                            }
-                            Err(StoreError::WriterGone) => return,
-                            Err(StoreError::Failing(_) | StoreError::WriterBusy(_)) => break,
-                            Err(e) => {
-                                tracing::warn!(error = %e, tier, "rollup retention failed; will retry");
-                                break;
-                            }
-                        }
-                    }
-                    if deleted > 0 {
-                        tracing::info!(deleted, tier_ms = tier, "retention removed old rollups");
-                    }
-                }
-            }
             _ = sweep_tick.tick() => {
                 let cutoff = domain::now_ms() - presence_timeout.as_millis() as i64;
                 match store.presence_sweep(cutoff).await {
@@ -140,4 +83,102 @@ pub async fn run_housekeeping(
             }
         }
     }
+}
+
+/// Retention on its timer until cancelled.
+async fn run_retention(
+    store: Store,
+    storage: StorageConfig,
+    metrics: std::sync::Arc<crate::observability::Metrics>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(storage.retention_interval);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {
+                if !retention_pass(&store, &storage, &metrics, &cancel).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One retention pass: readings and events, then each rollup tier; false once the writer
+/// is gone.
+async fn retention_pass(
+    store: &Store,
+    storage: &StorageConfig,
+    metrics: &crate::observability::Metrics,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> bool {
+    use std::sync::atomic::Ordering;
+    let retention = storage.retention;
+    let events_retention = storage.events_retention();
+    let rollup_retention = [
+        (super::rollup::TIERS[0], storage.retention_1m),
+        (super::rollup::TIERS[1], storage.retention_1h),
+    ];
+    let now = domain::now_ms();
+    let cutoff = now - retention.as_millis() as i64;
+    let events_cutoff = now - events_retention.as_millis() as i64;
+    // In calls of at most RETENTION_PER_CALL rows, so that readings are
+    // committed between them even when a long downtime left millions due, and
+    // at most a quarter of the time: deletes slow the commits beside them too.
+    let mut deleted = 0;
+    loop {
+        let started = std::time::Instant::now();
+        match store.retention(cutoff, events_cutoff).await {
+            Ok(n) => {
+                deleted += n;
+                metrics.retention_deleted.fetch_add(n, Ordering::Relaxed);
+                if n < RETENTION_PER_CALL || cancel.is_cancelled() {
+                    break;
+                }
+                let pause = started.elapsed() * RETENTION_PAUSE_FACTOR;
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = cancel.cancelled() => break,
+                }
+            }
+            Err(StoreError::WriterGone) => return false,
+            // The writer already reports the fault (log, /readyz): no line per tick.
+            Err(StoreError::Failing(_) | StoreError::WriterBusy(_)) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention failed; will retry");
+                break;
+            }
+        }
+    }
+    if deleted > 0 {
+        tracing::info!(deleted, "retention removed old readings and events");
+    }
+    for (tier, keep) in rollup_retention {
+        let Some(keep) = keep else { continue };
+        let cutoff = now - keep.as_millis() as i64;
+        let mut deleted = 0;
+        let mut after = String::new();
+        loop {
+            match store.rollup_retention(tier, cutoff, &after).await {
+                Ok(sweep) => {
+                    deleted += sweep.deleted;
+                    match sweep.next {
+                        Some(next) if !cancel.is_cancelled() => after = next,
+                        _ => break,
+                    }
+                }
+                Err(StoreError::WriterGone) => return false,
+                Err(StoreError::Failing(_) | StoreError::WriterBusy(_)) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, tier, "rollup retention failed; will retry");
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, tier_ms = tier, "retention removed old rollups");
+        }
+    }
+    true
 }
