@@ -343,6 +343,26 @@ impl Place {
         self.dir.join("pg-data")
     }
 
+    /// On PostgreSQL, the bench's own cluster on `pg_data()` (initdb'd when new), with the
+    /// bench database created when `create`; nothing on SQLite.
+    async fn start_pg(&self, create: bool) -> anyhow::Result<Option<PgCluster>> {
+        if self.backend != Backend::Postgres {
+            return Ok(None);
+        }
+        eprintln!(
+            "starting a PostgreSQL cluster of our own on {} (initdb if new, pg_ctl start)",
+            self.pg_data().display()
+        );
+        let data = self.pg_data();
+        let pg = tokio::task::spawn_blocking(move || PgCluster::start_kept(&data))
+            .await
+            .context("the PostgreSQL start-up panicked")??;
+        if create {
+            pg.create_database(PG_DATABASE).await?;
+        }
+        Ok(Some(pg))
+    }
+
     fn read_marker(&self) -> Option<Built> {
         let text = std::fs::read_to_string(self.marker()).ok()?;
         Built::from_json(&serde_json::from_str(&text).ok()?)
@@ -542,10 +562,16 @@ fn payload(buf: &mut String, rng: &mut Rng, d: u64, t: u64, ts: i64) -> Bytes {
         + 10.0 * (hours * std::f64::consts::TAU / 24.0 + phase).cos()
         + (rng.unit() - 0.5) * 0.5;
     let battery = 100.0 - (t % 360_000) as f64 / 4000.0 - (d % 7) as f64;
+    padded_reading(buf, ts, [temperature, humidity, battery], "")
+}
+
+/// `{"ts", "temperature", "humidity", "battery", "pad"}` of PAYLOAD_BYTES, the pad starting
+/// with `pad_start`.
+fn padded_reading(buf: &mut String, ts: i64, [t, h, b]: [f64; 3], pad_start: &str) -> Bytes {
     buf.clear();
     let _ = write!(
         buf,
-        "{{\"ts\":{ts},\"temperature\":{temperature:.2},\"humidity\":{humidity:.1},\"battery\":{battery:.1},\"pad\":\""
+        "{{\"ts\":{ts},\"temperature\":{t:.2},\"humidity\":{h:.1},\"battery\":{b:.1},\"pad\":\"{pad_start}"
     );
     // The closing `"}`.
     let pad = PAYLOAD_BYTES.saturating_sub(buf.len() + 2);
@@ -812,23 +838,7 @@ async fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
 
     // Declared before the broker and the daemon, so it is stopped last.
-    let pg = match args.backend {
-        Backend::Postgres => {
-            eprintln!(
-                "starting a PostgreSQL cluster of our own on {} (initdb if new, pg_ctl start)",
-                place.pg_data().display()
-            );
-            let data = place.pg_data();
-            let pg = tokio::task::spawn_blocking(move || PgCluster::start_kept(&data))
-                .await
-                .context("the PostgreSQL start-up panicked")??;
-            if reuse.is_none() {
-                pg.create_database(PG_DATABASE).await?;
-            }
-            Some(pg)
-        }
-        Backend::Sqlite => None,
-    };
+    let pg = place.start_pg(reuse.is_none()).await?;
     let section = storage_section(&place, pg.as_ref());
     let storage = storage_config(&section)?;
 
@@ -1584,15 +1594,12 @@ fn live_payload(buf: &mut String, d: u64, ts: i64, sent_us: u64) -> Bytes {
     let temperature = 21.0 + 4.0 * (hours * std::f64::consts::TAU / 24.0 + phase).sin();
     let humidity = 45.0 + 10.0 * (hours * std::f64::consts::TAU / 24.0 + phase).cos();
     let battery = 90.0 - (d % 7) as f64;
-    buf.clear();
-    let _ = write!(
+    padded_reading(
         buf,
-        "{{\"ts\":{ts},\"temperature\":{temperature:.2},\"humidity\":{humidity:.1},\"battery\":{battery:.1},\"pad\":\"s{sent_us}"
-    );
-    let pad = PAYLOAD_BYTES.saturating_sub(buf.len() + 2);
-    buf.extend(std::iter::repeat_n('x', pad));
-    buf.push_str("\"}");
-    Bytes::copy_from_slice(buf.as_bytes())
+        ts,
+        [temperature, humidity, battery],
+        &format!("s{sent_us}"),
+    )
 }
 
 /// Publishes `rate` readings a second (10 ms ticks) at QoS 1, device after device over
@@ -1911,21 +1918,7 @@ async fn run_retention(args: &Args, bin: &Path) -> anyhow::Result<ExitCode> {
     };
     // Retention eats it: always built anew.
     place.wipe()?;
-    let pg = match args.backend {
-        Backend::Postgres => {
-            eprintln!(
-                "starting a PostgreSQL cluster of our own on {} (initdb, pg_ctl start)",
-                place.pg_data().display()
-            );
-            let data = place.pg_data();
-            let pg = tokio::task::spawn_blocking(move || PgCluster::start_kept(&data))
-                .await
-                .context("the PostgreSQL start-up panicked")??;
-            pg.create_database(PG_DATABASE).await?;
-            Some(pg)
-        }
-        Backend::Sqlite => None,
-    };
+    let pg = place.start_pg(true).await?;
     let location = storage_location(&place, pg.as_ref());
     let section = |retention: &str| {
         format!(
