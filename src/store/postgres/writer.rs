@@ -155,7 +155,8 @@ impl Batches {
         let copies = stored_copies(&mut tx, batch).await?;
         let repeats = dedupe::repeats(batch, |r| {
             copies
-                .get(&(r.device.to_string(), r.ts))
+                .get(r.device.as_str())
+                .and_then(|by_ts| by_ts.get(&r.ts))
                 .is_some_and(|ps| ps.iter().any(|p| p[..] == r.payload[..]))
         });
         let mut p = writer::plan(
@@ -368,12 +369,12 @@ impl Probe {
     }
 }
 
-/// Stored readings with the device and device time of one of the batch's, by those two:
-/// their payloads, to tell a redelivered reading from a new one.
-async fn stored_copies(
-    conn: &mut PgConnection,
-    batch: &[Item],
-) -> Result<HashMap<(String, i64), Vec<Vec<u8>>>, StoreError> {
+/// Payloads of stored readings, by device, then device time.
+type Copies = HashMap<String, HashMap<i64, Vec<Vec<u8>>>>;
+
+/// Stored readings with the device and device time of one of the batch's: their payloads,
+/// to tell a redelivered reading from a new one.
+async fn stored_copies(conn: &mut PgConnection, batch: &[Item]) -> Result<Copies, StoreError> {
     let (mut devices, mut ts) = (Vec::new(), Vec::new());
     for item in batch {
         if let Item::Reading(r, _) = item {
@@ -381,7 +382,7 @@ async fn stored_copies(
             ts.push(r.ts);
         }
     }
-    let mut out: HashMap<(String, i64), Vec<Vec<u8>>> = HashMap::new();
+    let mut out = Copies::new();
     if devices.is_empty() {
         return Ok(out);
     }
@@ -394,7 +395,11 @@ async fn stored_copies(
     .fetch_all(&mut *conn)
     .await?;
     for (device, ts, payload) in rows {
-        out.entry((device, ts)).or_default().push(payload);
+        out.entry(device)
+            .or_default()
+            .entry(ts)
+            .or_default()
+            .push(payload);
     }
     Ok(out)
 }
