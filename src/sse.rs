@@ -4,7 +4,6 @@
 //! event carries its seq as `id:`; when the client's filter skips events, an `id:`-only
 //! frame moves its resume point past them (EventSource takes the id without an event).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -14,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Shared;
-use crate::feed::{self, Cursor, Event, Feed, Kind, Kinds, Read, Subscription};
+use crate::feed::{self, Interest, Kind, Kinds, Read, Tap};
 use crate::observability::Metrics;
 use crate::store::Store;
 
@@ -53,11 +52,8 @@ enum Phase {
 
 /// One client's stream state.
 pub struct Client {
-    feed: Arc<Feed>,
     store: Store,
-    cursor: Cursor,
-    _subscription: Subscription,
-    devices: Option<HashSet<Arc<str>>>,
+    tap: Tap,
     params: Params,
     /// The client's position in the log: every event at or below it was sent or skipped
     /// by its filter (live events at or below it came already by replay).
@@ -82,7 +78,6 @@ impl Drop for Client {
 impl Client {
     /// Subscribes to the feed now, so nothing committed from here on can be missed.
     pub fn new(shared: &Shared, slot: crate::limits::Slot, params: Params) -> Client {
-        let feed = shared.feed.clone();
         let store = shared.store.clone();
         let last_seq = shared.last_seq.clone();
         let heartbeat = shared.heartbeat;
@@ -90,7 +85,11 @@ impl Client {
         let metrics = shared.metrics.clone();
         metrics.sse_clients.fetch_add(1, Ordering::Relaxed);
         metrics.sse_connections.fetch_add(1, Ordering::Relaxed);
-        let (cursor, subscription) = feed.subscribe();
+        let tap = shared.feed.subscribe(&Interest {
+            kinds: params.kinds,
+            devices: params.devices.clone(),
+            scope: params.scope.clone(),
+        });
         // Everything committed from here on comes live; a fresh client starts here.
         let now = *last_seq.borrow();
         let position = params.last_event_id.unwrap_or(now);
@@ -100,14 +99,8 @@ impl Client {
             tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Client {
-            feed,
             store,
-            cursor,
-            _subscription: subscription,
-            devices: params
-                .devices
-                .as_ref()
-                .map(|d| d.iter().map(|s| Arc::<str>::from(s.as_str())).collect()),
+            tap,
             position,
             id_written: position,
             params,
@@ -278,13 +271,13 @@ impl Client {
 
     /// Live from our cursor if the ring still holds it; else replay again from storage.
     fn after_replay(&mut self, round: u32) -> Phase {
-        if self.feed.holds(self.cursor.pos) {
+        if self.tap.holds() {
             return Phase::Live;
         }
         if round + 1 >= REPLAY_ROUNDS {
             return Phase::Done;
         }
-        self.cursor = self.feed.cursor_at_head();
+        self.tap.restart();
         Phase::Replay {
             after: self.position,
             round: round + 1,
@@ -292,18 +285,9 @@ impl Client {
     }
 
     async fn live(&mut self) -> Option<Bytes> {
+        let mut id_due = false;
         loop {
-            let position = self.position;
-            let kinds = self.params.kinds;
-            let devices = &self.devices;
-            let scope = &self.params.scope;
-            let wanted = |e: &Event| {
-                e.seq > position
-                    && kinds.has(e.kind)
-                    && devices.as_ref().is_none_or(|d| d.contains(&e.device))
-                    && in_scope(scope, &e.device)
-            };
-            match self.feed.read(&mut self.cursor, CHUNK_MAX, wanted) {
+            match self.tap.read(CHUNK_MAX, self.position) {
                 Read::Lagged => {
                     self.metrics.sse_cut.fetch_add(1, Ordering::Relaxed);
                     self.phase = Phase::Done;
@@ -331,24 +315,27 @@ impl Client {
                     }
                 }
             }
+            if id_due && self.position > self.id_written {
+                self.id_written = self.position;
+                let mut out = BytesMut::new();
+                push_id(&mut out, self.position);
+                return Some(out.freeze());
+            }
+            id_due = false;
             tokio::select! {
                 _ = self.stop.cancelled() => {
                     self.phase = Phase::Done;
                     return Some(shutdown_frame());
                 }
-                changed = self.cursor.head.changed() => {
-                    if changed.is_err() {
+                changed = self.tap.changed() => {
+                    if !changed {
                         self.phase = Phase::Done;
                         return None;
                     }
                 }
-                // Only skipped events since the last id: at most one `id:` frame a second.
-                _ = self.id_tick.tick(), if self.position > self.id_written => {
-                    self.id_written = self.position;
-                    let mut out = BytesMut::new();
-                    push_id(&mut out, self.position);
-                    return Some(out.freeze());
-                }
+                // Only skipped events since the last id: at most one `id:` frame a second. A
+                // routed client learns how far the feed went only by reading, so it looks.
+                _ = self.id_tick.tick(), if self.position > self.id_written || self.tap.routed() => id_due = true,
                 _ = self.heartbeat.tick() => return Some(Bytes::from_static(b": heartbeat\n\n")),
             }
         }
