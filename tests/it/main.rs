@@ -9,6 +9,7 @@ mod cluster;
 mod commands;
 mod durability;
 mod event_log;
+mod fanout;
 mod history;
 mod ingest;
 mod pg;
