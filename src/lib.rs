@@ -26,7 +26,8 @@
 //!   `store/sqlite` and `store/postgres` (all the SQL); the batch loop both share (`writer`),
 //!   the event log's presence and command rows (`log`), the writer's health (`health`), and
 //!   checkpoints, retention and presence timeouts (`housekeeping`).
-//! - [`feed`]: committed events of every kind encoded once into a shared ring; [`sse`] streams it
+//! - [`feed`]: committed events of every kind encoded once, into a shared ring for clients of
+//!   every device and routed by device to the inboxes of filtered ones; [`sse`] streams them
 //!   to each client with replay and resume; [`api`] serves `/events` and the history.
 //! - [`commands`]: operator commands over [`ws`] (`/ws`, wire types in [`protocol`]) and
 //!   HTTP, published to devices and followed to their ack, timeout or expiry.
