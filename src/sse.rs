@@ -303,6 +303,9 @@ impl Client {
                     self.position = self.position.max(last_read.unwrap_or(0));
                     if !bytes.is_empty() {
                         self.heartbeat.reset();
+                        // This chunk carries the client's id: no `id:`-only frame is due
+                        // for another second, so a client that gets events never needs one.
+                        self.id_tick.reset();
                         self.id_written = last_sent.unwrap_or(self.id_written);
                         if self.position > self.id_written {
                             // Skipped events after the last one sent: the id rides along.
