@@ -31,10 +31,11 @@ async fn thousands_of_filtered_clients_each_get_exactly_their_own_devices_events
     let broker = Mosquitto::start().await;
     let daemon = Daemon::start(&broker.url(), "[http]\nmax_streams_per_ip = 5000").await;
     let publisher = Publisher::connect(&broker.url(), "fan-pub").await;
+    let http = crate::support::http();
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
         let path = format!("/events?type=reading&device=f{}", c % DEVICES);
-        clients.push(SseClient::connect(daemon.http, &path, None).await);
+        clients.push(SseClient::connect_via(&http, daemon.http, &path, None).await);
     }
     let wide: Vec<String> = (0..150).map(|d| format!("f{d}")).collect();
     let mut wide_client = SseClient::connect(

@@ -929,7 +929,17 @@ impl SseClient {
     /// Opens `path` on the daemon, optionally with a `Last-Event-ID` header, and waits for the
     /// stream to start (the `retry:` line), so that the client is subscribed on return.
     pub async fn connect(addr: SocketAddr, path: &str, last_event_id: Option<&str>) -> SseClient {
-        let mut req = http().get(format!("http://{addr}{path}"));
+        SseClient::connect_via(&http(), addr, path, last_event_id).await
+    }
+
+    /// Like `connect`, on a client of the caller's (building one per connection is slow).
+    pub async fn connect_via(
+        http: &reqwest::Client,
+        addr: SocketAddr,
+        path: &str,
+        last_event_id: Option<&str>,
+    ) -> SseClient {
+        let mut req = http.get(format!("http://{addr}{path}"));
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id);
         }
