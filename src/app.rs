@@ -64,6 +64,8 @@ pub struct Shared {
     pub instance: Arc<str>,
     /// Tier retention and units, for the series API.
     pub series: Arc<crate::series::Settings>,
+    /// The runtime of the command path: WebSocket sessions run there.
+    pub control: tokio::runtime::Handle,
 }
 
 /// A built, not yet running, daemon.
@@ -77,6 +79,7 @@ pub struct App {
     committed: Committed,
     command_changes: mpsc::Receiver<crate::store::CommandChange>,
     http: web::Server,
+    control: SideRuntime,
 }
 
 impl App {
@@ -99,6 +102,7 @@ impl App {
             metrics.clone(),
         );
         let (changes_tx, changes_rx) = mpsc::channel(4096);
+        let control = SideRuntime::start("commands").context("starting the command thread")?;
         let session_key = store
             .session_key()
             .await
@@ -122,6 +126,7 @@ impl App {
             streams_stop: CancellationToken::new(),
             instance: Arc::from(config.mqtt.client_id.as_str()),
             series: Arc::new(crate::series::Settings::of(&config)),
+            control: control.handle().clone(),
         };
         let https = match (&config.http.tls_cert, &config.http.tls_key) {
             (Some(cert), Some(key)) => {
@@ -146,6 +151,7 @@ impl App {
             },
             command_changes: changes_rx,
             http,
+            control,
         })
     }
 
@@ -177,13 +183,14 @@ impl App {
             committed,
             command_changes,
             http,
+            control,
             ..
         } = self;
         let http_addr = http.local_addr();
         let tracker = TaskTracker::new();
         // MQTT intake and the SQLite writer get a runtime and OS thread of their own, so
         // that a thousand busy SSE streams on the main runtime never delay a commit.
-        let ingest_rt = IngestRuntime::start().context("starting the ingest thread")?;
+        let ingest_rt = SideRuntime::start("ingest").context("starting the ingest thread")?;
         let writer_done = CancellationToken::new();
         let writer_failed = Arc::new(std::sync::Mutex::new(None::<store::StoreError>));
 
@@ -229,11 +236,12 @@ impl App {
             shared.metrics.clone(),
             shutdown.child_token(),
         ));
-        tracker.spawn(
+        tracker.spawn_on(
             shared
                 .commands
                 .clone()
                 .run(command_changes, shutdown.child_token()),
+            control.handle(),
         );
         tracker.spawn(http.run(shutdown.child_token()));
         if !config.log.summary.is_zero() {
@@ -276,6 +284,7 @@ impl App {
         );
         let waited = tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait()).await;
         ingest_rt.stop();
+        control.stop();
         let failed = writer_failed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -301,29 +310,31 @@ impl App {
     }
 }
 
-/// A current-thread runtime on its own OS thread, for intake and the writer.
-struct IngestRuntime {
+/// A current-thread runtime on an OS thread of its own: intake and the writer on one, the
+/// command path (WebSocket sessions and the command service) on another, so that work on the
+/// main runtime (thousands of SSE streams) never queues in front of them.
+struct SideRuntime {
     handle: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl IngestRuntime {
-    fn start() -> std::io::Result<IngestRuntime> {
+impl SideRuntime {
+    fn start(name: &str) -> std::io::Result<SideRuntime> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let handle = rt.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
-            .name("ingest".into())
+            .name(name.into())
             .spawn(move || {
                 // Runs the spawned tasks until told to stop (after they have finished).
                 let _ = rt.block_on(stopped);
                 // A DNS lookup of a reconnect in progress must not hold up the exit.
                 rt.shutdown_timeout(Duration::from_secs(1));
             })?;
-        Ok(IngestRuntime {
+        Ok(SideRuntime {
             handle,
             stop: Some(stop),
             thread: Some(thread),
@@ -349,7 +360,7 @@ impl IngestRuntime {
     }
 }
 
-impl Drop for IngestRuntime {
+impl Drop for SideRuntime {
     /// An early error return must not leave the thread running on its own.
     fn drop(&mut self) {
         self.stop_now();

@@ -46,7 +46,12 @@ pub async fn ws(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let upgrade = WebSocketUpgrade::new()
         .max_frame_size(HARD_LIMIT)
         .max_message_size(HARD_LIMIT)
-        .upgrade(req, res, move |socket| serve(socket, s, who, slot))
+        .upgrade(req, res, move |socket| async move {
+            // The session runs on the command path's runtime: its frames are read and its
+            // acks written without queueing behind the SSE streams of the main runtime.
+            let control = s.control.clone();
+            let _ = control.spawn(serve(socket, s, who, slot)).await;
+        })
         .await;
     if let Err(e) = upgrade {
         ApiError::bad_request("bad_upgrade", format!("not a WebSocket upgrade: {e}")).render(res);
