@@ -26,12 +26,11 @@
 mod common;
 
 use common::{
-    AnsweringDevice, Backend, Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, PgCluster, PgSnapshot,
-    Placement, Ws, connect_ws, cpu_seconds, cpu_seconds_of, daemon_binary, fmt_ms, get_text,
-    load_average, machine_busy_seconds, metric, modified, mqtt_connect, mqtt_options, number,
-    path_value, percentile, stop_and_discard, ws_json,
+    Backend, Daemon, Machine, Mosquitto, PgCluster, PgSnapshot, Placement, ack_ok, connect_ws,
+    cpu_seconds, cpu_seconds_of, daemon_binary, drive, fake_device, fmt_ms, load_average,
+    machine_busy_seconds, metric, modified, number, path_value, percentile, percentile_f,
+    stop_and_discard, wait_online,
 };
-use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,12 +38,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use futures_util::{SinkExt as _, StreamExt as _};
-use rumqttc::{Event, LastWill, Packet, QoS};
-use serde_json::Value;
-use tokio::time::timeout;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
 const USAGE: &str = "usage: cargo bench --bench commands [-- OPTIONS]
 
@@ -65,8 +58,6 @@ const USAGE: &str = "usage: cargo bench --bench commands [-- OPTIONS]
                     back on one broker and cluster, then the latencies side by side";
 
 const DEVICE: &str = "bench-dev";
-/// Longer than the daemon's `[commands] timeout` (30 s), which answers `timeout` itself.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(35);
 /// Target from PRODUCT.md.
 const TARGET_P99_MS: f64 = 10.0;
 
@@ -407,7 +398,14 @@ async fn measure(
 ) -> anyhow::Result<Summary> {
     let daemon = &daemons[0];
     let pg = pg.filter(|_| args.backend == Backend::Postgres);
-    let device = fake_device(broker.port, DEVICE, args.announce).await?;
+    let device = fake_device(
+        broker.port,
+        DEVICE,
+        args.announce,
+        tokio_util::sync::CancellationToken::new(),
+        ack_ok,
+    )
+    .await?;
     if args.announce {
         wait_online(daemon, DEVICE).await?;
     }
@@ -416,7 +414,7 @@ async fn measure(
     if args.warmup > 0 {
         eprintln!("-- warm-up: {} commands", args.warmup);
         let deadline = Instant::now() + Duration::from_secs(args.seconds);
-        let w = drive(&mut ws, 0, args.warmup, args.concurrency, deadline).await?;
+        let w = drive(&mut ws, DEVICE, 0, args.warmup, args.concurrency, deadline).await?;
         if w.done < args.warmup {
             bail!(
                 "warm-up: only {} of {} commands finished: {}",
@@ -433,6 +431,7 @@ async fn measure(
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let mut r = drive(
         &mut ws,
+        DEVICE,
         args.warmup,
         args.commands,
         args.concurrency,
@@ -595,242 +594,8 @@ async fn measure(
 }
 
 // ---------------------------------------------------------------------------------------
-// The WebSocket client
-// ---------------------------------------------------------------------------------------
-
-#[derive(Default)]
-struct Driven {
-    /// Commands that got their final answer (ack, error, timeout or expiry).
-    done: u64,
-    ok: u64,
-    errors: u64,
-    timeouts: u64,
-    /// `accepted` with a status other than `sent`.
-    queued: u64,
-    latency_us: Vec<u32>,
-    accepted_us: Vec<u32>,
-    server_rtt_ms: Vec<f64>,
-    first_problem: Option<String>,
-}
-
-/// Sends `count` commands with refs from `first_ref`, keeping `concurrency` in flight, and
-/// times each from its send to its `ack`. Stops at `deadline` with what it has.
-async fn drive(
-    ws: &mut Ws,
-    first_ref: u64,
-    count: u64,
-    concurrency: u64,
-    deadline: Instant,
-) -> anyhow::Result<Driven> {
-    let mut out = Driven {
-        latency_us: Vec::with_capacity(count as usize),
-        accepted_us: Vec::with_capacity(count as usize),
-        server_rtt_ms: Vec::with_capacity(count as usize),
-        ..Driven::default()
-    };
-    // ref -> send time; id -> ref.
-    let mut sent: HashMap<u64, Instant> = HashMap::new();
-    let mut ids: HashMap<String, u64> = HashMap::new();
-    let mut next = 0u64;
-    while next < count && next < concurrency {
-        send_command(ws, first_ref + next, &mut sent).await?;
-        next += 1;
-    }
-    while out.done < count {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        let frame = match timeout(left.min(REPLY_TIMEOUT), ws.next()).await {
-            Err(_) if left <= REPLY_TIMEOUT => break,
-            Err(_) => bail!(
-                "no WebSocket message for {REPLY_TIMEOUT:?} with {} command(s) in flight",
-                sent.len()
-            ),
-            Ok(None) => bail!("the daemon closed the WebSocket"),
-            Ok(Some(Err(e))) => bail!("WebSocket: {e}"),
-            Ok(Some(Ok(f))) => f,
-        };
-        let received = Instant::now();
-        let Some((text, v)) = ws_json(&frame)? else {
-            continue;
-        };
-        let finished = match v["type"].as_str() {
-            Some("accepted") => {
-                let reference = v["ref"].as_u64();
-                let id = v["id"].as_str().unwrap_or_default().to_owned();
-                if let Some(at) = reference.and_then(|r| sent.get(&r)) {
-                    out.accepted_us.push(
-                        received
-                            .duration_since(*at)
-                            .as_micros()
-                            .min(u32::MAX as u128) as u32,
-                    );
-                }
-                if v["status"].as_str() != Some("sent") {
-                    out.queued += 1;
-                    out.first_problem
-                        .get_or_insert_with(|| format!("accepted but not sent: {text}"));
-                }
-                if let Some(r) = reference {
-                    ids.insert(id, r);
-                }
-                None
-            }
-            Some("ack") => {
-                let id = v["id"].as_str().unwrap_or_default();
-                let Some(r) = ids.remove(id) else {
-                    out.first_problem
-                        .get_or_insert_with(|| format!("ack for an unknown id: {text}"));
-                    continue;
-                };
-                if let Some(at) = sent.remove(&r) {
-                    out.latency_us.push(
-                        received
-                            .duration_since(at)
-                            .as_micros()
-                            .min(u32::MAX as u128) as u32,
-                    );
-                }
-                if let Some(rtt) = v["rtt_ms"].as_f64() {
-                    out.server_rtt_ms.push(rtt);
-                }
-                if v["ok"].as_bool() == Some(true) {
-                    out.ok += 1;
-                } else {
-                    out.errors += 1;
-                    out.first_problem
-                        .get_or_insert_with(|| format!("device answered not ok: {text}"));
-                }
-                Some(r)
-            }
-            Some("timeout") | Some("expired") => {
-                out.timeouts += 1;
-                out.first_problem.get_or_insert_with(|| text.to_owned());
-                let id = v["id"].as_str().unwrap_or_default();
-                let r = ids.remove(id);
-                if let Some(r) = r {
-                    sent.remove(&r);
-                }
-                Some(r.unwrap_or(u64::MAX))
-            }
-            Some("error") => {
-                out.errors += 1;
-                out.first_problem.get_or_insert_with(|| text.to_owned());
-                let r = v["ref"].as_u64();
-                if let Some(r) = r {
-                    sent.remove(&r);
-                }
-                Some(r.unwrap_or(u64::MAX))
-            }
-            _ => {
-                out.first_problem
-                    .get_or_insert_with(|| format!("unexpected frame: {text}"));
-                None
-            }
-        };
-        if finished.is_some() {
-            out.done += 1;
-            if next < count {
-                send_command(ws, first_ref + next, &mut sent).await?;
-                next += 1;
-            }
-        }
-    }
-    Ok(out)
-}
-
-async fn send_command(
-    ws: &mut Ws,
-    reference: u64,
-    sent: &mut HashMap<u64, Instant>,
-) -> anyhow::Result<()> {
-    let text =
-        format!(r#"{{"type":"command","device":"{DEVICE}","name":"ping","ref":{reference}}}"#);
-    sent.insert(reference, Instant::now());
-    timeout(HANDSHAKE_TIMEOUT, ws.send(Message::text(text)))
-        .await
-        .context("sending a command timed out")?
-        .context("sending a command")?;
-    Ok(())
-}
-
-/// Waits until the daemon lists the device as online (its retained `online` was committed).
-async fn wait_online(daemon: &Daemon, device: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(text) = get_text(&daemon.http, daemon.addr, "/api/devices").await {
-            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            let online = v["devices"].as_array().is_some_and(|d| {
-                d.iter()
-                    .any(|d| d["id"] == device && d["online"].as_bool() == Some(true))
-            });
-            if online {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("the daemon does not list {device} as online after 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The fake device
-// ---------------------------------------------------------------------------------------
-
-/// Connects the fake device (last will `offline` on its status topic), subscribes, announces
-/// `online` if asked, and answers every command with `{"id":..,"ok":true}`.
-async fn fake_device(port: u16, device: &str, announce: bool) -> anyhow::Result<AnsweringDevice> {
-    let commands = format!("devices/{device}/commands");
-    let status = format!("devices/{device}/status");
-    let mut opts = mqtt_options(&format!("{device}-{}", std::process::id()), port);
-    opts.set_last_will(LastWill::new(&status, "offline", QoS::AtLeastOnce, true));
-    let (client, mut eventloop) = mqtt_connect(opts, "device").await?;
-    client
-        .subscribe(&commands, QoS::AtLeastOnce)
-        .await
-        .context("device: subscribing")?;
-    if announce {
-        client
-            .publish(&status, QoS::AtLeastOnce, true, "online")
-            .await
-            .context("device: announcing online")?;
-    }
-    // Until the SubAck and the PubAck of `online`.
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let (mut subscribed, mut announced) = (false, !announce);
-    while !(subscribed && announced) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match timeout(left, eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subscribed = true,
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => announced = true,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => bail!("device: {e}"),
-            Err(_) => bail!("device: no SubAck/PubAck within {HANDSHAKE_TIMEOUT:?}"),
-        }
-    }
-    Ok(AnsweringDevice::spawn(
-        client,
-        eventloop,
-        device,
-        CancellationToken::new(),
-        |id| serde_json::json!({"id": id, "ok": true}).to_string(),
-    ))
-}
-
-// ---------------------------------------------------------------------------------------
 // Report helpers
 // ---------------------------------------------------------------------------------------
-
-fn percentile_f(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
 
 /// The value of a Prometheus sample with one `status` label.
 fn labelled(text: &str, name: &str, status: &str) -> Option<f64> {

@@ -1,10 +1,44 @@
-//! Fan-out benchmark: delivery latency from an MQTT publish to its receipt on SSE clients,
-//! and the memory of many idle SSE connections.
+//! Fan-out benchmark: delivery latency from an MQTT publish to its receipt on SSE clients
+//! (unfiltered, and filtered to one device each), command round trips while the fan-out
+//! runs, and the memory of many idle SSE connections.
 //!
 //! ```text
 //! cargo bench --bench fanout [-- --clients 1,100,1000 --rate 1000 --seconds 10 --idle 10000]
+//! cargo bench --bench fanout -- --clients 1000 --rate 5000 --idle 0      # broadcast, 5 M events/s
+//! cargo bench --bench fanout -- --filtered 10000 --devices 1000 --rate 5000   # filtered
+//! cargo bench --bench fanout -- --mixed 1000 --rate 1000 [--commands 200]     # mixed
+//! cargo bench --bench fanout -- --mixed 1000 --rate 5000                       # mixed, 5 M/s
 //! cargo bench --bench fanout -- --backend postgres --instances 2 [--sse-on other|storing] ...
 //! ```
+//!
+//! The cases:
+//! - **Broadcast** (`--clients LIST`, one case per count): every client on
+//!   `/events?type=reading` gets every reading; the publisher rotates over dev-0..dev-9.
+//!   Issue 15's broadcast case is `--clients 1000 --rate 5000` (5 M events/s delivered).
+//! - **Filtered** (`--filtered [CLIENTS]`, default 10,000, with `--devices D`, default
+//!   1,000): client i is on `/events?type=reading&device=dev-{i * D / CLIENTS}` (the clients
+//!   spread evenly over the devices, in blocks), and the publisher sends `--rate` readings/s
+//!   in all, round-robin over dev-0..dev-{D-1}. Every client must receive exactly its
+//!   device's readings: its count against what was published to its device, and every
+//!   reading's `"device"` checked against its own (a byte compare on the `data:` line, no
+//!   JSON parse). Latency on 100 sample clients (on 100 different devices when D allows).
+//!   Issue 15's target: 10,000 clients over 1,000 devices at 5,000 readings/s, p99 < 20 ms
+//!   with the daemon under 40 % of one core.
+//! - **Mixed** (`--mixed [CLIENTS]`, default 1,000): broadcast clients at `--rate`, plus a
+//!   WebSocket client on the daemon that stores (A) sending `ping` commands one at a time to
+//!   a simulated device (a rumqttc client on `devices/bench-dev/commands` that answers each
+//!   at once on `devices/bench-dev/commands/ack`); RTT = send of the command frame ->
+//!   receipt of its `ack` on the WebSocket. `--commands` (default 200) of them idle (the SSE
+//!   clients connected, nothing published yet; after 20 warm-up commands), then as many
+//!   under load, each phase's sends paced evenly over `--seconds` (under load: the measured
+//!   window). Targets: p99 < 5 ms at 1,000 clients x 1,000 readings/s, < 10 ms at
+//!   1,000 x 5,000.
+//! - **Idle** (`--idle N`): N SSE connections that receive nothing (`type=status`); the
+//!   daemon's resident memory before and after.
+//!
+//! With none of `--filtered` and `--mixed`, the broadcast cases (default 1,100,1000) and the
+//! idle test (default 10,000) run; with either, only the cases named on the command line run
+//! (add `--clients` or `--idle` to have those too).
 //!
 //! With `--backend postgres` the daemons store in a fresh database per case on a PostgreSQL
 //! cluster the bench starts itself (`common::PgCluster`). With `--instances N` (N >= 2),
@@ -19,38 +53,49 @@
 //! Everything runs on loopback on this machine: a private Mosquitto, the release daemon
 //! (`target/release/telebridge`, a fresh one with a fresh database for every case), a QoS 1
 //! publisher and the SSE load client (this process). Every load loop is bounded in count
-//! and time, and everything started is stopped by Drop guards (children by their pid).
+//! and time, and everything started is stopped by Drop guards (children by their pid). The
+//! soft open-file limit is raised to the hard one when the connections need it (the bench
+//! fails and says so when even the hard limit is too low).
 //!
-//! For every client count the publisher sends `--rate` readings/s (10 ms ticks) for a
-//! 1 s warm-up plus `--seconds`; each reading carries its publish time `"t":<unix ns>`.
+//! For every case the publisher sends `--rate` readings/s (10 ms ticks) through a warm-up,
+//! then `--seconds` measured; each reading carries its publish time `"t":<unix ns>`. The
+//! warm-up lasts `--warmup` (1 s) and at least until every client has had a reading for 1 s
+//! (at most 30 s): a fresh client replays from storage before it streams live, and with
+//! 10,000 of them that can take seconds; the time is reported. Before the first publish the
+//! bench waits until the serving daemons are quiet (under 10 % of a core over 0.5 s, at most
+//! 30 s), so that the replay queries every fresh stream makes after its response head are
+//! done (queued behind the first publishes, on the code of 2026-12-02 06:55 they held the
+//! last-connected of 10,000 filtered clients up to 10 s, and with a 60 s warm-up left
+//! 1,960 of them closed by the daemon with no event).
 //! Every client counts every `event: reading` (raw TCP, one reusable buffer, a word-at-a-time
 //! newline scan; chunk-size lines are skipped as they never start with `event:`). Latency
 //! (publish → receipt of the `data:` line) is taken on every event of up to 10 "sample"
-//! clients, spread over the connection order, which read as soon as data arrives, for
-//! readings published inside the measured window only. The other clients read every
-//! `--lazy-ms` (default 10 ms): the daemon does the same work for them (its writes land in
-//! their socket buffers), but the load client, which shares the two cores with the daemon,
-//! does a tenth of the reads. With `--lazy-ms 0` they read at once and sample every 10th
-//! event.
+//! clients (100 in the filtered case), spread over the connection order, which read as soon
+//! as data arrives, for readings published inside the measured window only. The other
+//! clients read every `--lazy-ms` (default 10 ms): the daemon does the same work for them
+//! (its writes land in their socket buffers), but the load client, which shares the two
+//! cores with the daemon, does a tenth of the reads. With `--lazy-ms 0` they read at once
+//! and sample every 10th event.
 //!
-//! Reported per case: events expected vs received, p50/p99/max (and p90/p99.9), CPU of the
-//! daemon, the broker, this process and everything else on the machine over the measured
-//! window, rows in SQLite vs readings published, the largest ingest lag seen at 250 ms
-//! polls of /metrics, write transactions per second and their mean time, and how many
-//! events the daemon puts in one write.
-//!
-//! The idle test opens `--idle` SSE connections that receive nothing (`type=status`) and
-//! reports the daemon's resident memory before and after.
+//! Reported per case: events expected vs received, and how many clients got exactly their
+//! count, p50/p99/max (and p90/p99.9), CPU of the daemon, the broker, this process and
+//! everything else on the machine over the measured window, rows in SQLite vs readings
+//! published, the largest ingest lag seen at 250 ms polls of /metrics, write transactions
+//! per second and their mean time, and how many events the daemon puts in one write; for
+//! the mixed case also the command RTT p50/p90/p99/max idle and under load, each beside
+//! the daemon's CPU over that phase.
 
 mod common;
 
 use common::{
-    Backend, Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, PgCluster, PgSnapshot, PgStats,
-    Placement, Publisher, cpu_seconds, cpu_seconds_of, daemon_binary, find_byte, fmt_ms, get_text,
-    leading_u64, load_average, machine_busy_seconds, metric, modified, number, open_file_limit,
-    open_sse, path_value, percentile, proc_status_kb, publish_qos1, stop_and_discard,
-    tokio_workers,
+    AnsweringDevice, Backend, Daemon, Driven, HANDSHAKE_TIMEOUT, Machine, Mosquitto, PgCluster,
+    PgSnapshot, PgStats, Placement, Publisher, Ws, ack_ok, connect_ws, cpu_seconds, cpu_seconds_of,
+    daemon_binary, drive, ensure_open_files, fake_device, find_byte, find_subslice, fmt_ms,
+    get_text, leading_u64, load_average, machine_busy_seconds, metric, modified, number, open_sse,
+    path_value, percentile, percentile_f, proc_status_kb, publish_qos1, stop_and_discard,
+    tokio_workers, wait_online,
 };
+use std::iter::Peekable;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -69,10 +114,21 @@ use tokio_util::sync::CancellationToken;
 
 const USAGE: &str = "usage: cargo bench --bench fanout [-- OPTIONS]
 
-  --clients LIST   SSE client counts, one case each (default 1,100,1000; none: only idle)
-  --rate N         readings published per second (default 1000)
-  --seconds N      measured seconds per case, after a 1 s warm-up (default 10)
-  --warmup N       warm-up seconds (default 1)
+  --clients LIST   broadcast cases: SSE client counts on /events?type=reading, one case each
+                   (default 1,100,1000; none: no broadcast case)
+  --filtered [N]   the filtered case: N clients (default 10000), each on
+                   /events?type=reading&device=dev-K, spread evenly over --devices
+  --devices D      devices of the filtered case; the readings go round-robin over them
+                   (default 1000)
+  --mixed [N]      the mixed case: N broadcast clients (default 1000) streaming --rate while
+                   --commands commands are timed, one at a time, idle and under load
+  --commands N     commands timed in each phase of the mixed case (default 200)
+                   (with --filtered or --mixed, only the cases named run: add --clients and
+                   --idle for the others)
+  --rate N         readings published per second in all (default 1000)
+  --seconds N      measured seconds per case, after the warm-up (default 10)
+  --warmup N       least warm-up seconds (default 1); the warm-up also lasts until every
+                   client has had a reading for 1 s (at most 30 s)
   --idle N         idle SSE connections for the memory test; 0 skips it (default 10000)
   --lazy-ms N      clients other than the 10 sample clients read every N ms, which keeps
                    the load client cheap; 0: every client reads at once and samples every
@@ -89,8 +145,16 @@ const USAGE: &str = "usage: cargo bench --bench fanout [-- OPTIONS]
                    (--instances, default 2; SSE clients on the instances that did not store),
                    back to back on one broker and cluster, then the latencies side by side";
 
-/// Devices the publisher rotates through (`devices/dev-{i % 10}/telemetry`).
+/// Devices the publisher rotates through in the broadcast and mixed cases
+/// (`devices/dev-{i % 10}/telemetry`).
 const DEVICES: u64 = 10;
+/// Defaults of the filtered case (issue 15's target) and of the mixed case.
+const FILTERED_CLIENTS: usize = 10_000;
+const FILTERED_DEVICES: u64 = 1000;
+const MIXED_CLIENTS: usize = 1000;
+const MIXED_COMMANDS: u64 = 200;
+/// Most SSE clients of one case (the machines' open-file limit is 20,000).
+const MAX_CLIENTS: u64 = 15_000;
 /// Size of each published payload, bytes.
 const PAYLOAD_BYTES: usize = 100;
 /// Publisher pacing tick.
@@ -98,17 +162,42 @@ const TICK: Duration = Duration::from_millis(10);
 /// Clients whose every event is sampled for latency; the others sample every 10th.
 const SAMPLE_CLIENTS: usize = 10;
 const SAMPLE_EVERY_OTHERS: u64 = 10;
+/// Sample clients of the filtered case: each gets only its device's share, so more of them.
+const FILTERED_SAMPLE_CLIENTS: usize = 100;
+/// The mixed case's simulated device, and the commands sent before the idle ones are timed.
+const COMMAND_DEVICE: &str = "bench-dev";
+const COMMAND_WARMUP: u64 = 20;
+/// Longest the warm-up commands may take, and how long the last command of a phase may take
+/// to be answered after its window.
+const COMMAND_PHASE_LIMIT: Duration = Duration::from_secs(60);
+const COMMAND_GRACE: Duration = Duration::from_secs(5);
 /// Read buffer of one SSE client (the daemon writes chunks of up to 256 KiB).
 const READ_BUF: usize = 64 * 1024;
+/// A filtered client gets one device's share (a few events per read): a smaller buffer.
+const FILTERED_READ_BUF: usize = 16 * 1024;
 /// The SSE clients' request headers beyond Host and Accept.
 const SSE_HEADERS: &str = "User-Agent: telebridge-fanout-bench\r\n";
 /// Connections being set up at once (the daemon's listen backlog is 1024).
 const CONNECT_PARALLEL: usize = 128;
+/// The warm-up lasts until every client has had a reading for this long (a fresh client may
+/// replay from storage before it streams live), and at most WARMUP_LIMIT.
+const STREAMING_SETTLE: Duration = Duration::from_secs(1);
+const WARMUP_LIMIT: Duration = Duration::from_secs(30);
+/// Before the first publish, the serving daemons settle: under SETTLE_CPU % of one core
+/// over SETTLE_POLL, waiting at most SETTLE_LIMIT.
+const SETTLE_CPU: f64 = 10.0;
+const SETTLE_POLL: Duration = Duration::from_millis(500);
+const SETTLE_LIMIT: Duration = Duration::from_secs(30);
 /// Bounds on every wait.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 const NO_PROGRESS_LIMIT: Duration = Duration::from_secs(5);
-/// Targets from PRODUCT.md.
+/// Targets from PRODUCT.md and issue 15.
 const TARGET_P99_MS: f64 = 50.0;
+const TARGET_FILTERED_P99_MS: f64 = 20.0;
+const TARGET_FILTERED_CPU: f64 = 40.0;
+/// Command RTT p99 under load: at 1,000 clients x 1,000 readings/s, and at 5,000/s.
+const TARGET_MIXED_P99_MS: f64 = 5.0;
+const TARGET_MIXED_5M_P99_MS: f64 = 10.0;
 const TARGET_IDLE_MB: f64 = 150.0;
 /// Ingest counts as "kept up" when every reading is stored and no more than this share of
 /// a second's readings was ever waiting (published, not yet committed) at a 250 ms poll.
@@ -137,10 +226,20 @@ struct Args {
     sse_on_storing: bool,
     /// SQLite x1, PostgreSQL x1 and PostgreSQL x N (SSE on the others) back to back.
     compare: bool,
+    /// The filtered case's client count (None: no filtered case).
+    filtered: Option<usize>,
+    /// The devices of the filtered case.
+    devices: u64,
+    /// The mixed case's client count (None: no mixed case).
+    mixed: Option<usize>,
+    /// Commands timed in each phase of the mixed case.
+    commands: u64,
 }
 
 impl Args {
-    fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
+    fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
+        let mut args = args.peekable();
+        let (mut clients_given, mut idle_given) = (false, false);
         let mut out = Args {
             help: false,
             clients: vec![1, 100, 1000],
@@ -154,6 +253,10 @@ impl Args {
             instances: 1,
             sse_on_storing: false,
             compare: false,
+            filtered: None,
+            devices: FILTERED_DEVICES,
+            mixed: None,
+            commands: MIXED_COMMANDS,
         };
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -161,20 +264,30 @@ impl Args {
                 "--bench" => {}
                 "-h" | "--help" => out.help = true,
                 "--clients" => {
+                    clients_given = true;
                     let list = args
                         .next()
                         .ok_or_else(|| anyhow!("--clients needs a list"))?;
                     out.clients = list
                         .split(',')
                         .filter(|c| *c != "none")
-                        .map(|c| number("--clients", Some(c.to_owned()), 1, 15_000))
+                        .map(|c| number("--clients", Some(c.to_owned()), 1, MAX_CLIENTS))
                         .map(|n| n.map(|n| n as usize))
                         .collect::<anyhow::Result<_>>()?;
                 }
                 "--rate" => out.rate = number("--rate", args.next(), 1, 100_000)?,
                 "--seconds" => out.seconds = number("--seconds", args.next(), 1, 600)?,
                 "--warmup" => out.warmup = number("--warmup", args.next(), 0, 60)?,
-                "--idle" => out.idle = number("--idle", args.next(), 0, 15_000)? as usize,
+                "--idle" => {
+                    idle_given = true;
+                    out.idle = number("--idle", args.next(), 0, MAX_CLIENTS)? as usize;
+                }
+                "--filtered" => {
+                    out.filtered = Some(optional_count(&mut args, "--filtered", FILTERED_CLIENTS)?)
+                }
+                "--devices" => out.devices = number("--devices", args.next(), 1, 100_000)?,
+                "--mixed" => out.mixed = Some(optional_count(&mut args, "--mixed", MIXED_CLIENTS)?),
+                "--commands" => out.commands = number("--commands", args.next(), 1, 10_000)?,
                 "--daemon" => out.daemon = Some(path_value("--daemon", args.next())?),
                 "--lazy-ms" => out.lazy_ms = number("--lazy-ms", args.next(), 0, 1000)?,
                 "--backend" => out.backend = Backend::parse(args.next())?,
@@ -195,27 +308,143 @@ impl Args {
         if out.instances > 1 && out.backend != Backend::Postgres && !out.compare {
             bail!("--instances above 1 needs --backend postgres (instances share one database)");
         }
+        // Named cases only: the defaults of the others would make a long run longer.
+        if out.filtered.is_some() || out.mixed.is_some() {
+            if !clients_given {
+                out.clients.clear();
+            }
+            if !idle_given {
+                out.idle = 0;
+            }
+        }
         Ok(out)
+    }
+
+    /// The cases to run on one setup, in order: broadcast, filtered, mixed.
+    fn shapes(&self) -> Vec<Shape> {
+        let mut out: Vec<Shape> = self
+            .clients
+            .iter()
+            .map(|&clients| Shape {
+                kind: Kind::Broadcast,
+                clients,
+                devices: DEVICES,
+            })
+            .collect();
+        out.extend(self.filtered.map(|clients| Shape {
+            kind: Kind::Filtered,
+            clients,
+            devices: self.devices,
+        }));
+        out.extend(self.mixed.map(|clients| Shape {
+            kind: Kind::Mixed,
+            clients,
+            devices: DEVICES,
+        }));
+        out
+    }
+}
+
+/// The value after option `name` if there is one (not another option), else `default`: a
+/// client count.
+fn optional_count(
+    args: &mut Peekable<impl Iterator<Item = String>>,
+    name: &str,
+    default: usize,
+) -> anyhow::Result<usize> {
+    match args.next_if(|a| !a.starts_with('-')) {
+        Some(v) => Ok(number(name, Some(v), 1, MAX_CLIENTS)? as usize),
+        None => Ok(default),
+    }
+}
+
+/// What a case's SSE clients watch, and whether commands run beside them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Every client on `/events?type=reading`.
+    Broadcast,
+    /// Client i on `/events?type=reading&device=dev-{i * devices / clients}`.
+    Filtered,
+    /// Broadcast, plus commands timed over a WebSocket, idle and under load.
+    Mixed,
+}
+
+/// One case: its kind, SSE clients and the devices the publisher rotates through
+/// (reading i goes to dev-{i % devices}).
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    kind: Kind,
+    clients: usize,
+    devices: u64,
+}
+
+impl Shape {
+    /// The device client `idx` watches (filtered), or None for every device. The clients
+    /// are spread evenly, in blocks of consecutive indices.
+    fn device_of(&self, idx: usize) -> Option<u64> {
+        (self.kind == Kind::Filtered)
+            .then(|| (idx as u64 * self.devices / self.clients.max(1) as u64) % self.devices)
+    }
+
+    /// The readings client `idx` should receive when `published` went out round-robin.
+    fn expected(&self, idx: usize, published: u64) -> u64 {
+        match self.device_of(idx) {
+            None => published,
+            Some(d) => published / self.devices + u64::from(d < published % self.devices),
+        }
+    }
+
+    /// Clients that read at once and time every event.
+    fn sample_clients(&self) -> usize {
+        match self.kind {
+            Kind::Filtered => FILTERED_SAMPLE_CLIENTS,
+            _ => SAMPLE_CLIENTS,
+        }
+        .min(self.clients)
+    }
+
+    /// The p99 target of the stream.
+    fn target_p99_ms(&self) -> f64 {
+        match self.kind {
+            Kind::Filtered => TARGET_FILTERED_P99_MS,
+            _ => TARGET_P99_MS,
+        }
+    }
+
+    /// `1000 SSE client(s)`, `10000 filtered client(s) over 1000 devices`, ...
+    fn describe(&self) -> String {
+        match self.kind {
+            Kind::Broadcast => format!("{} SSE client(s)", self.clients),
+            Kind::Filtered => format!(
+                "{} filtered client(s) over {} devices",
+                self.clients, self.devices
+            ),
+            Kind::Mixed => format!("mixed: {} SSE client(s) and commands", self.clients),
+        }
+    }
+
+    /// The first part of the case's tag (client ids and database names).
+    fn tag(&self) -> &'static str {
+        match self.kind {
+            Kind::Broadcast => "fanout",
+            Kind::Filtered => "filtered",
+            Kind::Mixed => "mixed",
+        }
     }
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
+    // One socket per SSE client, and room for the broker, HTTP and MQTT clients. The
+    // daemon, started after this, inherits the limit.
     let need = args
-        .clients
+        .shapes()
         .iter()
-        .copied()
+        .map(|s| s.clients)
         .max()
         .unwrap_or(0)
         .max(args.idle) as u64
         + 200;
-    if let Some(limit) = open_file_limit() {
-        if limit < need {
-            bail!(
-                "the open-file limit of this process is {limit}, and the bench needs about {need}; \
-                 lower --clients/--idle or raise `ulimit -n`"
-            );
-        }
-    }
+    ensure_open_files(need).context("--clients/--filtered/--mixed/--idle")?;
     let bin = daemon_binary(args.daemon.as_deref())?;
     let setups: Vec<Args> = if args.compare {
         let with = |backend, instances| Args {
@@ -268,18 +497,26 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     }
     println!(
         "load:       {} readings/s, QoS 1, {PAYLOAD_BYTES}-byte JSON payloads with \"t\":<unix ns>, \
-         to devices/dev-{{0..{}}}/telemetry, paced in {} ms ticks; warm-up {} s, measured {} s",
+         round-robin to devices/dev-{{0..{}}}/telemetry{}, paced in {} ms ticks; warm-up at least {} s \
+         and until every client has had a reading for {} s (at most {} s), then measured {} s",
         args.rate,
         DEVICES - 1,
+        match args.filtered {
+            Some(_) => format!(" (filtered case: dev-{{0..{}}})", args.devices - 1),
+            None => String::new(),
+        },
         TICK.as_millis(),
         args.warmup,
+        STREAMING_SETTLE.as_secs(),
+        WARMUP_LIMIT.as_secs(),
         args.seconds
     );
     println!(
         "clients:    raw HTTP/1.1 `GET /events?type=reading` with TCP_NODELAY, all in this process \
          (tokio, {} worker threads), each counting every event; latency (publish time -> receipt \
          of the data line) on every event of {SAMPLE_CLIENTS} sample clients spread over the \
-         connection order, which read at once; {}",
+         connection order ({FILTERED_SAMPLE_CLIENTS} in the filtered case, whose clients add \
+         `&device=dev-K` and check every reading's device), which read at once; {}",
         tokio_workers(),
         if args.lazy_ms > 0 {
             format!(
@@ -296,23 +533,37 @@ async fn run(args: &Args) -> anyhow::Result<()> {
          at start {} (other processes on the machine are shown in their own CPU column)",
         load_average()
     );
-    println!();
+    if args.mixed.is_some() {
+        println!(
+            "commands:   (mixed case) one WebSocket (tokio-tungstenite, TCP_NODELAY) on instance A; \
+             `ping` to {COMMAND_DEVICE}, a rumqttc device (TCP_NODELAY, announced online) that \
+             answers each at once on devices/{COMMAND_DEVICE}/commands/ack; one in flight; \
+             {COMMAND_WARMUP} warm-up, then {} idle (clients connected, nothing published yet) \
+             and {} under load, each phase's sends paced evenly over {} s (under load: the \
+             measured window)",
+            args.commands, args.commands, args.seconds
+        );
+    }
 
     let mut all = Vec::new();
     for setup in &setups {
         let mut results = Vec::new();
-        for &n in &setup.clients {
-            eprintln!("-- case: {n} SSE client(s) on {}", setup_label(setup));
-            match fanout_case(&bin, &broker, pg.as_ref(), setup, n).await {
+        for shape in setup.shapes() {
+            eprintln!("-- case: {} on {}", shape.describe(), setup_label(setup));
+            match fanout_case(&bin, &broker, pg.as_ref(), setup, shape).await {
                 Ok(r) => results.push(r),
                 Err(e) => {
-                    eprintln!("case with {n} clients failed: {e:#}");
-                    results.push(CaseResult::failed(n, format!("{e:#}")));
+                    eprintln!("case ({}) failed: {e:#}", shape.describe());
+                    results.push(CaseResult::failed(shape, format!("{e:#}")));
                 }
             }
         }
-        if !results.is_empty() {
-            print_fanout_table(setup, &results);
+        for kind in [Kind::Broadcast, Kind::Filtered, Kind::Mixed] {
+            let of_kind: Vec<&CaseResult> =
+                results.iter().filter(|r| r.shape.kind == kind).collect();
+            if !of_kind.is_empty() {
+                print_fanout_table(setup, kind, &of_kind);
+            }
         }
         all.push((setup, results));
     }
@@ -359,10 +610,12 @@ async fn run(args: &Args) -> anyhow::Result<()> {
 
 /// The fan-out target lines of one setup's cases.
 fn print_targets(args: &Args, results: &[CaseResult]) {
-    let big = results
-        .iter()
-        .filter(|r| r.error.is_none())
-        .max_by_key(|r| r.clients);
+    let broadcast = || {
+        results
+            .iter()
+            .filter(|r| r.error.is_none() && r.shape.kind == Kind::Broadcast)
+    };
+    let big = broadcast().max_by_key(|r| r.clients);
     match big {
         Some(r) if args.backend == Backend::Sqlite => {
             let complete = r.received == r.expected;
@@ -392,7 +645,7 @@ fn print_targets(args: &Args, results: &[CaseResult]) {
         None => println!("- fan-out ({}): no case completed", setup_label(args)),
     }
     if args.backend == Backend::Postgres {
-        for r in results.iter().filter(|r| r.error.is_none()) {
+        for r in broadcast() {
             let p99_ok = r.p99_ms.is_some_and(|p| p < TARGET_P99_MS);
             let complete = r.received == r.expected;
             println!(
@@ -418,6 +671,84 @@ fn print_targets(args: &Args, results: &[CaseResult]) {
                 }
             );
         }
+    }
+    for r in results.iter().filter(|r| r.shape.kind == Kind::Filtered) {
+        if let Some(e) = &r.error {
+            println!("- filtered ({}): failed: {e}", setup_label(args));
+            continue;
+        }
+        let p99_ok = r.p99_ms.is_some_and(|p| p < TARGET_FILTERED_P99_MS);
+        let cpu_ok = r.daemon_cpu < TARGET_FILTERED_CPU;
+        let exact = r.exact_clients == r.clients && r.foreign == 0;
+        let at_target = r.clients >= FILTERED_CLIENTS
+            && r.shape.devices >= FILTERED_DEVICES
+            && args.rate >= 5000;
+        println!(
+            "- filtered ({}), {} clients over {} devices, {} readings/s: p99 {} (target < \
+             {TARGET_FILTERED_P99_MS} ms): {}; daemon CPU {:.0} % of one core (target < \
+             {TARGET_FILTERED_CPU} %): {}; every client got exactly its device's readings: {} \
+             ({} of {} exact, {} of another device); ingest kept up: {} => {}",
+            setup_label(args),
+            r.clients,
+            r.shape.devices,
+            args.rate,
+            fmt_ms(r.p99_ms),
+            if p99_ok { "met" } else { "MISSED" },
+            r.daemon_cpu,
+            if cpu_ok { "met" } else { "MISSED" },
+            yes_no(exact),
+            r.exact_clients,
+            r.clients,
+            r.foreign,
+            yes_no(r.ingest_kept_up),
+            if !at_target {
+                "not measured at the target load (10,000 clients over 1,000 devices, 5,000/s)"
+            } else if p99_ok && cpu_ok && exact && r.ingest_kept_up {
+                "MET"
+            } else {
+                "NOT MET"
+            }
+        );
+    }
+    for r in results.iter().filter(|r| r.shape.kind == Kind::Mixed) {
+        let c = match (&r.error, &r.commands) {
+            (Some(e), _) => {
+                println!("- mixed ({}): failed: {e}", setup_label(args));
+                continue;
+            }
+            (None, None) => continue,
+            (None, Some(c)) => c,
+        };
+        let target = if args.rate >= 5000 {
+            TARGET_MIXED_5M_P99_MS
+        } else {
+            TARGET_MIXED_P99_MS
+        };
+        let p99 = c.load.p99_ms();
+        let p99_ok = p99.is_some_and(|p| p < target);
+        let all_acked = c.load.seen.ok == c.wanted && c.idle.seen.ok == c.wanted;
+        println!(
+            "- mixed ({}), {} clients x {} readings/s: command RTT p99 under load {} (target < \
+             {target} ms): {}; idle p99 {}; {} of {} commands under load acked; stream p99 {}, \
+             every reading delivered: {} => {}",
+            setup_label(args),
+            r.clients,
+            args.rate,
+            fmt_ms(p99),
+            if p99_ok { "met" } else { "MISSED" },
+            fmt_ms(c.idle.p99_ms()),
+            c.load.seen.ok,
+            c.wanted,
+            fmt_ms(r.p99_ms),
+            yes_no(r.received == r.expected),
+            if r.clients < 1000 || args.rate < 1000 {
+                "not measured at the target load (1,000 clients x 1,000 or 5,000/s)"
+            } else if p99_ok && all_acked {
+                "MET"
+            } else {
+                "NOT MET"
+            }
+        );
     }
 }
 
@@ -448,7 +779,10 @@ fn print_side_by_side(args: &Args, all: &[(&Args, Vec<CaseResult>)]) {
     for &n in &args.clients {
         let mut line = format!("| {n} |");
         for (_, results) in all {
-            match results.iter().find(|r| r.clients == n) {
+            match results
+                .iter()
+                .find(|r| r.clients == n && r.shape.kind == Kind::Broadcast)
+            {
                 Some(r) if r.error.is_none() => line.push_str(&format!(
                     " {} / **{}** / {} ({}) |",
                     fmt_ms(r.p50_ms),
@@ -544,6 +878,7 @@ async fn start_instances(
 // ---------------------------------------------------------------------------------------
 
 struct CaseResult {
+    shape: Shape,
     clients: usize,
     published: u64,
     expected: u64,
@@ -591,13 +926,69 @@ struct CaseResult {
     pg_top: Vec<String>,
     /// Warnings and errors in the daemons' logs, prefixed with the instance.
     log_problems: Vec<String>,
+    /// Clients that received exactly the readings of their device(s), and those that got
+    /// fewer or more.
+    exact_clients: usize,
+    short_clients: usize,
+    over_clients: usize,
+    /// Readings of another device than the one a filtered client asked for.
+    foreign: u64,
+    /// The first client whose count or devices were wrong.
+    first_mismatch: Option<String>,
+    /// The mixed case's command round trips.
+    commands: Option<CommandResult>,
+    /// Seconds from the first publish to the measured window, and until every client had
+    /// had a reading (None: not within WARMUP_LIMIT).
+    warmup_s: f64,
+    streaming_after_s: Option<f64>,
+    /// Seconds the serving daemons took to go quiet after the last connect.
+    settle_s: f64,
     error: Option<String>,
 }
 
+/// The mixed case's commands: idle (clients connected, nothing published) and under load.
+struct CommandResult {
+    /// Commands wanted in each phase (`--commands`).
+    wanted: u64,
+    idle: CommandPhase,
+    load: CommandPhase,
+}
+
+/// One phase of commands, one in flight.
+struct CommandPhase {
+    /// What the WebSocket client saw, its latencies sorted.
+    seen: Driven,
+    /// The daemon's (instance A's) CPU over the phase, % of one core.
+    daemon_cpu: f64,
+    wall_s: f64,
+}
+
+impl CommandPhase {
+    fn new(mut seen: Driven, daemon_cpu: f64, wall_s: f64) -> CommandPhase {
+        seen.latency_us.sort_unstable();
+        seen.server_rtt_ms.sort_unstable_by(f64::total_cmp);
+        CommandPhase {
+            seen,
+            daemon_cpu,
+            wall_s,
+        }
+    }
+
+    /// Percentile `p` of the round trips, ms.
+    fn ms(&self, p: f64) -> Option<f64> {
+        percentile(&self.seen.latency_us, p).map(|us| us as f64 / 1000.0)
+    }
+
+    fn p99_ms(&self) -> Option<f64> {
+        self.ms(0.99)
+    }
+}
+
 impl CaseResult {
-    fn failed(clients: usize, error: String) -> CaseResult {
+    fn failed(shape: Shape, error: String) -> CaseResult {
         CaseResult {
-            clients,
+            shape,
+            clients: shape.clients,
             published: 0,
             expected: 0,
             received: 0,
@@ -631,6 +1022,15 @@ impl CaseResult {
             pg_stats: None,
             pg_top: Vec::new(),
             log_problems: Vec::new(),
+            exact_clients: 0,
+            short_clients: 0,
+            over_clients: 0,
+            foreign: 0,
+            first_mismatch: None,
+            commands: None,
+            warmup_s: 0.0,
+            streaming_after_s: None,
+            settle_s: 0.0,
             error: Some(error),
         }
     }
@@ -673,11 +1073,13 @@ async fn fanout_case(
     broker: &Mosquitto,
     pg: Option<&PgCluster>,
     args: &Args,
-    n: usize,
+    shape: Shape,
 ) -> anyhow::Result<CaseResult> {
     // Distinct per setup, so a compare run's cases never share a client id or database.
     let tag = format!(
-        "fanout-{n}-{}{}-{}",
+        "{}-{}-{}{}-{}",
+        shape.tag(),
+        shape.clients,
         match args.backend {
             Backend::Sqlite => "sq",
             Backend::Postgres => "pg",
@@ -687,7 +1089,7 @@ async fn fanout_case(
     );
     let pg = pg.filter(|_| args.backend == Backend::Postgres);
     let daemons = start_instances(bin, broker, pg, args, &tag).await?;
-    let result = measure_case(&daemons, broker, pg, args, n, &tag).await;
+    let result = measure_case(&daemons, broker, pg, args, shape, &tag).await;
     let mut problems = Vec::new();
     for (i, d) in daemons.iter().enumerate() {
         let letter = (b'A' + i as u8) as char;
@@ -711,9 +1113,10 @@ async fn measure_case(
     broker: &Mosquitto,
     pg: Option<&PgCluster>,
     args: &Args,
-    n: usize,
+    shape: Shape,
     tag: &str,
 ) -> anyhow::Result<CaseResult> {
+    let n = shape.clients;
     let daemon = &daemons[0];
     // The instances the SSE clients connect to.
     let serving: Vec<&Daemon> = if daemons.len() > 1 && !args.sse_on_storing {
@@ -736,10 +1139,12 @@ async fn measure_case(
     });
     let ready = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Semaphore::new(CONNECT_PARALLEL));
-    let sample_stride = (n / SAMPLE_CLIENTS).max(1);
+    let samples = shape.sample_clients();
+    let sample_stride = (n / samples.max(1)).max(1);
     let mut tasks = Vec::with_capacity(n);
     for idx in 0..n {
-        let sample_client = idx % sample_stride == 0 && idx / sample_stride < SAMPLE_CLIENTS;
+        let sample_client = idx % sample_stride == 0 && idx / sample_stride < samples;
+        let device = shape.device_of(idx);
         let (sample_every, lazy) = if sample_client {
             (1, None)
         } else if args.lazy_ms > 0 {
@@ -747,10 +1152,20 @@ async fn measure_case(
         } else {
             (SAMPLE_EVERY_OTHERS, None)
         };
+        let read_buf = match shape.kind {
+            Kind::Filtered => FILTERED_READ_BUF,
+            _ => READ_BUF,
+        };
         tasks.push(tokio::spawn(sse_client(SseClient {
+            read_buf,
             addr: serving[idx % serving.len()].addr,
             server: idx % serving.len(),
             idx,
+            path: match device {
+                Some(d) => format!("/events?type=reading&device=dev-{d}"),
+                None => "/events?type=reading".to_owned(),
+            },
+            own_device: device.map(|d| format!("dev-{d}").into_bytes()),
             sample_every,
             lazy,
             window: window.clone(),
@@ -787,6 +1202,16 @@ async fn measure_case(
         sse_clients += metric(&d.metrics().await?, "telebridge_sse_clients").unwrap_or(-1.0);
     }
     eprintln!("   {n} clients connected (telebridge_sse_clients = {sse_clients})");
+    // Each fresh stream runs a replay query after its response head; let them finish.
+    let settle_s = settle(&serving).await;
+    eprintln!("   the serving daemons went quiet {settle_s:.1} s after the last connect");
+    // The mixed case: commands on the idle daemon (clients connected, nothing published).
+    let commander = match shape.kind {
+        Kind::Mixed => {
+            Some(commands_idle(daemon, broker, args.commands, args.seconds, &stop).await?)
+        }
+        _ => None,
+    };
     let pg_0 = PgSnapshot::take(pg, daemon.pg_url.as_deref()).await?;
 
     let publisher = Publisher::connect(broker.port, &format!("pub-{tag}")).await?;
@@ -805,46 +1230,81 @@ async fn measure_case(
         monitor_stop.clone(),
     ));
 
+    // The measured window begins once the warm-up is over and every client has had a
+    // reading for STREAMING_SETTLE (a fresh client may replay from storage for a while
+    // before it streams live), or at WARMUP_LIMIT whatever the clients do.
     let warmup = Duration::from_secs(args.warmup);
-    let total = warmup + Duration::from_secs(args.seconds);
-    let total_target = args.rate * (args.warmup + args.seconds);
+    let measured = Duration::from_secs(args.seconds);
     let start = Instant::now();
-    let start_ns = now_ns();
-    window
-        .start
-        .store(start_ns + warmup.as_nanos() as u64, Ordering::Release);
-    window
-        .end
-        .store(start_ns + total.as_nanos() as u64, Ordering::Release);
-    let mut cpu_start = if warmup.is_zero() {
-        Some((Instant::now(), Cpu::now(daemons, broker, pg)))
-    } else {
-        None
-    };
+    let mut streaming_at: Option<Instant> = None;
+    // When the window began, and the readings to have sent by its end.
+    let mut measuring: Option<(Instant, u64)> = None;
+    let mut cpu_start = None;
+    let mut pending_commands = commander;
+    let mut commander = None;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n_sent = 0u64;
     let mut payload = Vec::with_capacity(PAYLOAD_BYTES + 32);
-    let topics: Vec<String> = (0..DEVICES)
+    let topics: Vec<String> = (0..shape.devices)
         .map(|i| format!("devices/dev-{i}/telemetry"))
         .collect();
-    while n_sent < total_target {
+    loop {
         tick.tick().await;
-        let elapsed = start.elapsed();
-        if cpu_start.is_none() && elapsed >= warmup {
-            cpu_start = Some((Instant::now(), Cpu::now(daemons, broker, pg)));
+        let now = Instant::now();
+        let elapsed = now.duration_since(start);
+        if streaming_at.is_none() && counters.iter().all(|c| c.load(Ordering::Relaxed) > 0) {
+            streaming_at = Some(now);
         }
-        if elapsed > total + Duration::from_secs(5) {
+        if measuring.is_none() {
+            let settled = streaming_at.is_some_and(|t| now.duration_since(t) >= STREAMING_SETTLE);
+            if (elapsed >= warmup && settled) || elapsed >= WARMUP_LIMIT {
+                if !settled {
+                    eprintln!(
+                        "   not every client had a reading after {} s of warm-up; measuring anyway",
+                        WARMUP_LIMIT.as_secs()
+                    );
+                }
+                let begin_ns = now_ns();
+                window
+                    .end
+                    .store(begin_ns + measured.as_nanos() as u64, Ordering::Release);
+                window.start.store(begin_ns, Ordering::Release);
+                cpu_start = Some((now, Cpu::now(daemons, broker, pg)));
+                let target =
+                    (args.rate as u128 * (elapsed + measured).as_micros() / 1_000_000) as u64;
+                measuring = Some((now, target));
+                // Under load: the same number of commands, paced over the measured window.
+                commander = pending_commands.take().map(|(device, ws, idle)| {
+                    let task = tokio::spawn(commands_under_load(
+                        ws,
+                        daemon.pid(),
+                        COMMAND_WARMUP + args.commands,
+                        args.commands,
+                        (now, now + measured),
+                        stop.clone(),
+                    ));
+                    (device, task, idle)
+                });
+            }
+        }
+        let target = measuring.map_or(u64::MAX, |(_, t)| t);
+        if n_sent >= target {
+            break;
+        }
+        if let Some((begin, _)) = measuring
+            && now > begin + measured + Duration::from_secs(5)
+        {
             eprintln!(
-                "   the publisher fell behind by more than 5 s; stopping at {n_sent} of {total_target}"
+                "   the publisher fell behind by more than 5 s; stopping at {n_sent} of {target}"
             );
             break;
         }
         // Everything due up to the end of this tick.
         let due = ((args.rate as u128 * (elapsed + TICK).as_micros()) / 1_000_000) as u64;
-        let due = due.min(total_target);
+        let due = due.min(target);
         while n_sent < due {
-            let device = (n_sent % DEVICES) as usize;
+            let device = (n_sent % shape.devices) as usize;
             make_payload(&mut payload, n_sent, device);
             publish_qos1(&publisher.client, &topics[device], &payload).await?;
             n_sent += 1;
@@ -854,6 +1314,9 @@ async fn measure_case(
     let publish_end = Instant::now();
     let cpu_end = Cpu::now(daemons, broker, pg);
     let (cpu_t0, cpu_start) = cpu_start.unwrap_or((start, Cpu::default()));
+    let window_start = cpu_t0;
+    let warmup_s = cpu_t0.duration_since(start).as_secs_f64();
+    let streaming_after_s = streaming_at.map(|t| t.duration_since(start).as_secs_f64());
     let cpu_wall = publish_end.duration_since(cpu_t0).as_secs_f64().max(1e-6);
     let pct = |f: fn(&Cpu) -> f64| 100.0 * (f(&cpu_end) - f(&cpu_start)) / cpu_wall;
     eprintln!(
@@ -867,10 +1330,14 @@ async fn measure_case(
     let mut last_progress = Instant::now();
     let mut last_total = u64::MAX;
     let mut drain_ms = None;
+    let expected: Vec<u64> = (0..n).map(|idx| shape.expected(idx, n_sent)).collect();
     loop {
         let received: u64 = counters.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-        let all =
-            received >= n_sent * n as u64 && publisher.acked.load(Ordering::Relaxed) >= n_sent;
+        let all = publisher.acked.load(Ordering::Relaxed) >= n_sent
+            && counters
+                .iter()
+                .zip(&expected)
+                .all(|(c, &e)| c.load(Ordering::Relaxed) >= e);
         if all {
             drain_ms = Some(publish_end.elapsed().as_secs_f64() * 1000.0);
             break;
@@ -899,7 +1366,6 @@ async fn measure_case(
     let seen = monitor.await.unwrap_or_default();
     let (max_lag, max_queue) = (seen.max_lag, seen.max_queue);
     // Commits per second over the measured window, from the polls inside it.
-    let window_start = start + warmup;
     let inside: Vec<&(Instant, f64, f64)> = seen
         .batches
         .iter()
@@ -924,6 +1390,22 @@ async fn measure_case(
     }
     let rows = daemon.count_readings().await.ok();
     let (pg_stats, pg_top) = PgSnapshot::since(pg_0, pg, daemon.pg_url.as_deref(), 6).await?;
+    // The commands under load end with the window (and a grace for the last answer).
+    let commands = match commander {
+        Some((device, task, idle)) => {
+            let load = timeout(COMMAND_GRACE + Duration::from_secs(5), task)
+                .await
+                .context("the commands under load did not end")?
+                .context("the command task panicked")??;
+            device.stop().await;
+            Some(CommandResult {
+                wanted: args.commands,
+                idle,
+                load,
+            })
+        }
+        None => None,
+    };
 
     stop.cancel();
     let mut latencies: Vec<u32> = Vec::new();
@@ -932,9 +1414,32 @@ async fn measure_case(
     let (mut sample_events, mut sample_reads) = (0u64, 0u64);
     let mut client_errors = 0;
     let mut first_error = None;
+    let (mut exact_clients, mut short_clients, mut over_clients) = (0, 0, 0);
+    let mut foreign = 0;
+    let mut first_mismatch = None;
     for t in tasks {
         match timeout(Duration::from_secs(10), t).await {
             Ok(Ok(outcome)) => {
+                let want = expected[outcome.idx];
+                match outcome.events.cmp(&want) {
+                    std::cmp::Ordering::Equal => exact_clients += 1,
+                    std::cmp::Ordering::Less => short_clients += 1,
+                    std::cmp::Ordering::Greater => over_clients += 1,
+                }
+                foreign += outcome.foreign;
+                if outcome.events != want || outcome.foreign > 0 {
+                    first_mismatch.get_or_insert_with(|| {
+                        format!(
+                            "client {}{}: {} of {want} readings, {} of another device",
+                            outcome.idx,
+                            shape
+                                .device_of(outcome.idx)
+                                .map_or(String::new(), |d| format!(" (dev-{d})")),
+                            outcome.events,
+                            outcome.foreign
+                        )
+                    });
+                }
                 received += outcome.events;
                 if outcome.sample_client {
                     sample_events += outcome.events;
@@ -973,9 +1478,10 @@ async fn measure_case(
         && stored == n_sent
         && (max_lag as f64) <= args.rate as f64 * LAG_SECONDS_ALLOWED;
     let result = CaseResult {
+        shape,
         clients: n,
         published: n_sent,
-        expected: n_sent * n as u64,
+        expected: expected.iter().sum(),
         received,
         samples: latencies.len(),
         p50_ms: ms(0.50),
@@ -1005,7 +1511,7 @@ async fn measure_case(
         p999_ms: ms(0.999),
         sample_reads_per_s: (sample_reads > 0).then(|| {
             sample_reads as f64
-                / SAMPLE_CLIENTS.min(n) as f64
+                / samples as f64
                 / publish_end.duration_since(start).as_secs_f64().max(1e-6)
         }),
         events_per_read: (sample_reads > 0).then(|| sample_events as f64 / sample_reads as f64),
@@ -1017,16 +1523,57 @@ async fn measure_case(
         pg_stats,
         pg_top,
         log_problems: Vec::new(),
+        exact_clients,
+        short_clients,
+        over_clients,
+        foreign,
+        first_mismatch,
+        commands,
+        warmup_s,
+        streaming_after_s,
+        settle_s,
         error: None,
     };
     eprintln!(
-        "   received {}/{} events, p99 {}, daemon CPU {:.0}%",
+        "   warm-up {warmup_s:.1} s (every client had a reading after {})",
+        streaming_after_s.map_or("-".into(), |t| format!("{t:.1} s"))
+    );
+    eprintln!(
+        "   received {}/{} events ({} of {n} clients exact, {} of another device), p99 {}, daemon CPU {:.0}%",
         result.received,
         result.expected,
+        result.exact_clients,
+        result.foreign,
         fmt_ms(result.p99_ms),
         result.daemon_cpu
     );
+    if let Some(c) = &result.commands {
+        eprintln!(
+            "   commands: idle p99 {} ({} acked), under load p99 {} ({} acked)",
+            fmt_ms(c.idle.p99_ms()),
+            c.idle.seen.ok,
+            fmt_ms(c.load.p99_ms()),
+            c.load.seen.ok
+        );
+    }
     Ok(result)
+}
+
+/// Waits until the daemons use less than SETTLE_CPU of a core over SETTLE_POLL (at most
+/// SETTLE_LIMIT); returns the seconds it took.
+async fn settle(daemons: &[&Daemon]) -> f64 {
+    let pids: Vec<u32> = daemons.iter().map(|d| d.pid()).collect();
+    let started = Instant::now();
+    let mut before = cpu_seconds_of(&pids);
+    while started.elapsed() < SETTLE_LIMIT {
+        tokio::time::sleep(SETTLE_POLL).await;
+        let now = cpu_seconds_of(&pids);
+        if 100.0 * (now - before) / SETTLE_POLL.as_secs_f64() < SETTLE_CPU {
+            break;
+        }
+        before = now;
+    }
+    started.elapsed().as_secs_f64()
 }
 
 /// What the /metrics poller saw.
@@ -1102,6 +1649,114 @@ fn make_payload(out: &mut Vec<u8>, seq: u64, device: usize) {
 }
 
 // ---------------------------------------------------------------------------------------
+// The mixed case's commands: one WebSocket, one command in flight
+// ---------------------------------------------------------------------------------------
+
+/// Starts the simulated device (stopped with `stop` at the latest), waits until the daemon
+/// lists it online, opens the WebSocket on instance A, sends COMMAND_WARMUP commands, then
+/// times `count` on the idle daemon, paced like those under load over `seconds`.
+async fn commands_idle(
+    daemon: &Daemon,
+    broker: &Mosquitto,
+    count: u64,
+    seconds: u64,
+    stop: &CancellationToken,
+) -> anyhow::Result<(AnsweringDevice, Ws, CommandPhase)> {
+    let device = fake_device(
+        broker.port,
+        COMMAND_DEVICE,
+        true,
+        stop.child_token(),
+        ack_ok,
+    )
+    .await?;
+    wait_online(daemon, COMMAND_DEVICE).await?;
+    let mut ws = connect_ws(daemon.addr)
+        .await
+        .context("opening the command WebSocket")?;
+    let deadline = Instant::now() + COMMAND_PHASE_LIMIT;
+    let warm = drive(&mut ws, COMMAND_DEVICE, 0, COMMAND_WARMUP, 1, deadline)
+        .await
+        .context("warm-up commands")?;
+    if warm.done < COMMAND_WARMUP {
+        bail!(
+            "warm-up: only {} of {COMMAND_WARMUP} commands finished: {}",
+            warm.done,
+            warm.first_problem.as_deref().unwrap_or("-")
+        );
+    }
+    let from = Instant::now();
+    let window = (from, from + Duration::from_secs(seconds));
+    let idle = paced_commands(&mut ws, daemon.pid(), COMMAND_WARMUP, count, window, stop)
+        .await
+        .context("idle commands")?;
+    eprintln!(
+        "   idle commands: {} of {count} acked, p99 {}",
+        idle.seen.ok,
+        fmt_ms(idle.p99_ms())
+    );
+    Ok((device, ws, idle))
+}
+
+/// The commands under load (paced over the measured `window`), then the WebSocket closed.
+async fn commands_under_load(
+    mut ws: Ws,
+    pid: u32,
+    first_ref: u64,
+    count: u64,
+    window: (Instant, Instant),
+    stop: CancellationToken,
+) -> anyhow::Result<CommandPhase> {
+    let phase = paced_commands(&mut ws, pid, first_ref, count, window, &stop).await;
+    let _ = timeout(Duration::from_secs(2), ws.close(None)).await;
+    phase.context("commands under load")
+}
+
+/// Sends `count` commands (refs from `first_ref`), one at a time, the sends paced evenly over
+/// `window` (from, to); none is sent after `to`, and the last may take COMMAND_GRACE more to
+/// be answered. CPU is that of the daemon `pid` over the phase. Ends early on `stop`.
+async fn paced_commands(
+    ws: &mut Ws,
+    pid: u32,
+    first_ref: u64,
+    count: u64,
+    (from, to): (Instant, Instant),
+    stop: &CancellationToken,
+) -> anyhow::Result<CommandPhase> {
+    let gap = to.saturating_duration_since(from) / count.max(1) as u32;
+    tokio::select! {
+        _ = stop.cancelled() => bail!("stopped before the commands began"),
+        _ = tokio::time::sleep_until(from.into()) => {}
+    }
+    let cpu0 = cpu_seconds(pid);
+    let t0 = Instant::now();
+    let mut seen = Driven::default();
+    let paced = async {
+        for i in 0..count {
+            tokio::time::sleep_until((from + gap * i as u32).into()).await;
+            if Instant::now() >= to {
+                break;
+            }
+            let one = drive(ws, COMMAND_DEVICE, first_ref + i, 1, 1, to + COMMAND_GRACE).await?;
+            let done = one.done;
+            seen.absorb(one);
+            if done == 0 {
+                // No answer by the deadline: the window is over.
+                break;
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        _ = stop.cancelled() => bail!("stopped before the commands ended"),
+        r = paced => r?,
+    }
+    let wall = t0.elapsed().as_secs_f64().max(1e-6);
+    let cpu = 100.0 * (cpu_seconds(pid) - cpu0) / wall;
+    Ok(CommandPhase::new(seen, cpu, wall))
+}
+
+// ---------------------------------------------------------------------------------------
 // The SSE load client: raw TCP, one reusable buffer, a byte scan per line
 // ---------------------------------------------------------------------------------------
 
@@ -1110,6 +1765,12 @@ struct SseClient {
     /// Which of the serving instances `addr` is.
     server: usize,
     idx: usize,
+    /// `/events?...` to GET.
+    path: String,
+    /// The device a filtered client asked for: every reading's `"device"` is checked.
+    own_device: Option<Vec<u8>>,
+    /// Its read buffer's size.
+    read_buf: usize,
     /// Latency of every Nth event (0: none).
     sample_every: u64,
     /// Read only this often.
@@ -1122,9 +1783,12 @@ struct SseClient {
 }
 
 struct ClientOutcome {
+    idx: usize,
     server: usize,
     sample_client: bool,
     events: u64,
+    /// Readings of another device than `own_device`.
+    foreign: u64,
     reads: u64,
     latencies: Vec<u32>,
     error: Option<String>,
@@ -1135,18 +1799,26 @@ struct Scan {
     events: u64,
     reads: u64,
     sample_every: u64,
-    /// The next `data:` line belongs to a sampled reading.
+    /// The device whose readings alone the client should get (filtered clients).
+    own_device: Option<Vec<u8>>,
+    foreign: u64,
+    /// The next `data:` line belongs to a reading to look into (sampled, or checked for its
+    /// device), and whether it is sampled.
     want_data: bool,
+    sampled: bool,
     latencies: Vec<u32>,
 }
 
 async fn sse_client(c: SseClient) -> ClientOutcome {
-    let mut buf = vec![0u8; READ_BUF];
+    let mut buf = vec![0u8; c.read_buf];
     let mut scan = Scan {
         events: 0,
         reads: 0,
         sample_every: c.sample_every,
+        own_device: c.own_device.clone(),
+        foreign: 0,
         want_data: false,
+        sampled: false,
         latencies: Vec::with_capacity(match c.sample_every {
             0 => 0,
             1 => 16_384,
@@ -1158,9 +1830,11 @@ async fn sse_client(c: SseClient) -> ClientOutcome {
         Err(e) => Some(format!("client {}: {e:#}", c.idx)),
     };
     ClientOutcome {
+        idx: c.idx,
         server: c.server,
         sample_client: c.sample_every == 1,
         events: scan.events,
+        foreign: scan.foreign,
         reads: scan.reads,
         latencies: scan.latencies,
         error,
@@ -1171,10 +1845,10 @@ async fn sse_session(c: &SseClient, buf: &mut [u8], scan: &mut Scan) -> anyhow::
     let permit = c.gate.acquire().await.context("connect gate closed")?;
     let (mut stream, mut filled) = timeout(
         HANDSHAKE_TIMEOUT,
-        open_sse(c.addr, "/events?type=reading", SSE_HEADERS, buf),
+        open_sse(c.addr, &c.path, SSE_HEADERS, buf),
     )
     .await
-    .context("no response to GET /events within 10 s")??;
+    .with_context(|| format!("no response to GET {} within 10 s", c.path))??;
     drop(permit);
     c.ready.fetch_add(1, Ordering::AcqRel);
     scan_lines(buf, &mut filled, scan, &c.window);
@@ -1202,8 +1876,9 @@ async fn sse_session(c: &SseClient, buf: &mut [u8], scan: &mut Scan) -> anyhow::
 
 /// Consumes every complete line in `buf[..filled]` and moves the partial last line to the
 /// front. Counts `event: reading` lines; for sampled readings, reads `"t":` in the `data:`
-/// line. Chunked-encoding size lines and blank lines are ignored (they never start with
-/// `event:`).
+/// line, and for a filtered client compares every reading's `"device"` with its own (bytes,
+/// no JSON parse). Chunked-encoding size lines, blank lines and `id:`-only frames are
+/// ignored (they never start with `event:`).
 fn scan_lines(buf: &mut [u8], filled: &mut usize, scan: &mut Scan, window: &Window) {
     let mut start = 0;
     let mut now: Option<u64> = None;
@@ -1211,10 +1886,18 @@ fn scan_lines(buf: &mut [u8], filled: &mut usize, scan: &mut Scan, window: &Wind
         let line = &buf[start..start + i];
         if line.starts_with(b"event: reading") {
             scan.events += 1;
-            scan.want_data = scan.sample_every != 0 && scan.events % scan.sample_every == 0;
+            scan.sampled = scan.sample_every != 0 && scan.events % scan.sample_every == 0;
+            scan.want_data = scan.sampled || scan.own_device.is_some();
         } else if scan.want_data && line.starts_with(b"data: ") {
             scan.want_data = false;
-            if let Some(t) = publish_time(line) {
+            if let Some(own) = &scan.own_device
+                && reading_device(line) != Some(own.as_slice())
+            {
+                scan.foreign += 1;
+            }
+            if scan.sampled
+                && let Some(t) = publish_time(line)
+            {
                 let from = window.start.load(Ordering::Relaxed);
                 let to = window.end.load(Ordering::Relaxed);
                 if t >= from && t < to {
@@ -1232,6 +1915,16 @@ fn scan_lines(buf: &mut [u8], filled: &mut usize, scan: &mut Scan, window: &Wind
         // A line longer than the buffer: not an event of ours; drop it.
         *filled = 0;
     }
+}
+
+/// The `"device"` of a reading's `data:` line: the first `"device":"..."` on it, the
+/// envelope's (the payload's, should it come first, names the same device: the publisher
+/// writes it so).
+fn reading_device(line: &[u8]) -> Option<&[u8]> {
+    const KEY: &[u8] = b"\"device\":\"";
+    let at = find_subslice(line, KEY)? + KEY.len();
+    let rest = &line[at..];
+    Some(&rest[..find_byte(rest, b'"')?])
 }
 
 /// The `"t"` of the reading's payload: the payload is the second JSON object on the line
@@ -1341,32 +2034,59 @@ async fn idle_case(bin: &Path, broker: &Mosquitto, n: usize) -> anyhow::Result<I
 // Report
 // ---------------------------------------------------------------------------------------
 
-fn print_fanout_table(args: &Args, results: &[CaseResult]) {
-    println!(
-        "## fan-out on {}{}: {} readings/s for {} s measured (after {} s warm-up)",
-        setup_label(args),
-        if args.instances > 1 && !args.sse_on_storing {
-            ", SSE on the instances that did not store"
-        } else {
-            ""
-        },
-        args.rate,
-        args.seconds,
-        args.warmup
-    );
+fn print_fanout_table(args: &Args, kind: Kind, results: &[&CaseResult]) {
     println!();
+    let sse_on = if args.instances > 1 && !args.sse_on_storing {
+        ", SSE on the instances that did not store"
+    } else {
+        ""
+    };
+    let timing = format!(
+        "{} readings/s for {} s measured (after the warm-up: at least {} s, until every client streams)",
+        args.rate, args.seconds, args.warmup
+    );
+    match kind {
+        Kind::Broadcast => println!("## fan-out on {}{sse_on}: {timing}", setup_label(args)),
+        Kind::Filtered => println!(
+            "## filtered fan-out on {}{sse_on}: each client on `/events?type=reading&device=dev-K`, \
+             the clients spread evenly over {} devices; {timing}, round-robin over the devices \
+             ({:.1} readings/s each)",
+            setup_label(args),
+            args.devices,
+            args.rate as f64 / args.devices as f64
+        ),
+        Kind::Mixed => println!(
+            "## mixed on {}{sse_on}: unfiltered clients streaming {timing}, with command round \
+             trips beside them (below)",
+            setup_label(args)
+        ),
+    }
+    println!();
+    let target = match kind {
+        Kind::Filtered => {
+            format!("p99 < {TARGET_FILTERED_P99_MS} ms, CPU < {TARGET_FILTERED_CPU} %")
+        }
+        _ => format!("p99 < {TARGET_P99_MS} ms"),
+    };
     println!(
-        "| clients | readings published | events expected | events received | latency samples | p50 ms | p99 ms | max ms | daemon CPU % | other instances CPU % | postgres CPU % | broker CPU % | bench CPU % | other processes CPU % | rows in {} | max ingest lag | max tail lag (serving) | ingest kept up | drain after last publish | p99 < 50 ms |",
+        "| clients | readings published | events expected | events received | clients exact | latency samples | p50 ms | p99 ms | max ms | daemon CPU % | other instances CPU % | postgres CPU % | broker CPU % | bench CPU % | other processes CPU % | rows in {} | max ingest lag | max tail lag (serving) | ingest kept up | drain after last publish | {target} |",
         args.backend.name()
     );
-    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|:-:|");
-    for r in results {
+    println!(
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|:-:|"
+    );
+    for &r in results {
         if let Some(e) = &r.error {
             println!("| {} | failed: {e} |", r.clients);
             continue;
         }
+        let met = r.p99_ms.is_some_and(|p| p < r.shape.target_p99_ms())
+            && r.received == r.expected
+            && r.exact_clients == r.clients
+            && r.foreign == 0
+            && (kind != Kind::Filtered || r.daemon_cpu < TARGET_FILTERED_CPU);
         println!(
-            "| {} | {} | {} | {} ({:.2}%) | {} | {} | {} | {} | {:.0} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} (queue ≤ {}) | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} ({:.2}%) | {} of {} | {} | {} | {} | {} | {:.0} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} (queue ≤ {}) | {} | {} | {} | {} |",
             r.clients,
             r.published,
             r.expected,
@@ -1376,6 +2096,8 @@ fn print_fanout_table(args: &Args, results: &[CaseResult]) {
             } else {
                 0.0
             },
+            r.exact_clients,
+            r.clients,
             r.samples,
             fmt_ms(r.p50_ms),
             fmt_ms(r.p99_ms),
@@ -1394,11 +2116,7 @@ fn print_fanout_table(args: &Args, results: &[CaseResult]) {
             yes_no(r.ingest_kept_up),
             r.drain_ms
                 .map_or("incomplete".into(), |ms| format!("{ms:.0} ms")),
-            if r.p99_ms.is_some_and(|p| p < TARGET_P99_MS) && r.received == r.expected {
-                "yes"
-            } else {
-                "NO"
-            },
+            yes_no(met),
         );
     }
     println!();
@@ -1423,13 +2141,13 @@ fn print_fanout_table(args: &Args, results: &[CaseResult]) {
     println!("more percentiles, and where the work goes (daemon side):");
     println!();
     println!(
-        "| clients | p90 ms | p99.9 ms | write transactions/s (= feed pushes) | mean commit ms | pushes x clients (wake-ups at most) | writes/s to one sample client | events per write | streams cut | client errors |"
+        "| clients | p90 ms | p99.9 ms | write transactions/s (= feed pushes) | mean commit ms | pushes x clients (wake-ups at most) | writes/s to one sample client | events per write | streams cut | client errors | quiet after connect s | warm-up s (every client had a reading after) |"
     );
-    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for r in results.iter().filter(|r| r.error.is_none()) {
         let opt = |v: Option<f64>, digits: usize| v.map_or("?".into(), |v| format!("{v:.digits$}"));
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} ({}) |",
             r.clients,
             fmt_ms(r.p90_ms),
             fmt_ms(r.p999_ms),
@@ -1439,7 +2157,11 @@ fn print_fanout_table(args: &Args, results: &[CaseResult]) {
             opt(r.sample_reads_per_s, 0),
             opt(r.events_per_read, 1),
             r.cut,
-            r.client_errors
+            r.client_errors,
+            r.settle_s,
+            r.warmup_s,
+            r.streaming_after_s
+                .map_or("not all".into(), |t| format!("{t:.1} s"))
         );
     }
     println!(
@@ -1507,7 +2229,64 @@ fn print_fanout_table(args: &Args, results: &[CaseResult]) {
                 r.first_error.as_deref().unwrap_or("-")
             );
         }
+        if let Some(m) = &r.first_mismatch {
+            println!(
+                "note: {} clients: {} got fewer readings than published to their device(s), {} more, \
+                 {} readings of another device in all; first: {m}",
+                r.clients, r.short_clients, r.over_clients, r.foreign
+            );
+        }
     }
+    if kind == Kind::Mixed {
+        print_commands_table(results);
+    }
+}
+
+/// The mixed case's command round trips, idle and under load, each beside the daemon's CPU.
+fn print_commands_table(results: &[&CaseResult]) {
+    println!();
+    println!(
+        "command round trip (WebSocket send -> `ack` on the WebSocket, one in flight), idle = the \
+         clients connected and nothing published, under load = paced over the measured window:"
+    );
+    println!();
+    println!(
+        "| clients | phase | acked / commands | p50 ms | p90 ms | p99 ms | max ms | send->accepted p99 ms | server rtt_ms p99 | daemon CPU % | wall s |"
+    );
+    println!("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let mut problems = Vec::new();
+    for r in results {
+        let Some(c) = &r.commands else { continue };
+        for (phase, p) in [("idle", &c.idle), ("under load", &c.load)] {
+            let mut accepted = p.seen.accepted_us.clone();
+            accepted.sort_unstable();
+            println!(
+                "| {} | {phase} | {} / {} | {} | {} | **{}** | {} | {} | {} | {:.0} | {:.1} |",
+                r.clients,
+                p.seen.ok,
+                c.wanted,
+                fmt_ms(p.ms(0.50)),
+                fmt_ms(p.ms(0.90)),
+                fmt_ms(p.p99_ms()),
+                fmt_ms(p.ms(1.0)),
+                fmt_ms(percentile(&accepted, 0.99).map(|us| us as f64 / 1000.0)),
+                fmt_ms(percentile_f(&p.seen.server_rtt_ms, 0.99)),
+                p.daemon_cpu,
+                p.wall_s
+            );
+            if let Some(problem) = &p.seen.first_problem {
+                problems.push(format!("{} clients, {phase}: {problem:.300}", r.clients));
+            }
+        }
+    }
+    println!();
+    for p in &problems {
+        println!("note: first command problem, {p}");
+    }
+    println!(
+        "server rtt_ms: the daemon's own measure, from handing the command to its MQTT client to \
+         the commit of the device's answer. Daemon CPU % of one core over the phase."
+    );
 }
 
 fn print_idle_table(n: usize, idle: &anyhow::Result<IdleResult>) {

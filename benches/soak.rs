@@ -38,10 +38,10 @@
 mod common;
 
 use common::{
-    AnsweringDevice, Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, Publisher, Ws, connect_ws,
-    cpu_snapshot, daemon_binary, find_byte, fmt_ms, leading_u64, load_average, metric, modified,
-    mqtt_connect, mqtt_options, number, open_file_limit, open_sse, path_value, percentile,
-    proc_status_kb, publish_qos1, tokio_workers, ws_json,
+    Daemon, HANDSHAKE_TIMEOUT, Machine, Mosquitto, Publisher, Ws, connect_ws, cpu_snapshot,
+    daemon_binary, fake_device, find_byte, fmt_ms, leading_u64, load_average, metric, modified,
+    number, open_file_limit, open_sse, path_value, percentile, proc_status_kb, publish_qos1,
+    tokio_workers, ws_json,
 };
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
@@ -53,7 +53,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
 use futures_util::{SinkExt as _, StreamExt as _};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::AsyncClient;
 use sqlx::Connection as _;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use tokio::io::AsyncReadExt as _;
@@ -238,7 +238,15 @@ async fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let idle = Sample::take(&daemon, &Counters::default(), 0.0).await;
 
     // The device that answers commands.
-    let device = command_device(broker.port, COMMAND_DEVICE, stop.child_token()).await?;
+    // Answers every command on its topic at once with `{"id":..,"ok":true,"result":null}`.
+    let device = fake_device(
+        broker.port,
+        COMMAND_DEVICE,
+        false,
+        stop.child_token(),
+        |id| serde_json::json!({"id": id, "ok": true, "result": null}).to_string(),
+    )
+    .await?;
 
     // SSE clients, all connected (and so subscribed to the feed) before the first publish.
     let stats: Arc<Vec<ClientStats>> =
@@ -1250,39 +1258,6 @@ async fn command_client(
     }
     let _ = timeout(Duration::from_secs(2), ws.close(None)).await;
     Ok(first_problem)
-}
-
-/// A simulated device: answers every command on its topic at once with
-/// `{"id":..,"ok":true,"result":null}`.
-async fn command_device(
-    port: u16,
-    device: &str,
-    stop: CancellationToken,
-) -> anyhow::Result<AnsweringDevice> {
-    let commands = format!("devices/{device}/commands");
-    let opts = mqtt_options(&format!("{device}-{}", std::process::id()), port);
-    let (client, mut eventloop) = mqtt_connect(opts, "device").await?;
-    client
-        .subscribe(&commands, QoS::AtLeastOnce)
-        .await
-        .context("device: subscribing")?;
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match timeout(left, eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => bail!("device: {e}"),
-            Err(_) => bail!("device: no SubAck within {HANDSHAKE_TIMEOUT:?}"),
-        }
-    }
-    Ok(AnsweringDevice::spawn(
-        client,
-        eventloop,
-        device,
-        stop,
-        |id| serde_json::json!({"id": id, "ok": true, "result": null}).to_string(),
-    ))
 }
 
 // ---------------------------------------------------------------------------------------

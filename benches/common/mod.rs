@@ -5,6 +5,7 @@
 
 #![allow(dead_code, reason = "each benchmark uses a different part")]
 
+use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::ops::ControlFlow;
@@ -15,7 +16,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS};
+use futures_util::{SinkExt as _, StreamExt as _};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Packet, QoS};
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -806,6 +808,273 @@ pub fn find_subslice(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Commands: a WebSocket client that times them, and a device that answers them
+// ---------------------------------------------------------------------------------------
+
+/// Longer than the daemon's `[commands] timeout` (30 s), which answers `timeout` itself.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(35);
+
+/// What [`drive`] saw of the commands it sent.
+#[derive(Default)]
+pub struct Driven {
+    /// Commands that got their final answer (ack, error, timeout or expiry).
+    pub done: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub timeouts: u64,
+    /// `accepted` with a status other than `sent`.
+    pub queued: u64,
+    /// Send of the command frame -> receipt of its `ack`, microseconds.
+    pub latency_us: Vec<u32>,
+    /// Send -> receipt of its `accepted`, microseconds.
+    pub accepted_us: Vec<u32>,
+    /// The daemon's own `rtt_ms` of each ack.
+    pub server_rtt_ms: Vec<f64>,
+    pub first_problem: Option<String>,
+}
+
+impl Driven {
+    /// Adds what `other` saw (the first problem stays the earliest).
+    pub fn absorb(&mut self, other: Driven) {
+        self.done += other.done;
+        self.ok += other.ok;
+        self.errors += other.errors;
+        self.timeouts += other.timeouts;
+        self.queued += other.queued;
+        self.latency_us.extend(other.latency_us);
+        self.accepted_us.extend(other.accepted_us);
+        self.server_rtt_ms.extend(other.server_rtt_ms);
+        if self.first_problem.is_none() {
+            self.first_problem = other.first_problem;
+        }
+    }
+}
+
+/// Sends `count` `ping` commands to `device` with refs from `first_ref`, keeping
+/// `concurrency` in flight, and times each from its send to its `ack`. Stops at `deadline`
+/// with what it has.
+pub async fn drive(
+    ws: &mut Ws,
+    device: &str,
+    first_ref: u64,
+    count: u64,
+    concurrency: u64,
+    deadline: Instant,
+) -> anyhow::Result<Driven> {
+    let mut out = Driven {
+        latency_us: Vec::with_capacity(count as usize),
+        accepted_us: Vec::with_capacity(count as usize),
+        server_rtt_ms: Vec::with_capacity(count as usize),
+        ..Driven::default()
+    };
+    // ref -> send time; id -> ref.
+    let mut sent: HashMap<u64, Instant> = HashMap::new();
+    let mut ids: HashMap<String, u64> = HashMap::new();
+    let mut next = 0u64;
+    while next < count && next < concurrency {
+        send_command(ws, device, first_ref + next, &mut sent).await?;
+        next += 1;
+    }
+    while out.done < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let frame = match timeout(left.min(REPLY_TIMEOUT), ws.next()).await {
+            Err(_) if left <= REPLY_TIMEOUT => break,
+            Err(_) => bail!(
+                "no WebSocket message for {REPLY_TIMEOUT:?} with {} command(s) in flight",
+                sent.len()
+            ),
+            Ok(None) => bail!("the daemon closed the WebSocket"),
+            Ok(Some(Err(e))) => bail!("WebSocket: {e}"),
+            Ok(Some(Ok(f))) => f,
+        };
+        let received = Instant::now();
+        let Some((text, v)) = ws_json(&frame)? else {
+            continue;
+        };
+        let finished = match v["type"].as_str() {
+            Some("accepted") => {
+                let reference = v["ref"].as_u64();
+                let id = v["id"].as_str().unwrap_or_default().to_owned();
+                if let Some(at) = reference.and_then(|r| sent.get(&r)) {
+                    out.accepted_us.push(
+                        received
+                            .duration_since(*at)
+                            .as_micros()
+                            .min(u32::MAX as u128) as u32,
+                    );
+                }
+                if v["status"].as_str() != Some("sent") {
+                    out.queued += 1;
+                    out.first_problem
+                        .get_or_insert_with(|| format!("accepted but not sent: {text}"));
+                }
+                if let Some(r) = reference {
+                    ids.insert(id, r);
+                }
+                None
+            }
+            Some("ack") => {
+                let id = v["id"].as_str().unwrap_or_default();
+                let Some(r) = ids.remove(id) else {
+                    out.first_problem
+                        .get_or_insert_with(|| format!("ack for an unknown id: {text}"));
+                    continue;
+                };
+                if let Some(at) = sent.remove(&r) {
+                    out.latency_us.push(
+                        received
+                            .duration_since(at)
+                            .as_micros()
+                            .min(u32::MAX as u128) as u32,
+                    );
+                }
+                if let Some(rtt) = v["rtt_ms"].as_f64() {
+                    out.server_rtt_ms.push(rtt);
+                }
+                if v["ok"].as_bool() == Some(true) {
+                    out.ok += 1;
+                } else {
+                    out.errors += 1;
+                    out.first_problem
+                        .get_or_insert_with(|| format!("device answered not ok: {text}"));
+                }
+                Some(r)
+            }
+            Some("timeout") | Some("expired") => {
+                out.timeouts += 1;
+                out.first_problem.get_or_insert_with(|| text.to_owned());
+                let id = v["id"].as_str().unwrap_or_default();
+                let r = ids.remove(id);
+                if let Some(r) = r {
+                    sent.remove(&r);
+                }
+                Some(r.unwrap_or(u64::MAX))
+            }
+            Some("error") => {
+                out.errors += 1;
+                out.first_problem.get_or_insert_with(|| text.to_owned());
+                let r = v["ref"].as_u64();
+                if let Some(r) = r {
+                    sent.remove(&r);
+                }
+                Some(r.unwrap_or(u64::MAX))
+            }
+            _ => {
+                out.first_problem
+                    .get_or_insert_with(|| format!("unexpected frame: {text}"));
+                None
+            }
+        };
+        if finished.is_some() {
+            out.done += 1;
+            if next < count {
+                send_command(ws, device, first_ref + next, &mut sent).await?;
+                next += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn send_command(
+    ws: &mut Ws,
+    device: &str,
+    reference: u64,
+    sent: &mut HashMap<u64, Instant>,
+) -> anyhow::Result<()> {
+    let text =
+        format!(r#"{{"type":"command","device":"{device}","name":"ping","ref":{reference}}}"#);
+    sent.insert(reference, Instant::now());
+    timeout(HANDSHAKE_TIMEOUT, ws.send(Message::text(text)))
+        .await
+        .context("sending a command timed out")?
+        .context("sending a command")?;
+    Ok(())
+}
+
+/// Waits until the daemon lists the device as online (its retained `online` was committed).
+pub async fn wait_online(daemon: &Daemon, device: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(text) = get_text(&daemon.http, daemon.addr, "/api/devices").await {
+            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let online = v["devices"].as_array().is_some_and(|d| {
+                d.iter()
+                    .any(|d| d["id"] == device && d["online"].as_bool() == Some(true))
+            });
+            if online {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the daemon does not list {device} as online after 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Connects a simulated device, subscribes to its command topic, and, if `announce`, sets
+/// its last will (`offline`, retained, on its status topic) and announces `online`
+/// (retained) there; then answers every command at once with `ack(id)` until `stop` is
+/// cancelled (or [`AnsweringDevice::stop`]).
+pub async fn fake_device(
+    port: u16,
+    device: &str,
+    announce: bool,
+    stop: CancellationToken,
+    ack: impl Fn(&str) -> String + Send + 'static,
+) -> anyhow::Result<AnsweringDevice> {
+    let commands = format!("devices/{device}/commands");
+    let status = format!("devices/{device}/status");
+    let mut opts = mqtt_options(&format!("{device}-{}", std::process::id()), port);
+    if announce {
+        opts.set_last_will(LastWill::new(&status, "offline", QoS::AtLeastOnce, true));
+    }
+    let (client, mut eventloop) = mqtt_connect(opts, "device").await?;
+    client
+        .subscribe(&commands, QoS::AtLeastOnce)
+        .await
+        .context("device: subscribing")?;
+    if announce {
+        client
+            .publish(&status, QoS::AtLeastOnce, true, "online")
+            .await
+            .context("device: announcing online")?;
+    }
+    // Until the SubAck and the PubAck of `online`.
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let (mut subscribed, mut announced) = (false, !announce);
+    while !(subscribed && announced) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subscribed = true,
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => announced = true,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("device: {e}"),
+            Err(_) => bail!("device: no SubAck/PubAck within {HANDSHAKE_TIMEOUT:?}"),
+        }
+    }
+    Ok(AnsweringDevice::spawn(client, eventloop, device, stop, ack))
+}
+
+/// The answer of a device that carried a command out: `{"id":..,"ok":true}`.
+pub fn ack_ok(id: &str) -> String {
+    serde_json::json!({"id": id, "ok": true}).to_string()
+}
+
+/// Nearest-rank percentile of sorted values (floats).
+pub fn percentile_f(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+// ---------------------------------------------------------------------------------------
 // Measuring and reporting
 // ---------------------------------------------------------------------------------------
 
@@ -957,16 +1226,59 @@ pub fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
         .ok()
 }
 
-/// This process's limit on open files.
+/// This process's limit on open files (the soft one, which applies).
 pub fn open_file_limit() -> Option<u64> {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("Max open files"))?
-        .split_whitespace()
-        .nth(3)?
-        .parse()
-        .ok()
+    open_file_limits().map(|(soft, _)| soft)
+}
+
+/// This process's soft and hard limits on open files, from /proc/self/limits.
+pub fn open_file_limits() -> Option<(u64, u64)> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut fields = line.split_whitespace().skip(3);
+    let mut value = || -> Option<u64> {
+        match fields.next()? {
+            "unlimited" => Some(u64::MAX),
+            v => v.parse().ok(),
+        }
+    };
+    Some((value()?, value()?))
+}
+
+/// Makes sure this process may open `need` files: raises the soft limit to the hard one
+/// when it is lower (with `prlimit --pid` on our own pid, which is setrlimit from outside;
+/// the children started afterwards, such as the daemon, inherit it), and fails with what to
+/// do when even the hard limit is too low. Returns the limit now in force.
+pub fn ensure_open_files(need: u64) -> anyhow::Result<u64> {
+    let (soft, hard) =
+        open_file_limits().context("reading the open-file limit from /proc/self/limits")?;
+    if soft >= need {
+        return Ok(soft);
+    }
+    if hard < need {
+        bail!(
+            "the bench needs about {need} open files, and this process's hard limit is {hard} \
+             (soft {soft}): raise it (`ulimit -Hn {need}` as root, or LimitNOFILE / \
+             /etc/security/limits.conf) or ask for fewer connections"
+        );
+    }
+    let pid = std::process::id().to_string();
+    let out = Command::new("prlimit")
+        .args(["--pid", &pid, &format!("--nofile={hard}:{hard}")])
+        .stdin(Stdio::null())
+        .output()
+        .context("running prlimit (util-linux) to raise the open-file limit")?;
+    let (now, _) = open_file_limits().context("reading the open-file limit again")?;
+    if !out.status.success() || now < need {
+        bail!(
+            "the bench needs about {need} open files; the soft limit is {now} and raising it to \
+             the hard limit {hard} failed ({}: {}); run `ulimit -n {hard}` first",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    eprintln!("raised this process's open-file limit from {soft} to {now} (its hard limit)");
+    Ok(now)
 }
 
 /// Worker threads of a default multi-threaded tokio runtime.
