@@ -1,7 +1,7 @@
 //! Fan-out to clients that watch some devices: thousands of filtered clients, token scopes,
 //! and a slow filtered client among fast neighbours.
 
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use rumqttc::QoS;
@@ -267,18 +267,7 @@ async fn a_slow_filtered_client_is_cut_off_and_resumes_without_loss_while_its_ne
     );
 
     // The slow client's stream was closed with a notice; it resumes from its last id.
-    slow.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let mut text = Vec::new();
-    let _ = slow.read_to_end(&mut text);
-    let text = String::from_utf8_lossy(&text);
-    assert!(text.contains("too slow"), "the stream ends with a notice");
-    let last_id = text
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("id: "))
-        .expect("it got some events first")
-        .to_owned();
+    let (text, last_id) = crate::support::read_cut_stream(slow);
     let first_missing = text.matches("event: reading").count() as i64;
     assert!(first_missing < N, "it was cut off before the end");
     assert!(daemon.metric("telebridge_sse_clients_cut_total").await >= 1.0);

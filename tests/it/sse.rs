@@ -1,7 +1,7 @@
 //! `GET /events`: the contract's fields, filters, exact resume, gaps, snapshots, slow
 //! clients, heartbeats and shutdown.
 
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::time::Duration;
 
 use rumqttc::QoS;
@@ -203,18 +203,7 @@ async fn a_client_that_stops_reading_is_cut_off_without_slowing_ingest_and_resum
     assert!(rss_kib < 200 * 1024, "resident memory {rss_kib} KiB");
 
     // The slow client's stream was closed: reading its socket now ends, after a notice.
-    slow.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let mut text = Vec::new();
-    let _ = slow.read_to_end(&mut text);
-    let text = String::from_utf8_lossy(&text);
-    assert!(text.contains("too slow"), "the stream ends with a notice");
-    let last_id = text
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("id: "))
-        .expect("it got some events first")
-        .to_owned();
+    let (text, last_id) = crate::support::read_cut_stream(slow);
     assert!(daemon.metric("telebridge_sse_clients_cut_total").await >= 1.0);
 
     // It resumes from storage and gets the rest, in order.

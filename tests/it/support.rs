@@ -1290,3 +1290,22 @@ impl Ws {
         .flatten()
     }
 }
+
+/// Reads a stalled raw SSE client's socket to its end (the daemon cut it off) and returns
+/// the text, after checking it ends with the "too slow" notice, and its last `id:`.
+pub fn read_cut_stream(mut slow: std::net::TcpStream) -> (String, String) {
+    use std::io::Read as _;
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut text = Vec::new();
+    let _ = slow.read_to_end(&mut text);
+    let text = String::from_utf8_lossy(&text).into_owned();
+    assert!(text.contains("too slow"), "the stream ends with a notice");
+    let last_id = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("id: "))
+        .expect("it got some events first")
+        .to_owned();
+    (text, last_id)
+}
