@@ -271,12 +271,5 @@ async fn a_slow_filtered_client_is_cut_off_and_resumes_without_loss_while_its_ne
     let first_missing = text.matches("event: reading").count() as i64;
     assert!(first_missing < N, "it was cut off before the end");
     assert!(daemon.metric("telebridge_sse_clients_cut_total").await >= 1.0);
-    let mut resumed = SseClient::connect(daemon.http, path, Some(&last_id)).await;
-    let rest = resumed
-        .take("reading", (N - first_missing) as usize, T)
-        .await;
-    assert_eq!(
-        rest.iter().map(|e| e.n()).collect::<Vec<_>>(),
-        (first_missing..N).collect::<Vec<_>>()
-    );
+    crate::support::assert_resumes(daemon.http, path, &last_id, first_missing, N, T).await;
 }

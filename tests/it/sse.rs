@@ -208,14 +208,8 @@ async fn a_client_that_stops_reading_is_cut_off_without_slowing_ingest_and_resum
 
     // It resumes from storage and gets the rest, in order.
     let first_missing: i64 = text.split("\n\n").filter(|b| b.contains("id: ")).count() as i64;
-    let mut resumed = SseClient::connect(daemon.http, "/events?type=reading", Some(&last_id)).await;
-    let rest = resumed
-        .take("reading", (N - first_missing) as usize, T)
-        .await;
-    assert_eq!(
-        rest.iter().map(|e| e.n()).collect::<Vec<_>>(),
-        (first_missing..N).collect::<Vec<_>>()
-    );
+    let path = "/events?type=reading";
+    crate::support::assert_resumes(daemon.http, path, &last_id, first_missing, N, T).await;
 }
 
 #[tokio::test]

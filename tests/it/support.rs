@@ -1309,3 +1309,22 @@ pub fn read_cut_stream(mut slow: std::net::TcpStream) -> (String, String) {
         .to_owned();
     (text, last_id)
 }
+
+/// Resumes `path` with `Last-Event-ID: last_id` and checks that readings `from..to` (by
+/// their `n`) come next, in order.
+pub async fn assert_resumes(
+    addr: SocketAddr,
+    path: &str,
+    last_id: &str,
+    from: i64,
+    to: i64,
+    timeout: Duration,
+) {
+    let mut resumed = SseClient::connect(addr, path, Some(last_id)).await;
+    let rest = resumed.take("reading", (to - from) as usize, timeout).await;
+    assert_eq!(
+        rest.iter().map(SseEvent::n).collect::<Vec<_>>(),
+        (from..to).collect::<Vec<_>>(),
+        "resumed after {last_id}"
+    );
+}
