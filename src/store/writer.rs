@@ -476,10 +476,6 @@ pub(super) async fn run<B: Backend>(
     loop {
         tokio::select! {
             biased;
-            // Control work first: it is rare and small (a command to store, a retention
-            // chunk), and under steady ingest the item queue is never empty, so behind it
-            // a command would wait for a pause in ingest.
-            Some(ctl) = next_control(backend.controls()) => backend.control(ctl, committed).await,
             n = items.recv_many(&mut batch, cfg.batch_size) => {
                 if n == 0 {
                     break;
@@ -504,6 +500,7 @@ pub(super) async fn run<B: Backend>(
                 acks.ack(&mut pending_acks);
                 backend.after_batch(&metrics, committed).await;
             }
+            Some(ctl) = next_control(backend.controls()) => backend.control(ctl, committed).await,
             _ = retry.tick(), if !pending_acks.is_empty() => acks.ack(&mut pending_acks),
             // A fault left by work that failed while no readings come: a small write
             // finds out when storage works again, so readiness turns back by itself.

@@ -186,9 +186,7 @@ async fn a_filesystem_that_fills_mid_burst_stops_the_acks_and_everything_is_stor
     }
     // Arrange: room for the readings of every round and a WAL of tens of MiB (each
     // commit writes the readings' pages and their rollups'), all but what the filler takes.
-    // A reused WAL takes many readings before the disk is full again, more on a busy
-    // machine (up to 160,000 in all were seen), so the room is twice that.
-    let fs = Tmpfs::mount("64m", "");
+    let fs = Tmpfs::mount("32m", "");
     let broker = Mosquitto::start().await;
     let daemon = Daemon::start(&broker.url(), &storage_in(fs.path())).await;
     let mut daemon = daemon;
