@@ -183,8 +183,10 @@ fn options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions {
         // does not spill to a temp file on every batch.
         .pragma("temp_store", "memory")
         .pragma("cache_size", "-32768")
-        // After the WAL restarts from its start, the file is cut back to this size.
-        .pragma("journal_size_limit", WAL_LIMIT_BYTES.to_string())
+        // When the WAL restarts from its start, the file is cut back to this size: a burst
+        // that grew it does not keep its disk space, and a disk that fills while the WAL
+        // is reused still fills after at most this many bytes of commits.
+        .pragma("journal_size_limit", WAL_KEEP_BYTES.to_string())
         // Checkpoints (with their fsyncs) run from the housekeeping task on a read
         // connection, never inside the writer's commit.
         .pragma("wal_autocheckpoint", "0")
@@ -194,6 +196,8 @@ fn options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions {
 /// passive checkpoints never catch up with the newest commit, so SQLite would never reset it
 /// by itself and it would grow until the disk is full.
 pub(crate) const WAL_LIMIT_BYTES: u64 = 64 << 20;
+/// The WAL size kept when it restarts from its start.
+const WAL_KEEP_BYTES: u64 = 4 << 20;
 
 /// The file's identity (device, inode), to notice it being deleted or replaced.
 fn file_id(path: &Path) -> Option<(u64, u64)> {
