@@ -171,6 +171,7 @@ where
 {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(lower_priority)
         .build()
     {
         Ok(rt) => rt,
@@ -192,6 +193,19 @@ where
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// How much nicer than the ingest and command threads the main runtime's workers are.
+const WORKER_NICE: i32 = 5;
+
+/// Lowers the CPU priority of the calling thread (a main-runtime worker: SSE fan-out, the
+/// HTTP API, housekeeping). When the cores are full, a commit or a command round trip on
+/// the ingest and command threads then waits less behind writes to browsers. On Linux a
+/// nice value is per thread; raising it needs no privilege.
+fn lower_priority() {
+    if let Err(e) = rustix::process::nice(WORKER_NICE) {
+        tracing::debug!(error = %e, "cannot lower the worker thread's priority");
     }
 }
 
