@@ -280,7 +280,11 @@ async fn presence_follows_the_status_topic_and_silence() {
         db.device("p2").await.filter(|d| !d.0).map(|_| ())
     })
     .await;
-    assert!(daemon.metric("telebridge_presence_timeouts_total").await >= 1.0);
+    // The counter moves just after the commit that the database already shows.
+    wait_for(T, "the presence timeout counted", || async {
+        (daemon.metric("telebridge_presence_timeouts_total").await >= 1.0).then_some(())
+    })
+    .await;
 
     publisher
         .publish("devices/p3/status", QoS::AtLeastOnce, false, "sleeping")
@@ -375,10 +379,12 @@ async fn retention_deletes_old_readings_and_keeps_new_ones() {
         (rows.len() == 1 && rows[0].device == "new").then_some(())
     })
     .await;
-    assert_eq!(
-        daemon.metric("telebridge_retention_deleted_total").await,
-        10.0
-    );
+    let deleted = wait_for(T, "the deletions counted", || async {
+        let n = daemon.metric("telebridge_retention_deleted_total").await;
+        (n >= 10.0).then_some(n)
+    })
+    .await;
+    assert_eq!(deleted, 10.0);
     assert!(
         db.rows().await[0].seq > 10,
         "seq never goes back, even after deletions"
