@@ -184,7 +184,7 @@ async fn a_filesystem_that_fills_mid_burst_stops_the_acks_and_everything_is_stor
     if crate::support::sqlite_only() {
         return;
     }
-    // Arrange: room for the readings of every round and a WAL of tens of MiB (each
+    // Arrange: room for the readings of every round and a WAL of a few MiB (each
     // commit writes the readings' pages and their rollups'), all but what the filler takes.
     let fs = Tmpfs::mount("32m", "");
     let broker = Mosquitto::start().await;
