@@ -604,6 +604,7 @@ async fn build(args: &Args, storage: &StorageConfig, layout: Layout) -> anyhow::
         last_seq,
         feed: Feed::new(1024),
         commands: changes,
+        alerts: telebridge::alerts::Input::new(false).0,
     };
     let (items_tx, items_rx) = mpsc::channel::<Item>(args.batch as usize * 2);
     let shutdown = CancellationToken::new();

@@ -775,3 +775,106 @@ pub async fn list_commands(req: &mut Request, depot: &mut Depot, res: &mut Respo
         .collect();
     res.render(Json(json!({ "commands": out })));
 }
+
+/// Most alerts one request returns.
+const ALERTS_MAX_LIMIT: i64 = 10_000;
+
+/// `GET /api/alerts?state=&device=&limit=`: alerts, newest first; `state` a list of
+/// firing, acknowledged, resolved, or `open` for the first two.
+#[handler]
+pub async fn list_alerts(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let who = principal(depot);
+    let s = shared(depot).clone();
+    let result = async {
+        known_params(req, &["state", "device", "limit"])?;
+        let states = crate::alerts::parse_states(&req.query::<String>("state").unwrap_or_default())
+            .map_err(|why| ApiError::bad_request("bad_parameter", format!("state: {why}")))?;
+        let device = match req.query::<String>("device") {
+            Some(d) if !d.is_empty() => {
+                DeviceId::check(&d).map_err(|e| {
+                    ApiError::bad_request("invalid_device", format!("device: {d:?}: {e}"))
+                })?;
+                if !who.sees(&d) {
+                    return Err(forbidden(
+                        &s,
+                        format!("device {d:?} is outside this token's scope"),
+                    ));
+                }
+                Some(d)
+            }
+            _ => None,
+        };
+        let limit = int_param(req, "limit")?.unwrap_or(100);
+        if !(1..=ALERTS_MAX_LIMIT).contains(&limit) {
+            return Err(ApiError::bad_request(
+                "bad_parameter",
+                format!("limit: must be between 1 and {ALERTS_MAX_LIMIT}"),
+            ));
+        }
+        Ok(s.store.alerts(&states, device.as_deref(), limit).await?)
+    }
+    .await;
+    match result {
+        Ok(rows) => {
+            let out: Vec<_> = rows
+                .iter()
+                .filter(|a| who.sees(&a.device))
+                .map(|a| a.to_json())
+                .collect();
+            res.render(Json(json!({ "alerts": out })));
+        }
+        Err(e) => e.render(res),
+    }
+}
+
+/// `POST /api/alerts/{id}/ack`: an operator acknowledges a firing alert (again: no change).
+#[handler]
+pub async fn ack_alert(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    use crate::store::alert::{AlertOutcome, AlertState};
+    let who = principal(depot);
+    let s = shared(depot).clone();
+    let result = async {
+        known_params(req, &[])?;
+        let raw = req.param::<String>("id").unwrap_or_default();
+        let id = raw.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            ApiError::bad_request("bad_parameter", format!("id: {raw:?} is not an alert id"))
+        })?;
+        if !who.may_command() {
+            return Err(forbidden(
+                &s,
+                format!(
+                    "token {:?} is a viewer; acknowledging alerts needs an operator token",
+                    who.name
+                ),
+            ));
+        }
+        let not_found =
+            || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no alert {id}"));
+        let alert = s.store.alert(id).await?.ok_or_else(not_found)?;
+        if !who.sees(&alert.device) {
+            return Err(forbidden(
+                &s,
+                format!("device {:?} is outside this token's scope", alert.device),
+            ));
+        }
+        let outcome =
+            crate::alerts::acknowledge(&s.store, &s.webhooks, &s.metrics, id, &who.name).await?;
+        match outcome {
+            AlertOutcome::Changed(a) => Ok(a),
+            AlertOutcome::Unchanged(Some(a)) if a.state == AlertState::Acknowledged.as_str() => {
+                Ok(a)
+            }
+            AlertOutcome::Unchanged(Some(_)) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "resolved",
+                format!("alert {id} is already resolved"),
+            )),
+            AlertOutcome::Unchanged(None) => Err(not_found()),
+        }
+    }
+    .await;
+    match result {
+        Ok(a) => res.render(Json(json!({ "alert": a.to_json() }))),
+        Err(e) => e.render(res),
+    }
+}

@@ -10,10 +10,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::alerts::{self, Webhooks};
 use crate::auth::Auth;
 use crate::broker::{self, BrokerChoice};
 use crate::commands::Commands;
-use crate::config::Config;
+use crate::config::{Config, RuleConfig};
 use crate::feed::Feed;
 use crate::ingest::Ingest;
 use crate::limits::Limits;
@@ -66,6 +67,8 @@ pub struct Shared {
     pub series: Arc<crate::series::Settings>,
     /// The runtime of the command path: WebSocket sessions run there.
     pub control: tokio::runtime::Handle,
+    /// Where alert changes made over the API (acknowledgements) are delivered.
+    pub webhooks: Arc<Webhooks>,
 }
 
 /// A built, not yet running, daemon.
@@ -80,6 +83,27 @@ pub struct App {
     command_changes: mpsc::Receiver<crate::store::CommandChange>,
     http: web::Server,
     control: SideRuntime,
+    alerts: AlertParts,
+}
+
+/// The alert engine's inputs, until it runs.
+struct AlertParts {
+    input: Arc<alerts::Input>,
+    observed: mpsc::Receiver<Vec<alerts::Observed>>,
+    webhook_runners: Vec<alerts::webhook::Runner>,
+    rules: watch::Sender<Arc<Vec<RuleConfig>>>,
+    rules_rx: watch::Receiver<Arc<Vec<RuleConfig>>>,
+}
+
+/// Hands new alert rules to a running daemon (SIGHUP).
+#[derive(Clone)]
+pub struct RulesHandle(watch::Sender<Arc<Vec<RuleConfig>>>);
+
+impl RulesHandle {
+    /// Replaces the rules; the engine takes them at once, and nothing else changes.
+    pub fn reload(&self, rules: Vec<RuleConfig>) {
+        self.0.send_replace(Arc::new(rules));
+    }
 }
 
 impl App {
@@ -102,6 +126,11 @@ impl App {
             metrics.clone(),
         );
         let (changes_tx, changes_rx) = mpsc::channel(4096);
+        let (webhooks, webhook_runners) = Webhooks::new(&config.alerts, metrics.clone())
+            .context("setting up the alert webhooks")?;
+        let webhooks = Arc::new(webhooks);
+        let (input, observed) = alerts::Input::new(!config.alerts.rules.is_empty());
+        let (rules, rules_rx) = watch::channel(Arc::new(config.alerts.rules.clone()));
         let control = SideRuntime::start("commands").context("starting the command thread")?;
         let session_key = store
             .session_key()
@@ -127,6 +156,7 @@ impl App {
             instance: Arc::from(config.mqtt.client_id.as_str()),
             series: Arc::new(crate::series::Settings::of(&config)),
             control: control.handle().clone(),
+            webhooks,
         };
         let https = match (&config.http.tls_cert, &config.http.tls_key) {
             (Some(cert), Some(key)) => {
@@ -148,10 +178,18 @@ impl App {
                 last_seq: last_seq_tx,
                 feed,
                 commands: changes_tx,
+                alerts: input.clone(),
             },
             command_changes: changes_rx,
             http,
             control,
+            alerts: AlertParts {
+                input,
+                observed,
+                webhook_runners,
+                rules,
+                rules_rx,
+            },
         })
     }
 
@@ -164,6 +202,11 @@ impl App {
     pub fn dashboard_url(&self) -> String {
         let scheme = if self.http.is_tls() { "https" } else { "http" };
         format!("{scheme}://{}/", self.http.local_addr())
+    }
+
+    /// Where new alert rules go, for a reload on SIGHUP.
+    pub fn rules_handle(&self) -> RulesHandle {
+        RulesHandle(self.alerts.rules.clone())
     }
 
     /// Whether the embedded broker was started.
@@ -184,6 +227,7 @@ impl App {
             command_changes,
             http,
             control,
+            alerts: alert_parts,
             ..
         } = self;
         let http_addr = http.local_addr();
@@ -243,6 +287,27 @@ impl App {
                 .run(command_changes, shutdown.child_token()),
             control.handle(),
         );
+        for runner in alert_parts.webhook_runners {
+            tracker.spawn(runner.run(shutdown.child_token()));
+        }
+        {
+            let engine = alerts::Engine::new(
+                shared.store.clone(),
+                shared.metrics.clone(),
+                shared.webhooks.clone(),
+                alert_parts.input,
+                &config.alerts.rules,
+            );
+            // Held by the task, so that the rules channel stays open without a RulesHandle.
+            let rules = alert_parts.rules;
+            let stop = shutdown.child_token();
+            tracker.spawn(async move {
+                let _rules = rules;
+                engine
+                    .run(alert_parts.observed, alert_parts.rules_rx, stop)
+                    .await;
+            });
+        }
         tracker.spawn(http.run(shutdown.child_token()));
         if !config.log.summary.is_zero() {
             tracker.spawn(crate::observability::summarize(

@@ -43,6 +43,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Alert rules and webhooks.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
     /// Units of numeric payload fields by name (dotted for nested ones), for charts and
     /// the series API; they override the units that field names imply.
     #[serde(default)]
@@ -598,6 +601,225 @@ pub struct AuthConfig {
     pub tokens: Vec<TokenConfig>,
 }
 
+/// How serious an alert is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Worth knowing.
+    Info,
+    /// Needs a look.
+    #[default]
+    Warning,
+    /// Needs someone now.
+    Critical,
+}
+
+impl Severity {
+    /// As shown and stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// One `[[alerts.rules]]` entry.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Unique name, shown with each alert.
+    pub name: String,
+    /// Device id globs the rule applies to.
+    #[serde(default = "all_devices")]
+    pub devices: Vec<String>,
+    /// The condition: `FIELD > NUMBER` (or >=, <, <=, ==, !=), `offline`, `no reading`,
+    /// `missing FIELD`.
+    pub when: String,
+    /// How long the condition must hold before the alert fires.
+    #[serde(default, rename = "for", with = "humantime_serde")]
+    pub hold: Duration,
+    /// info, warning or critical.
+    #[serde(default)]
+    pub severity: Severity,
+    /// For a comparison: the condition that resolves it (default: `when` no longer holds).
+    #[serde(default)]
+    pub clear: Option<String>,
+}
+
+/// One `[[alerts.webhooks]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where alert changes are POSTed: http:// or https://.
+    pub url: String,
+    /// The severities it receives.
+    #[serde(default = "all_severities")]
+    pub severities: Vec<Severity>,
+    /// Key of the `X-Telebridge-Signature` HMAC-SHA256; unsigned without one.
+    #[serde(default)]
+    pub secret: Option<Secret>,
+}
+
+fn all_severities() -> Vec<Severity> {
+    vec![Severity::Info, Severity::Warning, Severity::Critical]
+}
+
+/// `[alerts]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// The rules.
+    pub rules: Vec<RuleConfig>,
+    /// Where alert changes are delivered.
+    pub webhooks: Vec<WebhookConfig>,
+    /// Deliveries waiting per webhook; beyond it new ones are dropped and counted.
+    pub webhook_queue: usize,
+    /// Attempts per delivery before it is counted as failed.
+    pub webhook_attempts: u32,
+    /// How long one attempt may take.
+    #[serde(with = "humantime_serde")]
+    pub webhook_timeout: Duration,
+    /// The longest wait between attempts (they back off from 1 s, doubling).
+    #[serde(with = "humantime_serde")]
+    pub webhook_backoff_max: Duration,
+}
+
+/// Whether every glob is made of device id characters and `*` `?`.
+fn device_globs_ok(globs: &[String]) -> bool {
+    !globs.is_empty()
+        && globs.iter().all(|g| {
+            !g.is_empty()
+                && g.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-*?".contains(c))
+        })
+}
+
+impl AlertsConfig {
+    /// Reports what is wrong with the rules and webhooks.
+    fn problems(&self, bad: &mut impl FnMut(&str, String)) {
+        use crate::alerts::rule::Condition;
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            let key = |k: &str| format!("alerts.rules[{i}].{k}");
+            if r.name.is_empty() || r.name.len() > 64 {
+                bad(&key("name"), "must be 1 to 64 characters".into());
+            } else if !names.insert(r.name.as_str()) {
+                bad(
+                    &key("name"),
+                    format!(
+                        "{:?} is the name of another rule: names must be unique",
+                        r.name
+                    ),
+                );
+            }
+            if !device_globs_ok(&r.devices) {
+                bad(
+                    &key("devices"),
+                    "must be globs of A-Z a-z 0-9 . _ - * ?, like [\"sensor-*\"]".into(),
+                );
+            }
+            let when = match Condition::parse(&r.when) {
+                Ok(c) => Some(c),
+                Err(why) => {
+                    bad(&key("when"), why);
+                    None
+                }
+            };
+            if r.hold > Duration::from_secs(30 * 86_400) {
+                bad(&key("for"), "must be at most 30 days".into());
+            }
+            if let Some(c) = &when
+                && c.is_absence()
+                && r.hold < Duration::from_secs(1)
+            {
+                bad(
+                    &key("for"),
+                    format!(
+                        "{:?} needs a time: how long without it fires, like for = \"5m\"",
+                        r.when
+                    ),
+                );
+            }
+            if let Some(clear) = &r.clear {
+                match (&when, Condition::parse(clear)) {
+                    (_, Err(why)) => bad(&key("clear"), why),
+                    (_, Ok(Condition::Compare { .. }))
+                        if matches!(when, Some(Condition::Compare { .. })) => {}
+                    (Some(Condition::Compare { .. }), Ok(_)) => bad(
+                        &key("clear"),
+                        "must be a comparison, like \"temperature < 75\"".into(),
+                    ),
+                    (Some(_), Ok(_)) => bad(
+                        &key("clear"),
+                        "is only for comparisons: this condition clears when it stops holding"
+                            .into(),
+                    ),
+                    (None, Ok(_)) => {}
+                }
+            }
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            let key = |k: &str| format!("alerts.webhooks[{i}].{k}");
+            let scheme_ok = w.url.starts_with("http://") || w.url.starts_with("https://");
+            let host_ok = w
+                .url
+                .split_once("://")
+                .is_some_and(|(_, rest)| !rest.is_empty() && !rest.starts_with('/'));
+            if !scheme_ok || !host_ok || w.url.chars().any(char::is_whitespace) {
+                bad(
+                    &key("url"),
+                    format!("{:?} is not an http:// or https:// URL", w.url),
+                );
+            }
+            if w.severities.is_empty() {
+                bad(
+                    &key("severities"),
+                    "must name at least one of info, warning, critical".into(),
+                );
+            }
+            if w.secret.as_ref().is_some_and(|s| s.expose().is_empty()) {
+                bad(
+                    &key("secret"),
+                    "must not be empty (leave it out to send unsigned)".into(),
+                );
+            }
+        }
+        if self.webhook_queue == 0 || self.webhook_queue > 1_000_000 {
+            bad(
+                "alerts.webhook_queue",
+                "must be between 1 and 1000000".into(),
+            );
+        }
+        if self.webhook_attempts == 0 || self.webhook_attempts > 100 {
+            bad(
+                "alerts.webhook_attempts",
+                "must be between 1 and 100".into(),
+            );
+        }
+        if self.webhook_timeout < Duration::from_millis(100) {
+            bad("alerts.webhook_timeout", "must be at least 100ms".into());
+        }
+        if self.webhook_backoff_max < Duration::from_secs(1) {
+            bad("alerts.webhook_backoff_max", "must be at least 1s".into());
+        }
+    }
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            rules: Vec::new(),
+            webhooks: Vec::new(),
+            webhook_queue: 1000,
+            webhook_attempts: 5,
+            webhook_timeout: Duration::from_secs(10),
+            webhook_backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -771,8 +993,30 @@ const SCHEMA: &[(&str, &[&str])] = &[
     ("commands", &["timeout", "ttl", "rate_limit"]),
     ("auth", &["tokens"]),
     ("log", &["level", "format", "summary"]),
+    (
+        "alerts",
+        &[
+            "rules",
+            "webhooks",
+            "webhook_queue",
+            "webhook_attempts",
+            "webhook_timeout",
+            "webhook_backoff_max",
+        ],
+    ),
     // Any field name.
     ("units", &[ANY_KEY]),
+];
+
+/// Keys each entry of an array of tables accepts.
+const ENTRIES: &[(&str, &str, &[&str])] = &[
+    ("auth", "tokens", &["name", "role", "hash", "devices"]),
+    (
+        "alerts",
+        "rules",
+        &["name", "devices", "when", "for", "severity", "clear"],
+    ),
+    ("alerts", "webhooks", &["url", "severities", "secret"]),
 ];
 
 /// A section whose keys are names the user chooses.
@@ -1016,20 +1260,14 @@ impl Config {
                     "hash must be the 64 hex digits that `telebridge token` prints".into(),
                 );
             }
-            if t.devices.is_empty()
-                || t.devices.iter().any(|g| {
-                    g.is_empty()
-                        || !g
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "._-*?".contains(c))
-                })
-            {
+            if !device_globs_ok(&t.devices) {
                 bad(
                     &key,
                     "devices must be globs of A-Z a-z 0-9 . _ - * ?, like [\"sensor-*\"]".into(),
                 );
             }
         }
+        self.alerts.problems(&mut bad);
         if self.http.heartbeat < Duration::from_secs(1) {
             bad("http.heartbeat", "must be at least 1s".into());
         }
@@ -1133,6 +1371,31 @@ fn unknown_keys(text: &str, doc: &DeTable<'_>) -> (Vec<Problem>, Vec<std::ops::R
                     message: format!("unknown key; [{name}] accepts {}", known.join(", ")),
                 });
                 spans.push(k.span().start..v.span().end.min(text.len()));
+                continue;
+            }
+            let entry_keys = ENTRIES
+                .iter()
+                .find(|(s, a, _)| *s == name && *a == key)
+                .map(|(_, _, keys)| *keys);
+            if let (Some(entry_keys), DeValue::Array(items)) = (entry_keys, v.get_ref()) {
+                for (i, item) in items.iter().enumerate() {
+                    let DeValue::Table(entry) = item.get_ref() else {
+                        continue;
+                    };
+                    for (ek, ev) in entry.iter() {
+                        if !entry_keys.contains(&ek.get_ref().as_ref()) {
+                            out.push(Problem {
+                                key: format!("{name}.{key}[{i}].{}", ek.get_ref()),
+                                line: Some(line_of(text, ek.span().start)),
+                                message: format!(
+                                    "unknown key; [[{name}.{key}]] accepts {}",
+                                    entry_keys.join(", ")
+                                ),
+                            });
+                            spans.push(ek.span().start..ev.span().end.min(text.len()));
+                        }
+                    }
+                }
             }
         }
     }
@@ -1169,6 +1432,7 @@ fn section_errors(text: &str, doc: &DeTable<'_>) -> Vec<Problem> {
         commands: CommandsConfig,
         auth: AuthConfig,
         log: LogConfig,
+        alerts: AlertsConfig,
         units: std::collections::BTreeMap<String, String>,
     );
     let mut out = Vec::new();
@@ -1196,15 +1460,70 @@ fn key_at(doc: &DeTable<'_>, section: &str, pos: usize) -> Option<String> {
     let DeValue::Table(table) = value.get_ref() else {
         return None;
     };
+    // An entry of an array of tables: `alerts.rules[1].severity` (the array's own span
+    // need not cover its entries).
+    for (k, v) in table.iter() {
+        let DeValue::Array(items) = v.get_ref() else {
+            continue;
+        };
+        for (i, item) in items.iter().enumerate() {
+            let DeValue::Table(entry) = item.get_ref() else {
+                continue;
+            };
+            if let Some((ek, _)) = entry
+                .iter()
+                .find(|(ek, ev)| ek.span().contains(&pos) || ev.span().contains(&pos))
+            {
+                return Some(format!("{section}.{}[{i}].{}", k.get_ref(), ek.get_ref()));
+            }
+        }
+    }
     table
         .iter()
         .find(|(k, v)| k.span().contains(&pos) || v.span().contains(&pos) || v.span().start == pos)
         .map(|(k, _)| format!("{section}.{}", k.get_ref()))
 }
 
+/// The line of `key` in entry `index` of the array of tables `section.array` (of the
+/// entry's header when `key` is not written there).
+fn entry_line(
+    text: &str,
+    doc: &DeTable<'_>,
+    section: &str,
+    array: &str,
+    index: usize,
+    key: &str,
+) -> Option<usize> {
+    let (_, value) = doc.iter().find(|(k, _)| k.get_ref() == section)?;
+    let DeValue::Table(table) = value.get_ref() else {
+        return None;
+    };
+    let (_, items) = table.iter().find(|(k, _)| k.get_ref() == array)?;
+    let DeValue::Array(items) = items.get_ref() else {
+        return None;
+    };
+    let item = items.get(index)?;
+    let DeValue::Table(entry) = item.get_ref() else {
+        return None;
+    };
+    let pos = entry
+        .iter()
+        .find(|(k, _)| k.get_ref() == key)
+        .map(|(k, _)| k.span().start)
+        .or_else(|| entry.iter().next().map(|(k, _)| k.span().start))
+        .unwrap_or(item.span().start);
+    Some(line_of(text, pos))
+}
+
 /// The line of a dotted key in the file, if it is there.
 fn key_line(text: &str, doc: &DeTable<'_>, dotted: &str) -> Option<usize> {
     let (section, key) = dotted.split_once('.')?;
+    // `alerts.rules[2].when`, or `auth.tokens[0]` for the entry as a whole.
+    if let Some((array, rest)) = key.split_once('[') {
+        let (index, field) = rest.split_once(']')?;
+        let field = field.strip_prefix('.').unwrap_or("");
+        return entry_line(text, doc, section, array, index.parse().ok()?, field);
+    }
     let (_, value) = doc.iter().find(|(k, _)| k.get_ref() == section)?;
     let DeValue::Table(table) = value.get_ref() else {
         return None;
@@ -1277,7 +1596,8 @@ mod tests {
                 panic!("[{section}] is not a table")
             };
             for key in keys.iter().filter(|k| **k != ANY_KEY) {
-                let commented = text.contains(&format!("# {key} = "));
+                let commented = text.contains(&format!("# {key} = "))
+                    || text.contains(&format!("# [[{section}.{key}]]"));
                 let present = table.iter().any(|(k, _)| k.get_ref() == key);
                 assert!(present || commented, "config.toml lacks {section}.{key}");
             }
@@ -1334,6 +1654,60 @@ mod tests {
             keys.contains(&("storage.retention", Some(6))),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn broken_alert_rules_are_reported_with_key_and_line() {
+        let text = r#"[alerts]
+webhook_attempts = 0
+
+[[alerts.rules]]
+name = "hot"
+when = "temperature > 80"
+threshold = 80
+
+[[alerts.rules]]
+name = "hot"
+when = "temperature is hot"
+for = "1m"
+
+[[alerts.rules]]
+name = "quiet"
+when = "no reading"
+
+[[alerts.rules]]
+name = "gone"
+when = "offline"
+clear = "temperature < 3"
+
+[[alerts.webhooks]]
+url = "ftp://x"
+"#;
+        let problems = Config::parse(text).unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert!(
+            keys.contains(&("alerts.rules[0].threshold", Some(7))),
+            "{problems:?}"
+        );
+        // With the unknown key blanked out, the rest is checked too.
+        let text = text.replace("threshold = 80", "");
+        let problems = Config::parse(&text).unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        for want in [
+            ("alerts.webhook_attempts", Some(2)),
+            ("alerts.rules[1].name", Some(10)),
+            ("alerts.rules[1].when", Some(11)),
+            ("alerts.rules[2].for", Some(15)),
+            ("alerts.rules[3].clear", Some(21)),
+            ("alerts.webhooks[0].url", Some(24)),
+        ] {
+            assert!(keys.contains(&want), "{want:?} not in {problems:?}");
+        }
+        let severity =
+            "[[alerts.rules]]\nname = \"a\"\nwhen = \"offline\"\nseverity = \"urgent\"\n";
+        let problems = Config::parse(severity).unwrap_err();
+        assert_eq!(problems[0].key, "alerts.rules[0].severity", "{problems:?}");
+        assert_eq!(problems[0].line, Some(4), "{problems:?}");
     }
 
     #[test]

@@ -40,6 +40,7 @@
 //! - [`simulate`]: simulated devices.
 //! - [`app`]: wiring and shutdown.
 
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod auth;

@@ -103,7 +103,7 @@ fn main() -> ExitCode {
                 Err(e) => return config_failed(&e),
             };
             observability::init_logging(&cfg.log);
-            runtime(|| run(cfg, RunOptions { demo }))
+            runtime(|| run(cfg, config, RunOptions { demo }))
         }
         Command::Token {
             name,
@@ -209,13 +209,36 @@ fn lower_priority() {
     }
 }
 
-async fn run(cfg: Config, options: RunOptions) -> anyhow::Result<()> {
+async fn run(cfg: Config, path: PathBuf, options: RunOptions) -> anyhow::Result<()> {
     let signals = Signals::register()?;
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
     let app = telebridge::App::build(cfg, options).await?;
     println!("telebridge dashboard: {}", app.dashboard_url());
     let shutdown = CancellationToken::new();
     tokio::spawn(signals.cancel_on_first(shutdown.clone()));
+    tokio::spawn(reload_rules_on_hup(hup, path, app.rules_handle()));
     app.run(shutdown).await
+}
+
+/// On SIGHUP, reads the config file again and hands its alert rules, and only those, to the
+/// running daemon; a file with problems changes nothing and says why.
+async fn reload_rules_on_hup(
+    mut hup: tokio::signal::unix::Signal,
+    path: PathBuf,
+    rules: telebridge::app::RulesHandle,
+) {
+    while hup.recv().await.is_some() {
+        match Config::load(&path) {
+            Ok(cfg) => {
+                tracing::info!(path = %path.display(), rules = cfg.alerts.rules.len(), "SIGHUP: alert rules reloaded; the rest of the config is as it was started");
+                rules.reload(cfg.alerts.rules);
+            }
+            Err(e) => {
+                tracing::error!("SIGHUP: keeping the current alert rules: {e}");
+            }
+        }
+    }
 }
 
 async fn simulate_only(sim: SimConfig) -> anyhow::Result<()> {

@@ -129,6 +129,24 @@ pub struct Metrics {
     pub forbidden: AtomicU64,
     /// Connections refused by a limit.
     pub limit_refusals: AtomicU64,
+    /// Alerts this instance fired.
+    pub alerts_fired: AtomicU64,
+    /// Alerts this instance saw acknowledged.
+    pub alerts_acknowledged: AtomicU64,
+    /// Alerts this instance resolved.
+    pub alerts_resolved: AtomicU64,
+    /// Times the alert engine's queue overflowed and it read the log back.
+    pub alert_catch_ups: AtomicU64,
+    /// Webhook deliveries the receiver accepted (2xx).
+    pub webhook_delivered: AtomicU64,
+    /// Webhook deliveries given up after every attempt, or refused for good (4xx).
+    pub webhook_failed: AtomicU64,
+    /// Webhook attempts after the first.
+    pub webhook_retries: AtomicU64,
+    /// Webhook deliveries dropped because the queue was full.
+    pub webhook_dropped: AtomicU64,
+    /// Webhook deliveries waiting, all queues.
+    pub webhook_queued: AtomicI64,
     /// The newest seq this instance's tail has published (PostgreSQL).
     pub tail_seen: AtomicI64,
     /// The newest seq any instance has committed, as last read (PostgreSQL).
@@ -144,6 +162,16 @@ impl Metrics {
             Reject::BadStatus => &self.rejected_bad_status,
             Reject::BadAck => &self.rejected_bad_ack,
         }
+    }
+
+    /// Counts an alert change this instance stored.
+    pub fn alert_changed(&self, state: &str) {
+        let c = match state {
+            "firing" => &self.alerts_fired,
+            "acknowledged" => &self.alerts_acknowledged,
+            _ => &self.alerts_resolved,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one rejected message.
@@ -348,6 +376,57 @@ impl Metrics {
             "telebridge_limit_refusals_total",
             "Connections refused by a configured limit.",
             g(&self.limit_refusals),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP telebridge_alert_changes_total Alert changes this instance stored, by new state.\n# TYPE telebridge_alert_changes_total counter"
+        );
+        for (state, c) in [
+            ("firing", &self.alerts_fired),
+            ("acknowledged", &self.alerts_acknowledged),
+            ("resolved", &self.alerts_resolved),
+        ] {
+            let _ = writeln!(
+                out,
+                "telebridge_alert_changes_total{{state=\"{state}\"}} {}",
+                g(c)
+            );
+        }
+        counter(
+            &mut out,
+            "telebridge_alert_catch_ups_total",
+            "Times the alert engine fell behind and read the log back.",
+            g(&self.alert_catch_ups),
+        );
+        counter(
+            &mut out,
+            "telebridge_webhook_deliveries_total",
+            "Webhook deliveries the receiver accepted.",
+            g(&self.webhook_delivered),
+        );
+        counter(
+            &mut out,
+            "telebridge_webhook_failures_total",
+            "Webhook deliveries given up after every attempt, or refused (4xx).",
+            g(&self.webhook_failed),
+        );
+        counter(
+            &mut out,
+            "telebridge_webhook_retries_total",
+            "Webhook attempts after the first.",
+            g(&self.webhook_retries),
+        );
+        counter(
+            &mut out,
+            "telebridge_webhook_dropped_total",
+            "Webhook deliveries dropped because the queue was full.",
+            g(&self.webhook_dropped),
+        );
+        gauge(
+            &mut out,
+            "telebridge_webhook_queue_depth",
+            "Webhook deliveries waiting.",
+            self.webhook_queued.load(Ordering::Relaxed),
         );
         let _ = writeln!(
             out,

@@ -170,7 +170,7 @@ impl Client {
                             // What retention removed of the kinds asked for, past the id.
                             let lost = [
                                 (kinds.has(Kind::Reading), readings),
-                                (kinds.has(Kind::Status) || kinds.has(Kind::Command), others),
+                                (Kind::EVENTS.iter().any(|k| kinds.has(*k)), others),
                             ]
                             .into_iter()
                             .filter(|(wanted, purged)| *wanted && *purged > n)

@@ -200,6 +200,16 @@ pub fn client_config(files: &ClientFiles) -> Result<Arc<ClientConfig>, TlsError>
     Ok(Arc::new(config))
 }
 
+/// A TLS client config that trusts `roots`, without a client certificate.
+pub fn client_config_trusting(roots: RootCertStore) -> Result<Arc<ClientConfig>, TlsError> {
+    Ok(Arc::new(
+        ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
 /// The rumqttc transport for `url`: plain TCP for `mqtt://`, TLS with `files` for `mqtts://`.
 pub fn mqtt_transport(url: &MqttUrl, files: &ClientFiles) -> Result<Transport, TlsError> {
     if !url.tls {

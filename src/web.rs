@@ -201,6 +201,8 @@ pub fn router(shared: Shared) -> Router {
         .push(Router::with_path("api/devices/{id}/status-history").get(api::status_history))
         .push(Router::with_path("api/devices/{id}/commands").post(api::post_command))
         .push(Router::with_path("api/commands").get(api::list_commands))
+        .push(Router::with_path("api/alerts").get(api::list_alerts))
+        .push(Router::with_path("api/alerts/{id}/ack").post(api::ack_alert))
         .push(Router::with_path("ws").goal(ws::ws));
     Router::new()
         .hoop(affix_state::inject(shared))

@@ -26,15 +26,21 @@ pub enum Kind {
     Status,
     /// A command lifecycle change (`event: command`).
     Command,
+    /// An alert lifecycle change (`event: alert`).
+    Alert,
 }
 
 impl Kind {
+    /// The kinds besides readings: they share the events table of the log.
+    pub const EVENTS: [Kind; 3] = [Kind::Status, Kind::Command, Kind::Alert];
+
     /// The SSE `event:` name, also stored in the event log.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Reading => "reading",
             Kind::Status => "status",
             Kind::Command => "command",
+            Kind::Alert => "alert",
         }
     }
 
@@ -44,6 +50,7 @@ impl Kind {
             "reading" => Some(Kind::Reading),
             "status" => Some(Kind::Status),
             "command" => Some(Kind::Command),
+            "alert" => Some(Kind::Alert),
             _ => None,
         }
     }
@@ -53,6 +60,7 @@ impl Kind {
             Kind::Reading => 1,
             Kind::Status => 2,
             Kind::Command => 4,
+            Kind::Alert => 8,
         }
     }
 }
@@ -63,7 +71,7 @@ pub struct Kinds(u8);
 
 impl Kinds {
     /// Every kind.
-    pub const ALL: Kinds = Kinds(7);
+    pub const ALL: Kinds = Kinds(15);
     /// No kind.
     pub const NONE: Kinds = Kinds(0);
 
@@ -103,7 +111,7 @@ pub struct Feed {
     capacity: usize,
     /// Per kind, the ring's head after the last push with an event of that kind: a ring
     /// client waits only on the kinds it asked for.
-    heads: [watch::Sender<u64>; 3],
+    heads: [watch::Sender<u64>; 4],
     router: Router,
     /// The seq of the last event pushed: every event up to it is in the ring and in each
     /// inbox it was routed to.
@@ -138,7 +146,7 @@ enum Way {
         pos: u64,
         kinds: Kinds,
         /// The heads of the kinds it takes.
-        heads: [Option<watch::Receiver<u64>>; 3],
+        heads: [Option<watch::Receiver<u64>>; 4],
     },
     Inbox {
         watch: Watch,
@@ -161,7 +169,7 @@ pub enum Read {
     Lagged,
 }
 
-const KINDS: [Kind; 3] = [Kind::Reading, Kind::Status, Kind::Command];
+const KINDS: [Kind; 4] = [Kind::Reading, Kind::Status, Kind::Command, Kind::Alert];
 
 impl Feed {
     /// A feed that keeps the last `capacity` events (and at most that many per inbox).
@@ -296,11 +304,12 @@ impl Tap {
     pub async fn changed(&mut self) -> bool {
         match &mut self.way {
             Way::Ring { heads, .. } => {
-                let [a, b, c] = heads;
+                let [a, b, c, d] = heads;
                 tokio::select! {
                     r = head_changed(a) => r,
                     r = head_changed(b) => r,
                     r = head_changed(c) => r,
+                    r = head_changed(d) => r,
                 }
             }
             Way::Inbox { inbox, .. } => {

@@ -1,4 +1,4 @@
-//! The event log's rows besides readings: presence and command lifecycle changes. Each is
+//! The event log's rows besides readings: presence, command and alert lifecycle changes. Each is
 //! stored with the seq the writer gives it (from the counter readings use too), in the
 //! transaction that changes the device or command row, and streamed with the very bytes it
 //! was stored with, so that replay and live are the same events.
@@ -56,6 +56,21 @@ impl EventRow {
             seq,
             kind: Kind::Command,
             device: Arc::from(device),
+            at,
+            data: data.to_string(),
+        }
+    }
+
+    /// An alert change: the alert as it now reads, and `at`, when it moved.
+    pub fn alert(seq: i64, alert: &super::alert::AlertRow, at: i64) -> EventRow {
+        let mut data = alert.to_json();
+        if let Value::Object(d) = &mut data {
+            d.insert("at".into(), Value::String(domain::format_ms(at)));
+        }
+        EventRow {
+            seq,
+            kind: Kind::Alert,
+            device: Arc::from(alert.device.as_str()),
             at,
             data: data.to_string(),
         }

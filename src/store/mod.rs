@@ -4,6 +4,7 @@
 //! instances). SQL lives only in those two. `writer` is the batch loop they share,
 //! [`health`] what the writer reports about itself, [`log`] the event rows besides readings.
 
+pub mod alert;
 mod dedupe;
 pub mod health;
 mod housekeeping;
@@ -28,6 +29,7 @@ use crate::config::{StorageBackend, StorageConfig};
 use crate::feed::{self, Kind, Kinds};
 use crate::ingest::{AckSink, Item};
 use crate::observability::Metrics;
+use alert::{AlertChange, AlertOutcome, AlertRow, AlertState};
 use health::Health;
 use log::EventRow;
 
@@ -329,6 +331,26 @@ impl Store {
         dispatch!(self, b => b.commands(device, limit).await)
     }
 
+    /// Fires, acknowledges or resolves an alert, with its `alert` event, in one transaction.
+    pub async fn change_alert(&self, change: AlertChange) -> Result<AlertOutcome, StoreError> {
+        dispatch!(self, b => b.change_alert(change).await)
+    }
+
+    /// Alerts in the given states (all when empty), of one device or all, newest first.
+    pub async fn alerts(
+        &self,
+        states: &[AlertState],
+        device: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AlertRow>, StoreError> {
+        dispatch!(self, b => b.alerts(states, device, limit).await)
+    }
+
+    /// One alert.
+    pub async fn alert(&self, id: i64) -> Result<Option<AlertRow>, StoreError> {
+        dispatch!(self, b => b.alert(id).await)
+    }
+
     /// Whether any command is queued or waiting for its answer.
     pub async fn has_open_commands(&self) -> Result<bool, StoreError> {
         dispatch!(self, b => b.has_open_commands().await)
@@ -585,6 +607,13 @@ pub enum Control {
         /// What the insert did.
         reply: oneshot::Sender<Result<Inserted, StoreError>>,
     },
+    /// Fire, acknowledge or resolve an alert.
+    Alert {
+        /// The change.
+        change: AlertChange,
+        /// What it did.
+        reply: oneshot::Sender<Result<AlertOutcome, StoreError>>,
+    },
     /// Mark a queued command sent.
     MarkSent {
         /// Command id.
@@ -621,6 +650,7 @@ impl Control {
             Control::PresenceSweep { reply, .. } => reply.is_closed(),
             Control::InsertCommand { reply, .. } => reply.is_closed(),
             Control::MarkSent { reply, .. } => reply.is_closed(),
+            Control::Alert { reply, .. } => reply.is_closed(),
             Control::ExpireDue { reply, .. } | Control::TimeoutDue { reply, .. } => {
                 reply.is_closed()
             }

@@ -89,6 +89,28 @@ macro_rules! decoders {
             })
         }
 
+        /// An alert row, [`ALERT_COLUMNS`](crate::store::alert::ALERT_COLUMNS).
+        fn alert_from_row(
+            r: &$row,
+        ) -> Result<$crate::store::alert::AlertRow, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            Ok($crate::store::alert::AlertRow {
+                id: r.try_get("id")?,
+                rule: r.try_get("rule")?,
+                device: r.try_get("device")?,
+                severity: r.try_get("severity")?,
+                state: r.try_get("state")?,
+                field: r.try_get("field")?,
+                threshold: r.try_get("threshold")?,
+                value: r.try_get("value")?,
+                message: r.try_get("message")?,
+                fired_at: r.try_get("fired_at")?,
+                acked_at: r.try_get("acked_at")?,
+                acked_by: r.try_get("acked_by")?,
+                resolved_at: r.try_get("resolved_at")?,
+            })
+        }
+
         /// A command row, every column.
         fn command_from_row(
             r: &$row,

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::health::{FaultKind, Health};
 use super::log::EventRow;
 use super::{Control, LogEntry, StoreError};
+use crate::alerts::Observed;
 use crate::config::StorageConfig;
 use crate::domain::{self, DeviceId};
 use crate::feed::{self, Event, Feed, Kind};
@@ -39,6 +40,8 @@ pub struct Committed {
     pub feed: Arc<Feed>,
     /// Command lifecycle changes from the log, for the command service.
     pub commands: mpsc::Sender<CommandChange>,
+    /// Committed readings and presence changes, for the alert rules.
+    pub alerts: Arc<crate::alerts::Input>,
 }
 
 /// A command's status changed, as the event log says (an ack, a timeout, an expiry),
@@ -107,6 +110,29 @@ impl Committed {
         for e in events {
             self.command_change(e);
         }
+        if self.alerts.wanted() {
+            let mut observed = Vec::with_capacity(order.len());
+            for entry in order {
+                match *entry {
+                    Entry::Reading(i, seq) => {
+                        if let Some(Item::Reading(r, _)) = batch.get(i)
+                            && r.flags & domain::flags::RAW == 0
+                        {
+                            observed.push(Observed::Reading {
+                                seq,
+                                device: r.device.shared(),
+                                at: r.received_at,
+                                payload: r.payload.clone(),
+                            });
+                        }
+                    }
+                    Entry::Event(i) => {
+                        observed.extend(events.get(i).and_then(Observed::presence));
+                    }
+                }
+            }
+            self.alerts.send(observed);
+        }
         self.moved(last_seq);
     }
 
@@ -129,6 +155,10 @@ impl Committed {
             if let LogEntry::Event(e) = e {
                 self.command_change(e);
             }
+        }
+        if self.alerts.wanted() {
+            self.alerts
+                .send(entries.iter().filter_map(Observed::of_entry).collect());
         }
         self.moved(last.seq());
     }

@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 
 use crate::config::{StorageConfig, redact_url};
 use crate::feed::{Kind, Kinds};
+use crate::store::alert::{ALERT_COLUMNS, AlertChange, AlertOutcome, AlertRow, AlertState};
 use crate::store::health::Health;
 use crate::store::log::EventRow;
 use crate::store::rollup::RollupRow;
@@ -68,7 +69,7 @@ fn bind_page<'q>(
 
 /// The kinds of the events table that `kinds` asks for.
 fn event_kinds(kinds: Kinds) -> Vec<&'static str> {
-    [Kind::Status, Kind::Command]
+    Kind::EVENTS
         .into_iter()
         .filter(|k| kinds.has(*k))
         .map(Kind::as_str)
@@ -477,6 +478,112 @@ impl PgStore {
         a.commit(&events).await?;
         self.committed();
         Ok(Inserted::New)
+    }
+
+    /// Fires, acknowledges or resolves an alert, with its `alert` event.
+    pub async fn change_alert(&self, change: AlertChange) -> Result<AlertOutcome, StoreError> {
+        let mut a = begin_append(&self.pool).await?;
+        let (moved, at) = match &change {
+            AlertChange::Fire(n) => {
+                let sql = format!(
+                    "INSERT INTO alerts (rule, device, severity, state, field, threshold, value, message, fired_at) \
+                     VALUES ($1, $2, $3, 'firing', $4, $5, $6, $7, $8) \
+                     ON CONFLICT (rule, device) WHERE state <> 'resolved' DO NOTHING RETURNING {ALERT_COLUMNS}"
+                );
+                let row = sqlx::query(AssertSqlSafe(sql))
+                    .bind(&n.rule)
+                    .bind(&n.device)
+                    .bind(n.severity)
+                    .bind(n.field.as_deref())
+                    .bind(n.threshold)
+                    .bind(n.value)
+                    .bind(&n.message)
+                    .bind(n.at)
+                    .fetch_optional(&mut *a.tx)
+                    .await?;
+                (row, n.at)
+            }
+            AlertChange::Resolve { rule, device, at } => {
+                let sql = format!(
+                    "UPDATE alerts SET state = 'resolved', resolved_at = $1 \
+                     WHERE rule = $2 AND device = $3 AND state <> 'resolved' RETURNING {ALERT_COLUMNS}"
+                );
+                let row = sqlx::query(AssertSqlSafe(sql))
+                    .bind(at)
+                    .bind(rule)
+                    .bind(device)
+                    .fetch_optional(&mut *a.tx)
+                    .await?;
+                (row, *at)
+            }
+            AlertChange::Ack { id, by, at } => {
+                let sql = format!(
+                    "UPDATE alerts SET state = 'acknowledged', acked_at = $1, acked_by = $2 \
+                     WHERE id = $3 AND state = 'firing' RETURNING {ALERT_COLUMNS}"
+                );
+                let row = sqlx::query(AssertSqlSafe(sql))
+                    .bind(at)
+                    .bind(by)
+                    .bind(id)
+                    .fetch_optional(&mut *a.tx)
+                    .await?;
+                (row, *at)
+            }
+        };
+        let Some(row) = moved else {
+            a.tx.rollback().await?;
+            let current = match change {
+                AlertChange::Fire(n) => self
+                    .alerts(
+                        &[AlertState::Firing, AlertState::Acknowledged],
+                        Some(&n.device),
+                        i64::MAX,
+                    )
+                    .await?
+                    .into_iter()
+                    .find(|r| r.rule == n.rule),
+                AlertChange::Resolve { .. } => None,
+                AlertChange::Ack { id, .. } => self.alert(id).await?,
+            };
+            return Ok(AlertOutcome::Unchanged(current));
+        };
+        let alert = alert_from_row(&row)?;
+        let events = [EventRow::alert(a.next, &alert, at)];
+        a.commit(&events).await?;
+        self.committed();
+        Ok(AlertOutcome::Changed(alert))
+    }
+
+    /// Alerts in the given states (all when empty), of one device or all, newest first.
+    pub async fn alerts(
+        &self,
+        states: &[AlertState],
+        device: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AlertRow>, StoreError> {
+        let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        let sql = format!(
+            "SELECT {ALERT_COLUMNS} FROM alerts \
+             WHERE ($1::text IS NULL OR device = $1) AND (cardinality($2::text[]) = 0 OR state = ANY($2)) \
+             ORDER BY id DESC LIMIT $3"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(device)
+            .bind(states)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(alert_from_row).collect()
+    }
+
+    /// One alert.
+    pub async fn alert(&self, id: i64) -> Result<Option<AlertRow>, StoreError> {
+        let sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = $1");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(alert_from_row).transpose()
     }
 
     /// Marks a queued command as published; false when it is no longer queued.

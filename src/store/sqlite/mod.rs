@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::StorageConfig;
 use crate::domain;
 use crate::feed::{Kind, Kinds};
+use crate::store::alert::{ALERT_COLUMNS, AlertChange, AlertOutcome, AlertRow, AlertState};
 use crate::store::dedupe::{self, Recent};
 use crate::store::health::Health;
 use crate::store::log::EventRow;
@@ -364,10 +365,7 @@ impl SqliteStore {
         kinds: Kinds,
         limit: i64,
     ) -> Result<Vec<LogEntry>, StoreError> {
-        let others: Vec<Kind> = [Kind::Status, Kind::Command]
-            .into_iter()
-            .filter(|k| kinds.has(*k))
-            .collect();
+        let others: Vec<Kind> = Kind::EVENTS.into_iter().filter(|k| kinds.has(*k)).collect();
         let mut arms = Vec::new();
         if kinds.has(Kind::Reading) {
             let mut sql = format!(
@@ -723,6 +721,49 @@ impl SqliteStore {
             }
         };
         rows.iter().map(command_from_row).collect()
+    }
+
+    /// Fires, acknowledges or resolves an alert (through the writer).
+    pub async fn change_alert(&self, change: AlertChange) -> Result<AlertOutcome, StoreError> {
+        self.ask(|reply| Control::Alert { change, reply }).await
+    }
+
+    /// Alerts in the given states (all when empty), of one device or all, newest first.
+    pub async fn alerts(
+        &self,
+        states: &[AlertState],
+        device: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AlertRow>, StoreError> {
+        let mut sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE 1 = 1");
+        if device.is_some() {
+            sql.push_str(" AND device = ?");
+        }
+        if !states.is_empty() {
+            sql.push_str(" AND state IN (");
+            sql.push_str(&vec!["?"; states.len()].join(","));
+            sql.push(')');
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT ?");
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        if let Some(d) = device {
+            q = q.bind(d);
+        }
+        for st in states {
+            q = q.bind(st.as_str());
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        rows.iter().map(alert_from_row).collect()
+    }
+
+    /// One alert.
+    pub async fn alert(&self, id: i64) -> Result<Option<AlertRow>, StoreError> {
+        let sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(alert_from_row).transpose()
     }
 
     /// Whether any command is queued or waiting for its answer.

@@ -16,6 +16,7 @@ use super::file_id;
 use crate::domain;
 use crate::ingest::{Item, Reading};
 use crate::observability::Metrics;
+use crate::store::alert::{ALERT_COLUMNS, AlertChange, AlertOutcome, NewAlert};
 use crate::store::dedupe::{self, Recent};
 use crate::store::health::{self, FaultKind, Health};
 use crate::store::log::EventRow;
@@ -82,6 +83,97 @@ async fn insert_command(
             Ok((Inserted::Existing { id, status }, Vec::new()))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies an alert change, with its `alert` event when it moved the alert, on `conn` (the
+/// writer's).
+async fn change_alert(
+    conn: &mut SqliteConnection,
+    change: &AlertChange,
+    seq: i64,
+) -> Result<Logged<AlertOutcome>, StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let (moved, at) = match change {
+        AlertChange::Fire(a) => {
+            let sql = format!(
+                "INSERT INTO alerts (rule, device, severity, state, field, threshold, value, message, fired_at) \
+                 VALUES (?, ?, ?, 'firing', ?, ?, ?, ?, ?) \
+                 ON CONFLICT (rule, device) WHERE state <> 'resolved' DO NOTHING RETURNING {ALERT_COLUMNS}"
+            );
+            let row = sqlx::query(AssertSqlSafe(sql))
+                .bind(&a.rule)
+                .bind(&a.device)
+                .bind(a.severity)
+                .bind(a.field.as_deref())
+                .bind(a.threshold)
+                .bind(a.value)
+                .bind(&a.message)
+                .bind(a.at)
+                .fetch_optional(&mut *tx)
+                .await?;
+            (row, a.at)
+        }
+        AlertChange::Resolve { rule, device, at } => {
+            let sql = format!(
+                "UPDATE alerts SET state = 'resolved', resolved_at = ? \
+                 WHERE rule = ? AND device = ? AND state <> 'resolved' RETURNING {ALERT_COLUMNS}"
+            );
+            let row = sqlx::query(AssertSqlSafe(sql))
+                .bind(at)
+                .bind(rule)
+                .bind(device)
+                .fetch_optional(&mut *tx)
+                .await?;
+            (row, *at)
+        }
+        AlertChange::Ack { id, by, at } => {
+            let sql = format!(
+                "UPDATE alerts SET state = 'acknowledged', acked_at = ?, acked_by = ? \
+                 WHERE id = ? AND state = 'firing' RETURNING {ALERT_COLUMNS}"
+            );
+            let row = sqlx::query(AssertSqlSafe(sql))
+                .bind(at)
+                .bind(by)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            (row, *at)
+        }
+    };
+    match moved {
+        Some(row) => {
+            let alert = super::alert_from_row(&row)?;
+            let events = vec![EventRow::alert(seq, &alert, at)];
+            super::append(&mut tx, &events).await?;
+            tx.commit().await?;
+            Ok((AlertOutcome::Changed(alert), events))
+        }
+        None => {
+            let current = match change {
+                AlertChange::Fire(NewAlert { rule, device, .. }) => {
+                    let sql = format!(
+                        "SELECT {ALERT_COLUMNS} FROM alerts WHERE rule = ? AND device = ? AND state <> 'resolved'"
+                    );
+                    sqlx::query(AssertSqlSafe(sql))
+                        .bind(rule)
+                        .bind(device)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                }
+                AlertChange::Resolve { .. } => None,
+                AlertChange::Ack { id, .. } => {
+                    let sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?");
+                    sqlx::query(AssertSqlSafe(sql))
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                }
+            };
+            tx.rollback().await?;
+            let current = current.as_ref().map(super::alert_from_row).transpose()?;
+            Ok((AlertOutcome::Unchanged(current), Vec::new()))
+        }
     }
 }
 
@@ -504,6 +596,14 @@ impl Writer {
                 let r = self
                     .logged(committed, async |c, seq| {
                         insert_command(c, &command, seq).await
+                    })
+                    .await;
+                let _ = reply.send(r);
+            }
+            Control::Alert { change, reply } => {
+                let r = self
+                    .logged(committed, async |c, seq| {
+                        change_alert(c, &change, seq).await
                     })
                     .await;
                 let _ = reply.send(r);

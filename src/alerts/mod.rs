@@ -1,0 +1,731 @@
+//! Alerts: rules evaluated on committed readings and presence changes, the alerts they fire
+//! and resolve (stored, each change an `alert` event of the log), and webhooks.
+//!
+//! The writer (SQLite) or the log's tail (PostgreSQL) hands every committed reading and
+//! presence change to [`Input`], a bounded queue; the [`Engine`] keeps, per rule and device,
+//! only what the rule needs (since when the condition holds, when the device last sent), so a
+//! reading costs a hash lookup and, for a rule on a payload field, one JSON parse: never a
+//! query. When the queue overflows, the engine reads what it missed back from the log.
+//! Several instances on one PostgreSQL database all evaluate every event; the database's
+//! one-open-alert-per-rule-and-device index decides which of them fires (or resolves), and
+//! only that one calls the webhooks.
+
+pub mod rule;
+pub mod webhook;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::glob_match;
+use crate::config::{RuleConfig, Severity};
+use crate::domain;
+use crate::feed::{Kind, Kinds};
+use crate::observability::Metrics;
+use crate::store::alert::{AlertChange, AlertOutcome, AlertState, NewAlert};
+use crate::store::log::EventRow;
+use crate::store::{LogEntry, Store};
+use rule::Condition;
+pub use webhook::Webhooks;
+
+/// Batches of observations the queue holds before the engine reads back from the log.
+const INPUT_BATCHES: usize = 1024;
+/// How often timed conditions (`for`, `no reading`, `missing`) are checked.
+const TICK: Duration = Duration::from_secs(1);
+/// Log entries read per query when catching up.
+const REPLAY_PAGE: i64 = 5_000;
+
+/// What the engine is told of a committed event.
+#[derive(Debug, Clone)]
+pub enum Observed {
+    /// A reading (JSON objects only: a raw payload has no fields).
+    Reading {
+        /// Its seq.
+        seq: i64,
+        /// The device.
+        device: Arc<str>,
+        /// Receive time, Unix ms.
+        at: i64,
+        /// The JSON object as sent.
+        payload: Bytes,
+    },
+    /// A presence change.
+    Presence {
+        /// Its seq.
+        seq: i64,
+        /// The device.
+        device: Arc<str>,
+        /// Online or offline now.
+        online: bool,
+        /// When, Unix ms.
+        at: i64,
+    },
+}
+
+impl Observed {
+    fn seq(&self) -> i64 {
+        match self {
+            Observed::Reading { seq, .. } | Observed::Presence { seq, .. } => *seq,
+        }
+    }
+
+    /// A presence event of the log as an observation.
+    pub fn presence(e: &EventRow) -> Option<Observed> {
+        #[derive(serde::Deserialize)]
+        struct Data {
+            online: bool,
+        }
+        if e.kind != Kind::Status {
+            return None;
+        }
+        let d: Data = serde_json::from_str(&e.data).ok()?;
+        Some(Observed::Presence {
+            seq: e.seq,
+            device: e.device.clone(),
+            online: d.online,
+            at: e.at,
+        })
+    }
+
+    /// A replayed log entry as an observation.
+    pub fn of_entry(e: &LogEntry) -> Option<Observed> {
+        match e {
+            LogEntry::Reading(r) if r.flags & domain::flags::RAW == 0 => Some(Observed::Reading {
+                seq: r.seq,
+                device: Arc::from(r.device.as_str()),
+                at: r.received_at,
+                payload: Bytes::from(r.payload.clone()),
+            }),
+            LogEntry::Reading(_) => None,
+            LogEntry::Event(e) => Observed::presence(e),
+        }
+    }
+}
+
+/// Where committed events reach the engine: a bounded queue that never blocks the writer.
+pub struct Input {
+    tx: mpsc::Sender<Vec<Observed>>,
+    /// A batch was dropped: the engine reads back from the log before the next one.
+    lagged: AtomicBool,
+    /// Whether any rule is configured (nothing is sent while none is).
+    wanted: AtomicBool,
+}
+
+impl Input {
+    /// A queue and its receiving end, for [`Engine::run`].
+    pub fn new(wanted: bool) -> (Arc<Input>, mpsc::Receiver<Vec<Observed>>) {
+        let (tx, rx) = mpsc::channel(INPUT_BATCHES);
+        let input = Input {
+            tx,
+            lagged: AtomicBool::new(false),
+            wanted: AtomicBool::new(wanted),
+        };
+        (Arc::new(input), rx)
+    }
+
+    /// Whether the engine wants events (some rule is configured).
+    pub fn wanted(&self) -> bool {
+        self.wanted.load(Ordering::Relaxed)
+    }
+
+    /// Hands over one committed batch's observations; when the queue is full they are
+    /// dropped and the engine catches up from the log instead.
+    pub fn send(&self, batch: Vec<Observed>) {
+        if batch.is_empty() {
+            return;
+        }
+        if self.tx.try_send(batch).is_err() {
+            self.lagged.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// A rule, compiled.
+#[derive(Debug, Clone)]
+struct Rule {
+    name: String,
+    devices: Vec<String>,
+    when: Condition,
+    clear: Option<Condition>,
+    hold_ms: i64,
+    hold: Duration,
+    severity: Severity,
+}
+
+impl Rule {
+    fn compile(c: &RuleConfig) -> Option<Rule> {
+        Some(Rule {
+            name: c.name.clone(),
+            devices: c.devices.clone(),
+            when: Condition::parse(&c.when).ok()?,
+            clear: c.clear.as_deref().map(Condition::parse).transpose().ok()?,
+            hold_ms: i64::try_from(c.hold.as_millis()).unwrap_or(i64::MAX),
+            hold: c.hold,
+            severity: c.severity,
+        })
+    }
+
+    fn applies_to(&self, device: &str) -> bool {
+        self.devices.iter().any(|g| glob_match(g, device))
+    }
+
+    fn threshold(&self) -> Option<f64> {
+        match &self.when {
+            Condition::Compare { value, .. } => Some(*value),
+            _ => None,
+        }
+    }
+
+    /// What happened, in words, for the alert.
+    fn message(&self, value: Option<f64>) -> String {
+        let held = if self.hold.is_zero() {
+            String::new()
+        } else {
+            format!(" for {}", humantime::format_duration(self.hold))
+        };
+        match value {
+            Some(v) if matches!(self.when, Condition::Compare { .. }) => {
+                format!("{} (value {v}){held}", self.when)
+            }
+            _ => format!("{}{held}", self.when),
+        }
+    }
+}
+
+/// What the engine keeps of one rule on one device.
+#[derive(Debug, Default, Clone)]
+struct Track {
+    /// A comparison or `offline`: since when the condition holds. `no reading` and
+    /// `missing`: when the reading or field was last seen.
+    since: Option<i64>,
+    /// Whether the rule has an open alert for the device.
+    open: bool,
+    /// The last value of the rule's field.
+    value: Option<f64>,
+}
+
+/// Evaluates the rules; see the module documentation.
+pub struct Engine {
+    store: Store,
+    metrics: Arc<Metrics>,
+    webhooks: Arc<Webhooks>,
+    input: Arc<Input>,
+    rules: Vec<Rule>,
+    /// Per rule (by index), per device.
+    tracks: Vec<HashMap<Arc<str>, Track>>,
+    /// Per device, the rules that apply to it.
+    matching: HashMap<Arc<str>, Arc<[usize]>>,
+    /// The newest seq evaluated.
+    seen: i64,
+}
+
+impl Engine {
+    /// An engine for `rules` (validated by the config already).
+    pub fn new(
+        store: Store,
+        metrics: Arc<Metrics>,
+        webhooks: Arc<Webhooks>,
+        input: Arc<Input>,
+        rules: &[RuleConfig],
+    ) -> Engine {
+        let seen = store.opened_at();
+        let mut e = Engine {
+            store,
+            metrics,
+            webhooks,
+            input,
+            rules: Vec::new(),
+            tracks: Vec::new(),
+            matching: HashMap::new(),
+            seen,
+        };
+        e.set_rules(rules);
+        e
+    }
+
+    fn set_rules(&mut self, rules: &[RuleConfig]) {
+        let old: HashMap<String, (Rule, HashMap<Arc<str>, Track>)> = self
+            .rules
+            .drain(..)
+            .zip(self.tracks.drain(..))
+            .map(|(r, t)| (r.name.clone(), (r, t)))
+            .collect();
+        let mut old = old;
+        for c in rules {
+            let Some(rule) = Rule::compile(c) else {
+                continue;
+            };
+            // A rule that did not change keeps what it knows; a changed one starts over,
+            // keeping only which alerts are open.
+            let tracks = match old.remove(&rule.name) {
+                Some((was, t)) if same_rule(&was, &rule) => t,
+                Some((_, t)) => t
+                    .into_iter()
+                    .filter(|(_, t)| t.open)
+                    .map(|(d, _)| {
+                        (
+                            d,
+                            Track {
+                                open: true,
+                                ..Track::default()
+                            },
+                        )
+                    })
+                    .collect(),
+                None => HashMap::new(),
+            };
+            self.rules.push(rule);
+            self.tracks.push(tracks);
+        }
+        self.matching.clear();
+        self.input
+            .wanted
+            .store(!self.rules.is_empty(), Ordering::Relaxed);
+    }
+
+    /// The rules that apply to `device`.
+    fn rules_of(&mut self, device: &Arc<str>) -> Arc<[usize]> {
+        if let Some(r) = self.matching.get(device) {
+            return r.clone();
+        }
+        let r: Arc<[usize]> = (0..self.rules.len())
+            .filter(|&i| self.rules[i].applies_to(device))
+            .collect();
+        self.matching.insert(device.clone(), r.clone());
+        r
+    }
+
+    /// Runs until `shutdown`: evaluates what `events` brings, checks timed conditions every
+    /// second, and takes new rules from `reload` (SIGHUP).
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Vec<Observed>>,
+        mut reload: watch::Receiver<Arc<Vec<RuleConfig>>>,
+        shutdown: CancellationToken,
+    ) {
+        // Open alerts and known devices, retried until storage answers.
+        loop {
+            match self.load().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "alerts: cannot read open alerts yet; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        let mut reload_open = true;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                batch = events.recv() => match batch {
+                    Some(batch) => self.take(batch).await,
+                    None => return,
+                },
+                _ = tick.tick() => self.timed(domain::now_ms()).await,
+                changed = async {
+                    if reload_open {
+                        reload.changed().await
+                    } else {
+                        std::future::pending().await
+                    }
+                } => match changed {
+                    Ok(()) => {
+                        let rules = reload.borrow_and_update().clone();
+                        self.reload(&rules).await;
+                    }
+                    Err(_) => reload_open = false,
+                },
+            }
+        }
+    }
+
+    /// Learns the open alerts and the devices storage knows.
+    async fn load(&mut self) -> Result<(), crate::store::StoreError> {
+        let open = self
+            .store
+            .alerts(
+                &[AlertState::Firing, AlertState::Acknowledged],
+                None,
+                i64::MAX,
+            )
+            .await?;
+        let devices = self.store.devices().await?;
+        let now = domain::now_ms();
+        for d in devices {
+            let device: Arc<str> = Arc::from(d.id.as_str());
+            for i in self.rules_of(&device).iter().copied() {
+                let since = match self.rules[i].when {
+                    Condition::NoReading => Some(d.last_seen),
+                    Condition::Missing { .. } => Some(now),
+                    Condition::Offline if !d.online => Some(now),
+                    _ => None,
+                };
+                self.tracks[i].entry(device.clone()).or_default().since = since;
+            }
+        }
+        for a in open {
+            if let Some(i) = self.rules.iter().position(|r| r.name == a.rule) {
+                let t = self.tracks[i]
+                    .entry(Arc::from(a.device.as_str()))
+                    .or_default();
+                t.open = true;
+                t.value = a.value;
+            }
+        }
+        self.resolve_orphans(&[]).await;
+        Ok(())
+    }
+
+    /// New rules: open alerts of rules that are gone are resolved.
+    async fn reload(&mut self, rules: &[RuleConfig]) {
+        let before: Vec<String> = self.rules.iter().map(|r| r.name.clone()).collect();
+        self.set_rules(rules);
+        let gone: Vec<String> = before
+            .into_iter()
+            .filter(|n| !self.rules.iter().any(|r| &r.name == n))
+            .collect();
+        self.resolve_orphans(&gone).await;
+        tracing::info!(rules = self.rules.len(), "alerts: rules reloaded");
+    }
+
+    /// Resolves the open alerts of rules no longer configured (those named in `gone`, and
+    /// any other stored open alert whose rule is unknown).
+    async fn resolve_orphans(&mut self, gone: &[String]) {
+        let open = match self
+            .store
+            .alerts(
+                &[AlertState::Firing, AlertState::Acknowledged],
+                None,
+                i64::MAX,
+            )
+            .await
+        {
+            Ok(open) => open,
+            Err(e) => {
+                tracing::warn!(error = %e, "alerts: cannot read open alerts");
+                return;
+            }
+        };
+        for a in open {
+            let known = self.rules.iter().any(|r| r.name == a.rule);
+            if !known || gone.contains(&a.rule) {
+                let change = AlertChange::Resolve {
+                    rule: a.rule.clone(),
+                    device: a.device.clone(),
+                    at: domain::now_ms(),
+                };
+                self.apply(change).await;
+            }
+        }
+    }
+
+    /// One committed batch; first what was missed, when the queue overflowed.
+    async fn take(&mut self, batch: Vec<Observed>) {
+        let last = batch.last().map_or(self.seen, Observed::seq);
+        if self.input.lagged.swap(false, Ordering::AcqRel) {
+            self.catch_up(last).await;
+        }
+        for o in batch {
+            if o.seq() > self.seen {
+                self.seen = o.seq();
+                self.observe(o).await;
+            }
+        }
+    }
+
+    /// Reads the log from `seen` through `through` and evaluates it.
+    async fn catch_up(&mut self, through: i64) {
+        let kinds = Kinds::NONE.with(Kind::Reading).with(Kind::Status);
+        self.metrics.alert_catch_ups.fetch_add(1, Ordering::Relaxed);
+        while self.seen < through {
+            let entries = match self.store.replay(self.seen, None, kinds, REPLAY_PAGE).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "alerts: cannot read back the events the queue dropped; they are not evaluated");
+                    self.seen = through;
+                    return;
+                }
+            };
+            let Some(last) = entries.last().map(LogEntry::seq) else {
+                break;
+            };
+            for e in &entries {
+                if e.seq() > through {
+                    break;
+                }
+                if let Some(o) = Observed::of_entry(e) {
+                    self.observe(o).await;
+                }
+            }
+            self.seen = last.min(through);
+            if (entries.len() as i64) < REPLAY_PAGE {
+                break;
+            }
+        }
+        self.seen = self.seen.max(through);
+    }
+
+    async fn observe(&mut self, o: Observed) {
+        match o {
+            Observed::Reading {
+                device,
+                at,
+                payload,
+                ..
+            } => {
+                let rules = self.rules_of(&device);
+                if rules.is_empty() {
+                    return;
+                }
+                let mut parsed: Option<Option<Value>> = None;
+                for &i in rules.iter() {
+                    let needs_payload = self.rules[i].when.field().is_some();
+                    let json = if needs_payload {
+                        parsed
+                            .get_or_insert_with(|| serde_json::from_slice(&payload).ok())
+                            .as_ref()
+                    } else {
+                        None
+                    };
+                    self.on_reading(i, &device, at, json).await;
+                }
+            }
+            Observed::Presence {
+                device, online, at, ..
+            } => {
+                let rules = self.rules_of(&device);
+                for &i in rules.iter() {
+                    match self.judge_presence(i, &device, online, at) {
+                        Act::Fire => self.maybe_fire(i, &device, at).await,
+                        Act::Resolve => self.resolve(i, &device, at).await,
+                        Act::Nothing => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_reading(&mut self, i: usize, device: &Arc<str>, at: i64, json: Option<&Value>) {
+        match self.judge_reading(i, device, at, json) {
+            Act::Fire => self.maybe_fire(i, device, at).await,
+            Act::Resolve => self.resolve(i, device, at).await,
+            Act::Nothing => {}
+        }
+    }
+
+    /// What a reading does to rule `i` on `device`.
+    fn judge_reading(&mut self, i: usize, device: &Arc<str>, at: i64, json: Option<&Value>) -> Act {
+        let rule = &self.rules[i];
+        let t = self.tracks[i].entry(device.clone()).or_default();
+        match &rule.when {
+            Condition::Compare { .. } => {
+                let Some((holds, v)) = json.and_then(|p| rule.when.on_payload(p)) else {
+                    return Act::Nothing;
+                };
+                t.value = Some(v);
+                if t.open {
+                    let clears = match &rule.clear {
+                        Some(c) => json.and_then(|p| c.on_payload(p)).is_some_and(|(h, _)| h),
+                        None => !holds,
+                    };
+                    if clears {
+                        t.since = None;
+                        return Act::Resolve;
+                    }
+                    Act::Nothing
+                } else if holds {
+                    t.since.get_or_insert(at);
+                    Act::Fire
+                } else {
+                    t.since = None;
+                    Act::Nothing
+                }
+            }
+            Condition::NoReading => {
+                t.since = Some(at);
+                if t.open { Act::Resolve } else { Act::Nothing }
+            }
+            Condition::Missing { field } => {
+                let present = json
+                    .and_then(|p| rule::field(p, field))
+                    .is_some_and(|v| !v.is_null());
+                if present {
+                    t.since = Some(at);
+                    if t.open { Act::Resolve } else { Act::Nothing }
+                } else {
+                    // A device first seen without the field: its time starts now.
+                    t.since.get_or_insert(at);
+                    Act::Nothing
+                }
+            }
+            Condition::Offline => Act::Nothing,
+        }
+    }
+
+    /// What a presence change does to rule `i` (an `offline` rule) on `device`.
+    fn judge_presence(&mut self, i: usize, device: &Arc<str>, online: bool, at: i64) -> Act {
+        if self.rules[i].when != Condition::Offline {
+            return Act::Nothing;
+        }
+        let t = self.tracks[i].entry(device.clone()).or_default();
+        if online {
+            t.since = None;
+            if t.open { Act::Resolve } else { Act::Nothing }
+        } else if t.open {
+            Act::Nothing
+        } else {
+            t.since.get_or_insert(at);
+            Act::Fire
+        }
+    }
+
+    /// Fires timed conditions that have held long enough.
+    async fn timed(&mut self, now: i64) {
+        let mut due = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            for (device, t) in &self.tracks[i] {
+                if let Some(since) = t.since
+                    && !t.open
+                    && now.saturating_sub(since) >= rule.hold_ms
+                {
+                    due.push((i, device.clone()));
+                }
+            }
+        }
+        for (i, device) in due {
+            self.maybe_fire(i, &device, now).await;
+        }
+    }
+
+    /// Fires rule `i` on `device` if its condition has held for the rule's `for` at `now`.
+    async fn maybe_fire(&mut self, i: usize, device: &Arc<str>, now: i64) {
+        let rule = &self.rules[i];
+        let Some(t) = self.tracks[i].get(device) else {
+            return;
+        };
+        let Some(since) = t.since else { return };
+        if t.open || now.saturating_sub(since) < rule.hold_ms {
+            return;
+        }
+        let value = t.value;
+        let change = AlertChange::Fire(NewAlert {
+            rule: rule.name.clone(),
+            device: device.to_string(),
+            severity: rule.severity.as_str(),
+            field: rule.when.field().map(str::to_owned),
+            threshold: rule.threshold(),
+            value,
+            message: rule.message(value),
+            at: now,
+        });
+        // Marked open before the store answers, so a failing store is not asked again on
+        // every reading; a failure clears it and the next reading or tick tries again.
+        if let Some(t) = self.tracks[i].get_mut(device) {
+            t.open = true;
+        }
+        let ok = self.apply(change).await;
+        if !ok && let Some(t) = self.tracks[i].get_mut(device) {
+            t.open = false;
+        }
+    }
+
+    async fn resolve(&mut self, i: usize, device: &Arc<str>, at: i64) {
+        let change = AlertChange::Resolve {
+            rule: self.rules[i].name.clone(),
+            device: device.to_string(),
+            at,
+        };
+        if let Some(t) = self.tracks[i].get_mut(device) {
+            t.open = false;
+        }
+        if !self.apply(change).await
+            && let Some(t) = self.tracks[i].get_mut(device)
+        {
+            t.open = true;
+        }
+    }
+
+    /// Stores a change; the webhooks hear of it when this call moved the alert. False when
+    /// storage failed.
+    async fn apply(&self, change: AlertChange) -> bool {
+        match self.store.change_alert(change).await {
+            Ok(AlertOutcome::Changed(alert)) => {
+                self.metrics.alert_changed(&alert.state);
+                tracing::info!(rule = %alert.rule, device = %alert.device, state = %alert.state, severity = %alert.severity, "alert {}", alert.message);
+                self.webhooks.send(&alert);
+                true
+            }
+            Ok(AlertOutcome::Unchanged(_)) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "alerts: cannot store an alert change; trying again on the next event");
+                false
+            }
+        }
+    }
+}
+
+/// What an event does to one rule on one device.
+enum Act {
+    Nothing,
+    /// The condition holds: fire once it has held for the rule's `for`.
+    Fire,
+    Resolve,
+}
+
+/// Whether a reloaded rule is the same rule (so what it learned still holds).
+fn same_rule(a: &Rule, b: &Rule) -> bool {
+    a.devices == b.devices
+        && a.when == b.when
+        && a.clear == b.clear
+        && a.hold == b.hold
+        && a.severity == b.severity
+}
+
+/// Acknowledges an alert for an operator; the webhooks hear of it when it moved.
+pub async fn acknowledge(
+    store: &Store,
+    webhooks: &Webhooks,
+    metrics: &Metrics,
+    id: i64,
+    by: &str,
+) -> Result<AlertOutcome, crate::store::StoreError> {
+    let outcome = store
+        .change_alert(AlertChange::Ack {
+            id,
+            by: by.to_owned(),
+            at: domain::now_ms(),
+        })
+        .await?;
+    if let AlertOutcome::Changed(alert) = &outcome {
+        metrics.alert_changed(&alert.state);
+        webhooks.send(alert);
+    }
+    Ok(outcome)
+}
+
+/// The states `GET /api/alerts?state=` names: a list of firing, acknowledged, resolved,
+/// or `open` for the first two.
+pub fn parse_states(list: &str) -> Result<Vec<AlertState>, String> {
+    let mut out = Vec::new();
+    for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match s {
+            "open" => out.extend([AlertState::Firing, AlertState::Acknowledged]),
+            _ => out.push(AlertState::parse(s).ok_or_else(|| {
+                format!("{s:?} is not a state: use firing, acknowledged, resolved or open")
+            })?),
+        }
+    }
+    out.dedup();
+    Ok(out)
+}
