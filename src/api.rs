@@ -236,6 +236,49 @@ pub async fn list_devices(req: &mut Request, depot: &mut Depot, res: &mut Respon
     ));
 }
 
+/// `GET /api/devices/{id}`: one device, as the list shows it.
+#[handler]
+pub async fn one_device(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let who = principal(depot);
+    let s = shared(depot).clone();
+    let result = async {
+        known_params(req, &[])?;
+        let id = req.param::<String>("id").unwrap_or_default();
+        DeviceId::check(&id).map_err(|e| {
+            ApiError::bad_request("invalid_device", format!("device id {id:?}: {e}"))
+        })?;
+        if !who.sees(&id) {
+            return Err(forbidden(
+                &s,
+                format!("device {id:?} is outside this token's scope"),
+            ));
+        }
+        let d = s.store.device(&id).await?.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no device {id:?} has been seen"),
+            )
+        })?;
+        let latest = s
+            .store
+            .latest(Some(std::slice::from_ref(&id)), None)
+            .await?;
+        Ok(json!({
+            "id": d.id,
+            "online": d.online,
+            "first_seen": domain::format_ms(d.first_seen),
+            "last_seen": domain::format_ms(d.last_seen),
+            "latest": latest.into_iter().next().map(ReadingOut::from),
+        }))
+    }
+    .await;
+    match result {
+        Ok(v) => res.render(Json(v)),
+        Err(e) => e.render(res),
+    }
+}
+
 /// A history request's page: the device checked (valid, in scope, known) and the paging
 /// parameters parsed.
 async fn history_page(

@@ -196,6 +196,7 @@ pub fn router(shared: Shared) -> Router {
                 .get(api::events),
         )
         .push(Router::with_path("api/devices").get(api::list_devices))
+        .push(Router::with_path("api/devices/{id}").get(api::one_device))
         .push(Router::with_path("api/devices/{id}/readings").get(api::device_readings))
         .push(Router::with_path("api/devices/{id}/series").get(api::device_series))
         .push(Router::with_path("api/devices/{id}/status-history").get(api::status_history))

@@ -3,6 +3,7 @@
 //! `TELEBRIDGE_TEST_BACKEND=postgres`), real HTTP.
 
 mod access;
+mod alerts;
 mod browser;
 mod cli;
 mod cluster;

@@ -451,6 +451,11 @@ impl Daemon {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process is still running (it has not exited or crashed).
     pub fn alive(&mut self) -> bool {
         self.child
