@@ -4,7 +4,7 @@
 //! cargo bench --bench bench -- ingest [--seconds N] [--messages N] [--no-peer]
 //!     [--backend sqlite|postgres] [--instances N]
 //! cargo bench --bench bench -- ingest --compare-backends [--messages N] [--payload N]
-//!     [--instances N]
+//!     [--instances N] [--alert-rules N]
 //! ```
 //!
 //! `ingest` checks the ingest goal of PRODUCT.md: for QoS 0 and 1 and payloads of 100 B and
@@ -67,6 +67,8 @@ use tokio::time::timeout;
 const TELEMETRY_FILTER: &str = "devices/+/telemetry";
 /// Devices the publisher rotates through.
 const DEVICES: usize = 100;
+/// Devices of the load with `--alert-rules`.
+const ALERT_DEVICES: usize = 1000;
 /// How often the SQLite row count is polled while the daemon ingests.
 const POLL_EVERY: Duration = Duration::from_millis(5);
 /// A run that makes no progress for this long has stopped (lost messages or a stall).
@@ -96,7 +98,7 @@ fn main() -> ExitCode {
 const USAGE: &str = "usage: cargo bench --bench bench -- ingest [--seconds N] [--messages N] [--no-peer]
            [--backend sqlite|postgres] [--instances N]
        cargo bench --bench bench -- ingest --compare-backends [--messages N] [--payload N]
-           [--instances N]
+           [--instances N] [--alert-rules N]
 
   ingest              subscriber vs telebridge vs Node-RED ingest rate, QoS 0/1 x 100 B/1 KiB payloads
   --seconds N         cap on every wait, in seconds (default 60)
@@ -111,6 +113,8 @@ const USAGE: &str = "usage: cargo bench --bench bench -- ingest [--seconds N] [-
                       (--instances, default 3) back to back, rows/s side by side with ratios;
                       no Node-RED
   --payload N         payload bytes for --compare-backends (default 100)
+  --alert-rules N     with --compare-backends: SQLite x1 and PostgreSQL x1, each without and
+                      with N alert rules on every device, the load over 1000 devices
   --daemon PATH       the telebridge binary to run (default: the release build)";
 
 /// Command-line options.
@@ -133,6 +137,8 @@ struct Args {
     payload: usize,
     /// The telebridge binary to run instead of the release build.
     daemon: Option<PathBuf>,
+    /// Alert rules for --compare-backends (0: none).
+    alert_rules: usize,
 }
 
 impl Args {
@@ -147,6 +153,7 @@ impl Args {
             compare: false,
             payload: 100,
             daemon: None,
+            alert_rules: 0,
         };
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -166,6 +173,9 @@ impl Args {
                     out.instances = Some(number("--instances", args.next(), 1, MAX_INSTANCES)?);
                 }
                 "--compare-backends" => out.compare = true,
+                "--alert-rules" => {
+                    out.alert_rules = number("--alert-rules", args.next(), 1, 10_000)? as usize;
+                }
                 "--daemon" => out.daemon = Some(path_value("--daemon", args.next())?),
                 "--payload" => {
                     out.payload = number("--payload", args.next(), 40, 65_536)? as usize;
@@ -188,6 +198,8 @@ struct Case {
     qos: QoS,
     payload: usize,
     messages: u64,
+    /// Devices the load spreads over (one topic each).
+    devices: usize,
 }
 
 impl Case {
@@ -250,12 +262,19 @@ impl Burst {
 struct Setup {
     backend: Backend,
     instances: usize,
+    /// Alert rules in the daemons' config (`--alert-rules`).
+    rules: usize,
 }
 
 impl Setup {
-    /// `SQLite x1`, `PostgreSQL x3`.
+    /// `SQLite x1`, `PostgreSQL x3`, `SQLite x1 + 100 rules`.
     fn label(&self) -> String {
-        format!("{} x{}", self.backend.name(), self.instances)
+        let rules = if self.rules > 0 {
+            format!(" + {} rules", self.rules)
+        } else {
+            String::new()
+        };
+        format!("{} x{}{rules}", self.backend.name(), self.instances)
     }
 
     /// A short tag for client ids and database names.
@@ -264,8 +283,32 @@ impl Setup {
             Backend::Sqlite => "sq",
             Backend::Postgres => "pg",
         };
-        format!("{b}{}", self.instances)
+        format!("{b}{}r{}", self.instances, self.rules)
     }
+}
+
+/// `n` alert rules on every device of the load, none of which fires: 90% comparisons on the
+/// payload's fields (the costly kind: each reading's JSON is parsed and compared), the rest
+/// `offline` and `no reading for 1h`, so every kind is tracked per device.
+fn alert_rules(n: usize) -> String {
+    if n == 0 {
+        return String::new();
+    }
+    let mut out = String::from("[alerts]\nrules = [\n");
+    for i in 0..n {
+        let when = match i % 10 {
+            8 => "offline".to_owned(),
+            9 => "no reading".to_owned(),
+            k if k % 2 == 0 => format!("temp > {}", 1000 + i),
+            _ => format!("seq < -{}", 1 + i),
+        };
+        let hold = if i % 10 == 9 { "1h" } else { "0s" };
+        out.push_str(&format!(
+            "  {{ name = \"bench-{i}\", devices = [\"dev-*\"], when = \"{when}\", for = \"{hold}\" }},\n"
+        ));
+    }
+    out.push_str("]\n");
+    out
 }
 
 /// What the daemon (or the daemons of one shared group) did with one burst.
@@ -341,6 +384,7 @@ async fn ingest(args: &Args) -> anyhow::Result<ExitCode> {
     let setup = Setup {
         backend: args.backend,
         instances: args.instances.unwrap_or(1) as usize,
+        rules: 0,
     };
     // Declared before everything that connects to it, so it is stopped last.
     let pg = match setup.backend {
@@ -375,6 +419,7 @@ async fn ingest(args: &Args) -> anyhow::Result<ExitCode> {
                 qos,
                 payload,
                 messages: args.messages.unwrap_or(default),
+                devices: DEVICES,
             });
         }
     }
@@ -474,28 +519,62 @@ async fn compare_backends(args: &Args) -> anyhow::Result<ExitCode> {
         qos: QoS::AtLeastOnce,
         payload: args.payload,
         messages: args.messages.unwrap_or(100_000),
+        devices: if args.alert_rules > 0 {
+            ALERT_DEVICES
+        } else {
+            DEVICES
+        },
     };
-    let setups = [
-        Setup {
-            backend: Backend::Sqlite,
-            instances: 1,
-        },
-        Setup {
-            backend: Backend::Postgres,
-            instances: 1,
-        },
-        Setup {
-            backend: Backend::Postgres,
-            instances: group,
-        },
-    ];
+    let setups: Vec<Setup> = if args.alert_rules > 0 {
+        // The rules' cost, side by side: the same backend without and with them.
+        vec![
+            Setup {
+                backend: Backend::Sqlite,
+                instances: 1,
+                rules: 0,
+            },
+            Setup {
+                backend: Backend::Sqlite,
+                instances: 1,
+                rules: args.alert_rules,
+            },
+            Setup {
+                backend: Backend::Postgres,
+                instances: 1,
+                rules: 0,
+            },
+            Setup {
+                backend: Backend::Postgres,
+                instances: 1,
+                rules: args.alert_rules,
+            },
+        ]
+    } else {
+        vec![
+            Setup {
+                backend: Backend::Sqlite,
+                instances: 1,
+                rules: 0,
+            },
+            Setup {
+                backend: Backend::Postgres,
+                instances: 1,
+                rules: 0,
+            },
+            Setup {
+                backend: Backend::Postgres,
+                instances: group,
+                rules: 0,
+            },
+        ]
+    };
     print_conditions(
         args,
         &broker,
         &daemon_bin,
         None,
         &[case],
-        setups[2],
+        setups[setups.len() - 1],
         Some(&pg),
     );
     println!(
@@ -518,7 +597,7 @@ async fn compare_backends(args: &Args) -> anyhow::Result<ExitCode> {
         .await
         .context("subscriber run")?;
     let mut runs = Vec::new();
-    for setup in setups {
+    for setup in setups.iter().copied() {
         eprintln!("[{} on {}] telebridge burst", case.label(), setup.label());
         let run = daemon_burst(&daemon_bin, &broker, Some(&pg), setup, &case, args.timeout)
             .await
@@ -573,10 +652,12 @@ fn print_comparison(case: &Case, sub: &SubscriberRun, runs: &[(Setup, anyhow::Re
     let sqlite1 = rate_of(Setup {
         backend: Backend::Sqlite,
         instances: 1,
+        rules: 0,
     });
     let pg1 = rate_of(Setup {
         backend: Backend::Postgres,
         instances: 1,
+        rules: 0,
     });
     let ratio = |a: f64, b: Option<f64>| match b {
         Some(b) if b > 0.0 => format!("{:.2}", a / b),
@@ -749,8 +830,14 @@ fn print_conditions(
     }
     println!(
         "load:       one rumqttc publisher, topics devices/dev-{{0..{}}}/telemetry, JSON objects padded to the payload size, QoS 1 inflight {MQTT_INFLIGHT}",
-        DEVICES - 1
+        cases.first().map_or(DEVICES, |c| c.devices) - 1
     );
+    if args.alert_rules > 0 {
+        println!(
+            "alerts:     {} rules on every device (dev-*), none firing: 90% comparisons on payload fields, 5% offline, 5% no reading for 1h",
+            args.alert_rules
+        );
+    }
     println!(
         "            messages per burst: {}",
         cases
@@ -1056,8 +1143,8 @@ async fn connect(client_id: &str, port: u16) -> anyhow::Result<(AsyncClient, Eve
 }
 
 /// Telemetry topics, one per simulated device.
-fn topics() -> Vec<String> {
-    (0..DEVICES)
+fn topics(devices: usize) -> Vec<String> {
+    (0..devices)
         .map(|i| format!("devices/dev-{i}/telemetry"))
         .collect()
 }
@@ -1119,11 +1206,11 @@ async fn publish_burst(
             }
         }
     });
-    let topics = topics();
+    let topics = topics(case.devices);
     let started = Instant::now();
     let send_all = async {
         for seq in 0..n {
-            let topic = topics[(seq % DEVICES as u64) as usize].clone();
+            let topic = topics[(seq % case.devices as u64) as usize].clone();
             client
                 .publish(topic, qos, false, payload(seq, case.payload))
                 .await
@@ -1629,6 +1716,7 @@ async fn daemon_burst(
         }
         (Backend::Sqlite, _) => Placement {
             qos: Some(case.qos_number()),
+            extra: alert_rules(setup.rules),
             ..Placement::default()
         },
         (Backend::Postgres, Some(pg)) => {
@@ -1637,6 +1725,7 @@ async fn daemon_burst(
                 .await?;
             Placement {
                 qos: Some(case.qos_number()),
+                extra: alert_rules(setup.rules),
                 ..Placement::postgres(&url)
             }
         }

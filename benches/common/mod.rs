@@ -1499,6 +1499,8 @@ pub struct Placement {
     pub topics: Vec<(String, String)>,
     /// `[mqtt] qos`, when not the default (1).
     pub qos: Option<u8>,
+    /// More TOML sections, as written (such as `[alerts]`).
+    pub extra: String,
 }
 
 impl Placement {
@@ -1544,6 +1546,10 @@ impl Placement {
             for (k, v) in &self.topics {
                 out.push_str(&format!("{k} = {}\n", toml_str(v)));
             }
+        }
+        if !self.extra.is_empty() {
+            out.push('\n');
+            out.push_str(&self.extra);
         }
         out
     }
