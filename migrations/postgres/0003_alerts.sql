@@ -14,7 +14,12 @@ CREATE TABLE alerts (
     fired_at     BIGINT NOT NULL,           -- Unix ms
     acked_at     BIGINT,
     acked_by     TEXT,
-    resolved_at  BIGINT
+    resolved_at  BIGINT,
+    -- The log position the instance that fired (resolved) it had evaluated through: one that
+    -- lags behind never fires again what another resolved later, nor resolves what it fired.
+    fired_seq    BIGINT NOT NULL DEFAULT 0,
+    resolved_seq BIGINT
 );
 CREATE UNIQUE INDEX alerts_open ON alerts(rule, device) WHERE state <> 'resolved';
 CREATE INDEX alerts_device ON alerts(device, id);
+CREATE INDEX alerts_rule ON alerts(rule, device, resolved_seq);

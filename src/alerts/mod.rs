@@ -221,7 +221,7 @@ pub struct Engine {
     tracks: Vec<HashMap<Arc<str>, Track>>,
     /// Per device, the rules that apply to it.
     matching: HashMap<Arc<str>, Arc<[usize]>>,
-    /// The newest seq evaluated.
+    /// The newest seq evaluated: the log position each change is decided at.
     seen: i64,
 }
 
@@ -424,6 +424,7 @@ impl Engine {
                     rule: a.rule.clone(),
                     device: a.device.clone(),
                     at: domain::now_ms(),
+                    seq: self.seen,
                 };
                 self.apply(change).await;
             }
@@ -465,6 +466,7 @@ impl Engine {
                     break;
                 }
                 if let Some(o) = Observed::of_entry(e) {
+                    self.seen = self.seen.max(o.seq());
                     self.observe(o).await;
                 }
             }
@@ -628,6 +630,7 @@ impl Engine {
             value,
             message: rule.message(value),
             at: now,
+            seq: self.seen,
         });
         // Marked open before the store answers, so a failing store is not asked again on
         // every reading; a failure clears it and the next reading or tick tries again.
@@ -645,6 +648,7 @@ impl Engine {
             rule: self.rules[i].name.clone(),
             device: device.to_string(),
             at,
+            seq: self.seen,
         };
         if let Some(t) = self.tracks[i].get_mut(device) {
             t.open = false;

@@ -115,6 +115,9 @@ pub struct NewAlert {
     pub message: String,
     /// Unix ms.
     pub at: i64,
+    /// The log position the decision was made at: no alert of the rule and device may have
+    /// been resolved past it.
+    pub seq: i64,
 }
 
 /// A change to the alerts, made in one transaction with its `alert` event.
@@ -130,6 +133,9 @@ pub enum AlertChange {
         device: String,
         /// Unix ms.
         at: i64,
+        /// The log position the decision was made at: the alert must have fired at or
+        /// before it.
+        seq: i64,
     },
     /// Acknowledge a firing alert.
     Ack {

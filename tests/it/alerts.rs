@@ -63,33 +63,33 @@ async fn hold(p: &Publisher, device: &str, value: f64, span: Duration) {
 
 /// One request the webhook receiver got.
 #[derive(Debug, Clone)]
-struct Hook {
+pub struct Hook {
     headers: Vec<(String, String)>,
     body: Vec<u8>,
 }
 
 impl Hook {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
-    fn json(&self) -> Value {
+    pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).expect("webhook body is JSON")
     }
 }
 
 /// A real HTTP/1.1 server that records every request and answers `status`.
-struct Receiver {
+pub struct Receiver {
     port: u16,
     got: Arc<Mutex<Vec<Hook>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Receiver {
-    async fn start(status: u16) -> Receiver {
+    pub async fn start(status: u16) -> Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -149,15 +149,15 @@ impl Receiver {
         Receiver { port, got, task }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/hook", self.port)
     }
 
-    fn hooks(&self) -> Vec<Hook> {
+    pub fn hooks(&self) -> Vec<Hook> {
         self.got.lock().unwrap().clone()
     }
 
-    async fn wait(&self, n: usize) -> Vec<Hook> {
+    pub async fn wait(&self, n: usize) -> Vec<Hook> {
         wait_for(T, &format!("{n} webhook deliveries"), || async {
             let h = self.hooks();
             (h.len() >= n).then_some(h)
@@ -324,6 +324,63 @@ async fn offline_fires_on_a_last_will_and_on_the_presence_timeout() {
     .await;
     wait_alert(&daemon, "down", "quiet-1", "resolved").await;
     assert_eq!(alerts(&daemon, "?device=gw-1&state=open").await.len(), 1);
+}
+
+#[tokio::test]
+async fn no_reading_and_a_missing_field_fire_after_their_time_and_resolve_on_the_next_reading() {
+    // Arrange
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(
+        &broker.url(),
+        "[alerts]\nrules = [ { name = \"silent\", devices = [\"q-*\"], when = \"no reading\", for = \"2s\" }, \
+         { name = \"nohum\", devices = [\"h-*\"], when = \"missing env.humidity\", for = \"2s\", severity = \"info\" } ]\n",
+    )
+    .await;
+    let p = Publisher::connect(&broker.url(), "absence-pub").await;
+    let with_humidity = json!({ "temperature": 20, "env": { "humidity": 40 } }).to_string();
+
+    // Act: q-1 sends once and goes quiet; h-1 keeps sending without the field, h-2 with it.
+    p.publish("devices/q-1/telemetry", QoS::AtLeastOnce, false, temp(20.0))
+        .await;
+    let end = Instant::now() + Duration::from_millis(3000);
+    while Instant::now() < end {
+        p.publish("devices/h-1/telemetry", QoS::AtLeastOnce, false, temp(20.0))
+            .await;
+        p.publish(
+            "devices/h-2/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            with_humidity.clone(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Assert: each fires on its own device only.
+    let silent = wait_alert(&daemon, "silent", "q-1", "firing").await;
+    assert_eq!(silent["message"], "no reading for 2s");
+    let nohum = wait_alert(&daemon, "nohum", "h-1", "firing").await;
+    assert_eq!(nohum["severity"], "info");
+    assert_eq!(nohum["field"], "env.humidity");
+    let all = alerts(&daemon, "").await;
+    assert_eq!(
+        all.len(),
+        2,
+        "h-2 sends the field and q-1 alone is quiet: {all:?}"
+    );
+
+    // Act + Assert: the next reading (with the field) resolves each.
+    p.publish("devices/q-1/telemetry", QoS::AtLeastOnce, false, temp(20.0))
+        .await;
+    p.publish(
+        "devices/h-1/telemetry",
+        QoS::AtLeastOnce,
+        false,
+        with_humidity,
+    )
+    .await;
+    wait_alert(&daemon, "silent", "q-1", "resolved").await;
+    wait_alert(&daemon, "nohum", "h-1", "resolved").await;
 }
 
 #[tokio::test]

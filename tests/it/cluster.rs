@@ -1214,3 +1214,71 @@ async fn a_postgresql_server_that_stops_mid_burst_leaves_nothing_acknowledged_un
         "the failed commits are counted"
     );
 }
+
+#[tokio::test]
+async fn three_instances_evaluating_one_rule_fire_and_resolve_it_once_and_call_the_webhook_once() {
+    if skip() {
+        return;
+    }
+    // Arrange: a rule and a webhook on every instance; readings split over the group.
+    let receiver = crate::alerts::Receiver::start(200).await;
+    let c = Cluster::start(
+        3,
+        &format!(
+            "[alerts]\nrules = [ {{ name = \"hot\", when = \"temperature > 80\", for = \"1s\", clear = \"temperature < 75\" }} ]\nwebhooks = [ {{ url = \"{}\" }} ]\n",
+            receiver.url()
+        ),
+    )
+    .await;
+    let mut streams = Vec::new();
+    for d in &c.daemons {
+        streams.push(SseClient::connect(d.http, "/events?type=alert", None).await);
+    }
+    let p = Publisher::connect(&c.url(), "cl-alert-pub").await;
+    let burst = |v: f64| {
+        let p = &p;
+        async move {
+            for _ in 0..15 {
+                let body = json!({ "temperature": v }).to_string();
+                p.publish("devices/boiler-1/telemetry", QoS::AtLeastOnce, false, body)
+                    .await;
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }
+    };
+
+    // Act: above the threshold for 2 s, then below the clear.
+    burst(90.0).await;
+    burst(60.0).await;
+
+    // Assert: each instance streams one firing and one resolved change, the same two ids...
+    let mut seen = Vec::new();
+    for (s, name) in streams.iter_mut().zip(&c.ids) {
+        let events = s.take("alert", 2, T).await;
+        let states: Vec<Value> = events.iter().map(|e| e.json()["state"].clone()).collect();
+        assert_eq!(states, [json!("firing"), json!("resolved")], "{name}");
+        seen.push(events.iter().map(id).collect::<Vec<_>>());
+        assert!(
+            s.next(Duration::from_millis(300))
+                .await
+                .is_none_or(|e| e.event != "alert"),
+            "{name} streamed a third alert change"
+        );
+    }
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+    // ...one stored alert...
+    let body: Value = c.daemons[1].get("/api/alerts").await.json().await.unwrap();
+    assert_eq!(body["alerts"].as_array().unwrap().len(), 1, "{body}");
+    // ...made by one instance each time, which alone called the webhook.
+    assert_eq!(
+        total(&c, "telebridge_alert_changes_total{state=\"firing\"}").await,
+        1.0
+    );
+    assert_eq!(
+        total(&c, "telebridge_alert_changes_total{state=\"resolved\"}").await,
+        1.0
+    );
+    let hooks = receiver.wait(2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.hooks().len(), 2, "{hooks:?}");
+}

@@ -486,8 +486,9 @@ impl PgStore {
         let (moved, at) = match &change {
             AlertChange::Fire(n) => {
                 let sql = format!(
-                    "INSERT INTO alerts (rule, device, severity, state, field, threshold, value, message, fired_at) \
-                     VALUES ($1, $2, $3, 'firing', $4, $5, $6, $7, $8) \
+                    "INSERT INTO alerts (rule, device, severity, state, field, threshold, value, message, fired_at, fired_seq) \
+                     SELECT $1, $2, $3, 'firing', $4, $5, $6, $7, $8, $9 WHERE NOT EXISTS \
+                     (SELECT 1 FROM alerts WHERE rule = $1 AND device = $2 AND resolved_seq > $9) \
                      ON CONFLICT (rule, device) WHERE state <> 'resolved' DO NOTHING RETURNING {ALERT_COLUMNS}"
                 );
                 let row = sqlx::query(AssertSqlSafe(sql))
@@ -499,19 +500,27 @@ impl PgStore {
                     .bind(n.value)
                     .bind(&n.message)
                     .bind(n.at)
+                    .bind(n.seq)
                     .fetch_optional(&mut *a.tx)
                     .await?;
                 (row, n.at)
             }
-            AlertChange::Resolve { rule, device, at } => {
+            AlertChange::Resolve {
+                rule,
+                device,
+                at,
+                seq,
+            } => {
                 let sql = format!(
-                    "UPDATE alerts SET state = 'resolved', resolved_at = $1 \
-                     WHERE rule = $2 AND device = $3 AND state <> 'resolved' RETURNING {ALERT_COLUMNS}"
+                    "UPDATE alerts SET state = 'resolved', resolved_at = $1, resolved_seq = $4 \
+                     WHERE rule = $2 AND device = $3 AND state <> 'resolved' AND fired_seq <= $4 \
+                     RETURNING {ALERT_COLUMNS}"
                 );
                 let row = sqlx::query(AssertSqlSafe(sql))
                     .bind(at)
                     .bind(rule)
                     .bind(device)
+                    .bind(seq)
                     .fetch_optional(&mut *a.tx)
                     .await?;
                 (row, *at)

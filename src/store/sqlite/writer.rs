@@ -97,8 +97,9 @@ async fn change_alert(
     let (moved, at) = match change {
         AlertChange::Fire(a) => {
             let sql = format!(
-                "INSERT INTO alerts (rule, device, severity, state, field, threshold, value, message, fired_at) \
-                 VALUES (?, ?, ?, 'firing', ?, ?, ?, ?, ?) \
+                "INSERT INTO alerts (rule, device, severity, state, field, threshold, value, message, fired_at, fired_seq) \
+                 SELECT ?, ?, ?, 'firing', ?, ?, ?, ?, ?, ? WHERE NOT EXISTS \
+                 (SELECT 1 FROM alerts WHERE rule = ? AND device = ? AND resolved_seq > ?) \
                  ON CONFLICT (rule, device) WHERE state <> 'resolved' DO NOTHING RETURNING {ALERT_COLUMNS}"
             );
             let row = sqlx::query(AssertSqlSafe(sql))
@@ -110,19 +111,31 @@ async fn change_alert(
                 .bind(a.value)
                 .bind(&a.message)
                 .bind(a.at)
+                .bind(a.seq)
+                .bind(&a.rule)
+                .bind(&a.device)
+                .bind(a.seq)
                 .fetch_optional(&mut *tx)
                 .await?;
             (row, a.at)
         }
-        AlertChange::Resolve { rule, device, at } => {
+        AlertChange::Resolve {
+            rule,
+            device,
+            at,
+            seq,
+        } => {
             let sql = format!(
-                "UPDATE alerts SET state = 'resolved', resolved_at = ? \
-                 WHERE rule = ? AND device = ? AND state <> 'resolved' RETURNING {ALERT_COLUMNS}"
+                "UPDATE alerts SET state = 'resolved', resolved_at = ?, resolved_seq = ? \
+                 WHERE rule = ? AND device = ? AND state <> 'resolved' AND fired_seq <= ? \
+                 RETURNING {ALERT_COLUMNS}"
             );
             let row = sqlx::query(AssertSqlSafe(sql))
                 .bind(at)
+                .bind(seq)
                 .bind(rule)
                 .bind(device)
+                .bind(seq)
                 .fetch_optional(&mut *tx)
                 .await?;
             (row, *at)
