@@ -210,6 +210,22 @@ struct Track {
     value: Option<f64>,
 }
 
+/// The rules that apply to one device, and what each knows of it.
+#[derive(Debug, Default)]
+struct DeviceState {
+    /// Indices into the engine's rules.
+    rules: Vec<usize>,
+    /// `tracks[j]` belongs to `rules[j]`.
+    tracks: Vec<Track>,
+}
+
+impl DeviceState {
+    fn track(&mut self, rule: usize) -> Option<&mut Track> {
+        let j = self.rules.iter().position(|&r| r == rule)?;
+        self.tracks.get_mut(j)
+    }
+}
+
 /// Evaluates the rules; see the module documentation.
 pub struct Engine {
     store: Store,
@@ -217,10 +233,8 @@ pub struct Engine {
     webhooks: Arc<Webhooks>,
     input: Arc<Input>,
     rules: Vec<Rule>,
-    /// Per rule (by index), per device.
-    tracks: Vec<HashMap<Arc<str>, Track>>,
-    /// Per device, the rules that apply to it.
-    matching: HashMap<Arc<str>, Arc<[usize]>>,
+    /// Per device: one lookup per reading finds every rule that applies and its track.
+    devices: HashMap<Arc<str>, DeviceState>,
     /// The newest seq evaluated: the log position each change is decided at.
     seen: i64,
 }
@@ -241,8 +255,7 @@ impl Engine {
             webhooks,
             input,
             rules: Vec::new(),
-            tracks: Vec::new(),
-            matching: HashMap::new(),
+            devices: HashMap::new(),
             seen,
         };
         e.set_rules(rules);
@@ -250,55 +263,61 @@ impl Engine {
     }
 
     fn set_rules(&mut self, rules: &[RuleConfig]) {
-        let old: HashMap<String, (Rule, HashMap<Arc<str>, Track>)> = self
-            .rules
-            .drain(..)
-            .zip(self.tracks.drain(..))
-            .map(|(r, t)| (r.name.clone(), (r, t)))
-            .collect();
-        let mut old = old;
-        for c in rules {
-            let Some(rule) = Rule::compile(c) else {
-                continue;
-            };
-            // A rule that did not change keeps what it knows; a changed one starts over,
-            // keeping only which alerts are open.
-            let tracks = match old.remove(&rule.name) {
-                Some((was, t)) if same_rule(&was, &rule) => t,
-                Some((_, t)) => t
-                    .into_iter()
-                    .filter(|(_, t)| t.open)
-                    .map(|(d, _)| {
-                        (
-                            d,
-                            Track {
-                                open: true,
-                                ..Track::default()
-                            },
-                        )
-                    })
-                    .collect(),
-                None => HashMap::new(),
-            };
-            self.rules.push(rule);
-            self.tracks.push(tracks);
+        let old = std::mem::take(&mut self.rules);
+        self.rules = rules.iter().filter_map(Rule::compile).collect();
+        // What each known device keeps: a rule that did not change keeps what it knew; a
+        // changed one starts over, keeping only whether an alert is open.
+        let devices = std::mem::take(&mut self.devices);
+        for (device, was) in devices {
+            let mut state = self.state_for(&device);
+            for (j, &i) in state.rules.iter().enumerate() {
+                let rule = &self.rules[i];
+                let kept = was
+                    .rules
+                    .iter()
+                    .position(|&o| old[o].name == rule.name)
+                    .map(|k| (&old[was.rules[k]], &was.tracks[k]));
+                state.tracks[j] = match kept {
+                    Some((o, t)) if same_rule(o, rule) => t.clone(),
+                    Some((_, t)) => Track {
+                        open: t.open,
+                        ..Track::default()
+                    },
+                    None => Track::default(),
+                };
+            }
+            self.devices.insert(device, state);
         }
-        self.matching.clear();
         self.input
             .wanted
             .store(!self.rules.is_empty(), Ordering::Relaxed);
     }
 
-    /// The rules that apply to `device`.
-    fn rules_of(&mut self, device: &Arc<str>) -> Arc<[usize]> {
-        if let Some(r) = self.matching.get(device) {
-            return r.clone();
-        }
-        let r: Arc<[usize]> = (0..self.rules.len())
+    /// A fresh state for `device`: the rules that apply to it.
+    fn state_for(&self, device: &str) -> DeviceState {
+        let rules: Vec<usize> = (0..self.rules.len())
             .filter(|&i| self.rules[i].applies_to(device))
             .collect();
-        self.matching.insert(device.clone(), r.clone());
-        r
+        DeviceState {
+            tracks: vec![Track::default(); rules.len()],
+            rules,
+        }
+    }
+
+    /// The state of `device`, made on first sight.
+    fn state(&mut self, device: &Arc<str>) -> &mut DeviceState {
+        if !self.devices.contains_key(device) {
+            let state = self.state_for(device);
+            self.devices.insert(device.clone(), state);
+        }
+        self.devices
+            .get_mut(device)
+            .unwrap_or_else(|| unreachable!("inserted above"))
+    }
+
+    /// Rule `i`'s track of `device`, if the rule applies to it.
+    fn track(&mut self, i: usize, device: &Arc<str>) -> Option<&mut Track> {
+        self.state(device).track(i)
     }
 
     /// Runs until `shutdown`: evaluates what `events` brings, checks timed conditions every
@@ -364,21 +383,21 @@ impl Engine {
         let now = domain::now_ms();
         for d in devices {
             let device: Arc<str> = Arc::from(d.id.as_str());
-            for i in self.rules_of(&device).iter().copied() {
-                let since = match self.rules[i].when {
+            let mut state = self.state_for(&device);
+            for (j, &i) in state.rules.iter().enumerate() {
+                state.tracks[j].since = match self.rules[i].when {
                     Condition::NoReading => Some(d.last_seen),
                     Condition::Missing { .. } => Some(now),
                     Condition::Offline if !d.online => Some(now),
                     _ => None,
                 };
-                self.tracks[i].entry(device.clone()).or_default().since = since;
             }
+            self.devices.insert(device, state);
         }
         for a in open {
-            if let Some(i) = self.rules.iter().position(|r| r.name == a.rule) {
-                let t = self.tracks[i]
-                    .entry(Arc::from(a.device.as_str()))
-                    .or_default();
+            if let Some(i) = self.rules.iter().position(|r| r.name == a.rule)
+                && let Some(t) = self.track(i, &Arc::from(a.device.as_str()))
+            {
                 t.open = true;
                 t.value = a.value;
             }
@@ -479,127 +498,77 @@ impl Engine {
     }
 
     async fn observe(&mut self, o: Observed) {
-        match o {
+        // Judged with one lookup of the device; only what must change storage is awaited.
+        let mut acts: Vec<(usize, Act)> = Vec::new();
+        let (device, at) = match o {
             Observed::Reading {
                 device,
                 at,
                 payload,
                 ..
             } => {
-                let rules = self.rules_of(&device);
-                if rules.is_empty() {
-                    return;
-                }
+                let rules = &self.rules;
+                let state = match self.devices.get_mut(&device) {
+                    Some(s) => s,
+                    None => {
+                        let fresh = self.state_for(&device);
+                        self.devices.entry(device.clone()).or_insert(fresh)
+                    }
+                };
                 let mut parsed: Option<Option<Value>> = None;
-                for &i in rules.iter() {
-                    let needs_payload = self.rules[i].when.field().is_some();
-                    let json = if needs_payload {
+                for (j, &i) in state.rules.iter().enumerate() {
+                    let rule = &rules[i];
+                    let json = if rule.when.field().is_some() {
                         parsed
                             .get_or_insert_with(|| serde_json::from_slice(&payload).ok())
                             .as_ref()
                     } else {
                         None
                     };
-                    self.on_reading(i, &device, at, json).await;
+                    let act = judge_reading(rule, &mut state.tracks[j], at, json);
+                    if !matches!(act, Act::Nothing) {
+                        acts.push((i, act));
+                    }
                 }
+                (device, at)
             }
             Observed::Presence {
                 device, online, at, ..
             } => {
-                let rules = self.rules_of(&device);
-                for &i in rules.iter() {
-                    match self.judge_presence(i, &device, online, at) {
-                        Act::Fire => self.maybe_fire(i, &device, at).await,
-                        Act::Resolve => self.resolve(i, &device, at).await,
-                        Act::Nothing => {}
+                let rules = &self.rules;
+                let state = match self.devices.get_mut(&device) {
+                    Some(s) => s,
+                    None => {
+                        let fresh = self.state_for(&device);
+                        self.devices.entry(device.clone()).or_insert(fresh)
                     }
-                }
-            }
-        }
-    }
-
-    async fn on_reading(&mut self, i: usize, device: &Arc<str>, at: i64, json: Option<&Value>) {
-        match self.judge_reading(i, device, at, json) {
-            Act::Fire => self.maybe_fire(i, device, at).await,
-            Act::Resolve => self.resolve(i, device, at).await,
-            Act::Nothing => {}
-        }
-    }
-
-    /// What a reading does to rule `i` on `device`.
-    fn judge_reading(&mut self, i: usize, device: &Arc<str>, at: i64, json: Option<&Value>) -> Act {
-        let rule = &self.rules[i];
-        let t = self.tracks[i].entry(device.clone()).or_default();
-        match &rule.when {
-            Condition::Compare { .. } => {
-                let Some((holds, v)) = json.and_then(|p| rule.when.on_payload(p)) else {
-                    return Act::Nothing;
                 };
-                t.value = Some(v);
-                if t.open {
-                    let clears = match &rule.clear {
-                        Some(c) => json.and_then(|p| c.on_payload(p)).is_some_and(|(h, _)| h),
-                        None => !holds,
-                    };
-                    if clears {
-                        t.since = None;
-                        return Act::Resolve;
+                for (j, &i) in state.rules.iter().enumerate() {
+                    let act = judge_presence(&rules[i], &mut state.tracks[j], online, at);
+                    if !matches!(act, Act::Nothing) {
+                        acts.push((i, act));
                     }
-                    Act::Nothing
-                } else if holds {
-                    t.since.get_or_insert(at);
-                    Act::Fire
-                } else {
-                    t.since = None;
-                    Act::Nothing
                 }
+                (device, at)
             }
-            Condition::NoReading => {
-                t.since = Some(at);
-                if t.open { Act::Resolve } else { Act::Nothing }
+        };
+        for (i, act) in acts {
+            match act {
+                Act::Fire => self.maybe_fire(i, &device, at).await,
+                Act::Resolve => self.resolve(i, &device, at).await,
+                Act::Nothing => {}
             }
-            Condition::Missing { field } => {
-                let present = json
-                    .and_then(|p| rule::field(p, field))
-                    .is_some_and(|v| !v.is_null());
-                if present {
-                    t.since = Some(at);
-                    if t.open { Act::Resolve } else { Act::Nothing }
-                } else {
-                    // A device first seen without the field: its time starts now.
-                    t.since.get_or_insert(at);
-                    Act::Nothing
-                }
-            }
-            Condition::Offline => Act::Nothing,
-        }
-    }
-
-    /// What a presence change does to rule `i` (an `offline` rule) on `device`.
-    fn judge_presence(&mut self, i: usize, device: &Arc<str>, online: bool, at: i64) -> Act {
-        if self.rules[i].when != Condition::Offline {
-            return Act::Nothing;
-        }
-        let t = self.tracks[i].entry(device.clone()).or_default();
-        if online {
-            t.since = None;
-            if t.open { Act::Resolve } else { Act::Nothing }
-        } else if t.open {
-            Act::Nothing
-        } else {
-            t.since.get_or_insert(at);
-            Act::Fire
         }
     }
 
     /// Fires timed conditions that have held long enough.
     async fn timed(&mut self, now: i64) {
         let mut due = Vec::new();
-        for (i, rule) in self.rules.iter().enumerate() {
-            for (device, t) in &self.tracks[i] {
+        for (device, state) in &self.devices {
+            for (&i, t) in state.rules.iter().zip(&state.tracks) {
                 if let Some(since) = t.since
                     && !t.open
-                    && now.saturating_sub(since) >= rule.hold_ms
+                    && now.saturating_sub(since) >= self.rules[i].hold_ms
                 {
                     due.push((i, device.clone()));
                 }
@@ -612,15 +581,16 @@ impl Engine {
 
     /// Fires rule `i` on `device` if its condition has held for the rule's `for` at `now`.
     async fn maybe_fire(&mut self, i: usize, device: &Arc<str>, now: i64) {
-        let rule = &self.rules[i];
-        let Some(t) = self.tracks[i].get(device) else {
+        let hold_ms = self.rules[i].hold_ms;
+        let Some(t) = self.track(i, device) else {
             return;
         };
         let Some(since) = t.since else { return };
-        if t.open || now.saturating_sub(since) < rule.hold_ms {
+        if t.open || now.saturating_sub(since) < hold_ms {
             return;
         }
         let value = t.value;
+        let rule = &self.rules[i];
         let change = AlertChange::Fire(NewAlert {
             rule: rule.name.clone(),
             device: device.to_string(),
@@ -634,11 +604,11 @@ impl Engine {
         });
         // Marked open before the store answers, so a failing store is not asked again on
         // every reading; a failure clears it and the next reading or tick tries again.
-        if let Some(t) = self.tracks[i].get_mut(device) {
+        if let Some(t) = self.track(i, device) {
             t.open = true;
         }
         let ok = self.apply(change).await;
-        if !ok && let Some(t) = self.tracks[i].get_mut(device) {
+        if !ok && let Some(t) = self.track(i, device) {
             t.open = false;
         }
     }
@@ -650,11 +620,11 @@ impl Engine {
             at,
             seq: self.seen,
         };
-        if let Some(t) = self.tracks[i].get_mut(device) {
+        if let Some(t) = self.track(i, device) {
             t.open = false;
         }
         if !self.apply(change).await
-            && let Some(t) = self.tracks[i].get_mut(device)
+            && let Some(t) = self.track(i, device)
         {
             t.open = true;
         }
@@ -676,6 +646,69 @@ impl Engine {
                 false
             }
         }
+    }
+}
+
+/// What a reading does to `rule` on a device whose track is `t`.
+fn judge_reading(rule: &Rule, t: &mut Track, at: i64, json: Option<&Value>) -> Act {
+    match &rule.when {
+        Condition::Compare { .. } => {
+            let Some((holds, v)) = json.and_then(|p| rule.when.on_payload(p)) else {
+                return Act::Nothing;
+            };
+            t.value = Some(v);
+            if t.open {
+                let clears = match &rule.clear {
+                    Some(c) => json.and_then(|p| c.on_payload(p)).is_some_and(|(h, _)| h),
+                    None => !holds,
+                };
+                if clears {
+                    t.since = None;
+                    return Act::Resolve;
+                }
+                Act::Nothing
+            } else if holds {
+                t.since.get_or_insert(at);
+                Act::Fire
+            } else {
+                t.since = None;
+                Act::Nothing
+            }
+        }
+        Condition::NoReading => {
+            t.since = Some(at);
+            if t.open { Act::Resolve } else { Act::Nothing }
+        }
+        Condition::Missing { field } => {
+            let present = json
+                .and_then(|p| rule::field(p, field))
+                .is_some_and(|v| !v.is_null());
+            if present {
+                t.since = Some(at);
+                if t.open { Act::Resolve } else { Act::Nothing }
+            } else {
+                // A device first seen without the field: its time starts now.
+                t.since.get_or_insert(at);
+                Act::Nothing
+            }
+        }
+        Condition::Offline => Act::Nothing,
+    }
+}
+
+/// What a presence change does to `rule` (when it is an `offline` rule).
+fn judge_presence(rule: &Rule, t: &mut Track, online: bool, at: i64) -> Act {
+    if rule.when != Condition::Offline {
+        return Act::Nothing;
+    }
+    if online {
+        t.since = None;
+        if t.open { Act::Resolve } else { Act::Nothing }
+    } else if t.open {
+        Act::Nothing
+    } else {
+        t.since.get_or_insert(at);
+        Act::Fire
     }
 }
 
