@@ -12,6 +12,10 @@ use toml::de::{DeTable, DeValue};
 
 use crate::domain::TopicTemplate;
 
+/// The commented example config: every key with its default (`telebridge init` writes it;
+/// the demo runs on it when there is no config file).
+pub const EXAMPLE: &str = include_str!("../config.toml");
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1584,7 +1588,7 @@ mod tests {
 
     #[test]
     fn the_example_config_parses_and_writes_out_every_default() {
-        let text = include_str!("../config.toml");
+        let text = EXAMPLE;
         let doc = DeTable::parse(text).unwrap();
         for (section, keys) in SCHEMA {
             let (_, table) = doc

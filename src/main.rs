@@ -1,6 +1,6 @@
 //! The telebridge command line: wiring only.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -38,7 +38,13 @@ enum Command {
         #[arg(long)]
         demo: bool,
     },
-    /// Validate a config file: exit 0, or print every problem and exit 1.
+    /// Write the commented example config (every key with its default) to PATH.
+    Init {
+        /// Where to write it; an existing file is never overwritten.
+        #[arg(default_value = "config.toml")]
+        path: PathBuf,
+    },
+    /// Validate a config file: exit 0, or print every problem and exit 2.
     Check {
         /// Config file.
         #[arg(long, default_value = "config.toml")]
@@ -97,11 +103,30 @@ fn main() -> ExitCode {
             }
             Err(e) => config_failed(&e),
         },
+        Command::Init { path } => init(&path),
         Command::Run { config, demo } => {
-            let cfg = match Config::load(&config) {
+            // The demo runs anywhere: without a config file it takes the example's values.
+            let built_in = demo && !config.exists() && config == Path::new(DEFAULT_CONFIG);
+            let loaded = if built_in {
+                Config::parse(telebridge::config::EXAMPLE).map_err(|problems| {
+                    ConfigError::Invalid {
+                        path: "(built-in example)".into(),
+                        problems,
+                    }
+                })
+            } else {
+                Config::load(&config)
+            };
+            let cfg = match loaded {
                 Ok(c) => c,
                 Err(e) => return config_failed(&e),
             };
+            if built_in {
+                eprintln!(
+                    "no {} here: the demo runs on the built-in example config (`telebridge init` writes it out)",
+                    config.display()
+                );
+            }
             observability::init_logging(&cfg.log);
             runtime(|| run(cfg, config, RunOptions { demo }))
         }
@@ -155,6 +180,41 @@ fn main() -> ExitCode {
                 },
             };
             runtime(|| simulate_only(sim))
+        }
+    }
+}
+
+/// The config file `run` and `check` read when `--config` is not given.
+const DEFAULT_CONFIG: &str = "config.toml";
+
+/// `telebridge init [PATH]`: writes the example config, never over an existing file.
+fn init(path: &Path) -> ExitCode {
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .and_then(|mut f| {
+            use std::io::Write as _;
+            f.write_all(telebridge::config::EXAMPLE.as_bytes())
+        });
+    match written {
+        Ok(()) => {
+            println!(
+                "wrote {}: every key with its default and a comment; edit it, then `telebridge check --config {0}`",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            eprintln!(
+                "error: {} exists; not overwriting it (move it away, or name another path)",
+                path.display()
+            );
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The command line: `check`, config errors, `--help`, `--version`, a taken broker port.
+//! The command line: `init`, `check`, config errors, `--help`, `--version`, a taken broker port.
 
 use std::process::Command;
 
@@ -19,6 +19,46 @@ fn the_example_config_passes_check() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn init_writes_the_example_config_that_check_accepts_and_never_overwrites() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("new.toml");
+    let out = Command::new(BIN)
+        .arg("init")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written = std::fs::read_to_string(&path).expect("written");
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
+        .expect("config.toml");
+    assert_eq!(written, example);
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second init refuses, and the file stays as it was.
+    std::fs::write(&path, "# mine\n").expect("write");
+    let out = Command::new(BIN)
+        .arg("init")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not overwriting"));
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), "# mine\n");
 }
 
 #[test]
