@@ -835,6 +835,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// When text logs carry colour codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogColor {
+    /// When stderr is a terminal.
+    #[default]
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -843,6 +856,8 @@ pub struct LogConfig {
     pub level: String,
     /// text or json.
     pub format: LogFormat,
+    /// Colour codes in text logs: auto (on a terminal), always or never.
+    pub color: LogColor,
     /// Interval of the one-line summary of rates at info level; "0s" turns it off.
     #[serde(with = "humantime_serde")]
     pub summary: Duration,
@@ -853,6 +868,7 @@ impl Default for LogConfig {
         Self {
             level: "info".into(),
             format: LogFormat::Text,
+            color: LogColor::Auto,
             summary: Duration::from_secs(60),
         }
     }
@@ -996,7 +1012,7 @@ const SCHEMA: &[(&str, &[&str])] = &[
     ("presence", &["timeout"]),
     ("commands", &["timeout", "ttl", "rate_limit"]),
     ("auth", &["tokens"]),
-    ("log", &["level", "format", "summary"]),
+    ("log", &["level", "format", "color", "summary"]),
     (
         "alerts",
         &[

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{LogColor, LogConfig, LogFormat};
 use crate::ingest::Reject;
 
 /// Installs the global tracing subscriber; `RUST_LOG` overrides the configured level.
@@ -18,8 +18,15 @@ pub fn init_logging(cfg: &LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only on a terminal (not in a file or the journal), unless told.
+    let ansi = match cfg.color {
+        LogColor::Always => true,
+        LogColor::Never => false,
+        LogColor::Auto => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     // A second init (tests run several apps in one process) is harmless.
     let _ = match cfg.format {

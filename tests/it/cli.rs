@@ -248,3 +248,18 @@ fn sd_notify_readiness_is_sent_once_the_daemon_is_up() {
     assert!(msg.contains("READY=1"), "{msg}");
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn logs_to_a_file_carry_no_colour_codes_unless_asked() {
+    let broker = crate::support::Mosquitto::start().await;
+    let plain = crate::support::Daemon::start(&broker.url(), "").await;
+    let coloured =
+        crate::support::Daemon::start(&broker.url(), "[log]\ncolor = \"always\"\n").await;
+    let (plain, coloured) = (plain.log_text(), coloured.log_text());
+    assert!(plain.contains("telebridge running"), "{plain}");
+    assert!(
+        !plain.contains('\u{1b}'),
+        "ANSI codes in a log file: {plain}"
+    );
+    assert!(coloured.contains('\u{1b}'), "color = \"always\" gave none");
+}
