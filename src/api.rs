@@ -765,13 +765,43 @@ pub async fn post_command(req: &mut Request, depot: &mut Depot, res: &mut Respon
     }
 }
 
-/// `GET /api/commands?device=&limit=`: the command log, newest first.
+/// Every command status, for `status=`.
+const COMMAND_STATUSES: [&str; 7] = [
+    "queued",
+    "sent",
+    "acked",
+    "failed",
+    "timeout",
+    "expired",
+    "cancelled",
+];
+
+/// A command as the API shows it.
+fn command_json(c: &crate::store::CommandRow) -> serde_json::Value {
+    let ms = |v: Option<i64>| v.map(domain::format_ms);
+    json!({
+        "id": c.id,
+        "device": c.device,
+        "name": c.name,
+        "params": serde_json::from_str::<serde_json::Value>(&c.params).unwrap_or(serde_json::Value::Null),
+        "status": c.status,
+        "key": c.key,
+        "created_at": domain::format_ms(c.created_at),
+        "expires_at": domain::format_ms(c.expires_at),
+        "sent_at": ms(c.sent_at),
+        "finished_at": ms(c.finished_at),
+        "result": c.result.as_deref().and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok()),
+        "error": c.error,
+    })
+}
+
+/// `GET /api/commands?device=&status=&limit=`: the command log, newest first.
 #[handler]
 pub async fn list_commands(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let who = principal(depot);
     let s = shared(depot);
     let result = async {
-        known_params(req, &["device", "limit"])?;
+        known_params(req, &["device", "status", "limit"])?;
         let device = match req.query::<String>("device") {
             Some(d) if !d.is_empty() => {
                 DeviceId::check(&d).map_err(|e| {
@@ -781,6 +811,22 @@ pub async fn list_commands(req: &mut Request, depot: &mut Depot, res: &mut Respo
             }
             _ => None,
         };
+        let mut statuses = Vec::new();
+        for st in req
+            .query::<String>("status")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            if !COMMAND_STATUSES.contains(&st) {
+                return Err(ApiError::bad_request(
+                    "bad_parameter",
+                    format!("status: {st:?} is not one of {}", COMMAND_STATUSES.join(", ")),
+                ));
+            }
+            statuses.push(st.to_owned());
+        }
         let limit = int_param(req, "limit")?.unwrap_or(100);
         if !(1..=HISTORY_MAX_LIMIT).contains(&limit) {
             return Err(ApiError::bad_request(
@@ -788,35 +834,99 @@ pub async fn list_commands(req: &mut Request, depot: &mut Depot, res: &mut Respo
                 format!("limit: must be between 1 and {HISTORY_MAX_LIMIT}"),
             ));
         }
-        Ok(s.store.commands(device.as_deref(), limit).await?)
+        Ok(s.store.commands(device.as_deref(), &statuses, limit).await?)
     }
     .await;
     let rows = match result {
         Ok(r) => r,
         Err(e) => return e.render(res),
     };
-    let ms = |v: Option<i64>| v.map(domain::format_ms);
     let out: Vec<_> = rows
-        .into_iter()
+        .iter()
         .filter(|c| who.sees(&c.device))
-        .map(|c| {
-            json!({
-                "id": c.id,
-                "device": c.device,
-                "name": c.name,
-                "params": serde_json::from_str::<serde_json::Value>(&c.params).unwrap_or(serde_json::Value::Null),
-                "status": c.status,
-                "key": c.key,
-                "created_at": domain::format_ms(c.created_at),
-                "expires_at": domain::format_ms(c.expires_at),
-                "sent_at": ms(c.sent_at),
-                "finished_at": ms(c.finished_at),
-                "result": c.result.as_deref().and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok()),
-                "error": c.error,
-            })
-        })
+        .map(command_json)
         .collect();
     res.render(Json(json!({ "commands": out })));
+}
+
+/// The command `{id}` names, checked against the token's scope.
+async fn scoped_command(
+    req: &Request,
+    who: &Principal,
+    s: &crate::app::Shared,
+) -> Result<crate::store::CommandRow, ApiError> {
+    let id = req.param::<String>("id").unwrap_or_default();
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no command {id:?}"));
+    let c = s.store.command(&id).await?.ok_or_else(not_found)?;
+    if !who.sees(&c.device) {
+        return Err(forbidden(
+            s,
+            format!("device {:?} is outside this token's scope", c.device),
+        ));
+    }
+    Ok(c)
+}
+
+/// `GET /api/commands/{id}`: one command with its status and times.
+#[handler]
+pub async fn get_command(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let who = principal(depot);
+    let s = shared(depot).clone();
+    let result = async {
+        known_params(req, &[])?;
+        scoped_command(req, &who, &s).await
+    }
+    .await;
+    match result {
+        Ok(c) => res.render(Json(command_json(&c))),
+        Err(e) => e.render(res),
+    }
+}
+
+/// `DELETE /api/commands/{id}`: an operator cancels a queued command.
+#[handler]
+pub async fn cancel_command(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let who = principal(depot);
+    let s = shared(depot).clone();
+    let result = async {
+        known_params(req, &[])?;
+        if !who.may_command() {
+            return Err(forbidden(
+                &s,
+                format!(
+                    "token {:?} is a viewer; cancelling commands needs an operator token",
+                    who.name
+                ),
+            ));
+        }
+        let c = scoped_command(req, &who, &s).await?;
+        let not_queued = |status: &str| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "not_queued",
+                format!(
+                    "command {} is {status}: only a queued command can be cancelled",
+                    c.id
+                ),
+            )
+        };
+        if c.status != "queued" {
+            return Err(not_queued(&c.status));
+        }
+        if !s.store.cancel_command(&c.id, domain::now_ms()).await? {
+            let now = s.store.command(&c.id).await?.map(|c| c.status);
+            return Err(not_queued(now.as_deref().unwrap_or("gone")));
+        }
+        s.metrics
+            .commands_cancelled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(s.store.command(&c.id).await?.unwrap_or(c))
+    }
+    .await;
+    match result {
+        Ok(c) => res.render(Json(command_json(&c))),
+        Err(e) => e.render(res),
+    }
 }
 
 /// Most alerts one request returns.

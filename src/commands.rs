@@ -217,6 +217,7 @@ impl Commands {
             }
             "timeout" => ServerMessage::Timeout { id: c.id.clone() },
             "expired" => ServerMessage::Expired { id: c.id.clone() },
+            "cancelled" => ServerMessage::Cancelled { id: c.id.clone() },
             _ => return,
         };
         self.notify(c.id, message);

@@ -126,6 +126,8 @@ pub struct Metrics {
     pub commands_timeout: AtomicU64,
     /// Queued commands whose ttl ran out.
     pub commands_expired: AtomicU64,
+    /// Queued commands an operator cancelled.
+    pub commands_cancelled: AtomicU64,
     /// Bad WebSocket or API command messages, all codes.
     pub command_errors: AtomicU64,
     /// Sum of command round trips, microseconds.
@@ -353,6 +355,7 @@ impl Metrics {
             ("failed", &self.commands_failed),
             ("timeout", &self.commands_timeout),
             ("expired", &self.commands_expired),
+            ("cancelled", &self.commands_cancelled),
         ] {
             let _ = writeln!(
                 out,

@@ -64,6 +64,11 @@ pub enum ServerMessage {
         /// Command id.
         id: String,
     },
+    /// An operator cancelled it while it was queued.
+    Cancelled {
+        /// Command id.
+        id: String,
+    },
     /// A bad message; the connection stays open.
     Error {
         /// The client's tag, when the message had one.

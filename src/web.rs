@@ -202,6 +202,11 @@ pub fn router(shared: Shared) -> Router {
         .push(Router::with_path("api/devices/{id}/status-history").get(api::status_history))
         .push(Router::with_path("api/devices/{id}/commands").post(api::post_command))
         .push(Router::with_path("api/commands").get(api::list_commands))
+        .push(
+            Router::with_path("api/commands/{id}")
+                .get(api::get_command)
+                .delete(api::cancel_command),
+        )
         .push(Router::with_path("api/alerts").get(api::list_alerts))
         .push(Router::with_path("api/alerts/{id}/ack").post(api::ack_alert))
         .push(Router::with_path("ws").goal(ws::ws));

@@ -275,6 +275,17 @@ impl Store {
         dispatch!(self, b => b.mark_sent(id, at).await)
     }
 
+    /// Cancels a queued command (`cancelled`, with its event); false when it is no longer
+    /// queued (sent, or finished, or cancelled by another caller first).
+    pub async fn cancel_command(&self, id: &str, at: i64) -> Result<bool, StoreError> {
+        dispatch!(self, b => b.cancel_command(id, at).await)
+    }
+
+    /// One command.
+    pub async fn command(&self, id: &str) -> Result<Option<CommandRow>, StoreError> {
+        dispatch!(self, b => b.command(id).await)
+    }
+
     /// Queued commands whose ttl ran out become `expired`; returns (id, device) of those
     /// this call moved.
     pub async fn expire_due(&self, now: i64) -> Result<Vec<(String, String)>, StoreError> {
@@ -322,13 +333,15 @@ impl Store {
         dispatch!(self, b => b.queued_for_online(now).await)
     }
 
-    /// The command log, newest first.
+    /// The command log, newest first: of one device or all, in the given statuses (all
+    /// when empty).
     pub async fn commands(
         &self,
         device: Option<&str>,
+        statuses: &[String],
         limit: i64,
     ) -> Result<Vec<CommandRow>, StoreError> {
-        dispatch!(self, b => b.commands(device, limit).await)
+        dispatch!(self, b => b.commands(device, statuses, limit).await)
     }
 
     /// Fires, acknowledges or resolves an alert, with its `alert` event, in one transaction.
@@ -614,6 +627,15 @@ pub enum Control {
         /// What it did.
         reply: oneshot::Sender<Result<AlertOutcome, StoreError>>,
     },
+    /// Cancel a queued command.
+    Cancel {
+        /// Command id.
+        id: String,
+        /// Unix ms.
+        at: i64,
+        /// Whether it was still queued.
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
     /// Mark a queued command sent.
     MarkSent {
         /// Command id.
@@ -649,7 +671,7 @@ impl Control {
             Control::RollupRetention { reply, .. } => reply.is_closed(),
             Control::PresenceSweep { reply, .. } => reply.is_closed(),
             Control::InsertCommand { reply, .. } => reply.is_closed(),
-            Control::MarkSent { reply, .. } => reply.is_closed(),
+            Control::MarkSent { reply, .. } | Control::Cancel { reply, .. } => reply.is_closed(),
             Control::Alert { reply, .. } => reply.is_closed(),
             Control::ExpireDue { reply, .. } | Control::TimeoutDue { reply, .. } => {
                 reply.is_closed()

@@ -68,7 +68,10 @@ impl CommandChange {
         }
         let v: Value = serde_json::from_str(&e.data).ok()?;
         let status = v.get("status")?.as_str()?;
-        if !matches!(status, "acked" | "failed" | "timeout" | "expired") {
+        if !matches!(
+            status,
+            "acked" | "failed" | "timeout" | "expired" | "cancelled"
+        ) {
             return None;
         }
         Some(CommandChange {

@@ -300,6 +300,31 @@ async fn an_operator_commands_only_devices_in_its_scope() {
         vec!["pump-1"],
         "the log shows only what the token may see"
     );
+    // One command, and cancelling, follow the same scope and roles.
+    let admin_log: serde_json::Value = get_json(&daemon, "/api/commands", Some(&t.admin)).await;
+    let sensor_cmd = admin_log["commands"]
+        .as_array()
+        .expect("c")
+        .iter()
+        .find(|c| c["device"] == "sensor-1")
+        .and_then(|c| c["id"].as_str())
+        .expect("the admin's command")
+        .to_owned();
+    let one =
+        |token: &str| get(&daemon, &format!("/api/commands/{sensor_cmd}"), Some(token)).send();
+    assert_eq!(one(&t.pump_operator).await.expect("get").status(), 403);
+    assert_eq!(one(&t.admin).await.expect("get").status(), 200);
+    let cancel = |token: &str| {
+        crate::support::http()
+            .delete(format!("http://{}/api/commands/{sensor_cmd}", daemon.http))
+            .bearer_auth(token.to_owned())
+            .send()
+    };
+    assert_eq!(cancel(&t.viewer).await.expect("delete").status(), 403);
+    assert_eq!(
+        cancel(&t.pump_operator).await.expect("delete").status(),
+        403
+    );
 }
 
 #[tokio::test]

@@ -205,6 +205,93 @@ async fn a_command_for_an_offline_device_waits_queued_until_it_comes_online() {
 }
 
 #[tokio::test]
+async fn an_operator_cancels_a_queued_command_and_it_is_never_sent() {
+    // Arrange: a command waiting for an offline device, and one already sent.
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(&broker.url(), "").await;
+    let mut device = FakeDevice::connect(&broker.url(), "dev-9", "devices/dev-9/commands").await;
+    device.presence("offline").await;
+    let db = daemon.db().await;
+    wait_for(T, "dev-9 offline", || async {
+        db.device("dev-9").await.filter(|d| !d.0).map(|_| ())
+    })
+    .await;
+    let mut ws = Ws::connect(daemon.http).await;
+    ws.send_json(json!({"type": "command", "device": "dev-9", "name": "reboot"}))
+        .await;
+    let id = ws.expect("accepted", T).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let client = crate::support::http();
+    let delete = |id: &str| {
+        client
+            .delete(daemon.url(&format!("/api/commands/{id}")))
+            .send()
+    };
+
+    // Act
+    let r = delete(&id).await.expect("DELETE");
+
+    // Assert: cancelled, told to the sender, shown by the API, never published.
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["status"], "cancelled");
+    assert!(body["finished_at"].is_string(), "{body}");
+    assert_eq!(ws.expect("cancelled", T).await["id"], id.as_str());
+    let one: serde_json::Value = daemon
+        .get(&format!("/api/commands/{id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(one["status"], "cancelled");
+    assert_eq!(one["name"], "reboot");
+    let listed: serde_json::Value = daemon
+        .get("/api/commands?status=cancelled,expired")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed["commands"].as_array().expect("list").len(), 1);
+    let none: serde_json::Value = daemon
+        .get("/api/commands?status=queued")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(none["commands"].as_array().expect("list").is_empty());
+    device.presence("online").await;
+    assert!(
+        device.next_command(Duration::from_secs(2)).await.is_none(),
+        "a cancelled command was sent"
+    );
+    assert_eq!(
+        daemon
+            .metric("telebridge_commands_finished_total{status=\"cancelled\"}")
+            .await,
+        1.0
+    );
+    // Only a queued command can be cancelled; unknown ids and bad filters say so.
+    let again = delete(&id).await.expect("DELETE");
+    assert_eq!(again.status(), 409);
+    let body: serde_json::Value = again.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "not_queued");
+    assert_eq!(delete("no-such-id").await.expect("DELETE").status(), 404);
+    assert_eq!(daemon.get("/api/commands/no-such-id").await.status(), 404);
+    let bad = daemon.get("/api/commands?status=done").await;
+    assert_eq!(bad.status(), 400);
+    let body: serde_json::Value = bad.json().await.expect("json");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("status:"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
 async fn a_queued_command_expires_when_its_ttl_runs_out() {
     let broker = Mosquitto::start().await;
     let daemon = Daemon::start(&broker.url(), "").await;

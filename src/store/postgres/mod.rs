@@ -595,6 +595,36 @@ impl PgStore {
         row.as_ref().map(alert_from_row).transpose()
     }
 
+    /// Cancels a queued command, with its `cancelled` event; false when it is no longer
+    /// queued.
+    pub async fn cancel_command(&self, id: &str, at: i64) -> Result<bool, StoreError> {
+        let mut a = begin_append(&self.pool).await?;
+        let device: Option<String> = sqlx::query_scalar(
+            "UPDATE commands SET status = 'cancelled', finished_at = $1 WHERE id = $2 AND status = 'queued' \
+             RETURNING device",
+        )
+        .bind(at)
+        .bind(id)
+        .fetch_optional(&mut *a.tx)
+        .await?;
+        let events: Vec<EventRow> = device
+            .iter()
+            .map(|d| EventRow::command(a.next, id, d, "cancelled", at, None))
+            .collect();
+        a.commit(&events).await?;
+        self.committed();
+        Ok(device.is_some())
+    }
+
+    /// One command.
+    pub async fn command(&self, id: &str) -> Result<Option<CommandRow>, StoreError> {
+        let row = sqlx::query("SELECT * FROM commands WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(command_from_row).transpose()
+    }
+
     /// Marks a queued command as published; false when it is no longer queued.
     pub async fn mark_sent(&self, id: &str, at: i64) -> Result<bool, StoreError> {
         let mut a = begin_append(&self.pool).await?;
@@ -805,14 +835,17 @@ impl PgStore {
     pub async fn commands(
         &self,
         device: Option<&str>,
+        statuses: &[String],
         limit: i64,
     ) -> Result<Vec<CommandRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT * FROM commands WHERE ($1::text IS NULL OR device = $1) \
+             AND (cardinality($3::text[]) = 0 OR status = ANY($3)) \
              ORDER BY created_at DESC, n DESC LIMIT $2",
         )
         .bind(device)
         .bind(limit)
+        .bind(statuses)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(command_from_row).collect()

@@ -632,6 +632,21 @@ impl SqliteStore {
             .await
     }
 
+    /// Cancels a queued command (through the writer); false when it is no longer queued.
+    pub async fn cancel_command(&self, id: &str, at: i64) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.ask(|reply| Control::Cancel { id, at, reply }).await
+    }
+
+    /// One command.
+    pub async fn command(&self, id: &str) -> Result<Option<CommandRow>, StoreError> {
+        let row = sqlx::query("SELECT * FROM commands WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(command_from_row).transpose()
+    }
+
     /// Marks a queued command as published; false when it is no longer queued.
     pub async fn mark_sent(&self, id: &str, at: i64) -> Result<bool, StoreError> {
         let id = id.to_owned();
@@ -699,27 +714,31 @@ impl SqliteStore {
         rows.iter().map(command_from_row).collect()
     }
 
-    /// The command log, newest first.
+    /// The command log, newest first: of one device or all, in the given statuses.
     pub async fn commands(
         &self,
         device: Option<&str>,
+        statuses: &[String],
         limit: i64,
     ) -> Result<Vec<CommandRow>, StoreError> {
-        let rows = match device {
-            Some(d) => {
-                sqlx::query("SELECT * FROM commands WHERE device = ? ORDER BY created_at DESC, rowid DESC LIMIT ?")
-                    .bind(d)
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            None => {
-                sqlx::query("SELECT * FROM commands ORDER BY created_at DESC, rowid DESC LIMIT ?")
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        };
+        let mut sql = String::from("SELECT * FROM commands WHERE 1 = 1");
+        if device.is_some() {
+            sql.push_str(" AND device = ?");
+        }
+        if !statuses.is_empty() {
+            sql.push_str(" AND status IN (");
+            sql.push_str(&vec!["?"; statuses.len()].join(","));
+            sql.push(')');
+        }
+        sql.push_str(" ORDER BY created_at DESC, rowid DESC LIMIT ?");
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        if let Some(d) = device {
+            q = q.bind(d);
+        }
+        for st in statuses {
+            q = q.bind(st.as_str());
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
         rows.iter().map(command_from_row).collect()
     }
 

@@ -190,6 +190,31 @@ async fn change_alert(
     }
 }
 
+/// Cancels a queued command, with its `cancelled` event, on `conn` (the writer's); false when
+/// it is no longer queued.
+async fn cancel_command(
+    conn: &mut SqliteConnection,
+    id: &str,
+    at: i64,
+    seq: i64,
+) -> Result<Logged<bool>, StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let device: Option<String> = sqlx::query_scalar(
+        "UPDATE commands SET status = 'cancelled', finished_at = ? WHERE id = ? AND status = 'queued' RETURNING device",
+    )
+    .bind(at)
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let events: Vec<EventRow> = device
+        .iter()
+        .map(|d| EventRow::command(seq, id, d, "cancelled", at, None))
+        .collect();
+    super::append(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok((device.is_some(), events))
+}
+
 /// Marks a queued command as published, with its `sent` event, on `conn` (the writer's);
 /// false when it is no longer queued.
 async fn mark_sent(
@@ -617,6 +642,14 @@ impl Writer {
                 let r = self
                     .logged(committed, async |c, seq| {
                         change_alert(c, &change, seq).await
+                    })
+                    .await;
+                let _ = reply.send(r);
+            }
+            Control::Cancel { id, at, reply } => {
+                let r = self
+                    .logged(committed, async |c, seq| {
+                        cancel_command(c, &id, at, seq).await
                     })
                     .await;
                 let _ = reply.send(r);
