@@ -452,6 +452,29 @@ impl Metrics {
     }
 }
 
+/// Appends what storage counts: devices by presence, open alerts by severity.
+pub fn render_gauges(out: &mut String, g: &crate::store::Gauges) {
+    gauge(out, "telebridge_devices_known", "Devices ever seen.", g.devices);
+    let _ = writeln!(
+        out,
+        "# HELP telebridge_devices Devices by presence.\n# TYPE telebridge_devices gauge\ntelebridge_devices{{presence=\"online\"}} {}\ntelebridge_devices{{presence=\"offline\"}} {}",
+        g.online,
+        g.devices - g.online
+    );
+    let _ = writeln!(
+        out,
+        "# HELP telebridge_alerts_open Open (firing or acknowledged) alerts by severity.\n# TYPE telebridge_alerts_open gauge"
+    );
+    for severity in ["info", "warning", "critical"] {
+        let n = g
+            .open_alerts
+            .iter()
+            .find(|(s, _)| s == severity)
+            .map_or(0, |(_, n)| *n);
+        let _ = writeln!(out, "telebridge_alerts_open{{severity=\"{severity}\"}} {n}");
+    }
+}
+
 /// Appends the storage writer's state: one `telebridge_store_writer_state` sample per state
 /// (1 for the current one) and the age of the oldest uncommitted item.
 pub fn render_storage(out: &mut String, r: &crate::store::health::Report) {

@@ -557,6 +557,10 @@ async fn metrics(depot: &mut Depot, res: &mut Response) {
         &s.metrics,
     );
     crate::observability::render_storage(&mut body, &s.store.health().report(READY_STALL));
+    match s.store.gauges().await {
+        Ok(g) => crate::observability::render_gauges(&mut body, &g),
+        Err(e) => tracing::debug!(error = %e, "metrics: cannot count devices and alerts"),
+    }
     res.add_header(
         "content-type",
         "text/plain; version=0.0.4; charset=utf-8",

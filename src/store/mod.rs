@@ -240,6 +240,11 @@ impl Store {
         dispatch!(self, b => b.latest(devices, through).await)
     }
 
+    /// Gauges for `/metrics`: devices known, devices online, and open alerts per severity.
+    pub async fn gauges(&self) -> Result<Gauges, StoreError> {
+        dispatch!(self, b => b.gauges().await)
+    }
+
     /// One device.
     pub async fn device(&self, id: &str) -> Result<Option<DeviceRow>, StoreError> {
         dispatch!(self, b => b.device(id).await)
@@ -433,6 +438,17 @@ pub struct Page {
     pub to: Option<i64>,
     /// Most rows.
     pub limit: i64,
+}
+
+/// What `/metrics` reads from storage.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Devices ever seen.
+    pub devices: i64,
+    /// Of them, online.
+    pub online: i64,
+    /// Open (firing or acknowledged) alerts by severity.
+    pub open_alerts: Vec<(String, i64)>,
 }
 
 /// A device row.

@@ -217,6 +217,19 @@ async fn a_threshold_fires_once_after_for_and_hysteresis_clears_it_with_signed_w
     assert_eq!(fired["field"], "temperature");
     assert_eq!(fired["threshold"], 80.0);
     assert!(fired["value"].as_f64().unwrap() > 80.0, "{fired}");
+    assert_eq!(
+        daemon
+            .metric("telebridge_alerts_open{severity=\"critical\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(daemon.metric("telebridge_devices_known").await, 1.0);
+    assert_eq!(
+        daemon
+            .metric("telebridge_devices{presence=\"online\"}")
+            .await,
+        1.0
+    );
 
     // Act 3: between clear (75) and the threshold (80): hysteresis keeps it firing...
     hold(&p, "sensor-1", 77.0, Duration::from_millis(1000)).await;
@@ -226,6 +239,12 @@ async fn a_threshold_fires_once_after_for_and_hysteresis_clears_it_with_signed_w
     let resolved = wait_alert(&daemon, "hot", "sensor-1", "resolved").await;
     assert_eq!(resolved["id"], fired["id"]);
     assert!(alerts(&daemon, "?state=open").await.is_empty());
+    assert_eq!(
+        daemon
+            .metric("telebridge_alerts_open{severity=\"critical\"}")
+            .await,
+        0.0
+    );
 
     // Assert 4: the stream carried exactly those two changes, with log ids.
     let events = sse.take("alert", 2, T).await;

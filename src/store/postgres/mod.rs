@@ -28,7 +28,7 @@ use crate::store::health::Health;
 use crate::store::log::EventRow;
 use crate::store::rollup::RollupRow;
 use crate::store::{
-    CommandRow, DeviceRow, Inserted, LogEntry, NewCommand, Page, RETENTION_CHUNK_ROWS,
+    CommandRow, Gauges, DeviceRow, Inserted, LogEntry, NewCommand, Page, RETENTION_CHUNK_ROWS,
     RETENTION_PER_CALL, ROLLUP_SWEEP_DEVICES, RollupSweep, StoreError, StoredReading,
 };
 
@@ -583,6 +583,24 @@ impl PgStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(alert_from_row).collect()
+    }
+
+    /// Devices known and online, and open alerts per severity.
+    pub async fn gauges(&self) -> Result<Gauges, StoreError> {
+        let (devices, online): (i64, i64) =
+            sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE online) FROM devices")
+                .fetch_one(&self.pool)
+                .await?;
+        let open_alerts = sqlx::query_as(
+            "SELECT severity, count(*) FROM alerts WHERE state <> 'resolved' GROUP BY severity",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Gauges {
+            devices,
+            online,
+            open_alerts,
+        })
     }
 
     /// One alert.

@@ -30,7 +30,7 @@ use crate::store::log::EventRow;
 use crate::store::rollup::{self, RollupRow};
 use crate::store::writer::ASK_DEADLINE;
 use crate::store::{
-    CommandRow, Control, DeviceRow, Inserted, LogEntry, NewCommand, Page, RollupSweep, StoreError,
+    CommandRow, Gauges, Control, DeviceRow, Inserted, LogEntry, NewCommand, Page, RollupSweep, StoreError,
     StoredReading,
 };
 
@@ -773,6 +773,24 @@ impl SqliteStore {
         }
         let rows = q.bind(limit).fetch_all(&self.pool).await?;
         rows.iter().map(alert_from_row).collect()
+    }
+
+    /// Devices known and online, and open alerts per severity.
+    pub async fn gauges(&self) -> Result<Gauges, StoreError> {
+        let (devices, online): (i64, i64) =
+            sqlx::query_as("SELECT count(*), coalesce(sum(online), 0) FROM devices")
+                .fetch_one(&self.pool)
+                .await?;
+        let open_alerts = sqlx::query_as(
+            "SELECT severity, count(*) FROM alerts WHERE state <> 'resolved' GROUP BY severity",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Gauges {
+            devices,
+            online,
+            open_alerts,
+        })
     }
 
     /// One alert.
