@@ -455,13 +455,31 @@ fn int_param(req: &Request, name: &str) -> Result<Option<i64>, ApiError> {
     })
 }
 
-/// RFC 3339 or Unix milliseconds.
+/// RFC 3339, Unix milliseconds, `now`, or a time relative to now such as `-1h` or `-15m`.
 fn time_param(req: &Request, name: &str) -> Result<Option<i64>, ApiError> {
-    param(req, name, "neither RFC 3339 nor Unix milliseconds", |v| {
-        v.parse::<i64>()
-            .ok()
-            .or_else(|| domain::parse_rfc3339_ms(v))
-    })
+    param(
+        req,
+        name,
+        "neither RFC 3339, Unix milliseconds, now, nor a time ago like -1h",
+        parse_time,
+    )
+}
+
+/// See [`time_param`].
+fn parse_time(v: &str) -> Option<i64> {
+    if v == "now" {
+        return Some(domain::now_ms());
+    }
+    if let Some(ago) = v.strip_prefix('-')
+        && ago.starts_with(|c: char| c.is_ascii_digit())
+        && ago.contains(|c: char| c.is_ascii_alphabetic())
+    {
+        let d = humantime::parse_duration(ago).ok()?;
+        return Some(domain::now_ms() - i64::try_from(d.as_millis()).ok()?);
+    }
+    v.parse::<i64>()
+        .ok()
+        .or_else(|| domain::parse_rfc3339_ms(v))
 }
 
 /// Refuses query parameters that `allowed` does not name.
@@ -822,7 +840,10 @@ pub async fn list_commands(req: &mut Request, depot: &mut Depot, res: &mut Respo
             if !COMMAND_STATUSES.contains(&st) {
                 return Err(ApiError::bad_request(
                     "bad_parameter",
-                    format!("status: {st:?} is not one of {}", COMMAND_STATUSES.join(", ")),
+                    format!(
+                        "status: {st:?} is not one of {}",
+                        COMMAND_STATUSES.join(", ")
+                    ),
                 ));
             }
             statuses.push(st.to_owned());
@@ -834,7 +855,9 @@ pub async fn list_commands(req: &mut Request, depot: &mut Depot, res: &mut Respo
                 format!("limit: must be between 1 and {HISTORY_MAX_LIMIT}"),
             ));
         }
-        Ok(s.store.commands(device.as_deref(), &statuses, limit).await?)
+        Ok(s.store
+            .commands(device.as_deref(), &statuses, limit)
+            .await?)
     }
     .await;
     let rows = match result {
@@ -856,7 +879,13 @@ async fn scoped_command(
     s: &crate::app::Shared,
 ) -> Result<crate::store::CommandRow, ApiError> {
     let id = req.param::<String>("id").unwrap_or_default();
-    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no command {id:?}"));
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no command {id:?}"),
+        )
+    };
     let c = s.store.command(&id).await?.ok_or_else(not_found)?;
     if !who.sees(&c.device) {
         return Err(forbidden(
@@ -1029,5 +1058,26 @@ pub async fn ack_alert(req: &mut Request, depot: &mut Depot, res: &mut Response)
     match result {
         Ok(a) => res.render(Json(json!({ "alert": a.to_json() }))),
         Err(e) => e.render(res),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_absolute_or_relative_to_now() {
+        let now = domain::now_ms();
+        let hour_ago = parse_time("-1h").expect("-1h");
+        assert!((now - 3_600_000 - hour_ago).abs() < 5_000, "{hour_ago}");
+        let mixed = parse_time("-1h 30m").expect("-1h 30m");
+        assert!((now - 5_400_000 - mixed).abs() < 5_000);
+        assert!((parse_time("now").expect("now") - now).abs() < 5_000);
+        assert_eq!(parse_time("-5"), Some(-5), "a negative number is Unix ms");
+        assert_eq!(parse_time("1700000000000"), Some(1_700_000_000_000));
+        assert_eq!(parse_time("2023-11-14T22:13:20Z"), Some(1_700_000_000_000));
+        for bad in ["-1x", "-h", "yesterday", "-1 fortnight"] {
+            assert_eq!(parse_time(bad), None, "{bad}");
+        }
     }
 }
