@@ -414,17 +414,42 @@ pub async fn status_history(req: &mut Request, depot: &mut Depot, res: &mut Resp
     ));
 }
 
+/// One row per reading: its columns, then one column per numeric field of the page's
+/// payloads (dotted paths for nested ones, in name order; empty where a reading lacks it),
+/// then the payload as sent and the flags.
 fn to_csv(rows: &[StoredReading]) -> String {
-    let mut out = String::from("seq,device,topic,ts,received_at,payload,flags\n");
-    for r in rows {
-        let payload = String::from_utf8_lossy(&r.payload);
+    let values: Vec<Vec<(String, f64)>> = rows
+        .iter()
+        .map(|r| rollup::numeric_fields(&r.payload))
+        .collect();
+    let fields: std::collections::BTreeSet<&str> = values
+        .iter()
+        .flat_map(|v| v.iter().map(|(f, _)| f.as_str()))
+        .collect();
+    let mut out = String::from("seq,device,topic,ts,received_at");
+    for f in &fields {
+        out.push(',');
+        out.push_str(&csv_cell(f));
+    }
+    out.push_str(",payload,flags\n");
+    for (r, vals) in rows.iter().zip(&values) {
         out.push_str(&format!(
-            "{},{},{},{},{},\"{}\",{}\n",
+            "{},{},{},{},{}",
             r.seq,
             r.device,
-            r.topic,
+            csv_cell(&r.topic),
             domain::format_ms(r.ts),
             domain::format_ms(r.received_at),
+        ));
+        for f in &fields {
+            out.push(',');
+            if let Some((_, v)) = vals.iter().find(|(name, _)| name == f) {
+                out.push_str(&v.to_string());
+            }
+        }
+        let payload = String::from_utf8_lossy(&r.payload);
+        out.push_str(&format!(
+            ",\"{}\",{}\n",
             payload.replace('"', "\"\""),
             r.flags
         ));

@@ -76,8 +76,14 @@ async fn history_pages_by_seq_filters_by_time_and_exports_csv() {
     );
     let csv = r.text().await.expect("csv");
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines[0], "seq,device,topic,ts,received_at,payload,flags");
+    // A column per numeric field (the device time `ts` is the reading's own column).
+    assert_eq!(
+        lines[0],
+        "seq,device,topic,ts,received_at,n,temperature,payload,flags"
+    );
     assert_eq!(lines.len(), 6);
+    let cells: Vec<&str> = lines[1].splitn(8, ',').collect();
+    assert_eq!(&cells[5..7], ["25", "21.5"], "{}", lines[1]);
     assert!(lines[1].contains(r#""{""n"":25,"#), "{}", lines[1]);
 
     // Devices
@@ -129,7 +135,9 @@ async fn bad_history_parameters_get_a_400_naming_the_parameter_and_unknown_devic
     for path in [
         "/api/devices?sort=id",
         "/api/devices/b1/status-history?page=2",
-        "/api/commands?status=sent",
+        "/api/commands?state=sent",
+        "/api/alerts?status=open",
+        "/api/devices/b1?fields=n",
         "/events?devices=b1",
     ] {
         let r = daemon.get(path).await;
