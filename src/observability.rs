@@ -454,7 +454,12 @@ impl Metrics {
 
 /// Appends what storage counts: devices by presence, open alerts by severity.
 pub fn render_gauges(out: &mut String, g: &crate::store::Gauges) {
-    gauge(out, "telebridge_devices_known", "Devices ever seen.", g.devices);
+    gauge(
+        out,
+        "telebridge_devices_known",
+        "Devices ever seen.",
+        g.devices,
+    );
     let _ = writeln!(
         out,
         "# HELP telebridge_devices Devices by presence.\n# TYPE telebridge_devices gauge\ntelebridge_devices{{presence=\"online\"}} {}\ntelebridge_devices{{presence=\"offline\"}} {}",

@@ -28,7 +28,7 @@ use crate::store::health::Health;
 use crate::store::log::EventRow;
 use crate::store::rollup::RollupRow;
 use crate::store::{
-    CommandRow, Gauges, DeviceRow, Inserted, LogEntry, NewCommand, Page, RETENTION_CHUNK_ROWS,
+    CommandRow, DeviceRow, Gauges, Inserted, LogEntry, NewCommand, Page, RETENTION_CHUNK_ROWS,
     RETENTION_PER_CALL, ROLLUP_SWEEP_DEVICES, RollupSweep, StoreError, StoredReading,
 };
 

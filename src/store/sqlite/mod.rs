@@ -30,8 +30,8 @@ use crate::store::log::EventRow;
 use crate::store::rollup::{self, RollupRow};
 use crate::store::writer::ASK_DEADLINE;
 use crate::store::{
-    CommandRow, Gauges, Control, DeviceRow, Inserted, LogEntry, NewCommand, Page, RollupSweep, StoreError,
-    StoredReading,
+    CommandRow, Control, DeviceRow, Gauges, Inserted, LogEntry, NewCommand, Page, RollupSweep,
+    StoreError, StoredReading,
 };
 
 /// Read access to the SQLite file, and the writer's work queue.
