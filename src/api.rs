@@ -320,12 +320,34 @@ async fn history_page(
             format!("no device {id:?}"),
         ));
     }
+    let before = match req.query::<String>("before").as_deref() {
+        None | Some("") => None,
+        Some(_) => Some(
+            int_param(req, "before")?
+                .filter(|b| *b > 0)
+                .ok_or_else(|| {
+                    ApiError::bad_request("bad_parameter", "before: must be a seq above 0")
+                })?,
+        ),
+    };
+    let newest_first = match req.query::<String>("order").as_deref() {
+        None | Some("") | Some("asc") => false,
+        Some("desc") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "bad_parameter",
+                format!("order: {other:?} is neither asc nor desc"),
+            ));
+        }
+    };
     Ok(Page {
         device: id,
         after,
         limit,
         from,
         to,
+        before,
+        newest_first,
     })
 }
 
@@ -340,7 +362,10 @@ pub async fn device_readings(req: &mut Request, depot: &mut Depot, res: &mut Res
     let who = principal(depot);
     let s = shared(depot);
     let result = async {
-        known_params(req, &["from", "to", "after", "limit", "format"])?;
+        known_params(
+            req,
+            &["from", "to", "after", "before", "order", "limit", "format"],
+        )?;
         let q = history_page(req, &who, s).await?;
         let csv = match req.query::<String>("format").as_deref() {
             None | Some("") | Some("json") => false,
@@ -360,24 +385,34 @@ pub async fn device_readings(req: &mut Request, depot: &mut Depot, res: &mut Res
         Ok(v) => v,
         Err(e) => return e.render(res),
     };
-    let next_after = next_after(&q, rows.len(), rows.last().map(|r| r.seq));
+    // The next page's cursor: `after` going forward, `before` newest first.
+    let cursor = next_after(&q, rows.len(), rows.last().map(|r| r.seq));
+    let (next_after, next_before) = if q.newest_first {
+        (None, cursor)
+    } else {
+        (cursor, None)
+    };
     if csv {
         res.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/csv; charset=utf-8"),
         );
-        if let Some(n) = next_after
-            && let Ok(v) = HeaderValue::from_str(&n.to_string())
-        {
-            res.headers_mut().insert("x-next-after", v);
+        for (name, value) in [("x-next-after", next_after), ("x-next-before", next_before)] {
+            if let Some(n) = value
+                && let Ok(v) = HeaderValue::from_str(&n.to_string())
+            {
+                res.headers_mut().insert(name, v);
+            }
         }
         res.body(to_csv(&rows));
         return;
     }
     let readings: Vec<ReadingOut> = rows.into_iter().map(ReadingOut::from).collect();
-    res.render(Json(
-        json!({ "device": q.device, "readings": readings, "next_after": next_after }),
-    ));
+    let mut body = json!({ "device": q.device, "readings": readings, "next_after": next_after });
+    if q.newest_first {
+        body["next_before"] = json!(next_before);
+    }
+    res.render(Json(body));
 }
 
 /// `GET /api/devices/{id}/status-history?from=&to=&after=&limit=`: presence changes from

@@ -428,6 +428,8 @@ pub async fn compute(store: &Store, q: &Query, p: &Plan) -> Result<Buckets, Seri
                 from: Some(p.lo),
                 to: Some(p.hi - 1),
                 limit: 10_000,
+                before: None,
+                newest_first: false,
             };
             loop {
                 let rows = store.history(&page).await?;

@@ -438,6 +438,10 @@ pub struct Page {
     pub to: Option<i64>,
     /// Most rows.
     pub limit: i64,
+    /// Only seqs below this (readings; paging newest first).
+    pub before: Option<i64>,
+    /// Newest first (readings).
+    pub newest_first: bool,
 }
 
 /// What `/metrics` reads from storage.

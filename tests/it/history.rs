@@ -48,6 +48,34 @@ async fn history_pages_by_seq_filters_by_time_and_exports_csv() {
     }
     assert_eq!(numbers, (0..25).collect::<Vec<_>>());
 
+    // Newest first, paged by `before`, within a time range too.
+    let mut before = None::<i64>;
+    let mut newest = Vec::new();
+    loop {
+        let cursor = before.map(|b| format!("&before={b}")).unwrap_or_default();
+        let body: serde_json::Value = daemon
+            .get(&format!(
+                "/api/devices/h1/readings?order=desc&limit=4&from=1700000000010{cursor}"
+            ))
+            .await
+            .json()
+            .await
+            .expect("json");
+        assert!(body["next_after"].is_null(), "{body}");
+        newest.extend(
+            body["readings"]
+                .as_array()
+                .expect("readings")
+                .iter()
+                .map(|r| r["payload"]["n"].as_i64().expect("n")),
+        );
+        match body["next_before"].as_i64() {
+            Some(b) => before = Some(b),
+            None => break,
+        }
+    }
+    assert_eq!(newest, (10..25).rev().collect::<Vec<_>>());
+
     // Time range on device time (RFC 3339 and Unix ms).
     let from = telebridge::domain::format_ms(1_700_000_000_005);
     let body: serde_json::Value = daemon
@@ -115,7 +143,10 @@ async fn bad_history_parameters_get_a_400_naming_the_parameter_and_unknown_devic
         ("to=soon", "to"),
         ("from=1700000000009&to=1700000000001", "from"),
         ("format=xml", "format"),
-        ("before=5", "before"),
+        ("before=0", "before"),
+        ("before=x", "before"),
+        ("order=newest", "order"),
+        ("around=5", "around"),
     ] {
         let r = daemon
             .get(&format!("/api/devices/b1/readings?{query}"))

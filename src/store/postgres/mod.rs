@@ -393,13 +393,16 @@ impl PgStore {
 
     /// History of one device (see [`crate::store::Store::history`]).
     pub async fn history(&self, page: &Page) -> Result<Vec<StoredReading>, StoreError> {
+        let order = if page.newest_first { " DESC" } else { "" };
         let rows = bind_page(
             page,
             sqlx::query(AssertSqlSafe(format!(
                 "SELECT {READING_COLUMNS} FROM readings \
-                 WHERE device = $1 AND seq > $2 AND ts >= $3 AND ts <= $4 ORDER BY seq LIMIT $5"
+                 WHERE device = $1 AND seq > $2 AND ts >= $3 AND ts <= $4 AND seq < $6 \
+                 ORDER BY seq{order} LIMIT $5"
             ))),
         )
+        .bind(page.before.unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(reading_from_row).collect()

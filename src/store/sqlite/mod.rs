@@ -513,7 +513,7 @@ impl SqliteStore {
         let marks = vec!["?"; sources.len()].join(",");
         let sql = format!(
             "SELECT {READING_COLUMNS} FROM {READINGS} WHERE r.src IN ({marks}) AND r.seq > ? \
-             AND r.ts >= ? AND r.ts <= ?{}{} ORDER BY r.seq LIMIT ?",
+             AND r.seq < ? AND r.ts >= ? AND r.ts <= ?{}{} ORDER BY r.seq{} LIMIT ?",
             if page.from.is_some() {
                 " AND r.seq >= ?"
             } else {
@@ -524,6 +524,7 @@ impl SqliteStore {
             } else {
                 ""
             },
+            if page.newest_first { " DESC" } else { "" },
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for src in sources {
@@ -531,6 +532,7 @@ impl SqliteStore {
         }
         q = q
             .bind(page.after)
+            .bind(page.before.unwrap_or(i64::MAX))
             .bind(page.from.unwrap_or(i64::MIN))
             .bind(page.to.unwrap_or(i64::MAX));
         if page.from.is_some() {
