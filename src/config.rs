@@ -688,6 +688,9 @@ pub struct AlertsConfig {
     /// The longest wait between attempts (they back off from 1 s, doubling).
     #[serde(with = "humantime_serde")]
     pub webhook_backoff_max: Duration,
+    /// CA certificates (PEM) that https:// receivers are checked against, instead of the
+    /// system's.
+    pub webhook_ca: Option<PathBuf>,
 }
 
 /// Whether every glob is made of device id characters and `*` `?`.
@@ -808,6 +811,11 @@ impl AlertsConfig {
         if self.webhook_backoff_max < Duration::from_secs(1) {
             bad("alerts.webhook_backoff_max", "must be at least 1s".into());
         }
+        if let Some(ca) = &self.webhook_ca
+            && let Err(e) = crate::tls::load_certs(ca)
+        {
+            bad("alerts.webhook_ca", e.to_string());
+        }
     }
 }
 
@@ -820,6 +828,7 @@ impl Default for AlertsConfig {
             webhook_attempts: 5,
             webhook_timeout: Duration::from_secs(10),
             webhook_backoff_max: Duration::from_secs(60),
+            webhook_ca: None,
         }
     }
 }
@@ -1022,6 +1031,7 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "webhook_attempts",
             "webhook_timeout",
             "webhook_backoff_max",
+            "webhook_ca",
         ],
     ),
     // Any field name.

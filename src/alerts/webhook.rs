@@ -60,9 +60,18 @@ impl Webhooks {
         let mut hooks = Vec::new();
         let mut runners = Vec::new();
         if !cfg.webhooks.is_empty() {
-            // Without system CA certificates, http:// receivers still work.
-            let tls = crate::tls::client_config(&crate::tls::ClientFiles::default())
-                .or_else(|_| crate::tls::client_config_trusting(rustls::RootCertStore::empty()))?;
+            let files = crate::tls::ClientFiles {
+                ca: cfg.webhook_ca.clone(),
+                ..Default::default()
+            };
+            let tls = match (&cfg.webhook_ca, crate::tls::client_config(&files)) {
+                (_, Ok(tls)) => tls,
+                (Some(_), Err(e)) => return Err(e.into()),
+                // Without system CA certificates, http:// receivers still work.
+                (None, Err(_)) => {
+                    crate::tls::client_config_trusting(rustls::RootCertStore::empty())?
+                }
+            };
             let client = reqwest::Client::builder()
                 .use_preconfigured_tls(Arc::unwrap_or_clone(tls))
                 .timeout(cfg.webhook_timeout)

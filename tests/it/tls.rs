@@ -428,3 +428,134 @@ fn check_refuses_a_tls_file_that_never_ends_instead_of_reading_it_forever() {
         "{err}"
     );
 }
+
+/// An HTTPS server with the test PKI's certificate that answers 200 to one request per
+/// connection and hands each body over.
+async fn https_receiver(pki: &Pki) -> (u16, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let certs = telebridge::tls::load_certs(&pki.path("server.pem")).expect("certs");
+    let key = telebridge::tls::load_key(&pki.path("server.key")).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = tls.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        let _ = tx.send(buf[end + 4..end + 4 + len].to_vec()).await;
+                        let _ = tls
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .await;
+                        let _ = tls.shutdown().await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[tokio::test]
+async fn alert_webhooks_go_over_https_to_a_receiver_the_configured_ca_signs() {
+    // Arrange: an HTTPS receiver with a certificate of the test CA, and a daemon that checks
+    // webhooks against that CA.
+    let pki = Pki::new();
+    let (port, mut bodies) = https_receiver(&pki).await;
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(
+        &broker.url(),
+        &format!(
+            "[alerts]\nrules = [ {{ name = \"any\", when = \"temperature > 0\" }} ]\n\
+             webhooks = [ {{ url = \"https://localhost:{port}/hook\" }} ]\n\
+             webhook_ca = {}\nwebhook_attempts = 1\n",
+            toml_path(&pki.path("ca.pem"))
+        ),
+    )
+    .await;
+    let p = Publisher::connect(&broker.url(), "https-hook-pub").await;
+
+    // Act
+    p.publish("devices/d-1/telemetry", QoS::AtLeastOnce, false, reading(1))
+        .await;
+
+    // Assert: delivered over TLS, the alert in the body.
+    let body = tokio::time::timeout(T, bodies.recv())
+        .await
+        .expect("a delivery within 20 s")
+        .expect("body");
+    let alert: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(alert["rule"], "any");
+    assert_eq!(alert["state"], "firing");
+    wait_for(T, "the delivery to be counted", || async {
+        (daemon.metric("telebridge_webhook_deliveries_total").await == 1.0).then_some(())
+    })
+    .await;
+
+    // A daemon on the system's roots, which do not know the test CA, refuses the receiver:
+    // a counted failure, and nothing delivered.
+    let other = Daemon::start(
+        &broker.url(),
+        &format!(
+            "[alerts]\nrules = [ {{ name = \"any\", when = \"temperature > 0\" }} ]\n\
+             webhooks = [ {{ url = \"https://localhost:{port}/hook\" }} ]\nwebhook_attempts = 1\n"
+        ),
+    )
+    .await;
+    drop(daemon);
+    p.publish("devices/d-2/telemetry", QoS::AtLeastOnce, false, reading(2))
+        .await;
+    wait_for(T, "the refused delivery to be counted", || async {
+        (other.metric("telebridge_webhook_failures_total").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        other.metric("telebridge_webhook_deliveries_total").await,
+        0.0
+    );
+    assert!(
+        bodies.try_recv().is_err(),
+        "a receiver the CA does not sign got a body"
+    );
+}
+
+#[test]
+fn check_names_an_unreadable_webhook_ca() {
+    let (code, out) = check("[alerts]\nwebhook_ca = \"/no/such/ca.pem\"\n");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("line 2: alerts.webhook_ca"), "{out}");
+}
