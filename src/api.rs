@@ -225,6 +225,8 @@ pub async fn list_devices(req: &mut Request, depot: &mut Depot, res: &mut Respon
             json!({
                 "id": d.id,
                 "online": d.online,
+                "stale": d.stale,
+                "presence": d.presence(),
                 "first_seen": domain::format_ms(d.first_seen),
                 "last_seen": domain::format_ms(d.last_seen),
                 "latest": latest.remove(&d.id).map(ReadingOut::from),
@@ -267,6 +269,8 @@ pub async fn one_device(req: &mut Request, depot: &mut Depot, res: &mut Response
         Ok(json!({
             "id": d.id,
             "online": d.online,
+            "stale": d.stale,
+            "presence": d.presence(),
             "first_seen": domain::format_ms(d.first_seen),
             "last_seen": domain::format_ms(d.last_seen),
             "latest": latest.into_iter().next().map(ReadingOut::from),

@@ -129,7 +129,8 @@ impl App {
         let (webhooks, webhook_runners) = Webhooks::new(&config.alerts, metrics.clone())
             .context("setting up the alert webhooks")?;
         let webhooks = Arc::new(webhooks);
-        let (input, observed) = alerts::Input::new(!config.alerts.rules.is_empty());
+        let (input, observed) =
+            alerts::Input::new(!config.alerts.rules.is_empty() || config.presence.stale_after > 0);
         let (rules, rules_rx) = watch::channel(Arc::new(config.alerts.rules.clone()));
         let control = SideRuntime::start("commands").context("starting the command thread")?;
         let session_key = store
@@ -297,6 +298,7 @@ impl App {
                 shared.webhooks.clone(),
                 alert_parts.input,
                 &config.alerts.rules,
+                &config.presence,
             );
             // Held by the task, so that the rules channel stays open without a RulesHandle.
             let rules = alert_parts.rules;

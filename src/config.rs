@@ -534,14 +534,32 @@ pub struct PresenceConfig {
     /// A device silent for this long is marked offline.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// An online device that has missed this many of its usual intervals is stale (0: never).
+    pub stale_after: u32,
+    /// Every device's usual interval; `None` ("auto"): learned from each one's readings.
+    #[serde(deserialize_with = "auto_or_duration")]
+    pub interval: Option<Duration>,
 }
 
 impl Default for PresenceConfig {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(300),
+            stale_after: 3,
+            interval: None,
         }
     }
+}
+
+/// `"auto"` (None) or a duration such as `"10s"`.
+fn auto_or_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s == "auto" {
+        return Ok(None);
+    }
+    humantime::parse_duration(&s).map(Some).map_err(|e| {
+        serde::de::Error::custom(format!("{s:?} is neither \"auto\" nor a duration: {e}"))
+    })
 }
 
 /// `[commands]`
@@ -1018,7 +1036,7 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "busy_timeout",
         ],
     ),
-    ("presence", &["timeout"]),
+    ("presence", &["timeout", "stale_after", "interval"]),
     ("commands", &["timeout", "ttl", "rate_limit"]),
     ("auth", &["tokens"]),
     ("log", &["level", "format", "color", "summary"]),
@@ -1258,6 +1276,22 @@ impl Config {
         }
         if self.presence.timeout < Duration::from_secs(1) {
             bad("presence.timeout", "must be at least 1s".into());
+        }
+        if self.presence.stale_after > 1000 {
+            bad(
+                "presence.stale_after",
+                "must be between 0 (never stale) and 1000".into(),
+            );
+        }
+        if self
+            .presence
+            .interval
+            .is_some_and(|i| i < Duration::from_millis(10) || i >= self.presence.timeout)
+        {
+            bad(
+                "presence.interval",
+                "must be \"auto\", or at least 10ms and below presence.timeout".into(),
+            );
         }
         if self.http.sse_buffer < 16 || self.http.sse_buffer > 10_000_000 {
             bad(

@@ -54,6 +54,7 @@ pub mod ingest;
 pub mod limits;
 pub mod mqtt;
 pub mod observability;
+pub mod presence;
 pub mod protocol;
 pub mod series;
 pub mod service;

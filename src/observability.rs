@@ -462,8 +462,9 @@ pub fn render_gauges(out: &mut String, g: &crate::store::Gauges) {
     );
     let _ = writeln!(
         out,
-        "# HELP telebridge_devices Devices by presence.\n# TYPE telebridge_devices gauge\ntelebridge_devices{{presence=\"online\"}} {}\ntelebridge_devices{{presence=\"offline\"}} {}",
-        g.online,
+        "# HELP telebridge_devices Devices by presence.\n# TYPE telebridge_devices gauge\ntelebridge_devices{{presence=\"online\"}} {}\ntelebridge_devices{{presence=\"stale\"}} {}\ntelebridge_devices{{presence=\"offline\"}} {}",
+        g.online - g.stale,
+        g.stale,
         g.devices - g.online
     );
     let _ = writeln!(

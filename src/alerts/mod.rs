@@ -24,10 +24,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::glob_match;
-use crate::config::{RuleConfig, Severity};
+use crate::config::{PresenceConfig, RuleConfig, Severity};
 use crate::domain;
 use crate::feed::{Kind, Kinds};
 use crate::observability::Metrics;
+use crate::presence::Cadence;
 use crate::store::alert::{AlertChange, AlertOutcome, AlertState, NewAlert};
 use crate::store::log::EventRow;
 use crate::store::{LogEntry, Store};
@@ -63,6 +64,8 @@ pub enum Observed {
         device: Arc<str>,
         /// Online or offline now.
         online: bool,
+        /// Stale (or fresh again), when the change says.
+        stale: Option<bool>,
         /// When, Unix ms.
         at: i64,
     },
@@ -80,6 +83,7 @@ impl Observed {
         #[derive(serde::Deserialize)]
         struct Data {
             online: bool,
+            stale: Option<bool>,
         }
         if e.kind != Kind::Status {
             return None;
@@ -89,6 +93,7 @@ impl Observed {
             seq: e.seq,
             device: e.device.clone(),
             online: d.online,
+            stale: d.stale,
             at: e.at,
         })
     }
@@ -237,6 +242,8 @@ pub struct Engine {
     devices: HashMap<Arc<str>, DeviceState>,
     /// The newest seq evaluated: the log position each change is decided at.
     seen: i64,
+    /// Which devices are stale.
+    cadence: Cadence,
 }
 
 impl Engine {
@@ -247,6 +254,7 @@ impl Engine {
         webhooks: Arc<Webhooks>,
         input: Arc<Input>,
         rules: &[RuleConfig],
+        presence: &PresenceConfig,
     ) -> Engine {
         let seen = store.opened_at();
         let mut e = Engine {
@@ -257,6 +265,7 @@ impl Engine {
             rules: Vec::new(),
             devices: HashMap::new(),
             seen,
+            cadence: Cadence::new(presence),
         };
         e.set_rules(rules);
         e
@@ -288,9 +297,10 @@ impl Engine {
             }
             self.devices.insert(device, state);
         }
-        self.input
-            .wanted
-            .store(!self.rules.is_empty(), Ordering::Relaxed);
+        self.input.wanted.store(
+            !self.rules.is_empty() || self.cadence.enabled(),
+            Ordering::Relaxed,
+        );
     }
 
     /// A fresh state for `device`: the rules that apply to it.
@@ -351,7 +361,11 @@ impl Engine {
                     Some(batch) => self.take(batch).await,
                     None => return,
                 },
-                _ = tick.tick() => self.timed(domain::now_ms()).await,
+                _ = tick.tick() => {
+                    let now = domain::now_ms();
+                    self.timed(now).await;
+                    self.mark_stale(now).await;
+                }
                 changed = async {
                     if reload_open {
                         reload.changed().await
@@ -383,6 +397,8 @@ impl Engine {
         let now = domain::now_ms();
         for d in devices {
             let device: Arc<str> = Arc::from(d.id.as_str());
+            self.cadence
+                .known(device.clone(), d.online, d.stale, d.last_seen);
             let mut state = self.state_for(&device);
             for (j, &i) in state.rules.iter().enumerate() {
                 state.tracks[j].since = match self.rules[i].when {
@@ -515,6 +531,7 @@ impl Engine {
                         self.devices.entry(device.clone()).or_insert(fresh)
                     }
                 };
+                let fresh_again = self.cadence.reading(&device, at);
                 let mut parsed: Option<Option<Value>> = None;
                 for (j, &i) in state.rules.iter().enumerate() {
                     let rule = &rules[i];
@@ -530,11 +547,19 @@ impl Engine {
                         acts.push((i, act));
                     }
                 }
+                if fresh_again {
+                    self.set_stale(&device, false, at).await;
+                }
                 (device, at)
             }
             Observed::Presence {
-                device, online, at, ..
+                device,
+                online,
+                stale,
+                at,
+                ..
             } => {
+                self.cadence.presence(&device, online, stale, at);
                 let rules = &self.rules;
                 let state = match self.devices.get_mut(&device) {
                     Some(s) => s,
@@ -576,6 +601,30 @@ impl Engine {
         }
         for (i, device) in due {
             self.maybe_fire(i, &device, now).await;
+        }
+    }
+
+    /// Marks the devices that went silent for too long stale.
+    async fn mark_stale(&mut self, now: i64) {
+        for device in self.cadence.due(now) {
+            if self.set_stale(&device, true, now).await {
+                tracing::info!(device = %device, "device is stale: it missed its usual readings");
+            }
+        }
+    }
+
+    /// Stores a device as stale or fresh again; true when this call moved it.
+    async fn set_stale(&mut self, device: &Arc<str>, stale: bool, at: i64) -> bool {
+        match self.store.mark_stale(device, stale, at).await {
+            Ok(moved) => {
+                // Moved by us or another instance, or not online: either way, as stored.
+                self.cadence.set_stale(device, stale);
+                moved
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, device = %device, "cannot store a stale change; trying again");
+                false
+            }
         }
     }
 

@@ -37,6 +37,20 @@ impl EventRow {
         }
     }
 
+    /// A device gone stale or fresh again (online all along): `{"device", "online": true,
+    /// "stale", "presence", "at"}`.
+    pub fn stale(seq: i64, device: &str, stale: bool, at: i64) -> EventRow {
+        let presence = if stale { "stale" } else { "online" };
+        let data = json!({"device": device, "online": true, "stale": stale, "presence": presence, "at": domain::format_ms(at)});
+        EventRow {
+            seq,
+            kind: Kind::Status,
+            device: Arc::from(device),
+            at,
+            data: data.to_string(),
+        }
+    }
+
     /// A command lifecycle change: `{"id", "device", "status", "at"}` and, for an answer,
     /// `ok`, `result`, `error` and `rtt_ms`.
     pub fn command(

@@ -240,6 +240,12 @@ impl Store {
         dispatch!(self, b => b.latest(devices, through).await)
     }
 
+    /// Marks an online device stale (or, with `stale` false, fresh again), with its
+    /// `status` event; false when it already was (or, to mark stale, is not online).
+    pub async fn mark_stale(&self, device: &str, stale: bool, at: i64) -> Result<bool, StoreError> {
+        dispatch!(self, b => b.mark_stale(device, stale, at).await)
+    }
+
     /// Gauges for `/metrics`: devices known, devices online, and open alerts per severity.
     pub async fn gauges(&self) -> Result<Gauges, StoreError> {
         dispatch!(self, b => b.gauges().await)
@@ -449,8 +455,10 @@ pub struct Page {
 pub struct Gauges {
     /// Devices ever seen.
     pub devices: i64,
-    /// Of them, online.
+    /// Of them, online (stale ones included).
     pub online: i64,
+    /// Of them, online but stale.
+    pub stale: i64,
     /// Open (firing or acknowledged) alerts by severity.
     pub open_alerts: Vec<(String, i64)>,
 }
@@ -466,6 +474,19 @@ pub struct DeviceRow {
     pub last_seen: i64,
     /// Presence.
     pub online: bool,
+    /// Online, but it has missed several of its usual intervals.
+    pub stale: bool,
+}
+
+impl DeviceRow {
+    /// `online`, `stale` or `offline`.
+    pub fn presence(&self) -> &'static str {
+        match (self.online, self.stale) {
+            (false, _) => "offline",
+            (true, true) => "stale",
+            (true, false) => "online",
+        }
+    }
 }
 
 /// A stored reading.
@@ -647,6 +668,17 @@ pub enum Control {
         /// What it did.
         reply: oneshot::Sender<Result<AlertOutcome, StoreError>>,
     },
+    /// Mark a device stale or fresh.
+    Stale {
+        /// Device id.
+        device: String,
+        /// Stale or fresh again.
+        stale: bool,
+        /// Unix ms.
+        at: i64,
+        /// Whether it moved.
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
     /// Cancel a queued command.
     Cancel {
         /// Command id.
@@ -691,7 +723,9 @@ impl Control {
             Control::RollupRetention { reply, .. } => reply.is_closed(),
             Control::PresenceSweep { reply, .. } => reply.is_closed(),
             Control::InsertCommand { reply, .. } => reply.is_closed(),
-            Control::MarkSent { reply, .. } | Control::Cancel { reply, .. } => reply.is_closed(),
+            Control::MarkSent { reply, .. }
+            | Control::Cancel { reply, .. }
+            | Control::Stale { reply, .. } => reply.is_closed(),
             Control::Alert { reply, .. } => reply.is_closed(),
             Control::ExpireDue { reply, .. } | Control::TimeoutDue { reply, .. } => {
                 reply.is_closed()

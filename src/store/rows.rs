@@ -86,6 +86,7 @@ macro_rules! decoders {
                 first_seen: r.try_get("first_seen")?,
                 last_seen: r.try_get("last_seen")?,
                 online: r.try_get::<bool, _>("online")?,
+                stale: r.try_get::<bool, _>("stale")?,
             })
         }
 

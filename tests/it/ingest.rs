@@ -422,3 +422,76 @@ async fn a_device_that_keeps_sending_stays_online_and_its_last_seen_follows_with
         "last_seen {last_seen} within 250 ms of the last reading {last_row}"
     );
 }
+
+#[tokio::test]
+async fn a_device_that_misses_its_usual_readings_turns_stale_and_fresh_again_on_the_next() {
+    // Arrange: a device that sends every 200 ms, and one stream watching presence.
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(&broker.url(), "[presence]\ntimeout = \"60s\"\n").await;
+    let mut sse =
+        crate::support::SseClient::connect(daemon.http, "/events?type=status", None).await;
+    let p = Publisher::connect(&broker.url(), "stale-pub").await;
+    for n in 0..10 {
+        p.publish(
+            "devices/beat-1/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            reading(n),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let presence = |want: &'static str| {
+        let daemon = &daemon;
+        async move {
+            let d: serde_json::Value = daemon.get("/api/devices/beat-1").await.json().await.ok()?;
+            (d["presence"] == want).then_some(d)
+        }
+    };
+    assert!(presence("online").await.is_some());
+
+    // Act 1: silence. Assert 1: stale (3 intervals, at least 2 s), still online.
+    let went_quiet = std::time::Instant::now();
+    let d = wait_for(T, "beat-1 to be stale", || presence("stale")).await;
+    assert!(
+        went_quiet.elapsed() >= Duration::from_millis(1_800),
+        "stale too early"
+    );
+    assert_eq!(d["online"], true);
+    assert_eq!(d["stale"], true);
+    let e = sse
+        .take("status", 2, T)
+        .await
+        .into_iter()
+        .map(|e| e.json())
+        .find(|e| e["presence"] == "stale")
+        .expect("a stale event");
+    assert_eq!(e["device"], "beat-1");
+    assert_eq!(
+        daemon
+            .metric("telebridge_devices{presence=\"stale\"}")
+            .await,
+        1.0
+    );
+    let list: serde_json::Value = daemon.get("/api/devices").await.json().await.expect("json");
+    assert_eq!(list["devices"][0]["presence"], "stale");
+
+    // Act 2: it speaks. Assert 2: fresh again, with its event.
+    p.publish(
+        "devices/beat-1/telemetry",
+        QoS::AtLeastOnce,
+        false,
+        reading(99),
+    )
+    .await;
+    wait_for(T, "beat-1 to be fresh", || presence("online")).await;
+    let back = sse.take("status", 1, T).await.remove(0).json();
+    assert_eq!(back["presence"], "online");
+    assert_eq!(back["stale"], false);
+    assert_eq!(
+        daemon
+            .metric("telebridge_devices{presence=\"stale\"}")
+            .await,
+        0.0
+    );
+}

@@ -278,9 +278,10 @@ impl PgStore {
 
     /// Every device.
     pub async fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
-        let rows = sqlx::query("SELECT id, first_seen, last_seen, online FROM devices ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, first_seen, last_seen, online, stale FROM devices ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(device_from_row).collect()
     }
 
@@ -383,11 +384,12 @@ impl PgStore {
 
     /// One device.
     pub async fn device(&self, id: &str) -> Result<Option<DeviceRow>, StoreError> {
-        let row =
-            sqlx::query("SELECT id, first_seen, last_seen, online FROM devices WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = sqlx::query(
+            "SELECT id, first_seen, last_seen, online, stale FROM devices WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(device_from_row).transpose()
     }
 
@@ -590,10 +592,11 @@ impl PgStore {
 
     /// Devices known and online, and open alerts per severity.
     pub async fn gauges(&self) -> Result<Gauges, StoreError> {
-        let (devices, online): (i64, i64) =
-            sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE online) FROM devices")
-                .fetch_one(&self.pool)
-                .await?;
+        let (devices, online, stale): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE online), count(*) FILTER (WHERE online AND stale) FROM devices",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         let open_alerts = sqlx::query_as(
             "SELECT severity, count(*) FROM alerts WHERE state <> 'resolved' GROUP BY severity",
         )
@@ -602,6 +605,7 @@ impl PgStore {
         Ok(Gauges {
             devices,
             online,
+            stale,
             open_alerts,
         })
     }
@@ -614,6 +618,28 @@ impl PgStore {
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(alert_from_row).transpose()
+    }
+
+    /// Marks an online device stale, or a stale one fresh, with its `status` event; false
+    /// when nothing moved (another instance did it first).
+    pub async fn mark_stale(&self, device: &str, stale: bool, at: i64) -> Result<bool, StoreError> {
+        let mut a = begin_append(&self.pool).await?;
+        let sql = if stale {
+            "UPDATE devices SET stale = true WHERE id = $1 AND online AND NOT stale RETURNING id"
+        } else {
+            "UPDATE devices SET stale = false WHERE id = $1 AND stale RETURNING id"
+        };
+        let moved: Option<String> = sqlx::query_scalar(sql)
+            .bind(device)
+            .fetch_optional(&mut *a.tx)
+            .await?;
+        let events: Vec<EventRow> = moved
+            .iter()
+            .map(|d| EventRow::stale(a.next, d, stale, at))
+            .collect();
+        a.commit(&events).await?;
+        self.committed();
+        Ok(moved.is_some())
     }
 
     /// Cancels a queued command, with its `cancelled` event; false when it is no longer

@@ -350,9 +350,10 @@ impl SqliteStore {
 
     /// Every device.
     pub async fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
-        let rows = sqlx::query("SELECT id, first_seen, last_seen, online FROM devices ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, first_seen, last_seen, online, stale FROM devices ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(device_from_row).collect()
     }
 
@@ -482,10 +483,12 @@ impl SqliteStore {
 
     /// One device.
     pub async fn device(&self, id: &str) -> Result<Option<DeviceRow>, StoreError> {
-        let row = sqlx::query("SELECT id, first_seen, last_seen, online FROM devices WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, first_seen, last_seen, online, stale FROM devices WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(device_from_row).transpose()
     }
 
@@ -634,6 +637,18 @@ impl SqliteStore {
             .await
     }
 
+    /// Marks a device stale or fresh (through the writer); false when nothing moved.
+    pub async fn mark_stale(&self, device: &str, stale: bool, at: i64) -> Result<bool, StoreError> {
+        let device = device.to_owned();
+        self.ask(|reply| Control::Stale {
+            device,
+            stale,
+            at,
+            reply,
+        })
+        .await
+    }
+
     /// Cancels a queued command (through the writer); false when it is no longer queued.
     pub async fn cancel_command(&self, id: &str, at: i64) -> Result<bool, StoreError> {
         let id = id.to_owned();
@@ -779,10 +794,11 @@ impl SqliteStore {
 
     /// Devices known and online, and open alerts per severity.
     pub async fn gauges(&self) -> Result<Gauges, StoreError> {
-        let (devices, online): (i64, i64) =
-            sqlx::query_as("SELECT count(*), coalesce(sum(online), 0) FROM devices")
-                .fetch_one(&self.pool)
-                .await?;
+        let (devices, online, stale): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), coalesce(sum(online), 0), coalesce(sum(online AND stale), 0) FROM devices",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         let open_alerts = sqlx::query_as(
             "SELECT severity, count(*) FROM alerts WHERE state <> 'resolved' GROUP BY severity",
         )
@@ -791,6 +807,7 @@ impl SqliteStore {
         Ok(Gauges {
             devices,
             online,
+            stale,
             open_alerts,
         })
     }

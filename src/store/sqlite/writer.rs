@@ -190,6 +190,34 @@ async fn change_alert(
     }
 }
 
+/// Marks an online device stale, or a stale one fresh, with its `status` event, on `conn`
+/// (the writer's); false when nothing moved.
+async fn mark_stale(
+    conn: &mut SqliteConnection,
+    device: &str,
+    stale: bool,
+    at: i64,
+    seq: i64,
+) -> Result<Logged<bool>, StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let sql = if stale {
+        "UPDATE devices SET stale = 1 WHERE id = ? AND online = 1 AND stale = 0 RETURNING id"
+    } else {
+        "UPDATE devices SET stale = 0 WHERE id = ? AND stale = 1 RETURNING id"
+    };
+    let moved: Option<String> = sqlx::query_scalar(sql)
+        .bind(device)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let events: Vec<EventRow> = moved
+        .iter()
+        .map(|d| EventRow::stale(seq, d, stale, at))
+        .collect();
+    super::append(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok((moved.is_some(), events))
+}
+
 /// Cancels a queued command, with its `cancelled` event, on `conn` (the writer's); false when
 /// it is no longer queued.
 async fn cancel_command(
@@ -642,6 +670,19 @@ impl Writer {
                 let r = self
                     .logged(committed, async |c, seq| {
                         change_alert(c, &change, seq).await
+                    })
+                    .await;
+                let _ = reply.send(r);
+            }
+            Control::Stale {
+                device,
+                stale,
+                at,
+                reply,
+            } => {
+                let r = self
+                    .logged(committed, async |c, seq| {
+                        mark_stale(c, &device, stale, at, seq).await
                     })
                     .await;
                 let _ = reply.send(r);
