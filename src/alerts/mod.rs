@@ -532,17 +532,9 @@ impl Engine {
                     }
                 };
                 let fresh_again = self.cadence.reading(&device, at);
-                let mut parsed: Option<Option<Value>> = None;
+                let mut body = Payload::new(&payload);
                 for (j, &i) in state.rules.iter().enumerate() {
-                    let rule = &rules[i];
-                    let json = if rule.when.field().is_some() {
-                        parsed
-                            .get_or_insert_with(|| serde_json::from_slice(&payload).ok())
-                            .as_ref()
-                    } else {
-                        None
-                    };
-                    let act = judge_reading(rule, &mut state.tracks[j], at, json);
+                    let act = judge_reading(&rules[i], &mut state.tracks[j], at, &mut body);
                     if !matches!(act, Act::Nothing) {
                         acts.push((i, act));
                     }
@@ -698,17 +690,72 @@ impl Engine {
     }
 }
 
+/// One reading's payload as the rules read it: parsed once, on first need, and each numeric
+/// field looked up once however many rules compare it.
+struct Payload<'a> {
+    bytes: &'a [u8],
+    json: Option<Option<Value>>,
+    /// Fields looked up so far (a reading's rules name few distinct fields).
+    numbers: Vec<(&'a str, Option<f64>)>,
+}
+
+impl<'a> Payload<'a> {
+    fn new(bytes: &'a [u8]) -> Payload<'a> {
+        Payload {
+            bytes,
+            json: None,
+            numbers: Vec::new(),
+        }
+    }
+
+    fn json(&mut self) -> Option<&Value> {
+        let bytes = self.bytes;
+        self.json
+            .get_or_insert_with(|| serde_json::from_slice(bytes).ok())
+            .as_ref()
+    }
+
+    /// A numeric field's value.
+    fn number(&mut self, field: &'a str) -> Option<f64> {
+        if let Some((_, v)) = self.numbers.iter().find(|(f, _)| *f == field) {
+            return *v;
+        }
+        let v = self.json().and_then(|p| rule::lookup(p, field));
+        self.numbers.push((field, v));
+        v
+    }
+
+    /// Whether a field is there (and not null).
+    fn has(&mut self, field: &str) -> bool {
+        self.json()
+            .and_then(|p| rule::field(p, field))
+            .is_some_and(|v| !v.is_null())
+    }
+
+    /// Whether a comparison holds, and the value compared; `None` when the field is absent
+    /// or not a number.
+    fn compare(&mut self, c: &'a Condition) -> Option<(bool, f64)> {
+        match c {
+            Condition::Compare { field, op, value } => {
+                let v = self.number(field)?;
+                Some((op.holds(v, *value), v))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// What a reading does to `rule` on a device whose track is `t`.
-fn judge_reading(rule: &Rule, t: &mut Track, at: i64, json: Option<&Value>) -> Act {
+fn judge_reading<'a>(rule: &'a Rule, t: &mut Track, at: i64, payload: &mut Payload<'a>) -> Act {
     match &rule.when {
         Condition::Compare { .. } => {
-            let Some((holds, v)) = json.and_then(|p| rule.when.on_payload(p)) else {
+            let Some((holds, v)) = payload.compare(&rule.when) else {
                 return Act::Nothing;
             };
             t.value = Some(v);
             if t.open {
                 let clears = match &rule.clear {
-                    Some(c) => json.and_then(|p| c.on_payload(p)).is_some_and(|(h, _)| h),
+                    Some(c) => payload.compare(c).is_some_and(|(h, _)| h),
                     None => !holds,
                 };
                 if clears {
@@ -729,10 +776,7 @@ fn judge_reading(rule: &Rule, t: &mut Track, at: i64, json: Option<&Value>) -> A
             if t.open { Act::Resolve } else { Act::Nothing }
         }
         Condition::Missing { field } => {
-            let present = json
-                .and_then(|p| rule::field(p, field))
-                .is_some_and(|v| !v.is_null());
-            if present {
+            if payload.has(field) {
                 t.since = Some(at);
                 if t.open { Act::Resolve } else { Act::Nothing }
             } else {
