@@ -12,6 +12,8 @@
 //                                 newest bucket is counted in the page from readings and the feed
 //   WebSocket ws               -> commands out, accepted / ack / timeout / error back
 //   GET api/commands           -> the command log
+//   GET api/alerts?state=open  -> the alerts panel, then `alert` events of the live feed; the
+//                                 selected device's alerts (GET api/alerts?device=) on its charts
 // Rendering is batched into one requestAnimationFrame; the device list redraws at most 4x/s.
 
 const $ = (id) => document.getElementById(id);
@@ -24,6 +26,12 @@ const HISTORY_PAGE = 10000;
 const HISTORY_MAX_PAGES = 5;
 const LOG_LIMIT = 25;
 const RESULTS_KEEP = 30;
+const ALERTS_LIMIT = 200;
+const RESOLVED_KEEP = 3;
+const DEVICE_ALERTS_LIMIT = 50;
+const SEVERITY_RANK = { info: 1, warning: 2, critical: 3 };
+// An alert's life only goes forward: firing, then perhaps acknowledged, then resolved.
+const STATE_RANK = { firing: 1, acknowledged: 2, resolved: 3 };
 
 const state = {
   started: false,
@@ -49,6 +57,12 @@ const state = {
   bannerTimer: null,
   logTimer: null,
   readings: 0,
+  alerts: new Map(), // id -> Alert: the open ones and the few latest resolved
+  alertsTruncated: false, // more open alerts than one request returns
+  alertsByDevice: new Map(), // device -> { severity, firing, acked } of its open alerts
+  alertRows: new Map(), // id -> the panel's row
+  alertsDirty: false,
+  deviceAlerts: { device: null, map: new Map() }, // the selected device's alerts, for its charts
 };
 
 // ---------------------------------------------------------------- helpers
@@ -153,12 +167,14 @@ function frame() {
   if (now - state.listRenderedAt >= LIST_EVERY_MS) {
     state.listRenderedAt = now;
     renderDevices();
+    if (!state.alertsDirty) renderAlertTimes();
   } else if (!state.listTimer) {
     state.listTimer = setTimeout(() => {
       state.listTimer = null;
       schedule();
     }, LIST_EVERY_MS - (now - state.listRenderedAt));
   }
+  if (state.alertsDirty) renderAlerts();
   if (state.chart) state.chart.render();
   renderDetailHead();
 }
@@ -270,6 +286,7 @@ function renderDevices() {
       r.li.classList.toggle("online", d.online);
       r.dot.title = d.online ? "online" : "offline";
       setText(r.state, d.online ? "online" : "offline");
+      markAlerts(r, state.alertsByDevice.get(d.id));
       if (d.latest) {
         const fields = numericFields(d.latest.payload).slice(0, 3);
         setText(r.summary, fields.length
@@ -311,7 +328,10 @@ function makeRow(d) {
   const stateText = el("span", "visually-hidden", "offline");
   const seen = el("span", "dev-seen", "");
   const summary = el("span", "dev-summary", "");
-  li.append(dot, name, stateText, seen, summary);
+  const alert = el("span", "dev-alert");
+  alert.setAttribute("role", "img");
+  alert.hidden = true;
+  li.append(dot, name, alert, stateText, seen, summary);
   li.addEventListener("click", () => select(d.id));
   li.addEventListener("keydown", (e) => {
     if (e.key === "Enter" || e.key === " ") {
@@ -319,7 +339,7 @@ function makeRow(d) {
       select(d.id);
     }
   });
-  const row = { li, dot, state: stateText, seen, summary, visible: false };
+  const row = { li, dot, state: stateText, seen, summary, alert, alertKey: "", visible: false };
   observeRow(row);
   return row;
 }
@@ -531,6 +551,7 @@ function openChart(id) {
   if (state.chart) state.chart.destroy();
   state.chart = aggregated(state.range) ? new SeriesChart(id, state.range) : new RawChart(id, state.range);
   state.chart.loadHistory();
+  loadDeviceAlerts(id);
   schedule();
 }
 
@@ -666,14 +687,20 @@ class Chart {
       ...this.size(card),
       legend: { show: false },
       cursor: { drag: { x: false, y: false }, points: { size: 5 }, sync: { key: "telebridge" } },
-      scales: { x: { time: true } },
+      // uPlot's own y range, widened to the thresholds of the alerts drawn on it.
+      scales: { x: { time: true }, y: { range: (u, min, max) => this.yRange(u, name, min, max) } },
       axes: [
         { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1, size: 4 }, font, size: 26, values: timeTicks },
         { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { show: false }, font, size: 48, gap: 4 },
       ],
       series: [{}, ...series],
       bands,
-      hooks: { setCursor: [() => this.readout(name)] },
+      hooks: {
+        setCursor: [() => this.readout(name)],
+        // Alert bands under the series, their thresholds over them.
+        drawClear: [(u) => this.drawAlerts(u, name, card, "bands")],
+        draw: [(u) => this.drawAlerts(u, name, card, "lines")],
+      },
     };
     const plot = new uPlot(opts, data, body);
     card.dataset.series = series.map((s) => s.label).join(",");
@@ -681,6 +708,108 @@ class Chart {
     const p = { plot, card, name: nameNode, value, at };
     this.plots.set(name, p);
     return p;
+  }
+
+  /** The alerts to draw on the chart of `name`: its field's with a threshold, open or overlapping `from`–`to` (s). */
+  overlays(name, from, to) {
+    const out = [];
+    if (state.deviceAlerts.device !== this.device) return out;
+    const now = Date.now();
+    for (const a of state.deviceAlerts.map.values()) {
+      if (a.field !== name || typeof a.threshold !== "number" || !Number.isFinite(a.threshold)) continue;
+      const end = (a.resolvedAt || now) / 1000;
+      if (isOpen(a) || (from != null && end >= from && a.firedAt / 1000 <= to)) out.push(a);
+    }
+    return out;
+  }
+
+  yRange(u, name, min, max) {
+    const xs = u.data[0];
+    const ths = xs && xs.length ? this.overlays(name, xs[0], xs[xs.length - 1]).map((a) => a.threshold) : [];
+    if (ths.length) {
+      min = Math.min(min ?? Infinity, ...ths);
+      max = Math.max(max ?? -Infinity, ...ths);
+    }
+    return min == null ? [null, null] : uPlot.rangeNum(min, max, 0.1, true);
+  }
+
+  /**
+   * uPlot's hooks: each alert's firing span (to now while open) as a band in the severity's color
+   * (`layer` "bands", before the series), its threshold as a dashed line ("lines", after them),
+   * in canvas pixels of the current scales.
+   */
+  drawAlerts(u, name, card, layer) {
+    const { min: xMin, max: xMax } = u.scales.x;
+    const list = this.overlays(name, xMin, xMax);
+    const thresholds = new Map(); // threshold -> the most severe alert at it
+    let bands = 0;
+    const bandsLayer = layer === "bands";
+    if (list.length && xMin != null && xMax != null) {
+      const ctx = u.ctx;
+      const { left, top, width, height } = u.bbox;
+      const dpr = globalThis.devicePixelRatio || 1;
+      const now = Date.now();
+      ctx.save();
+      ctx.beginPath();
+      ctx.rect(left, top, width, height);
+      ctx.clip();
+      for (const a of list) {
+        const from = a.firedAt / 1000;
+        const to = (a.resolvedAt || now) / 1000;
+        const shown = thresholds.get(a.threshold);
+        if (!shown || SEVERITY_RANK[a.severity] > SEVERITY_RANK[shown.severity]) thresholds.set(a.threshold, a);
+        if (!bandsLayer || to < xMin || from > xMax) continue;
+        const x0 = Math.max(left, u.valToPos(from, "x", true));
+        const x1 = Math.min(left + width, u.valToPos(to, "x", true));
+        ctx.globalAlpha = isOpen(a) ? 0.18 : 0.1;
+        ctx.fillStyle = severityColor(a.severity);
+        ctx.fillRect(x0, top, Math.max(x1 - x0, 2 * dpr), height);
+        bands++;
+      }
+      if (bandsLayer) thresholds.clear();
+      ctx.globalAlpha = 0.95;
+      ctx.lineWidth = 1.5 * dpr;
+      ctx.setLineDash([6 * dpr, 4 * dpr]);
+      ctx.font = `${Math.round(10 * dpr)}px system-ui, sans-serif`;
+      ctx.textAlign = "left";
+      ctx.textBaseline = "bottom";
+      for (const [th, a] of thresholds) {
+        const y = Math.round(u.valToPos(th, "y", true)) + 0.5;
+        const color = severityColor(a.severity);
+        ctx.strokeStyle = color;
+        ctx.beginPath();
+        ctx.moveTo(left, y);
+        ctx.lineTo(left + width, y);
+        ctx.stroke();
+        ctx.fillStyle = color;
+        // Above the line, or below it when it runs along the top.
+        const ly = y - top < 13 * dpr ? y + 12 * dpr : y - 2 * dpr;
+        ctx.fillText(`${a.rule} · ${fmtValue(th)}`, left + 4 * dpr, ly);
+      }
+      ctx.restore();
+    }
+    if (bandsLayer) {
+      if (card.dataset.alertBands !== String(bands)) card.dataset.alertBands = String(bands);
+      return;
+    }
+    const th = [...thresholds.keys()].sort((x, y) => x - y).join(",");
+    if (th) {
+      if (card.dataset.threshold !== th) card.dataset.threshold = th;
+    } else if ("threshold" in card.dataset) delete card.dataset.threshold;
+  }
+
+  /** The device's alerts changed: redraw (and rescale) the charts. */
+  alertsChanged() {
+    if (state.deviceAlerts.device === this.device) this.dirty = true;
+  }
+
+  /** Whether a band grows with the clock (an open alert on a chart). */
+  hasOpenBand() {
+    if (state.deviceAlerts.device !== this.device) return false;
+    for (const a of state.deviceAlerts.map.values()) {
+      if (isOpen(a) && typeof a.threshold === "number" && this.plots.has(a.field)) return true;
+    }
+    return false;
   }
 
   color() {
@@ -1078,7 +1207,7 @@ function connectSse() {
   state.sse.timer = null;
   if (state.sse.es) state.sse.es.close();
   const from = Math.max(state.lastId, state.lastSeq);
-  const q = new URLSearchParams({ type: "reading,status,command", last_event_id: String(from) });
+  const q = new URLSearchParams({ type: "reading,status,command,alert", last_event_id: String(from) });
   const es = new EventSource(`events?${q}`);
   state.sse.es = es;
   es.onopen = () => {
@@ -1092,6 +1221,9 @@ function connectSse() {
       state.sse.down = false;
       // Every kind resumes from the log: only a chart whose history failed needs a retry.
       if (state.chart && state.chart.historyFailed) state.chart.loadHistory();
+      // Alert events resume from the log too; the lists are re-read in case they went too far back.
+      loadAlerts();
+      if (state.selected) loadDeviceAlerts(state.selected);
     }
     setLink("sse", "connected", "live");
     if (state.ws.timer) connectWs(); // the daemon is back: do not wait for the backoff
@@ -1121,6 +1253,7 @@ function connectSse() {
   es.addEventListener("reading", onReading);
   es.addEventListener("status", onStatus);
   es.addEventListener("command", onCommandEvent);
+  es.addEventListener("alert", onAlertEvent);
   es.addEventListener("gap", onGap);
   es.addEventListener("shutdown", () => {
     state.sse.shutdown = true;
@@ -1186,6 +1319,8 @@ function onGap(e) {
     // What was missed cannot be replayed: take presence and the command log as they are now.
     loadDevices().catch(() => {});
     loadCommandLog();
+    loadAlerts();
+    if (state.selected) loadDeviceAlerts(state.selected);
   }
   b.hidden = false;
 }
@@ -1435,6 +1570,297 @@ async function loadCommandLog() {
   $("log").replaceChildren(rows);
 }
 
+// ---------------------------------------------------------------- alerts
+
+const isOpen = (a) => a.state === "firing" || a.state === "acknowledged";
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+/** An alert as the API or the feed writes it, with its times in Unix ms; `mark` is the event id it came with. */
+function normAlert(x, mark = 0) {
+  return { ...x, firedAt: ms(x.fired_at), ackedAt: ms(x.acked_at), resolvedAt: ms(x.resolved_at), mark };
+}
+
+/** The later of two versions of one alert (either may be missing). */
+function later(a, b) {
+  if (!a) return b;
+  if (!b) return a;
+  return (STATE_RANK[b.state] || 0) >= (STATE_RANK[a.state] || 0) ? b : a;
+}
+
+function severityColor(severity) {
+  const fallback = { info: "#2563eb", warning: "#d97706", critical: "#dc2626" };
+  return cssVar(`--sev-${severity}`, fallback[severity] || fallback.info);
+}
+
+/** One alert's new state, from the feed or an acknowledgement. */
+function putAlert(a) {
+  const merged = later(state.alerts.get(a.id), a);
+  state.alerts.set(merged.id, merged);
+  const mine = state.deviceAlerts;
+  if (mine.device === merged.device) mine.map.set(merged.id, later(mine.map.get(merged.id), merged));
+  alertsChanged();
+  return merged;
+}
+
+/** Keeps the open alerts and the latest few resolved ones; redraws what shows them. */
+function alertsChanged() {
+  const resolved = [...state.alerts.values()].filter((a) => !isOpen(a)).sort((a, b) => b.resolvedAt - a.resolvedAt || b.id - a.id);
+  for (const a of resolved.slice(RESOLVED_KEEP)) state.alerts.delete(a.id);
+  // Per device: the most severe open alert and the counts, for the device list.
+  const by = new Map();
+  for (const a of state.alerts.values()) {
+    if (!isOpen(a)) continue;
+    let s = by.get(a.device);
+    if (!s) by.set(a.device, (s = { severity: a.severity, firing: 0, acked: 0 }));
+    if ((SEVERITY_RANK[a.severity] || 0) > (SEVERITY_RANK[s.severity] || 0)) s.severity = a.severity;
+    if (a.state === "firing") s.firing++;
+    else s.acked++;
+  }
+  for (const id of new Set([...by.keys(), ...state.alertsByDevice.keys()])) {
+    const d = state.devices.get(id);
+    if (d) d.dirty = true;
+  }
+  state.alertsByDevice = by;
+  state.listRenderedAt = 0;
+  state.alertsDirty = true;
+  if (state.chart) state.chart.alertsChanged();
+  schedule();
+}
+
+/** The open alerts (all of them up to ALERTS_LIMIT) and the latest resolved ones, as they are now. */
+async function loadAlerts() {
+  const mark = state.lastId;
+  let open;
+  let resolved;
+  try {
+    [open, resolved] = await Promise.all([
+      api(`api/alerts?state=open&limit=${ALERTS_LIMIT}`),
+      api(`api/alerts?state=resolved&limit=${RESOLVED_KEEP}`),
+    ]);
+  } catch (e) {
+    if (e instanceof AuthRequired) return;
+    const err = $("alerts-error");
+    setText(err, `Could not load the alerts: ${e.message}`);
+    err.hidden = false;
+    return;
+  }
+  $("alerts-error").hidden = true;
+  const next = new Map();
+  for (const x of [...(open.alerts || []), ...(resolved.alerts || [])]) next.set(x.id, normAlert(x));
+  // What the feed brought while the request was out is as new as the answer, or newer.
+  for (const a of state.alerts.values()) if (a.mark > mark) next.set(a.id, later(next.get(a.id), a));
+  state.alerts = next;
+  state.alertsTruncated = (open.alerts || []).length >= ALERTS_LIMIT;
+  const mine = state.deviceAlerts;
+  for (const a of next.values()) if (a.device === mine.device) mine.map.set(a.id, later(mine.map.get(a.id), a));
+  alertsChanged();
+}
+
+/** The alerts of the device whose charts show, resolved ones too, for their bands and thresholds. */
+async function loadDeviceAlerts(device) {
+  const map = new Map();
+  for (const a of state.alerts.values()) if (a.device === device) map.set(a.id, a);
+  state.deviceAlerts = { device, map };
+  let body;
+  try {
+    body = await api(`api/alerts?device=${encodeURIComponent(device)}&limit=${DEVICE_ALERTS_LIMIT}`);
+  } catch (_) {
+    return; // the charts go on without their alerts
+  }
+  if (state.deviceAlerts.map !== map) return; // another device (or a reload) meanwhile
+  for (const x of body.alerts || []) {
+    const a = normAlert(x);
+    map.set(a.id, later(map.get(a.id), a));
+  }
+  if (state.chart) state.chart.alertsChanged();
+  schedule();
+}
+
+function onAlertEvent(e) {
+  if (!fresh(e)) return;
+  let x;
+  try {
+    x = JSON.parse(e.data);
+  } catch (_) {
+    return;
+  }
+  if (!x || typeof x.id !== "number") return;
+  putAlert(normAlert(x, Number(e.lastEventId) || state.lastId));
+}
+
+async function acknowledge(id) {
+  const row = state.alertRows.get(id);
+  if (!row || row.busy) return;
+  row.busy = true;
+  row.err.hidden = true;
+  renderAlertRow(state.alerts.get(id) || row.alert);
+  try {
+    const body = await api(`api/alerts/${encodeURIComponent(id)}/ack`, { method: "POST" });
+    if (body && body.alert) putAlert(normAlert(body.alert));
+  } catch (e) {
+    if (e instanceof AuthRequired) return;
+    setText(row.err, `Could not acknowledge: ${e.message}`);
+    row.err.hidden = false;
+    // Resolved or gone meanwhile: take the list as it is now.
+    if (e.status === 404 || e.status === 409) loadAlerts();
+  } finally {
+    row.busy = false;
+    state.alertsDirty = true;
+    schedule();
+  }
+}
+
+function alertStateText(a) {
+  if (a.state === "acknowledged") {
+    return `acknowledged by ${a.acked_by || "someone"}${a.ackedAt ? ` · ${ago(a.ackedAt)}` : ""}`;
+  }
+  if (a.state === "resolved") {
+    const lasted = a.resolvedAt && a.firedAt ? ` after ${duration(a.resolvedAt - a.firedAt)}` : "";
+    return `resolved ${ago(a.resolvedAt)}${lasted}`;
+  }
+  return "firing";
+}
+
+/** "45 s", "12 min", "3 h 5 min". */
+function duration(msLong) {
+  const s = Math.max(0, Math.round(msLong / 1000));
+  if (s < 60) return `${s} s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m} min`;
+  const h = Math.floor(m / 60);
+  return m % 60 ? `${h} h ${m % 60} min` : `${h} h`;
+}
+
+function renderAlertRow(a) {
+  let r = state.alertRows.get(a.id);
+  if (!r) {
+    const li = el("li", "alert");
+    li.dataset.id = String(a.id);
+    const head = el("div", "alert-head");
+    const sev = el("span", "sev");
+    const rule = el("span", "alert-rule");
+    const device = el("button", "alert-device");
+    device.type = "button";
+    device.addEventListener("click", () => {
+      select(r.alert.device);
+      revealSelected();
+    });
+    const when = el("span", "alert-ago muted");
+    head.append(sev, rule, device, when);
+    const msg = el("div", "alert-msg");
+    const foot = el("div", "alert-foot");
+    const st = el("span", "alert-state muted");
+    const ack = el("button", "small alert-ack", "Acknowledge");
+    ack.type = "button";
+    ack.addEventListener("click", () => acknowledge(r.alert.id));
+    foot.append(st, ack);
+    const err = el("p", "form-error alert-error");
+    err.setAttribute("role", "alert");
+    err.hidden = true;
+    li.append(head, msg, foot, err);
+    r = { li, sev, rule, device, when, msg, st, ack, err, busy: false, alert: a };
+    state.alertRows.set(a.id, r);
+  }
+  r.alert = a;
+  const li = r.li;
+  li.dataset.severity = a.severity;
+  li.dataset.state = a.state;
+  li.dataset.device = a.device;
+  li.dataset.rule = a.rule;
+  setText(r.sev, a.severity);
+  setText(r.rule, a.rule);
+  setText(r.device, a.device);
+  r.device.title = `Show ${a.device}`;
+  setText(r.msg, a.message || "");
+  r.ack.hidden = a.state !== "firing" || state.viewer;
+  r.ack.disabled = r.busy;
+  setText(r.ack, r.busy ? "Acknowledging…" : "Acknowledge");
+  r.ack.setAttribute("aria-label", `Acknowledge ${a.rule} on ${a.device}`);
+  renderAlertTime(r);
+}
+
+function renderAlertTime(r) {
+  const a = r.alert;
+  setText(r.when, `fired ${ago(a.firedAt)}`);
+  r.when.title = a.firedAt ? new Date(a.firedAt).toLocaleString() : "";
+  setText(r.st, alertStateText(a));
+}
+
+/** Puts the rows of `alerts` into `list` in that order, moving only those out of place. */
+function syncAlertList(list, alerts) {
+  let at = list.firstChild;
+  for (const a of alerts) {
+    renderAlertRow(a);
+    const li = state.alertRows.get(a.id).li;
+    if (li === at) at = at.nextSibling;
+    else list.insertBefore(li, at);
+  }
+  while (at) {
+    const next = at.nextSibling;
+    at.remove();
+    at = next;
+  }
+}
+
+function renderAlerts() {
+  state.alertsDirty = false;
+  const all = [...state.alerts.values()];
+  const open = all.filter(isOpen).sort((a, b) => b.firedAt - a.firedAt || b.id - a.id);
+  const resolved = all.filter((a) => !isOpen(a)).sort((a, b) => b.resolvedAt - a.resolvedAt || b.id - a.id);
+  syncAlertList($("alert-list"), open);
+  syncAlertList($("alerts-resolved"), resolved);
+  for (const [id, r] of state.alertRows) {
+    if (!state.alerts.has(id)) {
+      r.li.remove();
+      state.alertRows.delete(id);
+    }
+  }
+  const firing = open.filter((a) => a.state === "firing");
+  const acked = open.length - firing.length;
+  const more = state.alertsTruncated ? "+" : "";
+  const count = $("alert-count");
+  setText(count, [firing.length && `${firing.length}${more} firing`, acked && `${acked} acknowledged`].filter(Boolean).join(" · "));
+  count.dataset.count = String(open.length);
+  let worst = null;
+  for (const a of firing) if (!worst || SEVERITY_RANK[a.severity] > SEVERITY_RANK[worst]) worst = a.severity;
+  if (worst) count.dataset.severity = worst;
+  else delete count.dataset.severity;
+  $("alerts-empty").hidden = open.length > 0;
+  $("alerts-resolved-box").hidden = resolved.length === 0;
+  const title = firing.length ? `(${firing.length}${more}) telebridge` : "telebridge";
+  if (document.title !== title) document.title = title;
+}
+
+/** The relative times of the alerts panel move on. */
+function renderAlertTimes() {
+  for (const r of state.alertRows.values()) renderAlertTime(r);
+}
+
+/** A device row's alert marker: the count of its open alerts in the most severe one's color. */
+function markAlerts(row, s) {
+  const key = s ? `${s.severity}/${s.firing}/${s.acked}` : "";
+  if (row.alertKey === key) return;
+  row.alertKey = key;
+  const li = row.li;
+  if (!s) {
+    delete li.dataset.alert;
+    delete li.dataset.alertState;
+    row.alert.hidden = true;
+    return;
+  }
+  li.dataset.alert = s.severity;
+  li.dataset.alertState = s.firing ? "firing" : "acknowledged";
+  setText(row.alert, String(s.firing + s.acked));
+  let text;
+  if (s.firing && s.acked) text = `${plural(s.firing + s.acked, "alert")} open: ${s.firing} firing, ${s.acked} acknowledged`;
+  else if (s.firing) text = `${plural(s.firing, "alert")} firing`;
+  else text = `${plural(s.acked, "alert")} acknowledged`;
+  text += ` (${s.severity})`;
+  row.alert.title = text;
+  row.alert.setAttribute("aria-label", text);
+  row.alert.hidden = false;
+}
+
 // ---------------------------------------------------------------- authentication
 
 /** GET api/session: `{auth, name?, role?}`; a 404 means a daemon without sessions (auth off). */
@@ -1566,9 +1992,11 @@ async function boot() {
   state.started = true;
   const wanted = urlParams().get("device");
   if (wanted && state.devices.has(wanted)) select(wanted, { auto: true });
+  state.alertsDirty = true; // the Acknowledge buttons follow the role
   connectSse();
   connectWs();
   loadCommandLog();
+  loadAlerts();
   schedule();
 }
 
@@ -1610,6 +2038,8 @@ function wire() {
   // Relative times ("3 s ago") move on even when no data arrives.
   setInterval(() => {
     state.listRenderedAt = 0;
+    // The band of an open alert reaches to now.
+    if (state.chart && state.chart.hasOpenBand()) state.chart.dirty = true;
     schedule();
   }, 1000);
 }
@@ -1631,6 +2061,7 @@ globalThis.telebridge = Object.freeze({
       }),
       selected: state.selected,
       range: { ...state.range },
+      alerts: [...state.alerts.values()].map((a) => ({ id: a.id, rule: a.rule, device: a.device, severity: a.severity, state: a.state, acked_by: a.acked_by })),
       chart: c ? {
         device: c.device,
         mode: c.mode,

@@ -1020,3 +1020,255 @@ async fn the_dashboard_draws_24_hours_as_bands_from_the_series_api_extends_them_
         assert!(dir.join(format!("{shot}.png")).exists(), "{shot}.png");
     }
 }
+
+/// Publishes each `(device, temperature)` every 200 ms for `span`.
+async fn hold(p: &Publisher, readings: &[(&str, f64)], span: Duration) {
+    let end = Instant::now() + span;
+    while Instant::now() < end {
+        for (device, value) in readings {
+            p.publish(
+                &format!("devices/{device}/telemetry"),
+                QoS::AtLeastOnce,
+                false,
+                serde_json::json!({ "temperature": value }).to_string(),
+            )
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `GET /api/alerts{query}`'s alerts.
+async fn api_alerts(daemon: &Daemon, query: &str) -> Vec<Value> {
+    let r = daemon.get(&format!("/api/alerts{query}")).await;
+    assert_eq!(r.status(), 200, "GET /api/alerts{query}");
+    let body: Value = r.json().await.expect("JSON");
+    body["alerts"].as_array().expect("alerts").clone()
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_an_alert_live_on_its_device_and_chart_acknowledges_it_and_sees_it_resolve()
+ {
+    // Arrange: a rule on sensor-*; both sensors start normal, and the page is open on sensor-2.
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(
+        &broker.url(),
+        "[alerts]\nrules = [ { name = \"hot\", devices = [\"sensor-*\"], when = \"temperature > 80\", \
+         for = \"1s\", severity = \"critical\", clear = \"temperature < 75\" } ]\n",
+    )
+    .await;
+    let publisher = Publisher::connect(&broker.url(), "alerts-pub").await;
+    hold(
+        &publisher,
+        &[("sensor-1", 20.0), ("sensor-2", 21.0)],
+        Duration::from_millis(600),
+    )
+    .await;
+    wait_for_devices(&daemon, "sensor-", 2).await;
+    let dir = artifacts();
+    let url = format!("http://{}/", daemon.http);
+    let mut script = Script::start(
+        "alerts",
+        &[
+            "--url",
+            &url,
+            "--artifacts",
+            dir.to_str().unwrap(),
+            "--device",
+            "sensor-1",
+            "--other",
+            "sensor-2",
+        ],
+    );
+    script.event("ready", Duration::from_secs(40)).await;
+
+    // Act: sensor-1 runs hot for 2 s (the rule holds 1 s); the page acknowledges the alert; then
+    // sensor-1 cools down below the clear condition.
+    hold(
+        &publisher,
+        &[("sensor-1", 90.0), ("sensor-2", 21.0)],
+        Duration::from_secs(2),
+    )
+    .await;
+    let acked = script.event("acked", Duration::from_secs(40)).await;
+    let open = api_alerts(&daemon, "?state=open").await;
+    hold(
+        &publisher,
+        &[("sensor-1", 70.0), ("sensor-2", 21.0)],
+        Duration::from_secs(1),
+    )
+    .await;
+    let r = script.result(SCRIPT_LIMIT).await;
+    let all = api_alerts(&daemon, "").await;
+
+    // Assert: nothing open before; then the alert as the API has it, in the panel.
+    let before = &r["before"];
+    assert_eq!(before["empty"], "No alerts firing.", "{before}");
+    assert_eq!(before["rows"], 0);
+    assert_eq!(before["count"], "");
+    assert_eq!(open.len(), 1, "one open alert: {open:?}");
+    let alert = &open[0];
+    assert_eq!(
+        alert["id"], acked["id"],
+        "the page acknowledged the alert that fired"
+    );
+    assert_eq!(alert["rule"], "hot");
+    assert_eq!(alert["device"], "sensor-1");
+    assert_eq!(
+        (alert["state"].as_str(), alert["acked_by"].as_str()),
+        (Some("acknowledged"), Some("anonymous")),
+        "the API has the page's acknowledgement: {alert}"
+    );
+    let firing = &r["firing"];
+    assert_eq!(firing["id"], alert["id"]);
+    assert_eq!(firing["severity"], "critical");
+    assert_eq!(firing["severityText"], "critical");
+    assert_eq!(firing["rule"], "hot");
+    assert_eq!(firing["device"], "sensor-1");
+    assert_eq!(firing["message"], alert["message"], "the alert's message");
+    assert!(
+        firing["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("temperature > 80 (value 90)"),
+        "{}",
+        firing["message"]
+    );
+    assert_eq!(firing["state"], "firing");
+    let when = firing["when"].as_str().unwrap();
+    assert!(
+        when == "fired just now" || (when.starts_with("fired ") && when.ends_with(" ago")),
+        "{when}"
+    );
+    assert_eq!(
+        firing["ackButton"], true,
+        "an operator (no auth) may acknowledge"
+    );
+    assert_eq!(firing["count"], "1 firing");
+    assert_eq!(firing["emptyShown"], false);
+    assert_ne!(
+        firing["background"], firing["border"],
+        "colored by severity: {firing}"
+    );
+    assert_eq!(firing["title"], "(1) telebridge");
+
+    // The device list marks sensor-1, only it.
+    let row = |rows: &Value, id: &str| -> Value {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .unwrap_or_else(|| panic!("no row {id} in {rows}"))
+            .clone()
+    };
+    let hot = row(&firing["rows"], "sensor-1");
+    assert_eq!(hot["alert"], "critical", "{hot}");
+    assert_eq!(hot["alertState"], "firing");
+    assert_eq!(hot["label"], "1 alert firing (critical)");
+    assert_eq!(hot["shown"], true);
+    let normal = row(&firing["rows"], "sensor-2");
+    assert!(
+        normal["alert"].is_null() && normal["label"].is_null(),
+        "{normal}"
+    );
+
+    // Picked from the panel, sensor-1's temperature chart has the threshold and one band.
+    assert_eq!(firing["selected"], "sensor-1");
+    assert_eq!(firing["hash"], "#device=sensor-1");
+    assert_eq!(
+        firing["chart"],
+        serde_json::json!({ "threshold": "80", "bands": 1 })
+    );
+
+    // A refused acknowledgement shows the API's message and leaves the alert firing.
+    let refused = &r["refused"];
+    assert_eq!(
+        refused["error"],
+        "Could not acknowledge: token \"guest\" is a viewer; acknowledging alerts needs an operator token"
+    );
+    assert_eq!(refused["state"], "firing");
+    assert_eq!(refused["ackButton"], true, "one may try again");
+    assert!(
+        strings(&refused["consoleErrors"])
+            .iter()
+            .all(|e| e.contains("403")),
+        "only Chromium's note of the refused request: {}",
+        refused["consoleErrors"]
+    );
+
+    // Acknowledged: by whom, in the panel and the device list.
+    let page_acked = &r["acked"];
+    let state = page_acked["state"].as_str().unwrap();
+    assert!(
+        state.starts_with("acknowledged by anonymous"),
+        "{page_acked}"
+    );
+    assert_eq!(page_acked["ackButton"], false);
+    assert_eq!(page_acked["errorShown"], false, "the earlier error is gone");
+    assert_eq!(page_acked["count"], "1 acknowledged");
+    assert_eq!(page_acked["title"], "telebridge");
+    let hot = row(&page_acked["rows"], "sensor-1");
+    assert_eq!(
+        (hot["alert"].as_str(), hot["alertState"].as_str()),
+        (Some("critical"), Some("acknowledged"))
+    );
+    assert_eq!(hot["label"], "1 alert acknowledged (critical)");
+
+    // Resolved, live: no open alert; the resolved one dimmed below, still a band on the chart.
+    let stored = all
+        .iter()
+        .find(|a| a["id"] == alert["id"])
+        .expect("the alert");
+    assert_eq!(stored["state"], "resolved", "{stored}");
+    let resolved = &r["resolved"];
+    assert_eq!(resolved["openRows"], 0);
+    assert_eq!(resolved["empty"], "No alerts firing.");
+    assert_eq!(resolved["count"], "");
+    let text = resolved["resolvedRow"].as_str().unwrap();
+    assert!(
+        text.contains("hot") && text.contains("sensor-1") && text.contains("resolved"),
+        "{text}"
+    );
+    assert!(
+        row(&resolved["rows"], "sensor-1")["alert"].is_null(),
+        "{}",
+        resolved["rows"]
+    );
+    assert_eq!(
+        resolved["chart"],
+        serde_json::json!({ "threshold": "80", "bands": 1 }),
+        "the resolved alert's span is in the range"
+    );
+    assert_eq!(
+        resolved["sameDocument"], true,
+        "all of it arrived live, without a reload"
+    );
+    assert_eq!(
+        resolved["snapshot"],
+        serde_json::json!([{ "id": alert["id"], "rule": "hot", "device": "sensor-1",
+            "severity": "critical", "state": "resolved", "acked_by": "anonymous" }])
+    );
+    assert!(
+        r["phoneOverflow"].as_i64().unwrap() <= 0,
+        "no sideways scrolling on a phone"
+    );
+    assert!(
+        strings(&r["consoleErrors"]).is_empty(),
+        "{}",
+        r["consoleErrors"]
+    );
+    assert!(strings(&r["pageErrors"]).is_empty(), "{}", r["pageErrors"]);
+    let failed_requests: Vec<String> = strings(&r["failedRequests"])
+        .into_iter()
+        .filter(|f| !f.ends_with("net::ERR_ABORTED"))
+        .collect();
+    assert!(failed_requests.is_empty(), "{failed_requests:?}");
+    for shot in [
+        "alerts-firing",
+        "alerts-acknowledged",
+        "alerts-resolved",
+        "alerts-phone",
+    ] {
+        assert!(dir.join(format!("{shot}.png")).exists(), "{shot}.png");
+    }
+}
