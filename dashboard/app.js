@@ -222,7 +222,7 @@ function updateBanner() {
 function ensureDevice(id) {
   let d = state.devices.get(id);
   if (!d) {
-    d = { id, online: false, statusAt: 0, firstSeen: 0, lastSeen: 0, latest: null, row: null, dirty: true };
+    d = { id, online: false, stale: false, statusAt: 0, firstSeen: 0, lastSeen: 0, latest: null, row: null, dirty: true };
     state.devices.set(id, d);
     state.orderDirty = true;
   }
@@ -235,6 +235,7 @@ function applyDeviceList(list) {
     // The daemon's word on presence as of `last_seen`; only later readings or status
     // changes override it (readings replayed after a reconnect are older).
     d.online = !!x.online;
+    d.stale = !!x.stale;
     d.statusAt = Math.max(d.statusAt, ms(x.last_seen));
     d.firstSeen = ms(x.first_seen);
     d.lastSeen = Math.max(d.lastSeen, ms(x.last_seen));
@@ -275,17 +276,22 @@ function renderDevices() {
     }
   }
   let online = 0;
+  let stale = 0;
   for (const id of state.order) {
     const d = state.devices.get(id);
     if (d.online) online++;
+    if (d.online && d.stale) stale++;
     const r = d.row;
     // Rows out of view keep their changes until they scroll in (see `rowObserver`).
     if (!r.visible) continue;
     if (d.dirty) {
       d.dirty = false;
-      r.li.classList.toggle("online", d.online);
-      r.dot.title = d.online ? "online" : "offline";
-      setText(r.state, d.online ? "online" : "offline");
+      const presence = presenceOf(d);
+      r.li.classList.toggle("online", presence === "online");
+      r.li.classList.toggle("stale", presence === "stale");
+      r.li.dataset.presence = presence;
+      r.dot.title = presence === "stale" ? "stale: it missed its usual readings" : presence;
+      setText(r.state, presence);
       markAlerts(r, state.alertsByDevice.get(d.id));
       if (d.latest) {
         const fields = numericFields(d.latest.payload).slice(0, 3);
@@ -296,7 +302,9 @@ function renderDevices() {
     }
     setText(r.seen, ago(d.lastSeen));
   }
-  setText($("device-count"), state.order.length ? `${online} of ${state.order.length} online` : "");
+  setText($("device-count"), state.order.length
+    ? `${online} of ${state.order.length} online${stale ? `, ${stale} stale` : ""}`
+    : "");
   $("devices-empty").hidden = state.order.length > 0;
 }
 
@@ -377,6 +385,12 @@ function select(id, { auto = false } = {}) {
   schedule();
 }
 
+/** `online`, `stale` (online, but it missed its usual readings) or `offline`. */
+function presenceOf(d) {
+  if (!d.online) return "offline";
+  return d.stale ? "stale" : "online";
+}
+
 function renderDetailHead() {
   const id = state.selected;
   if (!id) return;
@@ -385,8 +399,11 @@ function renderDetailHead() {
   const p = $("detail-presence");
   p.hidden = !d;
   if (!d) return;
-  setText(p, d.online ? "online" : "offline");
+  const presence = presenceOf(d);
+  setText(p, presence);
   p.dataset.online = String(d.online);
+  p.dataset.presence = presence;
+  p.title = presence === "stale" ? "online, but it missed its usual readings" : "";
   setText($("detail-seen"), `last seen ${ago(d.lastSeen)}`);
   const latest = d.latest;
   $("payload-box").hidden = !latest;
@@ -1279,7 +1296,10 @@ function onReading(e) {
   const d = ensureDevice(r.device);
   const received = ms(r.received_at);
   // A device that sends telemetry is online, unless a later presence change says otherwise.
-  if (received > d.statusAt) d.online = true;
+  if (received > d.statusAt) {
+    d.online = true;
+    d.stale = false; // it just sent: fresh (the daemon's own event follows)
+  }
   if (received > d.lastSeen) d.lastSeen = received;
   if (!d.latest || r.seq > d.latest.seq) d.latest = r;
   d.dirty = true;
@@ -1294,6 +1314,7 @@ function onStatus(e) {
   const at = ms(s.at);
   if (at >= d.statusAt) {
     d.online = !!s.online;
+    d.stale = !!s.stale;
     d.statusAt = at;
   }
   if (at > d.lastSeen && s.online) d.lastSeen = at;

@@ -169,6 +169,23 @@ run(90000, async ({ context }) => {
   };
   await page.screenshot({ path: screenshotPath(dir, "alerts-resolved") });
 
+  // The Rust test then stops publishing: both devices, which sent every 200 ms, turn stale
+  // (amber) a couple of seconds later, while still online.
+  await page.waitForFunction(
+    (ids) => ids.every((id) => document.querySelector(`#device-list .device[data-id="${id}"]`).dataset.presence === "stale"),
+    [device, other],
+    { timeout: 30000 },
+  );
+  const stale = {
+    at: Date.now(),
+    detail: await text(page, "#detail-presence"),
+    detailPresence: await page.$eval("#detail-presence", (e) => e.dataset.presence),
+    count: await text(page, "#device-count"),
+    dot: await page.$eval(`#device-list .device[data-id="${other}"] .dot`, (e) => getComputedStyle(e).backgroundColor),
+    onlineDot: await page.$eval(".link .dot", (e) => getComputedStyle(e).backgroundColor),
+  };
+  await page.screenshot({ path: screenshotPath(dir, "alerts-stale") });
+
   // A phone: the alerts card fits.
   await page.setViewportSize({ width: 390, height: 844 });
   await page.waitForTimeout(300);
@@ -182,6 +199,7 @@ run(90000, async ({ context }) => {
     refused,
     acked,
     resolved,
+    stale,
     phoneOverflow,
     consoleErrors: log.consoleErrors,
     pageErrors: log.pageErrors,

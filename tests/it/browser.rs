@@ -1038,6 +1038,12 @@ async fn hold(p: &Publisher, readings: &[(&str, f64)], span: Duration) {
     }
 }
 
+/// `GET /api/devices`'s devices.
+async fn api_devices(daemon: &Daemon) -> Vec<Value> {
+    let body: Value = daemon.get("/api/devices").await.json().await.expect("JSON");
+    body["devices"].as_array().expect("devices").clone()
+}
+
 /// `GET /api/alerts{query}`'s alerts.
 async fn api_alerts(daemon: &Daemon, query: &str) -> Vec<Value> {
     let r = daemon.get(&format!("/api/alerts{query}")).await;
@@ -1098,6 +1104,8 @@ async fn the_dashboard_shows_an_alert_live_on_its_device_and_chart_acknowledges_
         Duration::from_secs(1),
     )
     .await;
+    // Then silence: both devices turn stale.
+    let quiet_since = telebridge::domain::now_ms();
     let r = script.result(SCRIPT_LIMIT).await;
     let all = api_alerts(&daemon, "").await;
 
@@ -1194,6 +1202,26 @@ async fn the_dashboard_shows_an_alert_live_on_its_device_and_chart_acknowledges_
             .all(|e| e.contains("403")),
         "only Chromium's note of the refused request: {}",
         refused["consoleErrors"]
+    );
+
+    // Silent devices turn stale (amber), at least 2 s after their last reading, still online.
+    let stale = &r["stale"];
+    let waited = stale["at"].as_i64().expect("at") - quiet_since;
+    assert!(
+        (1_500..15_000).contains(&waited),
+        "stale {waited} ms after the last reading"
+    );
+    assert_eq!(stale["detail"], "stale");
+    assert_eq!(stale["detailPresence"], "stale");
+    assert_eq!(stale["count"], "2 of 2 online, 2 stale");
+    assert_ne!(
+        stale["dot"], stale["onlineDot"],
+        "amber, not green: {stale}"
+    );
+    let listed = api_devices(&daemon).await;
+    assert!(
+        listed.iter().all(|d| d["presence"] == "stale"),
+        "the API agrees: {listed:?}"
     );
 
     // Acknowledged: by whom, in the panel and the device list.
