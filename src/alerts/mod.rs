@@ -305,29 +305,12 @@ impl Engine {
 
     /// A fresh state for `device`: the rules that apply to it.
     fn state_for(&self, device: &str) -> DeviceState {
-        let rules: Vec<usize> = (0..self.rules.len())
-            .filter(|&i| self.rules[i].applies_to(device))
-            .collect();
-        DeviceState {
-            tracks: vec![Track::default(); rules.len()],
-            rules,
-        }
-    }
-
-    /// The state of `device`, made on first sight.
-    fn state(&mut self, device: &Arc<str>) -> &mut DeviceState {
-        if !self.devices.contains_key(device) {
-            let state = self.state_for(device);
-            self.devices.insert(device.clone(), state);
-        }
-        self.devices
-            .get_mut(device)
-            .unwrap_or_else(|| unreachable!("inserted above"))
+        new_state(&self.rules, device)
     }
 
     /// Rule `i`'s track of `device`, if the rule applies to it.
     fn track(&mut self, i: usize, device: &Arc<str>) -> Option<&mut Track> {
-        self.state(device).track(i)
+        state_in(&mut self.devices, &self.rules, device).track(i)
     }
 
     /// Runs until `shutdown`: evaluates what `events` brings, checks timed conditions every
@@ -524,13 +507,7 @@ impl Engine {
                 ..
             } => {
                 let rules = &self.rules;
-                let state = match self.devices.get_mut(&device) {
-                    Some(s) => s,
-                    None => {
-                        let fresh = self.state_for(&device);
-                        self.devices.entry(device.clone()).or_insert(fresh)
-                    }
-                };
+                let state = state_in(&mut self.devices, rules, &device);
                 let fresh_again = self.cadence.reading(&device, at);
                 let mut body = Payload::new(&payload);
                 for (j, &i) in state.rules.iter().enumerate() {
@@ -553,13 +530,7 @@ impl Engine {
             } => {
                 self.cadence.presence(&device, online, stale, at);
                 let rules = &self.rules;
-                let state = match self.devices.get_mut(&device) {
-                    Some(s) => s,
-                    None => {
-                        let fresh = self.state_for(&device);
-                        self.devices.entry(device.clone()).or_insert(fresh)
-                    }
-                };
+                let state = state_in(&mut self.devices, rules, &device);
                 for (j, &i) in state.rules.iter().enumerate() {
                     let act = judge_presence(&rules[i], &mut state.tracks[j], online, at);
                     if !matches!(act, Act::Nothing) {
@@ -743,6 +714,28 @@ impl<'a> Payload<'a> {
             _ => None,
         }
     }
+}
+
+/// A fresh state for `device`: the rules that apply to it.
+fn new_state(rules: &[Rule], device: &str) -> DeviceState {
+    let applying: Vec<usize> = (0..rules.len())
+        .filter(|&i| rules[i].applies_to(device))
+        .collect();
+    DeviceState {
+        tracks: vec![Track::default(); applying.len()],
+        rules: applying,
+    }
+}
+
+/// The state of `device` in `devices`, made on first sight.
+fn state_in<'a>(
+    devices: &'a mut HashMap<Arc<str>, DeviceState>,
+    rules: &[Rule],
+    device: &Arc<str>,
+) -> &'a mut DeviceState {
+    devices
+        .entry(device.clone())
+        .or_insert_with(|| new_state(rules, device))
 }
 
 /// What a reading does to `rule` on a device whose track is `t`.

@@ -531,6 +531,33 @@ pub struct NewCommand {
     pub sent_at: Option<i64>,
 }
 
+/// How a queued command leaves the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dequeue {
+    /// Published.
+    Sent,
+    /// Cancelled by an operator.
+    Cancelled,
+}
+
+impl Dequeue {
+    /// The command's new status.
+    pub fn status(self) -> &'static str {
+        match self {
+            Dequeue::Sent => "sent",
+            Dequeue::Cancelled => "cancelled",
+        }
+    }
+
+    /// The time column it sets.
+    pub(crate) fn column(self) -> &'static str {
+        match self {
+            Dequeue::Sent => "sent_at",
+            Dequeue::Cancelled => "finished_at",
+        }
+    }
+}
+
 /// What inserting a command did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inserted {

@@ -28,8 +28,9 @@ use crate::store::health::Health;
 use crate::store::log::EventRow;
 use crate::store::rollup::RollupRow;
 use crate::store::{
-    CommandRow, DeviceRow, Gauges, Inserted, LogEntry, NewCommand, Page, RETENTION_CHUNK_ROWS,
-    RETENTION_PER_CALL, ROLLUP_SWEEP_DEVICES, RollupSweep, StoreError, StoredReading,
+    CommandRow, Dequeue, DeviceRow, Gauges, Inserted, LogEntry, NewCommand, Page,
+    RETENTION_CHUNK_ROWS, RETENTION_PER_CALL, ROLLUP_SWEEP_DEVICES, RollupSweep, StoreError,
+    StoredReading,
 };
 
 crate::store::rows::decoders!(PgRow);
@@ -645,18 +646,26 @@ impl PgStore {
     /// Cancels a queued command, with its `cancelled` event; false when it is no longer
     /// queued.
     pub async fn cancel_command(&self, id: &str, at: i64) -> Result<bool, StoreError> {
+        self.dequeue(id, Dequeue::Cancelled, at).await
+    }
+
+    /// Moves a queued command out of the queue, with its event; false when it is no longer
+    /// queued (another caller, on this instance or another, moved it first).
+    async fn dequeue(&self, id: &str, how: Dequeue, at: i64) -> Result<bool, StoreError> {
         let mut a = begin_append(&self.pool).await?;
-        let device: Option<String> = sqlx::query_scalar(
-            "UPDATE commands SET status = 'cancelled', finished_at = $1 WHERE id = $2 AND status = 'queued' \
-             RETURNING device",
-        )
-        .bind(at)
-        .bind(id)
-        .fetch_optional(&mut *a.tx)
-        .await?;
+        let sql = format!(
+            "UPDATE commands SET status = '{}', {} = $1 WHERE id = $2 AND status = 'queued' RETURNING device",
+            how.status(),
+            how.column()
+        );
+        let device: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(at)
+            .bind(id)
+            .fetch_optional(&mut *a.tx)
+            .await?;
         let events: Vec<EventRow> = device
             .iter()
-            .map(|d| EventRow::command(a.next, id, d, "cancelled", at, None))
+            .map(|d| EventRow::command(a.next, id, d, how.status(), at, None))
             .collect();
         a.commit(&events).await?;
         self.committed();
@@ -674,22 +683,7 @@ impl PgStore {
 
     /// Marks a queued command as published; false when it is no longer queued.
     pub async fn mark_sent(&self, id: &str, at: i64) -> Result<bool, StoreError> {
-        let mut a = begin_append(&self.pool).await?;
-        let device: Option<String> = sqlx::query_scalar(
-            "UPDATE commands SET status = 'sent', sent_at = $1 WHERE id = $2 AND status = 'queued' \
-             RETURNING device",
-        )
-        .bind(at)
-        .bind(id)
-        .fetch_optional(&mut *a.tx)
-        .await?;
-        let events: Vec<EventRow> = device
-            .iter()
-            .map(|d| EventRow::command(a.next, id, d, "sent", at, None))
-            .collect();
-        a.commit(&events).await?;
-        self.committed();
-        Ok(device.is_some())
+        self.dequeue(id, Dequeue::Sent, at).await
     }
 
     /// Moves open commands matching `condition` (on `$3`) to `status`, with an event each.

@@ -23,8 +23,8 @@ use crate::store::log::EventRow;
 use crate::store::rollup::{self, RollupRow};
 use crate::store::writer::{self, Backend, Commit, Committed};
 use crate::store::{
-    Control, Inserted, NewCommand, RETENTION_CHUNK_ROWS, RETENTION_PER_CALL, ROLLUP_SWEEP_DEVICES,
-    RollupSweep, StoreError,
+    Control, Dequeue, Inserted, NewCommand, RETENTION_CHUNK_ROWS, RETENTION_PER_CALL,
+    ROLLUP_SWEEP_DEVICES, RollupSweep, StoreError,
 };
 
 /// Rows per multi-row INSERT: one statement round trip per 250 rows instead of per row.
@@ -218,50 +218,29 @@ async fn mark_stale(
     Ok((moved.is_some(), events))
 }
 
-/// Cancels a queued command, with its `cancelled` event, on `conn` (the writer's); false when
-/// it is no longer queued.
-async fn cancel_command(
+/// Moves a queued command out of the queue (published or cancelled), with its event, on
+/// `conn` (the writer's); false when it is no longer queued.
+async fn dequeue(
     conn: &mut SqliteConnection,
     id: &str,
+    how: Dequeue,
     at: i64,
     seq: i64,
 ) -> Result<Logged<bool>, StoreError> {
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    let device: Option<String> = sqlx::query_scalar(
-        "UPDATE commands SET status = 'cancelled', finished_at = ? WHERE id = ? AND status = 'queued' RETURNING device",
-    )
-    .bind(at)
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let sql = format!(
+        "UPDATE commands SET status = '{}', {} = ? WHERE id = ? AND status = 'queued' RETURNING device",
+        how.status(),
+        how.column()
+    );
+    let device: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(at)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
     let events: Vec<EventRow> = device
         .iter()
-        .map(|d| EventRow::command(seq, id, d, "cancelled", at, None))
-        .collect();
-    super::append(&mut tx, &events).await?;
-    tx.commit().await?;
-    Ok((device.is_some(), events))
-}
-
-/// Marks a queued command as published, with its `sent` event, on `conn` (the writer's);
-/// false when it is no longer queued.
-async fn mark_sent(
-    conn: &mut SqliteConnection,
-    id: &str,
-    at: i64,
-    seq: i64,
-) -> Result<Logged<bool>, StoreError> {
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    let device: Option<String> = sqlx::query_scalar(
-        "UPDATE commands SET status = 'sent', sent_at = ? WHERE id = ? AND status = 'queued' RETURNING device",
-    )
-    .bind(at)
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let events: Vec<EventRow> = device
-        .iter()
-        .map(|d| EventRow::command(seq, id, d, "sent", at, None))
+        .map(|d| EventRow::command(seq, id, d, how.status(), at, None))
         .collect();
     super::append(&mut tx, &events).await?;
     tx.commit().await?;
@@ -690,14 +669,16 @@ impl Writer {
             Control::Cancel { id, at, reply } => {
                 let r = self
                     .logged(committed, async |c, seq| {
-                        cancel_command(c, &id, at, seq).await
+                        dequeue(c, &id, Dequeue::Cancelled, at, seq).await
                     })
                     .await;
                 let _ = reply.send(r);
             }
             Control::MarkSent { id, at, reply } => {
                 let r = self
-                    .logged(committed, async |c, seq| mark_sent(c, &id, at, seq).await)
+                    .logged(committed, async |c, seq| {
+                        dequeue(c, &id, Dequeue::Sent, at, seq).await
+                    })
                     .await;
                 let _ = reply.send(r);
             }
