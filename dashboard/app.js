@@ -183,6 +183,11 @@ function frame() {
 
 function setLink(which, linkState, text) {
   const link = state[which];
+  if (which === "sse" && link.state !== linkState) {
+    // Presence reads "unknown" while the feed is down, and the daemon's word again after.
+    for (const d of state.devices.values()) d.dirty = true;
+    schedule();
+  }
   link.state = linkState;
   const node = $(which === "sse" ? "sse-state" : "ws-state");
   node.dataset.state = linkState;
@@ -288,6 +293,7 @@ function renderDevices() {
       d.dirty = false;
       const presence = presenceOf(d);
       r.li.classList.toggle("online", presence === "online");
+      r.li.classList.toggle("unknown", presence === "unknown");
       r.li.classList.toggle("stale", presence === "stale");
       r.li.dataset.presence = presence;
       r.dot.title = presence === "stale" ? "stale: it missed its usual readings" : presence;
@@ -302,9 +308,9 @@ function renderDevices() {
     }
     setText(r.seen, ago(d.lastSeen));
   }
-  setText($("device-count"), state.order.length
-    ? `${online} of ${state.order.length} online${stale ? `, ${stale} stale` : ""}`
-    : "");
+  setText($("device-count"), !state.order.length ? ""
+    : state.sse.down ? `${state.order.length} devices, presence unknown while the feed is down`
+      : `${online} of ${state.order.length} online${stale ? `, ${stale} stale` : ""}`);
   $("devices-empty").hidden = state.order.length > 0;
 }
 
@@ -385,8 +391,12 @@ function select(id, { auto = false } = {}) {
   schedule();
 }
 
-/** `online`, `stale` (online, but it missed its usual readings) or `offline`. */
+/**
+ * `online`, `stale` (online, but it missed its usual readings) or `offline`; `unknown` while
+ * the page's own live feed is down, since then nobody here can know.
+ */
 function presenceOf(d) {
+  if (state.sse.down) return "unknown";
   if (!d.online) return "offline";
   return d.stale ? "stale" : "online";
 }

@@ -142,6 +142,9 @@ run(args.restart ? 55000 : 28000, async ({ context }) => {
     await page.waitForSelector("#banner[data-kind=warn]:not([hidden])");
     result.outageBanner = (await page.textContent("#banner")).trim();
     result.outageLinks = await page.$$eval(".link", (ls) => ls.map((l) => l.textContent.replace(/\s+/g, " ").trim()));
+    await page.waitForFunction(() => [...document.querySelectorAll("#device-list .device")].every((r) => r.dataset.presence === "unknown"));
+    result.outagePresence = await page.$$eval("#device-list .device", (rs) => rs.map((r) => r.dataset.presence));
+    result.outageCount = (await page.textContent("#device-count")).trim();
     await page.screenshot({ path: screenshotPath(dir, `${prefix}-outage`) });
     emit({ event: "outage" });
     await page.waitForFunction(() => {
@@ -156,6 +159,7 @@ run(args.restart ? 55000 : 28000, async ({ context }) => {
       resumed.lastSeq,
     );
     result.reconnectBanner = (await page.textContent("#banner")).trim();
+    result.backPresence = await page.$$eval("#device-list .device", (rs) => rs.map((r) => r.dataset.presence));
     await page.screenshot({ path: screenshotPath(dir, `${prefix}-reconnected`) });
     result.afterRestart = await command(page, "ping", "{}", "acked");
     result.sseOpens = resumed.sseOpens;

@@ -573,6 +573,25 @@ async fn the_dashboard_shows_a_daemon_restart_reconnects_and_the_chart_has_no_ga
     );
     let back = r["reconnectBanner"].as_str().unwrap();
     assert!(back.contains("nothing was missed"), "{back}");
+    // While the feed was down nobody could know presence; after, the daemon's word again.
+    let presence = strings(&r["outagePresence"]);
+    assert!(
+        !presence.is_empty() && presence.iter().all(|p| p == "unknown"),
+        "{presence:?}"
+    );
+    assert!(
+        r["outageCount"]
+            .as_str()
+            .unwrap()
+            .contains("presence unknown while the feed is down"),
+        "{}",
+        r["outageCount"]
+    );
+    assert!(
+        strings(&r["backPresence"]).iter().all(|p| p == "online"),
+        "{}",
+        r["backPresence"]
+    );
     assert!(
         r["sseOpens"].as_i64().unwrap() >= 2,
         "the live feed reopened"
