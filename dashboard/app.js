@@ -253,6 +253,13 @@ async function loadDevices() {
   const body = await api("api/devices");
   applyDeviceList(body.devices || []);
   if (body.units && typeof body.units === "object") state.units = body.units;
+  if (body.publish && body.publish.topic) {
+    // The first run teaches: the topic to publish to, and a line to copy.
+    setText($("empty-topic"), body.publish.topic);
+    $("empty-topic-box").hidden = false;
+    setText($("empty-cmd"), body.publish.example || "");
+    $("empty-cmd").hidden = !body.publish.example;
+  }
   // The log position the list reflects: the feed starts there (readings, presence and
   // command changes alike), so a page on a fleet without readings replays nothing old.
   let max = Number(body.last_event_id) || 0;

@@ -233,9 +233,12 @@ pub async fn list_devices(req: &mut Request, depot: &mut Depot, res: &mut Respon
             })
         })
         .collect();
-    res.render(Json(
-        json!({ "devices": out, "last_event_id": last_event_id, "units": units }),
-    ));
+    res.render(Json(json!({
+        "devices": out,
+        "last_event_id": last_event_id,
+        "units": units,
+        "publish": *s.publish_hint,
+    })));
 }
 
 /// `GET /api/devices/{id}`: one device, as the list shows it.

@@ -69,6 +69,28 @@ pub struct Shared {
     pub control: tokio::runtime::Handle,
     /// Where alert changes made over the API (acknowledgements) are delivered.
     pub webhooks: Arc<Webhooks>,
+    /// How a device publishes, for the dashboard's first run: broker, topic and an example.
+    pub publish_hint: Arc<serde_json::Value>,
+}
+
+/// The broker and telemetry topic a new device publishes to, and a `mosquitto_pub` line.
+fn publish_hint(config: &Config) -> serde_json::Value {
+    let url = &config.mqtt.url;
+    let template = config.topics.telemetry.as_str();
+    let topic = template.replace("{device}", "my-sensor");
+    let tls = if url.tls { " --cafile ca.pem" } else { "" };
+    let example = format!(
+        "mosquitto_pub -h {} -p {}{tls} -q 1 -t {topic} -m '{{\"temperature\": 21.5}}'",
+        url.host, url.port
+    );
+    serde_json::json!({
+        "host": url.host,
+        "port": url.port,
+        "tls": url.tls,
+        "topic": template,
+        "example": example,
+        "payload": {"temperature": 21.5},
+    })
 }
 
 /// A built, not yet running, daemon.
@@ -158,6 +180,7 @@ impl App {
             series: Arc::new(crate::series::Settings::of(&config)),
             control: control.handle().clone(),
             webhooks,
+            publish_hint: Arc::new(publish_hint(&config)),
         };
         let https = match (&config.http.tls_cert, &config.http.tls_key) {
             (Some(cert), Some(key)) => {

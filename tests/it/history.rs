@@ -196,3 +196,21 @@ async fn bad_history_parameters_get_a_400_naming_the_parameter_and_unknown_devic
         "not_found"
     );
 }
+
+#[tokio::test]
+async fn the_device_list_says_how_a_first_device_publishes() {
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(&broker.url(), "").await;
+    let body: serde_json::Value = daemon.get("/api/devices").await.json().await.expect("json");
+    assert_eq!(body["devices"].as_array().map(Vec::len), Some(0));
+    let hint = &body["publish"];
+    assert_eq!(hint["topic"], "devices/{device}/telemetry");
+    let port = broker.url().rsplit(':').next().expect("port").to_owned();
+    assert_eq!(hint["port"].to_string(), port);
+    let example = hint["example"].as_str().expect("example");
+    assert!(
+        example.starts_with("mosquitto_pub -h 127.0.0.1 -p ")
+            && example.contains(" -t devices/my-sensor/telemetry -m '{\"temperature\": 21.5}'"),
+        "{example}"
+    );
+}
