@@ -706,13 +706,8 @@ impl<'a> Payload<'a> {
     /// Whether a comparison holds, and the value compared; `None` when the field is absent
     /// or not a number.
     fn compare(&mut self, c: &'a Condition) -> Option<(bool, f64)> {
-        match c {
-            Condition::Compare { field, op, value } => {
-                let v = self.number(field)?;
-                Some((op.holds(v, *value), v))
-            }
-            _ => None,
-        }
+        let v = self.number(c.field()?)?;
+        Some((c.holds(v)?, v))
     }
 }
 
@@ -851,4 +846,20 @@ pub fn parse_states(list: &str) -> Result<Vec<AlertState>, String> {
     }
     out.dedup();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comparisons_read_numeric_fields_only() {
+        let c = Condition::parse("env.t != 3").unwrap();
+        let compare = |body: &str| Payload::new(body.as_bytes()).compare(&c);
+        assert_eq!(compare(r#"{"env": {"t": 4}}"#), Some((true, 4.0)));
+        assert_eq!(compare(r#"{"env": {"t": 3.0}}"#), Some((false, 3.0)));
+        assert_eq!(compare(r#"{"env": {"t": "4"}}"#), None);
+        assert_eq!(compare(r#"{"env.t": 5}"#), Some((true, 5.0)));
+        assert_eq!(compare("{}"), None);
+    }
 }

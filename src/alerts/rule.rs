@@ -126,14 +126,10 @@ impl Condition {
         }
     }
 
-    /// Whether it holds for a reading's payload: `None` when the payload does not say
-    /// (the field is absent or not a number), for a comparison.
-    pub fn on_payload(&self, payload: &Value) -> Option<(bool, f64)> {
+    /// For a comparison, whether it holds for the field's value `v`.
+    pub fn holds(&self, v: f64) -> Option<bool> {
         match self {
-            Condition::Compare { field, op, value } => {
-                let v = lookup(payload, field)?;
-                Some((op.holds(v, *value), v))
-            }
+            Condition::Compare { op, value, .. } => Some(op.holds(v, *value)),
             _ => None,
         }
     }
@@ -187,7 +183,6 @@ fn check_field(field: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn conditions_parse() {
@@ -228,18 +223,5 @@ mod tests {
         ] {
             assert!(Condition::parse(bad).is_err(), "{bad:?} parsed");
         }
-    }
-
-    #[test]
-    fn comparisons_read_numeric_fields_only() {
-        let c = Condition::parse("env.t != 3").unwrap();
-        assert_eq!(c.on_payload(&json!({"env": {"t": 4}})), Some((true, 4.0)));
-        assert_eq!(
-            c.on_payload(&json!({"env": {"t": 3.0}})),
-            Some((false, 3.0))
-        );
-        assert_eq!(c.on_payload(&json!({"env": {"t": "4"}})), None);
-        assert_eq!(c.on_payload(&json!({"env.t": 5})), Some((true, 5.0)));
-        assert_eq!(c.on_payload(&json!({})), None);
     }
 }

@@ -33,7 +33,7 @@ pub enum WebhookError {
     Client(#[from] reqwest::Error),
 }
 
-/// One delivery: the body and the event id it is the data of.
+/// One delivery: the body, and what it is about for the logs.
 struct Delivery {
     body: Arc<[u8]>,
     rule: String,
@@ -95,14 +95,6 @@ impl Webhooks {
             }
         }
         Ok((Webhooks { hooks, metrics }, runners))
-    }
-
-    /// No webhooks (for tools and tests that need none).
-    pub fn none(metrics: Arc<Metrics>) -> Webhooks {
-        Webhooks {
-            hooks: Vec::new(),
-            metrics,
-        }
     }
 
     /// Queues an alert change for every webhook that takes its severity; a full queue drops
