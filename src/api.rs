@@ -63,6 +63,18 @@ fn scoped(
     Ok(p)
 }
 
+/// A 403 (counted) unless the token is an operator's; `what` is what needs one, as in
+/// "commands need".
+fn require_operator(s: &crate::app::Shared, who: &Principal, what: &str) -> Result<(), ApiError> {
+    if who.may_command() {
+        return Ok(());
+    }
+    Err(forbidden(
+        s,
+        format!("token {:?} is a viewer; {what} an operator token", who.name),
+    ))
+}
+
 /// A 403, counted.
 pub fn forbidden(s: &crate::app::Shared, message: String) -> ApiError {
     s.metrics
@@ -776,15 +788,8 @@ pub async fn post_command(req: &mut Request, depot: &mut Depot, res: &mut Respon
     let s = shared(depot).clone();
     let who = principal(depot);
     let device = req.param::<String>("id").unwrap_or_default();
-    if !who.may_command() {
-        return forbidden(
-            &s,
-            format!(
-                "token {:?} is a viewer; commands need an operator token",
-                who.name
-            ),
-        )
-        .render(res);
+    if let Err(e) = require_operator(&s, &who, "commands need") {
+        return e.render(res);
     }
     if DeviceId::check(&device).is_ok() && !who.sees(&device) {
         return forbidden(
@@ -986,15 +991,7 @@ pub async fn cancel_command(req: &mut Request, depot: &mut Depot, res: &mut Resp
     let s = shared(depot).clone();
     let result = async {
         known_params(req, &[])?;
-        if !who.may_command() {
-            return Err(forbidden(
-                &s,
-                format!(
-                    "token {:?} is a viewer; cancelling commands needs an operator token",
-                    who.name
-                ),
-            ));
-        }
+        require_operator(&s, &who, "cancelling commands needs")?;
         let c = scoped_command(req, &who, &s).await?;
         let not_queued = |status: &str| {
             ApiError::new(
@@ -1088,15 +1085,7 @@ pub async fn ack_alert(req: &mut Request, depot: &mut Depot, res: &mut Response)
         let id = raw.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
             ApiError::bad_request("bad_parameter", format!("id: {raw:?} is not an alert id"))
         })?;
-        if !who.may_command() {
-            return Err(forbidden(
-                &s,
-                format!(
-                    "token {:?} is a viewer; acknowledging alerts needs an operator token",
-                    who.name
-                ),
-            ));
-        }
+        require_operator(&s, &who, "acknowledging alerts needs")?;
         let not_found =
             || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no alert {id}"));
         let alert = s.store.alert(id).await?.ok_or_else(not_found)?;
