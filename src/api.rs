@@ -227,13 +227,14 @@ pub async fn list_devices(req: &mut Request, depot: &mut Depot, res: &mut Respon
                 .map(|(f, _)| f)
         })
         .collect();
-    let units = s.series.units(&fields);
+    let units = s.series.units.of_fields(None, &fields, None);
     let mut latest: std::collections::HashMap<String, StoredReading> =
         latest.into_iter().map(|r| (r.device.clone(), r)).collect();
     let out: Vec<_> = devices
         .into_iter()
         .filter(|d| who.sees(&d.id))
         .map(|d| {
+            let latest = latest.remove(&d.id);
             json!({
                 "id": d.id,
                 "online": d.online,
@@ -241,7 +242,8 @@ pub async fn list_devices(req: &mut Request, depot: &mut Depot, res: &mut Respon
                 "presence": d.presence(),
                 "first_seen": domain::format_ms(d.first_seen),
                 "last_seen": domain::format_ms(d.last_seen),
-                "latest": latest.remove(&d.id).map(ReadingOut::from),
+                "units": latest.as_ref().map(|r| s.series.units.of_reading(&d.id, &r.payload)).unwrap_or_default(),
+                "latest": latest.map(ReadingOut::from),
             })
         })
         .collect();
@@ -280,7 +282,9 @@ pub async fn one_device(req: &mut Request, depot: &mut Depot, res: &mut Response
         let latest = s
             .store
             .latest(Some(std::slice::from_ref(&id)), None)
-            .await?;
+            .await?
+            .into_iter()
+            .next();
         Ok(json!({
             "id": d.id,
             "online": d.online,
@@ -288,7 +292,8 @@ pub async fn one_device(req: &mut Request, depot: &mut Depot, res: &mut Response
             "presence": d.presence(),
             "first_seen": domain::format_ms(d.first_seen),
             "last_seen": domain::format_ms(d.last_seen),
-            "latest": latest.into_iter().next().map(ReadingOut::from),
+            "units": latest.as_ref().map(|r| s.series.units.of_reading(&d.id, &r.payload)).unwrap_or_default(),
+            "latest": latest.map(ReadingOut::from),
         }))
     }
     .await;
@@ -694,10 +699,18 @@ pub async fn device_series(req: &mut Request, depot: &mut Depot, res: &mut Respo
                     ApiError::bad_request("bad_parameter", format!("step: {e}"))
                 }
             })?;
-        Ok::<_, ApiError>((q, plan, buckets, csv))
+        // The latest payload may name its fields' units.
+        let latest = s
+            .store
+            .latest(Some(std::slice::from_ref(&q.device)), None)
+            .await?
+            .into_iter()
+            .next()
+            .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r.payload).ok());
+        Ok::<_, ApiError>((q, plan, buckets, csv, latest))
     }
     .await;
-    let (q, plan, buckets, csv) = match result {
+    let (q, plan, buckets, csv, latest) = match result {
         Ok(v) => v,
         Err(e) => return e.render(res),
     };
@@ -739,7 +752,7 @@ pub async fn device_series(req: &mut Request, depot: &mut Depot, res: &mut Respo
         "resolution": plan.source.name(),
         "agg": q.aggs.iter().map(|a| a.as_str()).collect::<Vec<_>>(),
         "fields": fields,
-        "units": s.series.units(&fields),
+        "units": s.series.units.of_fields(Some(&q.device), &fields, latest.as_ref()),
         "raw_since": domain::format_ms(plan.raw_since),
         "past_raw": plan.lo < plan.raw_since,
         "points": points,
@@ -883,6 +896,15 @@ fn command_json(c: &crate::store::CommandRow) -> serde_json::Value {
         "result": c.result.as_deref().and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok()),
         "error": c.error,
     })
+}
+
+/// `GET /api/commands/templates`: default params per command name, for the console.
+#[handler]
+pub async fn command_templates(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    if let Err(e) = known_params(req, &[]) {
+        return e.render(res);
+    }
+    res.render(Json(&*shared(depot).command_templates));
 }
 
 /// `GET /api/commands?device=&status=&limit=`: the command log, newest first.

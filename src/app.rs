@@ -71,6 +71,19 @@ pub struct Shared {
     pub webhooks: Arc<Webhooks>,
     /// How a device publishes, for the dashboard's first run: broker, topic and an example.
     pub publish_hint: Arc<serde_json::Value>,
+    /// `[commands.templates]` as `GET /api/commands/templates` answers.
+    pub command_templates: Arc<serde_json::Value>,
+}
+
+/// The console's command templates, by name.
+fn command_templates(config: &Config) -> serde_json::Value {
+    let templates: Vec<_> = config
+        .commands
+        .templates
+        .iter()
+        .map(|(name, params)| serde_json::json!({"name": name, "params": params}))
+        .collect();
+    serde_json::json!({ "templates": templates })
 }
 
 /// The broker and telemetry topic a new device publishes to, and a `mosquitto_pub` line.
@@ -181,6 +194,7 @@ impl App {
             control: control.handle().clone(),
             webhooks,
             publish_hint: Arc::new(publish_hint(&config)),
+            command_templates: Arc::new(command_templates(&config)),
         };
         let https = match (&config.http.tls_cert, &config.http.tls_key) {
             (Some(cert), Some(key)) => {

@@ -51,9 +51,23 @@ pub struct Config {
     #[serde(default)]
     pub alerts: AlertsConfig,
     /// Units of numeric payload fields by name (dotted for nested ones), for charts and
-    /// the series API; they override the units that field names imply.
+    /// the series API; they override the units that field names imply. A table under a
+    /// device glob gives those devices their own.
     #[serde(default)]
-    pub units: std::collections::BTreeMap<String, String>,
+    pub units: std::collections::BTreeMap<String, UnitEntry>,
+}
+
+/// One `[units]` entry: a field's unit, or a device glob's table of field units.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a unit (a string), or a table of field units for the devices a glob matches"
+)]
+pub enum UnitEntry {
+    /// `temperature = "°C"`.
+    Field(String),
+    /// `[units."truck-*"]` with `speed = "mph"`.
+    Devices(std::collections::BTreeMap<String, String>),
 }
 
 /// How the embedded broker is used.
@@ -574,6 +588,8 @@ pub struct CommandsConfig {
     pub ttl: Duration,
     /// Commands per second one WebSocket connection may send (bursts of twice that).
     pub rate_limit: u32,
+    /// Default params per command name, offered by the dashboard's console.
+    pub templates: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for CommandsConfig {
@@ -582,6 +598,15 @@ impl Default for CommandsConfig {
             timeout: Duration::from_secs(30),
             ttl: Duration::from_secs(3600),
             rate_limit: 20,
+            // What `telebridge simulate`'s devices answer.
+            templates: [
+                ("set_interval", serde_json::json!({"seconds": 5})),
+                ("ping", serde_json::json!({})),
+                ("reboot", serde_json::json!({})),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
         }
     }
 }
@@ -1037,7 +1062,7 @@ const SCHEMA: &[(&str, &[&str])] = &[
         ],
     ),
     ("presence", &["timeout", "stale_after", "interval"]),
-    ("commands", &["timeout", "ttl", "rate_limit"]),
+    ("commands", &["timeout", "ttl", "rate_limit", "templates"]),
     ("auth", &["tokens"]),
     ("log", &["level", "format", "color", "summary"]),
     (
@@ -1230,11 +1255,37 @@ impl Config {
                 "must be at least storage.retention_1m (or \"forever\")".into(),
             );
         }
-        for (field, unit) in &self.units {
-            if unit.is_empty() || unit.len() > 32 {
+        let unit_ok = |unit: &str| !unit.is_empty() && unit.chars().count() <= 32;
+        for (key, entry) in &self.units {
+            match entry {
+                UnitEntry::Field(unit) if !unit_ok(unit) => {
+                    bad(&format!("units.{key}"), "must be 1 to 32 characters".into());
+                }
+                UnitEntry::Field(_) => {}
+                UnitEntry::Devices(fields) => {
+                    for (field, _) in fields.iter().filter(|(_, u)| !unit_ok(u)) {
+                        bad(
+                            &format!("units.{key}.{field}"),
+                            "must be 1 to 32 characters".into(),
+                        );
+                    }
+                }
+            }
+        }
+        for (name, params) in &self.commands.templates {
+            if let Err(e) = crate::domain::DeviceId::check(name) {
                 bad(
-                    &format!("units.{field}"),
-                    "must be 1 to 32 characters".into(),
+                    &format!("commands.templates.{name}"),
+                    format!(
+                        "not a command name: {}",
+                        e.to_string().replace("device id", "a command name")
+                    ),
+                );
+            }
+            if !params.is_object() {
+                bad(
+                    &format!("commands.templates.{name}"),
+                    "must be a table of parameters, like { seconds = 5 } (or {} for none)".into(),
                 );
             }
         }
@@ -1497,7 +1548,7 @@ fn section_errors(text: &str, doc: &DeTable<'_>) -> Vec<Problem> {
         auth: AuthConfig,
         log: LogConfig,
         alerts: AlertsConfig,
-        units: std::collections::BTreeMap<String, String>,
+        units: std::collections::BTreeMap<String, UnitEntry>,
     );
     let mut out = Vec::new();
     for (section, e) in errors {
@@ -1671,6 +1722,7 @@ mod tests {
         assert_eq!(parsed.mqtt.url, defaults.mqtt.url);
         assert_eq!(parsed.broker.listen, defaults.broker.listen);
         assert_eq!(parsed.storage.retention, defaults.storage.retention);
+        assert_eq!(parsed.commands.templates, defaults.commands.templates);
         assert_eq!(
             parsed.storage.events_retention(),
             Duration::from_secs(90 * 86_400)
@@ -1700,10 +1752,31 @@ mod tests {
         let units = Config::parse("[units]\ntemperature = \"°F\"\n\"engine.rpm\" = \"rpm\"\n")
             .expect("valid");
         assert_eq!(
-            units.units.get("engine.rpm").map(String::as_str),
-            Some("rpm")
+            units.units.get("engine.rpm"),
+            Some(&UnitEntry::Field("rpm".into()))
         );
         assert!(Config::parse("[units]\nx = 3\n").is_err());
+        let glob =
+            Config::parse("[units]\nspeed = \"km/h\"\n[units.\"truck-*\"]\nspeed = \"mph\"\n")
+                .expect("valid");
+        assert_eq!(
+            glob.units.get("truck-*"),
+            Some(&UnitEntry::Devices([("speed".into(), "mph".into())].into()))
+        );
+        let bad = format!(
+            "{:?}",
+            Config::parse("[units.\"t-*\"]\nspeed = \"\"\n").expect_err("empty unit")
+        );
+        assert!(bad.contains("units.t-*.speed"), "{bad}");
+        let bad = format!(
+            "{:?}",
+            Config::parse("[commands.templates]\n\"a/b\" = {}\nping = 3\n")
+                .expect_err("bad templates")
+        );
+        assert!(
+            bad.contains("commands.templates.a/b") && bad.contains("commands.templates.ping"),
+            "{bad}"
+        );
     }
 
     #[test]

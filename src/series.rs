@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, UnitEntry};
 use crate::store::rollup::{self, Stats, TIERS};
 use crate::store::{Page, Store, StoreError};
 
@@ -184,7 +184,7 @@ pub struct Settings {
     /// The 1-hour tier.
     pub hour: Option<Duration>,
     /// `[units]`.
-    pub units: BTreeMap<String, String>,
+    pub units: Units,
 }
 
 impl Settings {
@@ -194,29 +194,95 @@ impl Settings {
             raw: c.storage.retention,
             minute: c.storage.retention_1m,
             hour: c.storage.retention_1h,
-            units: c.units.clone(),
+            units: Units::of(&c.units),
         }
     }
+}
 
-    /// The unit of a field: `[units]`, else what its name implies.
-    pub fn unit(&self, field: &str) -> Option<String> {
-        self.units
-            .get(field)
+/// Where a field's unit comes from, most specific first: the reading's own `units` object,
+/// the `[units]` table of the most specific device glob that matches, `[units]`, then what
+/// the field's name implies.
+#[derive(Debug, Clone, Default)]
+pub struct Units {
+    fields: BTreeMap<String, String>,
+    /// Longest glob first: `truck-7*` before `truck-*` before `*`.
+    devices: Vec<(String, BTreeMap<String, String>)>,
+}
+
+impl Units {
+    /// From the config's `[units]`.
+    pub fn of(config: &BTreeMap<String, UnitEntry>) -> Units {
+        let mut units = Units::default();
+        for (key, entry) in config {
+            match entry {
+                UnitEntry::Field(unit) => {
+                    units.fields.insert(key.clone(), unit.clone());
+                }
+                UnitEntry::Devices(fields) => units.devices.push((key.clone(), fields.clone())),
+            }
+        }
+        units
+            .devices
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        units
+    }
+
+    /// The unit of `field` for `device` (none: the fleet-wide answer), given the payload
+    /// of its latest reading if known.
+    pub fn unit(
+        &self,
+        device: Option<&str>,
+        field: &str,
+        payload: Option<&serde_json::Value>,
+    ) -> Option<String> {
+        if let Some(u) = payload
+            .and_then(|p| p.get(PAYLOAD_UNITS))
+            .and_then(|u| u.get(field))
+            .and_then(serde_json::Value::as_str)
+            .filter(|u| !u.is_empty() && u.chars().count() <= 32)
+        {
+            return Some(u.to_owned());
+        }
+        let by_device = device.and_then(|d| {
+            self.devices
+                .iter()
+                .filter(|(glob, _)| crate::auth::glob_match(glob, d))
+                .find_map(|(_, fields)| fields.get(field))
+        });
+        by_device
+            .or_else(|| self.fields.get(field))
             .cloned()
             .or_else(|| unit_of_name(field).map(str::to_owned))
     }
 
+    /// Units of the numeric fields of a device's reading.
+    pub fn of_reading(&self, device: &str, payload: &[u8]) -> BTreeMap<String, String> {
+        let Ok(payload) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return BTreeMap::new();
+        };
+        rollup::numeric_fields_in(&payload)
+            .into_iter()
+            .filter_map(|(f, _)| self.unit(Some(device), &f, Some(&payload)).map(|u| (f, u)))
+            .collect()
+    }
+
     /// Units of the fields that have one.
-    pub fn units<'a>(
+    pub fn of_fields<'a>(
         &self,
+        device: Option<&str>,
         fields: impl IntoIterator<Item = &'a String>,
+        payload: Option<&serde_json::Value>,
     ) -> BTreeMap<String, String> {
         fields
             .into_iter()
-            .filter_map(|f| self.unit(f).map(|u| (f.clone(), u)))
+            .filter_map(|f| self.unit(device, f, payload).map(|u| (f.clone(), u)))
             .collect()
     }
 }
+
+/// The payload key a device may use to name its fields' units:
+/// `{"temperature": 21.5, "units": {"temperature": "°C"}}`.
+pub const PAYLOAD_UNITS: &str = "units";
 
 /// The unit a field's name implies: its suffix (`_c`, `_pct`, ...) or a well-known name.
 pub fn unit_of_name(field: &str) -> Option<&'static str> {
@@ -476,7 +542,7 @@ mod tests {
             raw: Duration::from_secs(30 * 86_400),
             minute: Some(Duration::from_secs(365 * 86_400)),
             hour: None,
-            units: BTreeMap::new(),
+            units: Units::default(),
         }
     }
 
@@ -540,14 +606,35 @@ mod tests {
     }
 
     #[test]
-    fn units_come_from_config_then_names() {
-        let mut s = settings();
-        s.units.insert("temperature".into(), "°F".into());
-        assert_eq!(s.unit("temperature").as_deref(), Some("°F"));
-        assert_eq!(s.unit("engine.oil_c").as_deref(), Some("°C"));
-        assert_eq!(s.unit("humidity").as_deref(), Some("%"));
-        assert_eq!(s.unit("load_pct").as_deref(), Some("%"));
-        assert_eq!(s.unit("count"), None);
-        assert_eq!(s.unit("_c"), None);
+    fn units_come_from_the_payload_then_device_globs_then_config_then_names() {
+        let config = BTreeMap::from([
+            ("temperature".to_owned(), UnitEntry::Field("°F".into())),
+            (
+                "truck-*".to_owned(),
+                UnitEntry::Devices([("speed".into(), "mph".into())].into()),
+            ),
+            (
+                "truck-eu-*".to_owned(),
+                UnitEntry::Devices([("speed".into(), "km/h".into())].into()),
+            ),
+        ]);
+        let u = Units::of(&config);
+        let unit = |d: Option<&str>, f: &str| u.unit(d, f, None);
+        assert_eq!(unit(None, "temperature").as_deref(), Some("°F"));
+        assert_eq!(unit(None, "engine.oil_c").as_deref(), Some("°C"));
+        assert_eq!(unit(None, "humidity").as_deref(), Some("%"));
+        assert_eq!(unit(None, "load_pct").as_deref(), Some("%"));
+        assert_eq!(unit(None, "count"), None);
+        assert_eq!(unit(None, "_c"), None);
+        assert_eq!(unit(None, "speed"), None);
+        assert_eq!(unit(Some("truck-1"), "speed").as_deref(), Some("mph"));
+        assert_eq!(unit(Some("truck-eu-1"), "speed").as_deref(), Some("km/h"));
+        assert_eq!(unit(Some("truck-1"), "temperature").as_deref(), Some("°F"));
+        let payload = serde_json::json!({"speed": 3, "env": {"t": 1}, "units": {"speed": "kn", "env.t": "K"}});
+        assert_eq!(
+            u.unit(Some("truck-1"), "speed", Some(&payload)).as_deref(),
+            Some("kn")
+        );
+        assert_eq!(u.unit(None, "env.t", Some(&payload)).as_deref(), Some("K"));
     }
 }

@@ -202,6 +202,8 @@ pub fn router(shared: Shared) -> Router {
         .push(Router::with_path("api/devices/{id}/status-history").get(api::status_history))
         .push(Router::with_path("api/devices/{id}/commands").post(api::post_command))
         .push(Router::with_path("api/commands").get(api::list_commands))
+        // Before `{id}`, which would take "templates" for an id.
+        .push(Router::with_path("api/commands/templates").get(api::command_templates))
         .push(
             Router::with_path("api/commands/{id}")
                 .get(api::get_command)

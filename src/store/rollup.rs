@@ -151,9 +151,16 @@ pub fn covering(from: Option<i64>, to: Option<i64>) -> Vec<(i64, i64, i64)> {
 /// path (`a.b`), numbers only, without the top-level `ts` (the reading's time). At most
 /// [`MAX_FIELDS`], by name.
 pub fn numeric_fields(payload: &[u8]) -> Vec<(String, f64)> {
+    serde_json::from_slice::<Value>(payload)
+        .map(|v| numeric_fields_in(&v))
+        .unwrap_or_default()
+}
+
+/// [`numeric_fields`] of a payload already parsed.
+pub fn numeric_fields_in(payload: &Value) -> Vec<(String, f64)> {
     let mut out = Vec::new();
-    if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(payload) {
-        for (k, v) in &map {
+    if let Value::Object(map) = payload {
+        for (k, v) in map {
             if k != "ts" {
                 collect(k.clone(), v, 1, &mut out);
             }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::support::{Daemon, FakeDevice, Mosquitto, SseClient, Ws, wait_for};
 
@@ -707,4 +707,53 @@ async fn commands_sent_just_before_the_websocket_closes_still_reach_the_device()
     let stored = body["commands"].as_array().map(Vec::len).unwrap_or(0);
     assert!(stored > 0, "the daemon read the commands: {body}");
     assert_eq!(got, stored, "every stored command reached the device");
+}
+
+#[tokio::test]
+async fn the_console_templates_come_from_the_config_and_default_to_the_simulated_commands() {
+    // Arrange
+    let broker = Mosquitto::start().await;
+    let plain = Daemon::start(&broker.url(), "").await;
+    let custom = Daemon::start(
+        &broker.url(),
+        "[commands.templates]\nvalve = { open = true, percent = 40 }\n",
+    )
+    .await;
+
+    // Act
+    let default: Value = plain
+        .get("/api/commands/templates")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let configured: Value = custom
+        .get("/api/commands/templates")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let unknown = plain.get("/api/commands/templates?device=x").await;
+
+    // Assert
+    assert_eq!(
+        default,
+        json!({"templates": [
+            {"name": "ping", "params": {}},
+            {"name": "reboot", "params": {}},
+            {"name": "set_interval", "params": {"seconds": 5}},
+        ]})
+    );
+    assert_eq!(
+        configured,
+        json!({"templates": [{"name": "valve", "params": {"open": true, "percent": 40}}]})
+    );
+    assert_eq!(unknown.status(), 400);
+    let body: Value = unknown.json().await.expect("json");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("device")),
+        "{body}"
+    );
 }

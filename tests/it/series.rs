@@ -434,3 +434,65 @@ async fn series_follow_the_token_scopes_of_history() {
         .expect("get");
     assert_eq!(anonymous.status(), 401);
 }
+
+#[tokio::test]
+async fn units_come_from_the_payload_then_the_device_glob_then_the_config_then_the_name() {
+    // Arrange
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(
+        &broker.url(),
+        "[units]\nspeed = \"m/s\"\n[units.\"truck-*\"]\nspeed = \"mph\"\n[units.\"truck-eu-*\"]\nspeed = \"km/h\"\n",
+    )
+    .await;
+    let publisher = Publisher::connect(&broker.url(), "units-pub").await;
+    let sent = [
+        ("truck-1", r#"{"speed": 10, "temp_c": 4}"#),
+        ("truck-eu-1", r#"{"speed": 11}"#),
+        (
+            "car-1",
+            r#"{"speed": 12, "units": {"speed": "kn", "env.t": "K"}, "env": {"t": 280}}"#,
+        ),
+        ("bike-1", r#"{"speed": 13}"#),
+    ];
+    for (device, payload) in sent {
+        publisher
+            .publish(
+                &format!("devices/{device}/telemetry"),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await;
+    }
+    daemon.db().await.wait_count(sent.len() as i64, T).await;
+    let want = [
+        ("truck-1", json!({"speed": "mph", "temp_c": "°C"})),
+        ("truck-eu-1", json!({"speed": "km/h"})),
+        ("car-1", json!({"speed": "kn", "env.t": "K"})),
+        ("bike-1", json!({"speed": "m/s"})),
+    ];
+
+    // Act
+    let list: Value = daemon.get("/api/devices").await.json().await.expect("json");
+
+    // Assert: each device's own units in the list, in its own entry and in its series.
+    assert_eq!(list["units"]["speed"], "m/s", "{list}");
+    for (device, units) in &want {
+        let entry = list["devices"]
+            .as_array()
+            .expect("devices")
+            .iter()
+            .find(|d| d["id"] == *device)
+            .unwrap_or_else(|| panic!("{device} in {list}"));
+        assert_eq!(&entry["units"], units, "{device} in the list");
+        let one: Value = daemon
+            .get(&format!("/api/devices/{device}"))
+            .await
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(&one["units"], units, "{device}");
+        let body = series(&daemon, device, "fields=speed&from=-1h").await;
+        assert_eq!(body["units"]["speed"], units["speed"], "{device} series");
+    }
+}
