@@ -38,8 +38,15 @@ const state = {
   viewer: false, // a viewer token may not send commands
   auth: { on: false, name: null, role: null },
   devices: new Map(), // id -> Device
-  order: [], // device ids, sorted
+  order: [], // device ids, in the list's order
   orderDirty: false,
+  sortedAt: 0, // when the list was last sorted by a key that moves (last seen, problems)
+  list: { q: "", show: "", sort: "name" }, // the device list's filter and sort, kept in the URL
+  filterDirty: false,
+  tabRow: null, // the device whose row is the list's one Tab stop (roving tabindex)
+  templates: new Map(), // command name -> default params, from GET api/commands/templates
+  templateText: "{}", // the params a template put in the console
+  paramsEdited: false, // the operator changed them since
   selected: null,
   range: { key: "live" }, // see parseRange
   units: {}, // field -> unit, from GET api/devices
@@ -99,6 +106,7 @@ const timeFormat = new Intl.DateTimeFormat([], { hour: "2-digit", minute: "2-dig
 const fmtTime = (t) => (t ? timeFormat.format(t) : "–");
 const intFormat = new Intl.NumberFormat("en-US", { maximumFractionDigits: 0 });
 const fmtInt = (n) => (Math.abs(n) < 1000 ? String(n) : intFormat.format(n));
+const plural = (n, word) => `${fmtInt(n)} ${word}${n === 1 ? "" : "s"}`;
 
 function ago(t) {
   if (!t) return "never";
@@ -227,7 +235,7 @@ function updateBanner() {
 function ensureDevice(id) {
   let d = state.devices.get(id);
   if (!d) {
-    d = { id, online: false, stale: false, statusAt: 0, firstSeen: 0, lastSeen: 0, latest: null, row: null, dirty: true };
+    d = { id, online: false, stale: false, statusAt: 0, firstSeen: 0, lastSeen: 0, latest: null, units: {}, alertRank: 0, row: null, dirty: true };
     state.devices.set(id, d);
     state.orderDirty = true;
   }
@@ -245,6 +253,7 @@ function applyDeviceList(list) {
     d.firstSeen = ms(x.first_seen);
     d.lastSeen = Math.max(d.lastSeen, ms(x.last_seen));
     if (x.latest && (!d.latest || x.latest.seq > d.latest.seq)) d.latest = x.latest;
+    if (x.units && typeof x.units === "object") d.units = { ...d.units, ...x.units };
     d.dirty = true;
   }
 }
@@ -268,25 +277,62 @@ async function loadDevices() {
   return max;
 }
 
+const byName = (a, b) => a.localeCompare(b, "en", { numeric: true });
+
+/** How much a device needs a look: its most severe open alert, then offline, then stale. */
+function problemRank(d) {
+  const a = state.alertsByDevice.get(d.id);
+  return (a ? 10 * (SEVERITY_RANK[a.severity] || 0) + (a.firing ? 5 : 0) : 0) + (!d.online ? 2 : d.stale ? 1 : 0);
+}
+
+/** The device ids in the chosen order; name breaks ties, so the order is stable. */
+function sortedIds() {
+  const ids = [...state.devices.keys()];
+  const sort = state.list.sort;
+  if (sort === "seen") {
+    return ids.sort((a, b) => state.devices.get(b).lastSeen - state.devices.get(a).lastSeen || byName(a, b));
+  }
+  if (sort === "problem") {
+    const rank = new Map(ids.map((id) => [id, problemRank(state.devices.get(id))]));
+    return ids.sort((a, b) => rank.get(b) - rank.get(a) || byName(a, b));
+  }
+  return ids.sort(byName);
+}
+
+/** Puts the rows in `state.order`, touching the DOM only when the order changed. */
+function reorderRows() {
+  const order = sortedIds();
+  const same = order.length === state.order.length && order.every((id, i) => id === state.order[i]);
+  const added = order.some((id) => !state.devices.get(id).row);
+  if (same && !added) return false;
+  state.order = order;
+  const frag = document.createDocumentFragment();
+  for (const id of order) {
+    const d = state.devices.get(id);
+    if (!d.row) d.row = makeRow(d);
+    frag.appendChild(d.row.li);
+  }
+  $("device-list").replaceChildren(frag);
+  return true;
+}
+
 function renderDevices() {
-  const list = $("device-list");
-  if (state.orderDirty) {
+  // Last seen and problems move all the time: re-sort by them at most once a second.
+  const moving = state.list.sort !== "name" && performance.now() - state.sortedAt > 1000;
+  if (state.orderDirty || moving) {
+    const added = state.orderDirty;
     state.orderDirty = false;
-    state.order = [...state.devices.keys()].sort((a, b) => a.localeCompare(b, "en", { numeric: true }));
-    const frag = document.createDocumentFragment();
-    for (const id of state.order) {
-      const d = state.devices.get(id);
-      if (!d.row) d.row = makeRow(d);
-      frag.appendChild(d.row.li);
+    state.sortedAt = performance.now();
+    if (reorderRows() || added) {
+      if (added) syncCommandDevices();
+      state.filterDirty = true;
     }
-    list.replaceChildren(frag);
-    syncCommandDevices();
-    applyFilter();
     if (!state.selected && state.order.length) {
       const first = state.order.find((id) => state.devices.get(id).online) || state.order[0];
       select(first, { auto: true });
     }
   }
+  if (state.filterDirty) applyFilter();
   let online = 0;
   let stale = 0;
   for (const id of state.order) {
@@ -299,6 +345,7 @@ function renderDevices() {
     if (d.dirty) {
       d.dirty = false;
       const presence = presenceOf(d);
+      if (state.list.show && r.li.dataset.presence !== presence) state.filterDirty = true;
       r.li.classList.toggle("online", presence === "online");
       r.li.classList.toggle("unknown", presence === "unknown");
       r.li.classList.toggle("stale", presence === "stale");
@@ -341,7 +388,7 @@ function observeRow(row) {
 function makeRow(d) {
   const li = el("li", "device");
   li.setAttribute("role", "option");
-  li.tabIndex = 0;
+  li.tabIndex = -1; // the list has one Tab stop; arrows move within it
   li.dataset.id = d.id;
   li.setAttribute("aria-selected", String(d.id === state.selected));
   const dot = el("span", "dot");
@@ -353,24 +400,103 @@ function makeRow(d) {
   alert.setAttribute("role", "img");
   alert.hidden = true;
   li.append(dot, name, alert, stateText, seen, summary);
-  li.addEventListener("click", () => select(d.id));
-  li.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" || e.key === " ") {
-      e.preventDefault();
-      select(d.id);
-    }
+  li.addEventListener("click", () => {
+    setTabRow(d.id);
+    select(d.id);
   });
   const row = { li, dot, state: stateText, seen, summary, alert, alertKey: "", visible: false };
   observeRow(row);
   return row;
 }
 
+/** Whether a device passes the list's filter: its id contains the text, its presence is the one shown. */
+function shown(d) {
+  const q = state.list.q.toLowerCase();
+  if (q && !d.id.toLowerCase().includes(q)) return false;
+  const show = state.list.show;
+  if (!show) return true;
+  // While the feed is down presence is unknown here: filter by the last word on it.
+  const p = !d.online ? "offline" : d.stale ? "stale" : "online";
+  return p === show;
+}
+
 function applyFilter() {
-  const q = $("device-filter").value.trim().toLowerCase();
+  state.filterDirty = false;
+  let visible = 0;
   for (const id of state.order) {
     const d = state.devices.get(id);
-    d.row.li.hidden = q !== "" && !id.toLowerCase().includes(q);
+    const show = shown(d);
+    if (d.row.li.hidden === show) d.row.li.hidden = !show;
+    if (show) visible++;
   }
+  $("devices-none").hidden = visible > 0 || !state.order.length;
+  const tab = state.tabRow && state.devices.get(state.tabRow);
+  if (!tab || !tab.row || tab.row.li.hidden) {
+    const sel = state.selected && state.devices.get(state.selected);
+    setTabRow(sel && sel.row && !sel.row.li.hidden ? sel.id : state.order.find((id) => !state.devices.get(id).row.li.hidden) || null);
+  }
+}
+
+/** Makes one row the list's Tab stop. */
+function setTabRow(id) {
+  if (state.tabRow === id) return;
+  const old = state.tabRow && state.devices.get(state.tabRow);
+  if (old && old.row) old.row.li.tabIndex = -1;
+  state.tabRow = id;
+  const d = id && state.devices.get(id);
+  if (d && d.row) d.row.li.tabIndex = 0;
+}
+
+/** Arrow keys, Home and End move through the shown rows; the selection follows the focus. */
+function onListKey(e) {
+  const keys = ["ArrowDown", "ArrowUp", "Home", "End", "PageDown", "PageUp", "Enter", " "];
+  if (!keys.includes(e.key)) return;
+  const li = e.target.closest(".device");
+  if (!li) return;
+  e.preventDefault();
+  if (e.key === "Enter" || e.key === " ") return select(li.dataset.id);
+  const rows = state.order.filter((id) => !state.devices.get(id).row.li.hidden);
+  if (!rows.length) return;
+  const at = rows.indexOf(li.dataset.id);
+  const page = Math.max(1, Math.floor($("device-list").clientHeight / Math.max(1, li.offsetHeight)) - 1);
+  const to = {
+    ArrowDown: Math.min(rows.length - 1, at + 1),
+    ArrowUp: Math.max(0, at - 1),
+    Home: 0,
+    End: rows.length - 1,
+    PageDown: Math.min(rows.length - 1, at + page),
+    PageUp: Math.max(0, at - page),
+  }[e.key];
+  const id = rows[to];
+  setTabRow(id);
+  state.devices.get(id).row.li.focus({ preventScroll: true });
+  select(id);
+  revealSelected();
+}
+
+/** The list's filter and sort from the URL (`q`, `show`, `sort`), into the controls. */
+function readListParams(params) {
+  const show = params.get("show") || "";
+  const sort = params.get("sort") || "name";
+  state.list = {
+    q: params.get("q") || "",
+    show: ["online", "stale", "offline"].includes(show) ? show : "",
+    sort: ["name", "seen", "problem"].includes(sort) ? sort : "name",
+  };
+  $("device-filter").value = state.list.q;
+  $("presence-filter").value = state.list.show;
+  $("device-sort").value = state.list.sort;
+}
+
+function listChanged() {
+  state.list = { q: $("device-filter").value.trim(), show: $("presence-filter").value, sort: $("device-sort").value };
+  // At once, not on the next frame: the list answers the control it was given.
+  state.sortedAt = performance.now();
+  reorderRows();
+  applyFilter();
+  writeUrl();
+  schedule();
+  revealSelected();
 }
 
 /** Scrolls the device list (only the list, never the page) to the selected device. */
@@ -386,9 +512,13 @@ function revealSelected() {
 
 function select(id, { auto = false } = {}) {
   if (state.selected === id && state.chart) return;
+  const old = state.selected && state.devices.get(state.selected);
+  if (old && old.row) old.row.li.setAttribute("aria-selected", "false");
   state.selected = id;
-  for (const d of state.devices.values()) {
-    if (d.row) d.row.li.setAttribute("aria-selected", String(d.id === id));
+  const d = state.devices.get(id);
+  if (d && d.row) {
+    d.row.li.setAttribute("aria-selected", "true");
+    if (!d.row.li.hidden) setTabRow(id);
   }
   // A device picked for the user leaves a link's device (one not listed yet) in the URL.
   if (!auto || !urlParams().has("device")) writeUrl();
@@ -485,6 +615,9 @@ function writeUrl() {
   if (state.selected) parts.push(`device=${encodeURIComponent(state.selected)}`);
   const r = rangeParams(state.range);
   if (r) parts.push(r);
+  if (state.list.q) parts.push(`q=${encodeURIComponent(state.list.q)}`);
+  if (state.list.show) parts.push(`show=${state.list.show}`);
+  if (state.list.sort !== "name") parts.push(`sort=${state.list.sort}`);
   const hash = parts.length ? `#${parts.join("&")}` : "";
   if (location.hash !== hash) history.replaceState(null, "", hash || location.pathname + location.search);
 }
@@ -584,6 +717,7 @@ function setStatus(text, kind = "") {
 function openChart(id) {
   if (state.chart) state.chart.destroy();
   state.chart = aggregated(state.range) ? new SeriesChart(id, state.range) : new RawChart(id, state.range);
+  $("chart-csv").hidden = false;
   state.chart.loadHistory();
   loadDeviceAlerts(id);
   schedule();
@@ -662,8 +796,10 @@ class Chart {
     return { rows, complete: false };
   }
 
+  /** The series answer's unit, else the device's (payload `units`, device glob), else the fleet's. */
   unit(name) {
-    return this.units[name] || state.units[name] || "";
+    const d = state.devices.get(this.device);
+    return this.units[name] || (d && d.units[name]) || state.units[name] || "";
   }
 
   withUnit(text, name) {
@@ -694,6 +830,30 @@ class Chart {
     setText(p.value, value);
     setText(p.at, at);
     p.card.dataset.hover = String(idx != null);
+    this.tooltip(p, idx, value, at);
+  }
+
+  /** A tooltip by the hovered point: its value with the unit, and its time. */
+  tooltip(p, idx, value, at) {
+    const tip = p.tip;
+    const plot = p.plot;
+    const x = idx == null ? null : plot.data[0][idx];
+    if (x == null || value === "–" || plot.cursor.left == null || plot.cursor.left < 0) {
+      tip.hidden = true;
+      return;
+    }
+    setText(tip.firstChild, value);
+    setText(tip.lastChild, at);
+    tip.hidden = false;
+    const over = plot.over.getBoundingClientRect();
+    const box = p.body.getBoundingClientRect();
+    const left = over.left - box.left + plot.valToPos(x, "x");
+    const top = over.top - box.top + Math.max(0, plot.cursor.top || 0);
+    // On the side of the point with more room, so it never leaves the card.
+    const right = left > over.left - box.left + over.width / 2;
+    tip.style.left = right ? "" : `${left + 10}px`;
+    tip.style.right = right ? `${p.body.clientWidth - left + 10}px` : "";
+    tip.style.top = `${Math.min(top, p.body.clientHeight - 40)}px`;
   }
 
   size(card) {
@@ -711,18 +871,39 @@ class Chart {
     const at = el("span", "chart-at muted", "");
     head.append(nameNode, value, at);
     const body = el("div", "chart-body");
-    card.append(head, body);
+    // A canvas says nothing to a screen reader: the chart is an image labelled with its summary.
+    body.setAttribute("role", "img");
+    const tip = el("div", "chart-tip");
+    tip.append(el("strong", "tip-value"), el("span", "tip-at"));
+    tip.hidden = true;
+    tip.setAttribute("aria-hidden", "true");
+    const summary = el("p", "chart-summary muted", "");
+    card.append(head, body, summary);
     const after = [...this.container.children].find((c) => c.dataset.metric > name);
     this.container.insertBefore(card, after || null);
     const axis = cssVar("--muted", "#6b7280");
     const grid = cssVar("--grid", "#e5e7eb");
     const font = "11px system-ui, sans-serif";
+    // Breaks where the data has an outage, and points where a reading stands alone.
+    const gaps = (u, _si, _i0, _i1, nullGaps) => this.gapsOf(u, nullGaps);
+    const lone = (u, si) => this.lonePoints(u, si);
+    for (const s of series) {
+      s.gaps = gaps;
+      s.points = { ...(s.points || {}), show: false, size: 6, filter: lone };
+    }
     const opts = {
       ...this.size(card),
+      // Room on the right for the last time label, which centres on its tick.
+      padding: [8, 28, 0, 0],
       legend: { show: false },
       cursor: { drag: { x: false, y: false }, points: { size: 5 }, sync: { key: "telebridge" } },
       // uPlot's own y range, widened to the thresholds of the alerts drawn on it.
-      scales: { x: { time: true }, y: { range: (u, min, max) => this.yRange(u, name, min, max) } },
+      scales: {
+        // A single reading (or readings at one time) gets a minute around it, not an empty axis.
+        // (uPlot widens one point to a day before asking, so the data decides.)
+        x: { time: true, range: (u, min, max) => Chart.xRange(u.data[0], min, max) },
+        y: { range: (u, min, max) => this.yRange(u, name, min, max) },
+      },
       axes: [
         { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1, size: 4 }, font, size: 26, values: timeTicks },
         { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { show: false }, font, size: 48, gap: 4 },
@@ -737,11 +918,107 @@ class Chart {
       },
     };
     const plot = new uPlot(opts, data, body);
+    body.append(tip);
     card.dataset.series = series.map((s) => s.label).join(",");
     card.dataset.bands = String(bands.length);
-    const p = { plot, card, name: nameNode, value, at };
+    const p = { plot, card, body, tip, summary, name: nameNode, value, at, breaks: [] };
     this.plots.set(name, p);
     return p;
+  }
+
+  /**
+   * Indices i where the line breaks between point i-1 and i: the time between them is well
+   * above the usual (over 3× the median interval, and over `minGap` s).
+   */
+  static breaksOf(xs, minGap = 0) {
+    const n = xs.length;
+    if (n < 3) return [];
+    const d = [];
+    for (let i = 1; i < n; i++) if (xs[i] > xs[i - 1]) d.push(xs[i] - xs[i - 1]);
+    if (!d.length) return [];
+    d.sort((a, b) => a - b);
+    const limit = Math.max(3 * d[d.length >> 1], minGap);
+    const out = [];
+    for (let i = 1; i < n; i++) if (xs[i] - xs[i - 1] > limit) out.push(i);
+    return out;
+  }
+
+  /** The x range: the data's, or a minute around it when it has one time only. */
+  static xRange(xs, min, max) {
+    if (!xs || !xs.length) return [min, max];
+    const first = xs[0];
+    const last = xs[xs.length - 1];
+    return first === last ? [first - 30, last + 30] : [min, max];
+  }
+
+  /** uPlot's gaps (canvas px, sorted, apart) for the nulls it found plus the plot's breaks. */
+  gapsOf(u, nullGaps) {
+    const p = this.plotOf(u);
+    const xs = u.data[0];
+    const all = (nullGaps || []).slice();
+    if (p) {
+      for (const i of p.breaks) {
+        const a = Math.round(u.valToPos(xs[i - 1], "x", true));
+        const b = Math.round(u.valToPos(xs[i], "x", true));
+        if (b > a) all.push([a, b]);
+      }
+    }
+    all.sort((x, y) => x[0] - y[0]);
+    const merged = [];
+    for (const g of all) {
+      const last = merged[merged.length - 1];
+      if (last && g[0] <= last[1]) last[1] = Math.max(last[1], g[1]);
+      else merged.push([g[0], g[1]]);
+    }
+    return merged;
+  }
+
+  /** The points of series `si` with no line to either side (a null or a break): drawn as dots. */
+  lonePoints(u, si) {
+    const p = this.plotOf(u);
+    const col = u.data[si];
+    const n = col.length;
+    const broken = new Set(p ? p.breaks : []);
+    const out = [];
+    for (let i = 0; i < n; i++) {
+      if (col[i] == null) continue;
+      const leftOpen = i === 0 || col[i - 1] == null || broken.has(i);
+      const rightOpen = i === n - 1 || col[i + 1] == null || broken.has(i + 1);
+      if (leftOpen && rightOpen) out.push(i);
+    }
+    return out.length ? out : null;
+  }
+
+  plotOf(u) {
+    for (const p of this.plots.values()) if (p.plot === u) return p;
+    return null;
+  }
+
+  /** Sets a card's data and its breaks; the text summary (min, max, latest) follows. */
+  setPlotData(p, data, minGap) {
+    p.breaks = Chart.breaksOf(data[0], minGap);
+    p.card.dataset.gaps = String(p.breaks.length);
+    p.plot.setData(data);
+  }
+
+  /** The card's text summary and the chart's label: min and max in the range, and the latest. */
+  summarize(name, lo, hi, count) {
+    const p = this.plots.get(name);
+    if (!p) return;
+    let min = Infinity;
+    let max = -Infinity;
+    for (const v of lo) if (v != null && v < min) min = v;
+    for (const v of hi) if (v != null && v > max) max = v;
+    const [latest, at] = this.latestText(name);
+    const text = Number.isFinite(min)
+      ? `min ${this.withUnit(fmtValue(min), name)} · max ${this.withUnit(fmtValue(max), name)} · latest ${latest}${at ? ` (${at})` : ""} · ${count}`
+      : "no values in this range";
+    setText(p.summary, text);
+    p.summary.dataset.min = Number.isFinite(min) ? String(min) : "";
+    p.summary.dataset.max = Number.isFinite(max) ? String(max) : "";
+    const u = this.unit(name);
+    const label = `${u ? `${name} (${u})` : name} over ${rangeText(this.range)}: ${text}`;
+    if (p.body.getAttribute("aria-label") !== label) p.body.setAttribute("aria-label", label);
   }
 
   /** The alerts to draw on the chart of `name`: its field's with a threshold, open or overlapping `from`–`to` (s). */
@@ -887,6 +1164,14 @@ class RawChart extends Chart {
     schedule();
   }
 
+  /** The range's readings as CSV (one page: a raw range is at most 2 h). */
+  csvHref() {
+    const { from, to } = this.bounds();
+    const q = new URLSearchParams({ from: String(from), limit: String(HISTORY_PAGE), format: "csv" });
+    if (to !== null) q.set("to", String(to));
+    return `api/devices/${encodeURIComponent(this.device)}/readings?${q}`;
+  }
+
   /** A custom range takes only the readings inside it; a preset trims by time instead. */
   accepts(t) {
     const r = this.range;
@@ -961,13 +1246,14 @@ class RawChart extends Chart {
     this.trim();
     for (const [name, col] of this.cols) {
       const p = this.plots.get(name) || this.addRawPlot(name);
-      p.plot.setData([this.xs, col]);
+      this.setPlotData(p, [this.xs, col], 0);
+      this.summarize(name, col, col, plural(col.reduce((k, v) => k + (v == null ? 0 : 1), 0), "reading"));
     }
     const n = this.seqs.length;
     if (this.historyLoaded && !this.historyFailed) {
       const live = this.following() ? " · live" : "";
       let text = n
-        ? `${fmtInt(n)} readings in ${rangeText(this.range)}${live}`
+        ? `${plural(n, "reading")} in ${rangeText(this.range)}${live}`
         : `No readings in ${rangeText(this.range)}${this.following() ? "; waiting for live data…" : "."}`;
       if (n && !this.cols.size) text += " · no numeric fields to chart (see the payload below)";
       setStatus(text);
@@ -992,7 +1278,16 @@ class RawChart extends Chart {
 
   pointText(name, idx) {
     const v = this.cols.get(name)[idx];
-    return [this.withUnit(fmtValue(v), name), fmtTime(this.xs[idx] * 1000)];
+    const x = this.xs[idx];
+    return [this.withUnit(fmtValue(v), name), x == null ? "" : this.pointTime(x * 1000)];
+  }
+
+  /** A point's time: with the date when the range spans more than today. */
+  pointTime(t) {
+    const first = this.xs.length ? this.xs[0] * 1000 : t;
+    return new Date(first).toDateString() === new Date(t).toDateString() && new Date(t).toDateString() === new Date().toDateString()
+      ? fmtTime(t)
+      : `${fmtDateTime(t)}:${String(new Date(t).getSeconds()).padStart(2, "0")}`;
   }
 }
 
@@ -1091,6 +1386,14 @@ class SeriesChart extends Chart {
     schedule();
   }
 
+  /** The buckets drawn, as CSV: the same request (its bounds as of now), all aggregates. */
+  csvHref() {
+    const { from, to } = this.bounds();
+    const q = new URLSearchParams({ from: String(from), step: this.step ? fmtStep(this.step) : "auto", agg: "avg,min,max,first,last,count", format: "csv" });
+    if (to !== null) q.set("to", String(to));
+    return `api/devices/${encodeURIComponent(this.device)}/series?${q}`;
+  }
+
   live(r) {
     if (this.pending) {
       this.pending.push(r);
@@ -1169,8 +1472,10 @@ class SeriesChart extends Chart {
       if (!p && !any) continue;
       const data = [xs, lo, hi, avg];
       if (!p) p = this.addSeriesPlot(name, data);
-      else p.plot.setData(data);
+      // A missing bucket is a break only when it is well past the device's usual spacing.
+      this.setPlotData(p, data, 1.5 * this.step / 1000);
       p.data = data;
+      this.summarize(name, lo, hi, plural(avg.reduce((k, v) => k + (v == null ? 0 : 1), 0), "bucket"));
     }
     const n = xs.length;
     const from = RESOLUTION_TEXT[this.resolution] ? ` ${RESOLUTION_TEXT[this.resolution]}` : "";
@@ -1319,6 +1624,11 @@ function onReading(e) {
   }
   if (received > d.lastSeen) d.lastSeen = received;
   if (!d.latest || r.seq > d.latest.seq) d.latest = r;
+  // A reading may name its units (see README, Units); the newest word wins.
+  const u = r.payload && r.payload.units;
+  if (u && typeof u === "object" && !Array.isArray(u)) {
+    for (const [k, v] of Object.entries(u)) if (typeof v === "string" && v) d.units[k] = v;
+  }
   d.dirty = true;
   if (state.chart && state.chart.device === r.device) state.chart.live(r);
   schedule();
@@ -1392,7 +1702,7 @@ function connectWs() {
     state.ws.retries = 0;
     state.ws.down = false;
     setLink("ws", "connected", "ready");
-    $("cmd-send").disabled = !!state.viewer;
+    syncSend();
     if (state.sse.timer) connectSse();
   };
   sock.onmessage = (e) => {
@@ -1407,7 +1717,7 @@ function connectWs() {
   sock.onclose = async () => {
     if (sock !== state.ws.sock) return;
     state.ws.down = true;
-    $("cmd-send").disabled = true;
+    syncSend();
     for (const entry of state.results.values()) {
       if (entry.status === "sending") {
         entry.status = "unknown";
@@ -1451,7 +1761,7 @@ function onWsMessage(m) {
 
 /** A command's final state, from the WebSocket or from a `command` event of the live feed. */
 function finish(entry, status, m) {
-  if (["acked", "failed", "timeout", "expired"].includes(entry.status)) return;
+  if (FINAL.includes(entry.status)) return;
   entry.status = status;
   if (typeof m.rtt_ms === "number") entry.rtt = m.rtt_ms;
   entry.total = performance.now() - entry.sentAt;
@@ -1459,6 +1769,7 @@ function finish(entry, status, m) {
   else if (status === "failed") entry.detail = m.error || "the device reported a failure";
   else if (status === "timeout") entry.detail = "the device did not answer in time";
   else if (status === "expired") entry.detail = "the device stayed offline until the command expired";
+  else if (status === "cancelled") entry.detail = m.by ? `cancelled by ${m.by}` : "cancelled while queued";
   renderResult(entry);
 }
 
@@ -1466,7 +1777,7 @@ function onCommandEvent(e) {
   if (!fresh(e)) return;
   const c = JSON.parse(e.data);
   const entry = state.resultsById.get(c.id);
-  if (entry && ["acked", "failed", "timeout", "expired"].includes(c.status)) finish(entry, c.status, c);
+  if (entry && FINAL.includes(c.status)) finish(entry, c.status, c);
   scheduleLogRefresh();
 }
 
@@ -1497,6 +1808,7 @@ function sendCommand(ev) {
   const entry = { ref, device, name, params, status: "sending", sentAt: performance.now(), at: Date.now(), id: null, detail: "", rtt: null, total: null, node: null };
   state.results.set(ref, entry);
   sock.send(JSON.stringify({ type: "command", device, name, params, ref }));
+  state.paramsEdited = false; // the next command's template may replace these params
   renderResult(entry);
   while (state.results.size > RESULTS_KEEP) {
     const [oldRef, old] = state.results.entries().next().value;
@@ -1506,23 +1818,60 @@ function sendCommand(ev) {
   }
 }
 
+/** A Cancel button for a queued command (DELETE api/commands/{id}); `id()` gives its id. */
+function cancelButton(id) {
+  const b = el("button", "small ghost cancel", "Cancel");
+  b.type = "button";
+  b.addEventListener("click", async () => {
+    const cid = id();
+    if (!cid) return;
+    b.disabled = true;
+    try {
+      const c = await api(`api/commands/${encodeURIComponent(cid)}`, { method: "DELETE" });
+      const entry = state.resultsById.get(cid);
+      if (entry) finish(entry, "cancelled", c || {});
+    } catch (e) {
+      if (e instanceof AuthRequired) return;
+      // 409: it was sent or finished meanwhile; the list shows what it became.
+      showCommandError(e.status === 409 ? "Too late to cancel: the command was already sent or finished." : `Could not cancel: ${e.message}`);
+    } finally {
+      b.disabled = false;
+      scheduleLogRefresh();
+    }
+  });
+  return b;
+}
+
 function showCommandError(text) {
   const e = $("cmd-error");
   setText(e, text);
   e.hidden = false;
 }
 
+/** One wording for a command's status, in this session's list and the command log alike. */
 const STATUS_TEXT = {
   sending: "sending…",
-  sent: "accepted · sent",
-  queued: "accepted · queued (device offline)",
-  acked: "ack",
+  queued: "queued",
+  sent: "sent",
+  acked: "acked",
   failed: "failed",
   timeout: "timeout",
   expired: "expired",
+  cancelled: "cancelled",
   rejected: "rejected",
   unknown: "unknown",
 };
+/** What a status means, for its badge's title. */
+const STATUS_TITLE = {
+  queued: "stored; waiting for the device to come online",
+  sent: "published to the device; waiting for its answer",
+  acked: "the device answered ok",
+  failed: "the device answered with an error",
+  timeout: "the device did not answer in time",
+  expired: "the device stayed offline until the command's ttl ran out",
+  cancelled: "an operator cancelled it while it was queued",
+};
+const FINAL = ["acked", "failed", "timeout", "expired", "cancelled"];
 
 function renderResult(entry) {
   if (!entry.node) {
@@ -1531,7 +1880,8 @@ function renderResult(entry) {
     const head = el("div", "result-head");
     entry.nodeCmd = el("span", "result-cmd", `${entry.name} → ${entry.device}`);
     entry.nodeStatus = el("span", "badge");
-    head.append(entry.nodeCmd, entry.nodeStatus);
+    entry.nodeCancel = cancelButton(() => entry.id);
+    head.append(entry.nodeCmd, entry.nodeStatus, entry.nodeCancel);
     const meta = el("div", "result-meta muted");
     entry.nodeMeta = meta;
     entry.nodeDetail = el("div", "result-detail");
@@ -1543,6 +1893,8 @@ function renderResult(entry) {
   entry.node.dataset.status = entry.status;
   entry.nodeStatus.dataset.status = entry.status;
   setText(entry.nodeStatus, STATUS_TEXT[entry.status] || entry.status);
+  entry.nodeStatus.title = STATUS_TITLE[entry.status] || "";
+  entry.nodeCancel.hidden = entry.status !== "queued" || !entry.id || state.viewer;
   const parts = [fmtTime(entry.at)];
   if (Object.keys(entry.params).length) parts.push(JSON.stringify(entry.params));
   if (entry.rtt != null) parts.push(`round trip ${entry.rtt.toFixed(1)} ms`);
@@ -1563,6 +1915,61 @@ function syncCommandDevices() {
   }
   sel.replaceChildren(frag);
   if (current && state.devices.has(current)) sel.value = current;
+  syncSend();
+}
+
+/** Why Send cannot send now, or null: it is disabled with the reason shown beside it. */
+function sendBlocker() {
+  if (state.viewer) return "Your token is a viewer's: sending commands needs an operator token.";
+  if (!state.order.length) return "No device to send to yet: devices appear here once they publish telemetry.";
+  const sock = state.ws.sock;
+  if (!sock || sock.readyState !== WebSocket.OPEN) {
+    return state.ws.down ? "The command channel is reconnecting…" : "The command channel is connecting…";
+  }
+  return null;
+}
+
+function syncSend() {
+  const why = sendBlocker();
+  $("cmd-send").disabled = why !== null;
+  setText($("cmd-why"), why || "");
+  $("cmd-why").hidden = why === null;
+}
+
+/** The console's params per command name, from the daemon's `[commands.templates]`. */
+const BUILT_IN_TEMPLATES = [
+  { name: "ping", params: {} },
+  { name: "reboot", params: {} },
+  { name: "set_interval", params: { seconds: 5 } },
+];
+
+async function loadTemplates() {
+  let list;
+  try {
+    const body = await api("api/commands/templates");
+    list = Array.isArray(body.templates) ? body.templates : BUILT_IN_TEMPLATES;
+  } catch (e) {
+    if (e instanceof AuthRequired) return;
+    list = BUILT_IN_TEMPLATES; // an older daemon: what `telebridge simulate` answers
+  }
+  state.templates = new Map(list.map((t) => [t.name, t.params || {}]));
+  const frag = document.createDocumentFragment();
+  for (const t of list) {
+    const o = el("option");
+    o.value = t.name;
+    o.label = Object.keys(t.params || {}).length ? `${t.name} ${JSON.stringify(t.params)}` : t.name;
+    frag.appendChild(o);
+  }
+  $("cmd-names").replaceChildren(frag);
+  applyTemplate();
+}
+
+/** A known command's template fills the params, unless the operator has edited them. */
+function applyTemplate() {
+  const params = state.templates.get($("cmd-name").value.trim());
+  if (params === undefined || state.paramsEdited) return;
+  state.templateText = JSON.stringify(params);
+  $("cmd-params").value = state.templateText;
 }
 
 // ---------------------------------------------------------------- command log
@@ -1589,9 +1996,11 @@ async function loadCommandLog() {
     const head = el("div", "log-head");
     const cmd = el("span", "log-cmd");
     cmd.append(el("span", "log-name", c.name), el("span", "muted", ` → ${c.device}`));
-    const badge = el("span", "badge", c.status);
+    const badge = el("span", "badge", STATUS_TEXT[c.status] || c.status);
     badge.dataset.status = c.status;
+    badge.title = STATUS_TITLE[c.status] || "";
     head.append(cmd, badge);
+    if (c.status === "queued" && !state.viewer) head.append(cancelButton(() => c.id));
     const parts = [fmtTime(ms(c.created_at))];
     if (c.params && Object.keys(c.params).length) parts.push(JSON.stringify(c.params));
     if (c.sent_at && c.finished_at && (c.status === "acked" || c.status === "failed")) {
@@ -1611,7 +2020,6 @@ async function loadCommandLog() {
 // ---------------------------------------------------------------- alerts
 
 const isOpen = (a) => a.state === "firing" || a.state === "acknowledged";
-const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
 
 /** An alert as the API or the feed writes it, with its times in Unix ms; `mark` is the event id it came with. */
 function normAlert(x, mark = 0) {
@@ -2012,8 +2420,9 @@ async function boot() {
   $("who").hidden = !s.auth;
   setText($("who-name"), s.auth ? [s.name, s.role].filter(Boolean).join(" · ") : "");
   state.viewer = s.role === "viewer";
-  $("cmd-viewer").hidden = !state.viewer;
   for (const id of ["cmd-device", "cmd-name", "cmd-params"]) $(id).disabled = state.viewer;
+  syncSend();
+  loadTemplates();
   if (!$("banner").dataset.kind) $("banner").hidden = true;
   let max;
   try {
@@ -2042,11 +2451,20 @@ function wire() {
   $("login-form").addEventListener("submit", login);
   $("logout").addEventListener("click", logout);
   $("command-form").addEventListener("submit", sendCommand);
-  $("device-filter").addEventListener("input", () => {
-    applyFilter();
-    revealSelected();
-  });
+  readListParams(urlParams());
+  $("device-filter").addEventListener("input", listChanged);
+  $("presence-filter").addEventListener("change", listChanged);
+  $("device-sort").addEventListener("change", listChanged);
+  $("device-list").addEventListener("keydown", onListKey);
   $("log-refresh").addEventListener("click", loadCommandLog);
+  // The link follows the range as it moves: its address is made at the click.
+  $("chart-csv").addEventListener("click", (e) => {
+    const c = state.chart;
+    if (!c) return e.preventDefault();
+    const a = e.currentTarget;
+    a.href = c.csvHref();
+    a.download = `${c.device}-${state.range.key === "custom" ? "custom" : state.range.key}.csv`;
+  });
   state.range = parseRange(urlParams());
   $("custom-range").hidden = state.range.key !== "custom";
   renderRangePicker();
@@ -2058,7 +2476,11 @@ function wire() {
     setRange({ key: b.dataset.range });
   });
   $("custom-range").addEventListener("submit", applyCustom);
-  $("cmd-send").disabled = true;
+  syncSend();
+  $("cmd-name").addEventListener("input", applyTemplate);
+  $("cmd-params").addEventListener("input", () => {
+    state.paramsEdited = $("cmd-params").value.trim() !== state.templateText;
+  });
   // A link edited or pasted into the address bar of an open page.
   window.addEventListener("hashchange", () => {
     const params = urlParams();
@@ -2068,6 +2490,13 @@ function wire() {
       state.range = range;
       $("custom-range").hidden = range.key !== "custom";
       renderRangePicker();
+    }
+    const list = { ...state.list };
+    readListParams(params);
+    if (JSON.stringify(list) !== JSON.stringify(state.list)) {
+      state.orderDirty = true;
+      state.filterDirty = true;
+      schedule();
     }
     const id = params.get("device");
     if (id && id !== state.selected && state.devices.has(id)) select(id);
@@ -2112,6 +2541,54 @@ globalThis.telebridge = Object.freeze({
         lastSeq: c.mode === "raw" ? c.seqs[c.seqs.length - 1] || 0 : c.lastSeq,
       } : null,
     };
+  },
+  /**
+   * Per chart card, what uPlot drew: the breaks (as times) and the gaps it clipped, the lone
+   * points, the summary and label, and the last x label's right edge against the plot's width.
+   */
+  plots() {
+    const c = state.chart;
+    if (!c) return null;
+    const out = {};
+    for (const [name, p] of c.plots) {
+      const u = p.plot;
+      const xs = u.data[0];
+      const dpr = globalThis.devicePixelRatio || 1;
+      const paths = u.series[u.series.length - 1]._paths;
+      const axis = u.axes[0];
+      const splits = axis._splits || [];
+      const labels = axis._values || [];
+      let lastLabel = null;
+      if (splits.length) {
+        const ctx = u.ctx;
+        ctx.save();
+        ctx.font = `${Math.round(11 * dpr)}px system-ui, sans-serif`;
+        const text = String(labels[labels.length - 1]);
+        const half = ctx.measureText(text).width / dpr / 2;
+        ctx.restore();
+        lastLabel = { text, right: u.bbox.left / dpr + u.valToPos(splits[splits.length - 1], "x") + half, width: u.width };
+      }
+      out[name] = {
+        points: xs.length,
+        breaks: p.breaks.map((i) => [xs[i - 1], xs[i]]),
+        gaps: paths && paths.gaps ? paths.gaps.map(([a, b]) => [u.posToVal(a / dpr - u.bbox.left / dpr, "x"), u.posToVal(b / dpr - u.bbox.left / dpr, "x")]) : [],
+        lone: c.lonePoints(u, 1) || [],
+        xRange: [u.scales.x.min, u.scales.x.max],
+        labels: labels.map(String),
+        lastLabel,
+        name: p.name.textContent,
+        summary: p.summary.textContent,
+        role: p.body.getAttribute("role"),
+        label: p.body.getAttribute("aria-label"),
+        stroke: typeof u.series[1].stroke === "function" ? u.series[1].stroke(u, 1) : u.series[1].stroke,
+      };
+    }
+    return out;
+  },
+  /** The uPlot of one chart card, for a test to read its scales. */
+  plotOf(name) {
+    const p = state.chart && state.chart.plots.get(name);
+    return p ? p.plot : null;
   },
   /** The aggregated chart: its request, its buckets (as the API writes them) and what uPlot draws. */
   series() {

@@ -1319,3 +1319,291 @@ async fn the_dashboard_shows_an_alert_live_on_its_device_and_chart_acknowledges_
         assert!(dir.join(format!("{shot}.png")).exists(), "{shot}.png");
     }
 }
+
+/// The devices of the monitoring test: a truck with an outage in its data, a device with one
+/// reading, and three more for the list, one of them offline. Returns the outage (Unix s).
+async fn monitoring_fleet(broker: &Mosquitto, daemon: &Daemon) -> (f64, f64) {
+    let publisher = Publisher::connect(&broker.url(), "monitor-pub").await;
+    let now = telebridge::domain::now_ms();
+    // 20 readings a second apart, then 61 s of nothing, then 20 more up to a second ago.
+    let times: Vec<i64> = (0..20)
+        .map(|i| now - 100_000 + i * 1000)
+        .chain((0..20).map(|i| now - 20_000 + i * 1000))
+        .collect();
+    for (k, ts) in times.iter().enumerate() {
+        let k = k as f64;
+        let payload = serde_json::json!({
+            "ts": ts,
+            "speed": 40.0 + k,
+            "engine": { "temp_c": 80.0 + k * 0.5 },
+            "load": 1200.0 + k,
+            "units": { "load": "kg" },
+        });
+        publisher
+            .publish(
+                "devices/truck-1/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                payload.to_string(),
+            )
+            .await;
+    }
+    let reading = |d: &str, v: f64| {
+        (
+            format!("devices/{d}/telemetry"),
+            serde_json::json!({ "temperature": v }).to_string(),
+        )
+    };
+    for (topic, body) in [reading("lonely-1", 21.5), reading("dev-off", 1.0)] {
+        publisher
+            .publish(&topic, QoS::AtLeastOnce, false, body)
+            .await;
+    }
+    publisher
+        .publish("devices/dev-off/status", QoS::AtLeastOnce, false, "offline")
+        .await;
+    // dev-b is seen last.
+    for d in ["dev-a", "dev-b"] {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (topic, body) = reading(d, 2.0);
+        publisher
+            .publish(&topic, QoS::AtLeastOnce, false, body)
+            .await;
+    }
+    daemon
+        .db()
+        .await
+        .wait_count(44, Duration::from_secs(20))
+        .await;
+    wait_for(Duration::from_secs(10), "dev-off offline", || async {
+        api_devices(daemon)
+            .await
+            .iter()
+            .any(|d| d["id"] == "dev-off" && d["presence"] == "offline")
+            .then_some(())
+    })
+    .await;
+    (
+        (now - 81_000) as f64 / 1000.0,
+        (now - 20_000) as f64 / 1000.0,
+    )
+}
+
+#[tokio::test]
+async fn the_dashboard_charts_show_units_gaps_tooltips_and_lone_points_and_the_list_filters_sorts_and_takes_keys()
+ {
+    // Arrange: units from a device glob, a payload and a name suffix; the console's templates
+    // from the config; no stale state, so that presence stays as published.
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(
+        &broker.url(),
+        "[presence]\nstale_after = 0\n[units.\"truck-*\"]\nspeed = \"mph\"\n\
+         [commands.templates]\nping = {}\nset_interval = { seconds = 7 }\n",
+    )
+    .await;
+    let (outage_from, outage_to) = monitoring_fleet(&broker, &daemon).await;
+    let dir = artifacts();
+    let url = format!("http://{}/", daemon.http);
+
+    // Act
+    let script = Script::start(
+        "monitor",
+        &[
+            "--url",
+            &url,
+            "--artifacts",
+            dir.to_str().unwrap(),
+            "--truck",
+            "truck-1",
+            "--lonely",
+            "lonely-1",
+            "--offline",
+            "dev-off",
+            "--outage",
+            &format!("{outage_from},{outage_to}"),
+        ],
+    );
+    let r = script.result(Duration::from_secs(90)).await;
+    let commands: Value = daemon
+        .get("/api/commands?device=dev-off")
+        .await
+        .json()
+        .await
+        .expect("JSON");
+
+    // Assert: units from the glob (speed), the payload (load) and the name (engine.temp_c).
+    let truck = &r["truck"];
+    assert_eq!(
+        truck["snapshot"]["units"],
+        serde_json::json!({ "speed": "mph", "load": "kg", "engine.temp_c": "°C" }),
+        "{truck}"
+    );
+    let speed = &truck["plots"]["speed"];
+    assert_eq!(speed["name"], "speed (mph)");
+    assert_eq!(speed["points"], 40);
+    // The outage is one break, which uPlot clipped out of the line: no stroke in the canvas
+    // over it, but on both sides.
+    let breaks = speed["breaks"].as_array().expect("breaks");
+    assert_eq!(breaks.len(), 1, "one break: {speed}");
+    let (b0, b1) = (
+        breaks[0][0].as_f64().unwrap(),
+        breaks[0][1].as_f64().unwrap(),
+    );
+    assert!(
+        (b0 - outage_from).abs() < 0.01 && (b1 - outage_to).abs() < 0.01,
+        "the break is the outage {outage_from}..{outage_to}: {speed}"
+    );
+    let clipped = speed["gaps"].as_array().expect("gaps").iter().any(|g| {
+        g[0].as_f64().unwrap() <= outage_from + 1.0 && g[1].as_f64().unwrap() >= outage_to - 1.0
+    });
+    assert!(clipped, "uPlot clipped the outage: {speed}");
+    let pixels = &truck["pixels"];
+    assert_eq!(
+        pixels["outage"], 0,
+        "no line drawn over the outage: {pixels}"
+    );
+    assert!(
+        pixels["before"].as_u64().unwrap() > 0 && pixels["after"].as_u64().unwrap() > 0,
+        "the line is drawn on both sides: {pixels}"
+    );
+    assert_eq!(
+        truck["plots"]["load"]["breaks"].as_array().unwrap().len(),
+        1
+    );
+    // The tooltip by the hovered point gives its value with the unit, inside the card.
+    assert_eq!(truck["hovered"]["value"], 77.0);
+    let tip = truck["tooltip"]["text"].as_str().unwrap();
+    assert!(tip.starts_with("77 mph "), "{tip}");
+    assert_eq!(truck["tooltip"]["inside"], true);
+    // The text summary, also the chart's label for a screen reader.
+    let summary = speed["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with("min 40 mph · max 79 mph · latest 79 mph (")
+            && summary.ends_with(") · 40 readings"),
+        "{summary}"
+    );
+    assert_eq!(speed["role"], "img");
+    assert_eq!(
+        speed["label"].as_str().unwrap(),
+        format!("speed (mph) over the last 5 min: {summary}")
+    );
+    assert!(
+        truck["plots"]["engine.temp_c"]["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("min 80 °C · max 99.50 °C"),
+        "{truck}"
+    );
+    // The last time label fits in the card.
+    let last = &speed["lastLabel"];
+    assert!(
+        last["right"].as_f64().unwrap() <= last["width"].as_f64().unwrap(),
+        "the last x label is not clipped: {last}"
+    );
+    // The CSV of the range: one row per reading, a column per numeric field.
+    let csv = &truck["csv"];
+    assert_eq!(csv["name"], "truck-1-live.csv");
+    assert_eq!(csv["rows"], 40, "{csv}");
+    assert!(
+        csv["header"]
+            .as_str()
+            .unwrap()
+            .contains("engine.temp_c,load,speed"),
+        "{csv}"
+    );
+
+    // One reading: drawn as a point, on an axis with distinct labels.
+    let lonely = &r["lonely"];
+    let t = &lonely["plots"]["temperature"];
+    assert_eq!(t["points"], 1);
+    assert_eq!(t["lone"], serde_json::json!([0]));
+    assert!(
+        lonely["pointPixels"].as_u64().unwrap() > 0,
+        "the point is painted: {lonely}"
+    );
+    let range = t["xRange"].as_array().unwrap();
+    assert!(range[1].as_f64() > range[0].as_f64(), "{t}");
+    let labels = strings(&t["labels"]);
+    let mut distinct = labels.clone();
+    distinct.dedup();
+    assert!(
+        labels.len() >= 2 && distinct.len() == labels.len(),
+        "{labels:?} {t}"
+    );
+    assert_eq!(lonely["status"], "1 reading in the last 5 min · live");
+
+    // The device list: filter, sort, the URL, and the keys.
+    let list = &r["list"];
+    let ids = |v: &Value| strings(v);
+    assert_eq!(
+        ids(&list["all"]),
+        ["dev-a", "dev-b", "dev-off", "lonely-1", "truck-1"]
+    );
+    assert_eq!(ids(&list["offline"]), ["dev-off"]);
+    assert!(
+        list["offlineHash"]
+            .as_str()
+            .unwrap()
+            .contains("show=offline")
+    );
+    assert_eq!(
+        ids(&list["online"]),
+        ["dev-a", "dev-b", "lonely-1", "truck-1"]
+    );
+    assert_eq!(
+        ids(&list["problem"])[0],
+        "dev-off",
+        "problems first: {list}"
+    );
+    assert_eq!(ids(&list["seen"])[..2], ["dev-b", "dev-a"], "{list}");
+    assert_eq!(ids(&list["filtered"]), ["dev-b", "dev-a", "dev-off"]);
+    let hash = list["hash"].as_str().unwrap();
+    assert!(
+        hash.contains("q=dev-") && hash.contains("sort=seen"),
+        "{hash}"
+    );
+    assert_eq!(list["restored"]["q"], "dev-");
+    assert_eq!(list["restored"]["sort"], "seen");
+    assert_eq!(
+        ids(&list["restored"]["rows"]),
+        ["dev-b", "dev-a", "dev-off"]
+    );
+    let keys = &list["keys"];
+    assert_eq!(ids(&keys["stops"]), ["dev-b"], "one Tab stop: {keys}");
+    assert_eq!(keys["down"], serde_json::json!(["dev-a", "dev-a", 1]));
+    assert_eq!(keys["end"], serde_json::json!(["dev-off", "dev-off"]));
+    assert_eq!(keys["home"], "dev-b");
+    assert!(
+        !keys["tabbedTo"].as_str().unwrap().starts_with("dev-"),
+        "Tab leaves the list: {keys}"
+    );
+
+    // The console: templates from the config, one wording, a queued command cancelled.
+    let console = &r["console"];
+    assert_eq!(ids(&console["templates"]), ["ping", "set_interval"]);
+    assert_eq!(console["why"], true, "no reason shown while Send can send");
+    assert_eq!(console["params"], "{\"seconds\":7}");
+    assert_eq!(console["pingParams"], "{}");
+    assert_eq!(console["queued"][0], "queued");
+    assert!(
+        console["cancelled"].as_str().unwrap().contains("cancelled"),
+        "{console}"
+    );
+    let log = console["log"].as_str().unwrap();
+    assert!(log.starts_with("ping → dev-off cancelled"), "{log}");
+    let stored = &commands["commands"][0];
+    assert_eq!(
+        (stored["name"].as_str(), stored["status"].as_str()),
+        (Some("ping"), Some("cancelled")),
+        "{commands}"
+    );
+    assert_eq!(console["down"]["disabled"], true);
+    assert!(
+        console["down"]["why"]
+            .as_str()
+            .unwrap()
+            .starts_with("The command channel is"),
+        "{console}"
+    );
+    assert!(strings(&r["errors"]).is_empty(), "{}", r["errors"]);
+}
