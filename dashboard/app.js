@@ -2502,6 +2502,10 @@ function wire() {
     if (id && id !== state.selected && state.devices.has(id)) select(id);
     else if (rangeChanged && state.selected) openChart(state.selected);
   });
+  // The charts take their colours when drawn first: draw them again when the scheme changes.
+  matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => {
+    if (state.selected) openChart(state.selected);
+  });
   // Relative times ("3 s ago") move on even when no data arrives.
   setInterval(() => {
     state.listRenderedAt = 0;

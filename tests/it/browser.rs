@@ -1607,3 +1607,55 @@ async fn the_dashboard_charts_show_units_gaps_tooltips_and_lone_points_and_the_l
     );
     assert!(strings(&r["errors"]).is_empty(), "{}", r["errors"]);
 }
+
+#[tokio::test]
+async fn the_dashboard_passes_axe_core_on_desktop_and_phone_in_both_colour_schemes() {
+    // Arrange: live simulated devices, so that the list, charts and command results are full.
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(&broker.url(), "").await;
+    let _devices = Simulator::start(&broker.url(), 4, 2.0, "a11y");
+    wait_for_devices(&daemon, "a11y-", 4).await;
+    let dir = artifacts();
+    let url = format!("http://{}/", daemon.http);
+
+    // Act
+    let script = Script::start(
+        "a11y",
+        &[
+            "--url",
+            &url,
+            "--artifacts",
+            dir.to_str().unwrap(),
+            "--device",
+            "a11y-02",
+        ],
+    );
+    let r = script.result(Duration::from_secs(100)).await;
+
+    // Assert: four runs, none with a serious or critical finding; no sideways scroll on a phone.
+    let runs = r["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 4, "{r}");
+    for run in runs {
+        let what = format!("{} at {}×{}", run["scheme"], run["width"], run["height"]);
+        assert_eq!(
+            run["violations"].as_array().map(Vec::len),
+            Some(0),
+            "axe-core, {what}: {:#}",
+            run["violations"]
+        );
+        assert!(
+            run["scrollWidth"].as_u64() <= run["clientWidth"].as_u64(),
+            "no horizontal scroll, {what}: {run}"
+        );
+        assert_eq!(
+            run["clipped"],
+            serde_json::json!([]),
+            "no control cut off at its card's edge, {what}"
+        );
+        assert_eq!(
+            run["chartGrid"], run["grid"],
+            "the charts follow the colour scheme, {what}"
+        );
+    }
+    assert!(strings(&r["errors"]).is_empty(), "{}", r["errors"]);
+}
