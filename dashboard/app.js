@@ -43,6 +43,7 @@ const state = {
   sortedAt: 0, // when the list was last sorted by a key that moves (last seen, problems)
   list: { q: "", show: "", sort: "name" }, // the device list's filter and sort, kept in the URL
   filterDirty: false,
+  rowHeight: 0, // a drawn device row's height, for the rows not drawn yet
   tabRow: null, // the device whose row is the list's one Tab stop (roving tabindex)
   templates: new Map(), // command name -> default params, from GET api/commands/templates
   templateText: "{}", // the params a template put in the console
@@ -377,6 +378,12 @@ function observeRow(row) {
       for (const e of entries) {
         const d = state.devices.get(e.target.dataset.id);
         if (d && d.row) d.row.visible = e.isIntersecting;
+        // Rows not drawn yet take a drawn row's height, so that none moves when drawn (a
+        // click aimed at a row must not land on its neighbour).
+        if (e.isIntersecting && !state.rowHeight && e.boundingClientRect.height > 0) {
+          state.rowHeight = Math.round(e.boundingClientRect.height);
+          $("device-list").style.setProperty("--row-h", `${state.rowHeight}px`);
+        }
       }
       state.listRenderedAt = 0;
       schedule();

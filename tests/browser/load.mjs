@@ -71,10 +71,18 @@ run(40000, async ({ context }) => {
   });
   let t = Date.now();
   await page.click(`#device-list .device[data-id="${other}"]`);
-  await page.waitForFunction((d) => {
-    const s = globalThis.telebridge.snapshot();
-    return s.chart && s.chart.device === d && s.chart.historyLoaded && s.chart.metrics.length >= 5;
-  }, other);
+  try {
+    await page.waitForFunction((d) => {
+      const s = globalThis.telebridge.snapshot();
+      return s.chart && s.chart.device === d && s.chart.historyLoaded && s.chart.metrics.length >= 5;
+    }, other);
+  } catch (e) {
+    const seen = await page.evaluate(() => {
+      const s = globalThis.telebridge.snapshot();
+      return { selected: s.selected, chart: s.chart && { ...s.chart, seqs: s.chart.seqs.length }, status: document.getElementById("detail-status").textContent };
+    });
+    throw new Error(`picked ${other}; the page shows ${JSON.stringify(seen)}: ${e.message}`);
+  }
   const selectMs = Date.now() - t;
   t = Date.now();
   await page.fill("#device-filter", other);
