@@ -121,6 +121,39 @@ async fn metrics_after_readings_and_a_command_pass_promtool_and_their_histograms
         sample(&text, name);
         sample(&om, name);
     }
+    for name in dashboard_metrics() {
+        assert!(
+            text.lines().any(|l| l.starts_with(&name)),
+            "the Grafana dashboard queries {name}, which /metrics lacks"
+        );
+    }
+}
+
+/// The metric names the Grafana dashboard's queries use (`contrib/grafana`), from valid JSON.
+fn dashboard_metrics() -> Vec<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/contrib/grafana/telebridge.json"
+    );
+    let text = std::fs::read_to_string(path).expect("read the dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut names: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .flat_map(|expr| {
+            expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("telebridge_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() > 10, "the dashboard's metrics: {names:?}");
+    names
 }
 
 fn content_type(r: &reqwest::Response) -> String {
