@@ -1877,7 +1877,7 @@ async fn measure_daemon(
         other_cpu: other.max(0.0),
         irq_cpu: irq,
         batches: delta("telebridge_store_batches_total").max(0.0) as u64,
-        commit_seconds: delta("telebridge_store_commit_seconds_total").max(0.0),
+        commit_seconds: delta("telebridge_store_commit_seconds_sum").max(0.0),
         per_instance,
         tail_lag,
         pg_stats,

@@ -1584,7 +1584,7 @@ struct Seen {
     max_lag: u64,
     /// The deepest ingest queue.
     max_queue: u64,
-    /// `telebridge_store_batches_total` and `telebridge_store_commit_seconds_total` at each
+    /// `telebridge_store_batches_total` and `telebridge_store_commit_seconds_sum` at each
     /// poll.
     batches: Vec<(Instant, f64, f64)>,
     /// The most `telebridge_tail_lag_events` of the tail instances polled.
@@ -1619,7 +1619,7 @@ async fn ingest_monitor(
         seen.max_queue = seen.max_queue.max(queue);
         if let (Some(b), Some(c)) = (
             metric(&text, "telebridge_store_batches_total"),
-            metric(&text, "telebridge_store_commit_seconds_total"),
+            metric(&text, "telebridge_store_commit_seconds_sum"),
         ) {
             seen.batches.push((Instant::now(), b, c));
         }

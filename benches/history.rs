@@ -683,7 +683,7 @@ async fn build(args: &Args, storage: &StorageConfig, layout: Layout) -> anyhow::
                 shutdown.cancel();
             }
             _ = ticker.tick() => {
-                let n = metrics.stored.load(Ordering::Relaxed);
+                let n = metrics.stored.get();
                 let now = Instant::now();
                 let recent = (n - last_n) as f64 / now.duration_since(last_at).as_secs_f64();
                 let average = n as f64 / started.elapsed().as_secs_f64();
@@ -728,7 +728,7 @@ async fn build(args: &Args, storage: &StorageConfig, layout: Layout) -> anyhow::
         .context("the writer task panicked")?
         .context("the writer failed")?;
     produced?;
-    let stored = metrics.stored.load(Ordering::Relaxed);
+    let stored = metrics.stored.get();
     if stored != layout.readings {
         bail!(
             "the writer committed {stored} readings of {}",

@@ -77,9 +77,7 @@ fn require_operator(s: &crate::app::Shared, who: &Principal, what: &str) -> Resu
 
 /// A 403, counted.
 pub fn forbidden(s: &crate::app::Shared, message: String) -> ApiError {
-    s.metrics
-        .forbidden
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    s.metrics.forbidden.inc();
     ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
 }
 
@@ -380,6 +378,14 @@ fn next_after(page: &Page, rows: usize, last: Option<i64>) -> Option<i64> {
     (rows as i64 == page.limit).then_some(last).flatten()
 }
 
+/// Times a history or series query in storage, for `telebridge_history_query_seconds`.
+async fn timed<T>(s: &crate::app::Shared, query: impl Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = query.await;
+    s.metrics.history_query.observe_duration(started.elapsed());
+    out
+}
+
 /// `GET /api/devices/{id}/readings?from=&to=&after=&limit=&format=`
 #[handler]
 pub async fn device_readings(req: &mut Request, depot: &mut Depot, res: &mut Response) {
@@ -401,7 +407,7 @@ pub async fn device_readings(req: &mut Request, depot: &mut Depot, res: &mut Res
                 ));
             }
         };
-        let rows = s.store.history(&q).await?;
+        let rows = timed(s, s.store.history(&q)).await?;
         Ok((q, rows, csv))
     }
     .await;
@@ -448,7 +454,7 @@ pub async fn status_history(req: &mut Request, depot: &mut Depot, res: &mut Resp
     let result = async {
         known_params(req, &["from", "to", "after", "limit"])?;
         let q = history_page(req, &who, s).await?;
-        let rows = s.store.status_history(&q).await?;
+        let rows = timed(s, s.store.status_history(&q)).await?;
         Ok::<_, ApiError>((q, rows))
     }
     .await;
@@ -691,7 +697,7 @@ pub async fn device_series(req: &mut Request, depot: &mut Depot, res: &mut Respo
         let (q, csv) = series_query(req, &who, s).await?;
         let plan = series::plan(&q, &s.series, domain::now_ms())
             .map_err(|e| ApiError::bad_request("bad_parameter", format!("step: {e}")))?;
-        let buckets = series::compute(&s.store, &q, &plan)
+        let buckets = timed(s, series::compute(&s.store, &q, &plan))
             .await
             .map_err(|e| match e {
                 series::SeriesError::Store(e) => ApiError::from(e),
@@ -1032,9 +1038,7 @@ pub async fn cancel_command(req: &mut Request, depot: &mut Depot, res: &mut Resp
             let now = s.store.command(&c.id).await?.map(|c| c.status);
             return Err(not_queued(now.as_deref().unwrap_or("gone")));
         }
-        s.metrics
-            .commands_cancelled
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        s.metrics.commands_cancelled.inc();
         Ok(s.store.command(&c.id).await?.unwrap_or(c))
     }
     .await;

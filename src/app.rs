@@ -403,13 +403,7 @@ impl App {
                 "shutdown took longer than {SHUTDOWN_DEADLINE:?}; some tasks were abandoned"
             );
         }
-        tracing::info!(
-            stored = shared
-                .metrics
-                .stored
-                .load(std::sync::atomic::Ordering::Relaxed),
-            "stopped cleanly"
-        );
+        tracing::info!(stored = shared.metrics.stored.get(), "stopped cleanly");
         Ok(())
     }
 }

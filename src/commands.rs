@@ -3,7 +3,6 @@
 //! to the WebSocket client that sent the command and to `/events` as `event: command`.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -111,9 +110,7 @@ impl Commands {
                 duplicate: true,
             });
         }
-        self.metrics
-            .commands_accepted
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.commands_accepted.inc();
         if !offline {
             self.publish(&id, &device, &req.name, &params);
         }
@@ -202,10 +199,8 @@ impl Commands {
                     } else {
                         &self.metrics.commands_failed
                     };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    self.metrics
-                        .command_rtt_micros
-                        .fetch_add((rtt_ms * 1000.0) as u64, Ordering::Relaxed);
+                    counter.inc();
+                    self.metrics.command_rtt.observe(rtt_ms / 1000.0);
                 }
                 ServerMessage::Ack {
                     id: c.id.clone(),
@@ -233,13 +228,9 @@ impl Commands {
             .store
             .timeout_due(now - self.cfg.timeout.as_millis() as i64, now)
             .await?;
-        self.metrics
-            .commands_timeout
-            .fetch_add(timed_out.len() as u64, Ordering::Relaxed);
+        self.metrics.commands_timeout.inc_by(timed_out.len() as u64);
         let expired = self.store.expire_due(now).await?;
-        self.metrics
-            .commands_expired
-            .fetch_add(expired.len() as u64, Ordering::Relaxed);
+        self.metrics.commands_expired.inc_by(expired.len() as u64);
         for c in self.store.queued_for_online(now).await? {
             // Only the caller that moves it out of `queued` publishes it.
             if self.store.mark_sent(&c.id, domain::now_ms()).await? {

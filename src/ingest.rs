@@ -153,7 +153,7 @@ impl Ingest {
 
     /// Turns one message into an item; rejections are counted and logged (rate-limited).
     pub fn classify(&self, topic: &str, payload: Bytes, ack: Option<AckToken>) -> Item {
-        self.metrics.received.fetch_add(1, Ordering::Relaxed);
+        self.metrics.received.inc();
         match self.try_classify(topic, payload, ack) {
             Ok(item) => item,
             Err(reject) => {

@@ -5,7 +5,6 @@
 //! could carry a packet id that now names a different, uncommitted message, so acks
 //! from an older connection are dropped (the broker redelivers those messages).
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,10 +85,7 @@ impl AckSink for Acker {
         let before = tokens.len();
         tokens.retain(|t| t.generation == conn.generation && conn.connected);
         let stale = (before - tokens.len()) as u64;
-        self.0
-            .metrics
-            .stale_acks
-            .fetch_add(stale, Ordering::Relaxed);
+        self.0.metrics.stale_acks.inc_by(stale);
         let Some(first) = tokens.first() else {
             return;
         };
@@ -258,10 +254,9 @@ impl MqttLink {
                         }),
                     };
                     let item = ingest.classify(&p.topic, p.payload, ack);
-                    metrics.queue_depth.store(
-                        (tx.max_capacity() - tx.capacity()) as i64,
-                        Ordering::Relaxed,
-                    );
+                    metrics
+                        .queue_depth
+                        .set((tx.max_capacity() - tx.capacity()) as i64);
                     // Waiting here when the writer is behind is the back-pressure: the broker
                     // holds the rest instead of our memory.
                     if tx.send(item).await.is_err() {
@@ -271,7 +266,7 @@ impl MqttLink {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     generation = self.begin_connection();
                     if ever_connected {
-                        metrics.mqtt_reconnects.fetch_add(1, Ordering::Relaxed);
+                        metrics.mqtt_reconnects.inc();
                     }
                     tracing::info!(
                         session_present = ack.session_present,
@@ -341,10 +336,7 @@ impl MqttLink {
         let mut conn = self.handle.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.generation += 1;
         conn.connected = true;
-        self.handle
-            .metrics
-            .mqtt_connected
-            .store(1, Ordering::Relaxed);
+        self.handle.metrics.mqtt_connected.set(1);
         conn.generation
     }
 
@@ -378,10 +370,7 @@ impl MqttLink {
         let Some(network) = self.eventloop.network.as_mut() else {
             // Disconnected: the broker delivers these again.
             let n = tokens.len() as u64;
-            self.handle
-                .metrics
-                .stale_acks
-                .fetch_add(n, Ordering::Relaxed);
+            self.handle.metrics.stale_acks.inc_by(n);
             return;
         };
         let written = tokio::time::timeout(ACK_WRITE_DEADLINE, async {
@@ -417,10 +406,7 @@ impl MqttLink {
         {
             let mut queue = self.handle.acks.lock().unwrap_or_else(|p| p.into_inner());
             let n = queue.tokens.len() as u64;
-            self.handle
-                .metrics
-                .stale_acks
-                .fetch_add(n, Ordering::Relaxed);
+            self.handle.metrics.stale_acks.inc_by(n);
             queue.tokens.clear();
             queue.waking = None;
         }
@@ -430,9 +416,6 @@ impl MqttLink {
         self.eventloop
             .pending
             .retain(|r| !matches!(r, rumqttc::Request::PubRec(_)));
-        self.handle
-            .metrics
-            .mqtt_connected
-            .store(0, Ordering::Relaxed);
+        self.handle.metrics.mqtt_connected.set(0);
     }
 }

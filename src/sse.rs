@@ -5,7 +5,6 @@
 //! frame moves its resume point past them (EventSource takes the id without an event).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
 use serde_json::json;
@@ -71,7 +70,7 @@ pub struct Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        self.metrics.sse_clients.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.sse_clients.dec();
     }
 }
 
@@ -83,8 +82,8 @@ impl Client {
         let heartbeat = shared.heartbeat;
         let stop = shared.streams_stop.clone();
         let metrics = shared.metrics.clone();
-        metrics.sse_clients.fetch_add(1, Ordering::Relaxed);
-        metrics.sse_connections.fetch_add(1, Ordering::Relaxed);
+        metrics.sse_clients.inc();
+        metrics.sse_connections.inc();
         let tap = shared.feed.subscribe(&Interest {
             kinds: params.kinds,
             devices: params.devices.clone(),
@@ -291,7 +290,7 @@ impl Client {
         loop {
             match self.tap.read(CHUNK_MAX, self.position) {
                 Read::Lagged => {
-                    self.metrics.sse_cut.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.sse_cut.inc();
                     self.phase = Phase::Done;
                     return Some(Bytes::from_static(
                         b": too slow: this stream is closed, reconnect with Last-Event-ID to resume\n\n",
@@ -301,9 +300,16 @@ impl Client {
                     bytes,
                     last_read,
                     last_sent,
+                    oldest,
                 } => {
                     self.position = self.position.max(last_read.unwrap_or(0));
                     if !bytes.is_empty() {
+                        // One sample per chunk, for its oldest event: the chunk is written to
+                        // the socket as soon as it is returned (the driver asks for the next
+                        // only once this one is written and flushed).
+                        if let Some(at) = oldest {
+                            self.metrics.sse_delivery_lag.observe_duration(at.elapsed());
+                        }
                         self.heartbeat.reset();
                         // This chunk carries the client's id: no `id:`-only frame is due
                         // for another second, so a client that gets events never needs one.

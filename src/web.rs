@@ -267,9 +267,7 @@ async fn authenticate(
             depot.insert_typed(p);
         }
         None => {
-            s.metrics
-                .auth_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            s.metrics.auth_failures.inc();
             res.add_header("www-authenticate", "Bearer", true).ok();
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -371,9 +369,7 @@ mod session {
             return;
         }
         let Some(p) = s.auth.by_token(token.trim()) else {
-            s.metrics
-                .auth_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            s.metrics.auth_failures.inc();
             return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")
                 .render(res);
         };
@@ -474,9 +470,7 @@ pub fn acquire_slot(
                 .map(|a| std::net::IpAddr::V6(*a.ip()))
         });
     s.limits.acquire(kind, ip).map_err(|r| {
-        s.metrics
-            .limit_refusals
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        s.metrics.limit_refusals.inc();
         match r {
             crate::limits::Refused::Total(n) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -547,29 +541,40 @@ async fn readyz(depot: &mut Depot, res: &mut Response) {
     })));
 }
 
-/// Prometheus text format.
+/// `GET /metrics`: OpenMetrics for a scraper that asks for it (Prometheus does), the
+/// Prometheus text format otherwise.
 #[handler]
-async fn metrics(depot: &mut Depot, res: &mut Response) {
+async fn metrics(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let s = shared(depot);
-    let mut body = s.metrics.render();
-    crate::observability::render_instance(
-        &mut body,
-        &s.instance,
-        s.store.backend_name(),
-        &s.metrics,
+    let format = crate::observability::Format::for_accept(
+        req.headers()
+            .get(salvo::http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
     );
-    crate::observability::render_storage(&mut body, &s.store.health().report(READY_STALL));
-    match s.store.gauges().await {
-        Ok(g) => crate::observability::render_gauges(&mut body, &g),
-        Err(e) => tracing::debug!(error = %e, "metrics: cannot count devices and alerts"),
+    let writer = s.store.health().report(READY_STALL);
+    let gauges = s
+        .store
+        .gauges()
+        .await
+        .inspect_err(|e| tracing::debug!(error = %e, "metrics: cannot count devices and alerts"))
+        .ok();
+    let scrape = crate::observability::Scrape {
+        instance: &s.instance,
+        backend: s.store.backend_name(),
+        writer: &writer,
+        gauges: gauges.as_ref(),
+    };
+    match s.metrics.encode(&scrape, format) {
+        Ok(body) => {
+            res.add_header("content-type", format.content_type(), true)
+                .ok();
+            res.render(body);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "metrics: encoding failed");
+            res.status_code(StatusCode::INTERNAL_SERVER_ERROR);
+        }
     }
-    res.add_header(
-        "content-type",
-        "text/plain; version=0.0.4; charset=utf-8",
-        true,
-    )
-    .ok();
-    res.render(body);
 }
 
 /// Each connection's driver, and the hand-off of SSE streams from hyper.

@@ -4,7 +4,6 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesUnordered;
@@ -116,7 +115,7 @@ impl RateLimit {
 }
 
 async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limits::Slot) {
-    s.metrics.ws_clients.fetch_add(1, Ordering::Relaxed);
+    s.metrics.ws_clients.inc();
     let (mut tx, mut rx) = socket.split();
     let mut updates = s.commands.subscribe();
     let mut mine: HashSet<String> = HashSet::new();
@@ -232,7 +231,7 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
             }
         }
     }
-    s.metrics.ws_clients.fetch_sub(1, Ordering::Relaxed);
+    s.metrics.ws_clients.dec();
 }
 
 /// A command that may be submitted, or why not.
@@ -254,7 +253,7 @@ fn check_text(
     }
     let req = protocol::parse_client_message(text)?;
     if !who.may_command() || !who.sees(&req.device) {
-        s.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
+        s.metrics.forbidden.inc();
         let message = if who.may_command() {
             format!("device {:?} is outside this token's scope", req.device)
         } else {
@@ -283,6 +282,6 @@ fn check_text(
 }
 
 fn refuse(s: &Shared, r: Refusal) -> ServerMessage {
-    s.metrics.command_errors.fetch_add(1, Ordering::Relaxed);
+    s.metrics.command_errors.inc();
     r.into_message()
 }

@@ -466,7 +466,7 @@ impl Engine {
     /// Reads the log from `seen` through `through` and evaluates it.
     async fn catch_up(&mut self, through: i64) {
         let kinds = Kinds::NONE.with(Kind::Reading).with(Kind::Status);
-        self.metrics.alert_catch_ups.fetch_add(1, Ordering::Relaxed);
+        self.metrics.alert_catch_ups.inc();
         while self.seen < through {
             let entries = match self.store.replay(self.seen, None, kinds, REPLAY_PAGE).await {
                 Ok(e) => e,

@@ -7,7 +7,6 @@
 //! as failed and logged.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hmac::{KeyInit, Mac};
@@ -121,10 +120,10 @@ impl Webhooks {
             };
             match hook.tx.try_send(delivery) {
                 Ok(()) => {
-                    self.metrics.webhook_queued.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.webhook_queued.inc();
                 }
                 Err(_) => {
-                    self.metrics.webhook_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.webhook_dropped.inc();
                     tracing::warn!(rule = %alert.rule, device = %alert.device, "webhook queue full: alert change dropped");
                 }
             }
@@ -174,7 +173,7 @@ impl Sender {
                     None => break,
                 },
             };
-            self.metrics.webhook_queued.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.webhook_queued.dec();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.deliver(&d) => {}
@@ -190,7 +189,7 @@ impl Sender {
         let mut wait = Duration::from_secs(1);
         for attempt in 1..=self.attempts {
             if attempt > 1 {
-                self.metrics.webhook_retries.fetch_add(1, Ordering::Relaxed);
+                self.metrics.webhook_retries.inc();
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(self.backoff_max);
             }
@@ -204,9 +203,7 @@ impl Sender {
             }
             let why = match req.body(d.body.to_vec()).send().await {
                 Ok(r) if r.status().is_success() => {
-                    self.metrics
-                        .webhook_delivered
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.webhook_delivered.inc();
                     return;
                 }
                 Ok(r) => {
@@ -215,7 +212,7 @@ impl Sender {
                         || status == reqwest::StatusCode::REQUEST_TIMEOUT
                         || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
                     if !retry {
-                        self.metrics.webhook_failed.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.webhook_failed.inc();
                         tracing::warn!(url = %self.url, rule = %d.rule, device = %d.device, %status, "webhook refused the alert; not retried");
                         return;
                     }
@@ -225,7 +222,7 @@ impl Sender {
             };
             tracing::debug!(url = %self.url, attempt, why, "webhook delivery failed");
             if attempt == self.attempts {
-                self.metrics.webhook_failed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.webhook_failed.inc();
                 tracing::warn!(url = %self.url, rule = %d.rule, device = %d.device, attempts = self.attempts, last_error = why, "webhook delivery failed; giving up");
             }
         }

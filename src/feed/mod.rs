@@ -9,6 +9,7 @@ mod route;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
@@ -97,6 +98,9 @@ pub struct Event {
     pub seq: i64,
     /// The complete SSE frame, `id:`/`event:`/`data:` lines and the blank line.
     pub frame: Bytes,
+    /// When this instance learned it was committed: just after its own commit, or when its
+    /// tail read it from the shared log (PostgreSQL). The SSE delivery lag counts from here.
+    pub committed: Instant,
 }
 
 struct Ring {
@@ -164,6 +168,8 @@ pub enum Read {
         last_read: Option<i64>,
         /// The seq of the last event whose frame is in `bytes`.
         last_sent: Option<i64>,
+        /// When the oldest event whose frame is in `bytes` was committed.
+        oldest: Option<Instant>,
     },
     /// The client fell behind what the feed keeps for it.
     Lagged,
@@ -266,6 +272,7 @@ impl Tap {
             after,
             last_read: None,
             last_sent: None,
+            oldest: None,
         };
         match &mut self.way {
             Way::Ring { pos, kinds, .. } => {
@@ -297,6 +304,7 @@ impl Tap {
             bytes: c.out.freeze(),
             last_read: c.last_read,
             last_sent: c.last_sent,
+            oldest: c.oldest,
         }
     }
 
@@ -352,6 +360,7 @@ struct Collect {
     after: i64,
     last_read: Option<i64>,
     last_sent: Option<i64>,
+    oldest: Option<Instant>,
 }
 
 impl Collect {
@@ -361,6 +370,7 @@ impl Collect {
         if wanted && e.seq > self.after {
             self.out.extend_from_slice(&e.frame);
             self.last_sent = Some(e.seq);
+            self.oldest.get_or_insert(e.committed);
         }
         self.out.len() < self.max_bytes
     }
@@ -392,6 +402,7 @@ mod tests {
             device: Arc::from(device),
             seq,
             frame: Bytes::from(format!("id: {seq}\n\n")),
+            committed: Instant::now(),
         }
     }
 
@@ -429,17 +440,22 @@ mod tests {
         let feed = Feed::new(4);
         feed.push(vec![reading(1)]);
         let mut tap = feed.subscribe(&everything());
-        feed.push(vec![reading(2), reading(3)]);
+        let (skipped, sent) = (reading(2), reading(3));
+        let committed = sent.committed;
+        feed.push(vec![skipped, sent]);
         let Read::Events {
             bytes,
             last_read,
             last_sent,
+            oldest,
         } = tap.read(1 << 20, 2)
         else {
             panic!()
         };
         assert_eq!(&bytes[..], b"id: 3\n\n");
         assert_eq!((last_read, last_sent), (Some(3), Some(3)));
+        // The delivery lag counts from the oldest event sent, not from one skipped.
+        assert_eq!(oldest, Some(committed));
     }
 
     #[test]

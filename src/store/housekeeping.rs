@@ -39,7 +39,6 @@ async fn checkpoints_and_presence(
     metrics: std::sync::Arc<crate::observability::Metrics>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
-    use std::sync::atomic::Ordering;
     let sweep_every =
         (presence_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
     let mut sweep_tick = tokio::time::interval(sweep_every);
@@ -72,7 +71,7 @@ async fn checkpoints_and_presence(
                 let cutoff = domain::now_ms() - presence_timeout.as_millis() as i64;
                 match store.presence_sweep(cutoff).await {
                     Ok(ids) if !ids.is_empty() => {
-                        metrics.presence_timeouts.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                        metrics.presence_timeouts.inc_by(ids.len() as u64);
                         tracing::info!(devices = ?ids, "marked offline after silence");
                     }
                     Err(StoreError::WriterGone) => return,
@@ -113,7 +112,6 @@ async fn retention_pass(
     metrics: &crate::observability::Metrics,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> bool {
-    use std::sync::atomic::Ordering;
     let retention = storage.retention;
     let events_retention = storage.events_retention();
     let rollup_retention = [
@@ -132,7 +130,7 @@ async fn retention_pass(
         match store.retention(cutoff, events_cutoff).await {
             Ok(n) => {
                 deleted += n;
-                metrics.retention_deleted.fetch_add(n, Ordering::Relaxed);
+                metrics.retention_deleted.inc_by(n);
                 if n < RETENTION_PER_CALL || cancel.is_cancelled() {
                     break;
                 }

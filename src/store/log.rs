@@ -91,12 +91,13 @@ impl EventRow {
     }
 
     /// The feed's event: the stored data behind its `id:` and `event:` lines.
-    pub fn to_event(&self) -> Event {
+    pub fn to_event(&self, committed: std::time::Instant) -> Event {
         Event {
             kind: self.kind,
             device: self.device.clone(),
             seq: self.seq,
             frame: feed::encode_event(self.seq, self.kind, &self.data),
+            committed,
         }
     }
 }

@@ -627,16 +627,17 @@ impl LogEntry {
         }
     }
 
-    /// Its live feed event.
-    pub fn to_event(&self) -> feed::Event {
+    /// Its live feed event, committed (as far as this instance knows) at `committed`.
+    pub fn to_event(&self, committed: std::time::Instant) -> feed::Event {
         match self {
             LogEntry::Reading(r) => feed::Event {
                 kind: Kind::Reading,
                 device: Arc::from(r.device.as_str()),
                 seq: r.seq,
                 frame: feed::encode_reading(r),
+                committed,
             },
-            LogEntry::Event(e) => e.to_event(),
+            LogEntry::Event(e) => e.to_event(committed),
         }
     }
 

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -95,15 +94,16 @@ impl Committed {
         last_seq: i64,
     ) {
         if self.feed.has_subscribers() {
+            let now = Instant::now();
             let mut out = Vec::with_capacity(order.len());
             for entry in order {
                 match *entry {
                     Entry::Reading(i, seq) => {
                         if let Some(Item::Reading(r, _)) = batch.get(i) {
-                            out.push(reading_event(r, seq));
+                            out.push(reading_event(r, seq, now));
                         }
                     }
-                    Entry::Event(i) => out.extend(events.get(i).map(EventRow::to_event)),
+                    Entry::Event(i) => out.extend(events.get(i).map(|e| e.to_event(now))),
                 }
             }
             if !out.is_empty() {
@@ -151,7 +151,8 @@ impl Committed {
     pub(super) fn publish_entries(&self, entries: &[LogEntry]) {
         let Some(last) = entries.last() else { return };
         if self.feed.has_subscribers() {
-            let out: Vec<Event> = entries.iter().map(LogEntry::to_event).collect();
+            let now = Instant::now();
+            let out: Vec<Event> = entries.iter().map(|e| e.to_event(now)).collect();
             self.feed.push(out);
         }
         for e in entries {
@@ -186,8 +187,9 @@ impl Committed {
 }
 
 /// A reading's feed event.
-fn reading_event(r: &Reading, seq: i64) -> Event {
+fn reading_event(r: &Reading, seq: i64, committed: Instant) -> Event {
     Event {
+        committed,
         kind: Kind::Reading,
         device: r.device.shared(),
         seq,
@@ -523,7 +525,7 @@ pub(super) async fn run<B: Backend>(
                         }
                     }
                 }
-                metrics.queue_depth.store(items.len() as i64, Ordering::Relaxed);
+                metrics.queue_depth.set(items.len() as i64);
                 backend.health().busy(batch.len() + items.len(), oldest_ms(&batch));
                 let step = Step { metrics: &metrics, committed, queue: &items, cfg: &cfg, shutdown: &shutdown };
                 if let Err(e) = commit_with_retry(&mut backend, &mut batch, &mut pending_acks, &step).await {
@@ -592,28 +594,30 @@ async fn commit_with_retry<B: Backend>(
     let first_try = Instant::now();
     loop {
         let started = Instant::now();
-        match backend.commit(batch).await {
+        let result = backend.commit(batch).await;
+        // The transaction's own time, before publishing to the feed and the alerts.
+        let took = started.elapsed();
+        match result {
             Ok(commit) => {
                 if attempts > 0 {
                     tracing::info!(attempts, "the batch committed after failing");
                 }
                 backend.publish(committed, batch, &commit);
                 for (id, device) in &commit.unknown_acks {
-                    metrics.unknown_acks.fetch_add(1, Ordering::Relaxed);
+                    metrics.unknown_acks.inc();
                     tracing::warn!(%id, %device, "ack for an unknown or already finished command");
                 }
-                metrics.stored.fetch_add(commit.readings, Ordering::Relaxed);
-                metrics
-                    .repeated
-                    .fetch_add(commit.repeated, Ordering::Relaxed);
-                metrics
-                    .presence
-                    .fetch_add(commit.presence, Ordering::Relaxed);
-                metrics.batches.fetch_add(1, Ordering::Relaxed);
-                metrics
-                    .commit_micros
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                metrics.commit_latency.observe(first_try.elapsed());
+                metrics.stored.inc_by(commit.readings);
+                metrics.repeated.inc_by(commit.repeated);
+                metrics.presence.inc_by(commit.presence);
+                metrics.batches.inc();
+                metrics.commit_seconds.observe_duration(took);
+                metrics.commit_latency.observe_duration(first_try.elapsed());
+                // Repeats are written (and looked up) in the transaction too.
+                let readings = commit.readings + commit.repeated;
+                if readings > 0 {
+                    metrics.batch_size.observe(readings as f64);
+                }
                 backend.health().committed(queue.len());
                 acks.extend(batch.drain(..).filter_map(|item| match item {
                     Item::Reading(_, ack) | Item::Skip(ack) | Item::Presence { ack, .. } => ack,
@@ -623,7 +627,7 @@ async fn commit_with_retry<B: Backend>(
             }
             Err(e) => {
                 attempts += 1;
-                metrics.commit_failures.fetch_add(1, Ordering::Relaxed);
+                metrics.commit_failures.inc();
                 let health = backend.health();
                 health.busy(batch.len() + queue.len(), oldest_ms(batch));
                 report_failure(health, backend.fault_kind(&e), &e, batch.len());

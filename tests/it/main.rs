@@ -13,6 +13,7 @@ mod event_log;
 mod fanout;
 mod history;
 mod ingest;
+mod observability;
 mod pg;
 mod series;
 mod sse;

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
@@ -429,7 +428,7 @@ impl Writer {
         self.put_back(conn, result.is_ok()).await;
         match result {
             Ok(true) => {
-                metrics.wal_restarts.fetch_add(1, Ordering::Relaxed);
+                metrics.wal_restarts.inc();
                 self.health.checkpoint(None);
                 tracing::debug!(wal_bytes = size, took = ?started.elapsed(), "WAL restarted from its start");
             }
