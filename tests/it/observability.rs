@@ -11,8 +11,18 @@ use serde_json::json;
 use crate::support::{Daemon, FakeDevice, Mosquitto, Publisher, SseClient, Ws, reading};
 
 const T: Duration = Duration::from_secs(20);
-/// Debian's `prometheus` package; scripts/test installs it.
-const PROMTOOL: &str = "/usr/bin/promtool";
+/// promtool: `$TELEBRIDGE_PROMTOOL`, else the copy scripts/test unpacks from Debian's
+/// `prometheus` package into `target/tools/`, else one on the PATH.
+fn promtool() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("TELEBRIDGE_PROMTOOL") {
+        return p.into();
+    }
+    let unpacked = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/promtool");
+    if unpacked.exists() {
+        return unpacked;
+    }
+    "promtool".into()
+}
 
 /// The histograms, each of which the traffic below must have counted.
 const HISTOGRAMS: [&str; 6] = [
@@ -166,14 +176,18 @@ fn content_type(r: &reqwest::Response) -> String {
 
 /// `promtool check metrics`: the exposition parses, and its lint finds nothing.
 fn promtool_check(exposition: &str) {
-    let mut child = Command::new(PROMTOOL)
+    let promtool = promtool();
+    let mut child = Command::new(&promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| {
-            panic!("run {PROMTOOL} (Debian's prometheus; scripts/test installs it): {e}")
+            panic!(
+                "run {} (scripts/test unpacks it from Debian's prometheus): {e}",
+                promtool.display()
+            )
         });
     child
         .stdin
