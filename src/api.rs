@@ -21,7 +21,7 @@ pub const HISTORY_MAX_LIMIT: i64 = 10_000;
 pub const HISTORY_DEFAULT_LIMIT: i64 = 100;
 
 /// `GET /events`
-#[handler]
+#[endpoint(tags("live feed"), parameters(("device" = Option<String>, Query, description = "a comma-separated list of device ids (at most 1000)"), ("type" = Option<String>, Query, description = "a comma-separated list of reading, status, command"), ("last_event_id" = Option<String>, Query, description = "resume after this event id (or the Last-Event-ID header)"), ("snapshot" = Option<String>, Query, description = "latest: first the latest reading of each device")), responses((status_code = 200, description = "an SSE stream: `id:` is the event id; `event:` reading, status, command, alert, gap or shutdown; `data:` its JSON. A heartbeat comment every [http] heartbeat.", content_type = "text/event-stream", body = String), (status_code = 400, description = "a bad or unknown parameter; the message starts with its name", body = crate::openapi::ErrorBody), (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody), (status_code = 403, description = "outside the token's scope, or a viewer where an operator is needed", body = crate::openapi::ErrorBody), (status_code = 503, description = "too many streams (max_sse_clients, max_streams_per_ip)", body = crate::openapi::ErrorBody)))]
 pub async fn events(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let s = shared(depot).clone();
     let who = principal(depot);
@@ -197,7 +197,7 @@ impl From<StoredReading> for ReadingOut {
 }
 
 /// `GET /api/devices`
-#[handler]
+#[endpoint(tags("devices"), responses((status_code = 200, body = crate::openapi::DeviceList), (status_code = 400, description = "a bad or unknown parameter; the message starts with its name", body = crate::openapi::ErrorBody), (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody), (status_code = 503, description = "storage cannot answer now", body = crate::openapi::ErrorBody)))]
 pub async fn list_devices(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let who = principal(depot);
     let s = shared(depot);
@@ -254,7 +254,7 @@ pub async fn list_devices(req: &mut Request, depot: &mut Depot, res: &mut Respon
 }
 
 /// `GET /api/devices/{id}`: one device, as the list shows it.
-#[handler]
+#[endpoint(tags("devices"), parameters(("id" = String, Path, description = "the device id: 1–64 of A-Z a-z 0-9 . _ -", pattern = "^[A-Za-z0-9._-]{1,64}$")), responses((status_code = 200, body = crate::openapi::Device), (status_code = 400, description = "a bad or unknown parameter; the message starts with its name", body = crate::openapi::ErrorBody), (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody), (status_code = 403, description = "outside the token's scope, or a viewer where an operator is needed", body = crate::openapi::ErrorBody), (status_code = 404, description = "no such device, command or alert", body = crate::openapi::ErrorBody), (status_code = 503, description = "storage cannot answer now", body = crate::openapi::ErrorBody)))]
 pub async fn one_device(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let who = principal(depot);
     let s = shared(depot).clone();
@@ -387,7 +387,7 @@ async fn timed<T>(s: &crate::app::Shared, query: impl Future<Output = T>) -> T {
 }
 
 /// `GET /api/devices/{id}/readings?from=&to=&after=&limit=&format=`
-#[handler]
+#[endpoint(tags("history"), parameters(("id" = String, Path, description = "the device id: 1–64 of A-Z a-z 0-9 . _ -", pattern = "^[A-Za-z0-9._-]{1,64}$"), ("from" = Option<String>, Query, description = "RFC 3339, Unix ms, now, or a time ago such as -1h"), ("to" = Option<String>, Query, description = "RFC 3339, Unix ms, now, or a time ago such as -1h"), ("after" = Option<String>, Query, description = "the last seq you have"), ("before" = Option<String>, Query, description = "newest-first paging: readings below this seq"), ("order" = Option<String>, Query, description = "asc (default) or desc"), ("limit" = Option<String>, Query, description = "1–10000, default 100"), ("format" = Option<String>, Query, description = "json (default) or csv")), responses((status_code = 200, description = "a page of readings; CSV with format=csv (`X-Next-After`, `X-Next-Before` headers)", content(("application/json" = crate::openapi::ReadingsPage), ("text/csv" = String))), (status_code = 400, description = "a bad or unknown parameter; the message starts with its name", body = crate::openapi::ErrorBody), (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody), (status_code = 403, description = "outside the token's scope, or a viewer where an operator is needed", body = crate::openapi::ErrorBody), (status_code = 404, description = "no such device, command or alert", body = crate::openapi::ErrorBody), (status_code = 503, description = "storage cannot answer now", body = crate::openapi::ErrorBody)))]
 pub async fn device_readings(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let who = principal(depot);
     let s = shared(depot);
@@ -447,7 +447,7 @@ pub async fn device_readings(req: &mut Request, depot: &mut Depot, res: &mut Res
 
 /// `GET /api/devices/{id}/status-history?from=&to=&after=&limit=`: presence changes from
 /// the event log, oldest first, paged by seq (the SSE event id).
-#[handler]
+#[endpoint(tags("history"), parameters(("id" = String, Path, description = "the device id: 1–64 of A-Z a-z 0-9 . _ -", pattern = "^[A-Za-z0-9._-]{1,64}$"), ("from" = Option<String>, Query, description = "RFC 3339, Unix ms, now, or a time ago such as -1h"), ("to" = Option<String>, Query, description = "RFC 3339, Unix ms, now, or a time ago such as -1h"), ("after" = Option<String>, Query, description = "the last seq you have"), ("limit" = Option<String>, Query, description = "1–10000, default 100")), responses((status_code = 200, body = crate::openapi::StatusHistory), (status_code = 400, description = "a bad or unknown parameter; the message starts with its name", body = crate::openapi::ErrorBody), (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody), (status_code = 403, description = "outside the token's scope, or a viewer where an operator is needed", body = crate::openapi::ErrorBody), (status_code = 404, description = "no such device, command or alert", body = crate::openapi::ErrorBody), (status_code = 503, description = "storage cannot answer now", body = crate::openapi::ErrorBody)))]
 pub async fn status_history(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let who = principal(depot);
     let s = shared(depot);
@@ -689,7 +689,7 @@ async fn series_query(
 
 /// `GET /api/devices/{id}/series?fields=&from=&to=&step=&agg=&format=`: numeric fields
 /// aggregated per time bucket, from the stored rollups or the raw readings.
-#[handler]
+#[endpoint(tags("history"), parameters(("id" = String, Path, description = "the device id: 1–64 of A-Z a-z 0-9 . _ -", pattern = "^[A-Za-z0-9._-]{1,64}$"), ("fields" = Option<String>, Query, description = "a comma-separated list of numeric fields (dotted paths); default all"), ("from" = Option<String>, Query, description = "RFC 3339, Unix ms, now, or a time ago such as -1h"), ("to" = Option<String>, Query, description = "RFC 3339, Unix ms, now, or a time ago such as -1h"), ("step" = Option<String>, Query, description = "auto (default), or a width such as 10s, 1m, 1h, 1d"), ("agg" = Option<String>, Query, description = "a comma-separated list of avg, min, max, first, last, count"), ("format" = Option<String>, Query, description = "json (default) or csv")), responses((status_code = 200, description = "buckets per step; CSV with format=csv", content(("application/json" = crate::openapi::Series), ("text/csv" = String))), (status_code = 400, description = "a bad or unknown parameter; the message starts with its name", body = crate::openapi::ErrorBody), (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody), (status_code = 403, description = "outside the token's scope, or a viewer where an operator is needed", body = crate::openapi::ErrorBody), (status_code = 404, description = "no such device, command or alert", body = crate::openapi::ErrorBody), (status_code = 503, description = "storage cannot answer now", body = crate::openapi::ErrorBody)))]
 pub async fn device_series(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let who = principal(depot);
     let s = shared(depot);
@@ -802,7 +802,7 @@ fn csv_cell(s: &str) -> String {
 const COMMAND_BODY_MAX: usize = crate::ws::MAX_MESSAGE;
 
 /// `POST /api/devices/{id}/commands`: like a WebSocket command; `202` with the id.
-#[handler]
+#[endpoint(tags("commands"), request_body = crate::openapi::NewCommand, parameters(("id" = String, Path, description = "the device id: 1–64 of A-Z a-z 0-9 . _ -", pattern = "^[A-Za-z0-9._-]{1,64}$")), responses((status_code = 202, body = crate::openapi::CommandAccepted), (status_code = 400, description = "a bad or unknown parameter; the message starts with its name", body = crate::openapi::ErrorBody), (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody), (status_code = 403, description = "outside the token's scope, or a viewer where an operator is needed", body = crate::openapi::ErrorBody), (status_code = 413, description = "the body is over 16 KiB", body = crate::openapi::ErrorBody), (status_code = 503, description = "commands cannot be stored now", body = crate::openapi::ErrorBody)))]
 pub async fn post_command(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let s = shared(depot).clone();
     let who = principal(depot);
@@ -905,7 +905,7 @@ fn command_json(c: &crate::store::CommandRow) -> serde_json::Value {
 }
 
 /// `GET /api/commands/templates`: default params per command name, for the console.
-#[handler]
+#[endpoint(tags("commands"), responses((status_code = 200, body = crate::openapi::Templates), (status_code = 400, description = "a bad or unknown parameter; the message starts with its name", body = crate::openapi::ErrorBody), (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody)))]
 pub async fn command_templates(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     if let Err(e) = known_params(req, &[]) {
         return e.render(res);
@@ -914,7 +914,7 @@ pub async fn command_templates(req: &mut Request, depot: &mut Depot, res: &mut R
 }
 
 /// `GET /api/commands?device=&status=&limit=`: the command log, newest first.
-#[handler]
+#[endpoint(tags("commands"), parameters(("device" = Option<String>, Query, description = "only this device"), ("status" = Option<String>, Query, description = "a comma-separated list of queued, sent, acked, failed, timeout, expired, cancelled"), ("limit" = Option<String>, Query, description = "1–1000, default 100")), responses((status_code = 200, body = crate::openapi::CommandList), (status_code = 400, description = "a bad or unknown parameter; the message starts with its name", body = crate::openapi::ErrorBody), (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody), (status_code = 403, description = "outside the token's scope, or a viewer where an operator is needed", body = crate::openapi::ErrorBody), (status_code = 503, description = "storage cannot answer now", body = crate::openapi::ErrorBody)))]
 pub async fn list_commands(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let who = principal(depot);
     let s = shared(depot);
@@ -997,7 +997,7 @@ async fn scoped_command(
 }
 
 /// `GET /api/commands/{id}`: one command with its status and times.
-#[handler]
+#[endpoint(tags("commands"), parameters(("id" = String, Path, description = "the command id")), responses((status_code = 200, body = crate::openapi::Command), (status_code = 400, description = "a bad or unknown parameter; the message starts with its name", body = crate::openapi::ErrorBody), (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody), (status_code = 403, description = "outside the token's scope, or a viewer where an operator is needed", body = crate::openapi::ErrorBody), (status_code = 404, description = "no such device, command or alert", body = crate::openapi::ErrorBody), (status_code = 503, description = "storage cannot answer now", body = crate::openapi::ErrorBody)))]
 pub async fn get_command(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let who = principal(depot);
     let s = shared(depot).clone();
@@ -1013,7 +1013,7 @@ pub async fn get_command(req: &mut Request, depot: &mut Depot, res: &mut Respons
 }
 
 /// `DELETE /api/commands/{id}`: an operator cancels a queued command.
-#[handler]
+#[endpoint(tags("commands"), parameters(("id" = String, Path, description = "the command id")), responses((status_code = 200, description = "the command, now cancelled", body = crate::openapi::Command), (status_code = 400, description = "a bad or unknown parameter; the message starts with its name", body = crate::openapi::ErrorBody), (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody), (status_code = 403, description = "outside the token's scope, or a viewer where an operator is needed", body = crate::openapi::ErrorBody), (status_code = 404, description = "no such device, command or alert", body = crate::openapi::ErrorBody), (status_code = 409, description = "not queued: it was sent or finished", body = crate::openapi::ErrorBody), (status_code = 503, description = "storage cannot answer now", body = crate::openapi::ErrorBody)))]
 pub async fn cancel_command(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let who = principal(depot);
     let s = shared(depot).clone();
@@ -1053,7 +1053,7 @@ const ALERTS_MAX_LIMIT: i64 = 10_000;
 
 /// `GET /api/alerts?state=&device=&limit=`: alerts, newest first; `state` a list of
 /// firing, acknowledged, resolved, or `open` for the first two.
-#[handler]
+#[endpoint(tags("alerts"), parameters(("state" = Option<String>, Query, description = "a comma-separated list of firing, acknowledged, resolved, or open"), ("device" = Option<String>, Query, description = "only this device"), ("limit" = Option<String>, Query, description = "1–1000")), responses((status_code = 200, body = crate::openapi::AlertList), (status_code = 400, description = "a bad or unknown parameter; the message starts with its name", body = crate::openapi::ErrorBody), (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody), (status_code = 403, description = "outside the token's scope, or a viewer where an operator is needed", body = crate::openapi::ErrorBody), (status_code = 503, description = "storage cannot answer now", body = crate::openapi::ErrorBody)))]
 pub async fn list_alerts(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let who = principal(depot);
     let s = shared(depot).clone();
@@ -1100,7 +1100,7 @@ pub async fn list_alerts(req: &mut Request, depot: &mut Depot, res: &mut Respons
 }
 
 /// `POST /api/alerts/{id}/ack`: an operator acknowledges a firing alert (again: no change).
-#[handler]
+#[endpoint(tags("alerts"), parameters(("id" = i64, Path, description = "the alert id")), responses((status_code = 200, body = crate::openapi::AlertAcked), (status_code = 400, description = "a bad or unknown parameter; the message starts with its name", body = crate::openapi::ErrorBody), (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody), (status_code = 403, description = "outside the token's scope, or a viewer where an operator is needed", body = crate::openapi::ErrorBody), (status_code = 404, description = "no such device, command or alert", body = crate::openapi::ErrorBody), (status_code = 409, description = "the alert is resolved", body = crate::openapi::ErrorBody), (status_code = 503, description = "storage cannot answer now", body = crate::openapi::ErrorBody)))]
 pub async fn ack_alert(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     use crate::store::alert::{AlertOutcome, AlertState};
     let who = principal(depot);

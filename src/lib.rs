@@ -54,6 +54,7 @@ pub mod ingest;
 pub mod limits;
 pub mod mqtt;
 pub mod observability;
+pub mod openapi;
 pub mod presence;
 pub mod protocol;
 pub mod series;

@@ -186,8 +186,19 @@ where
     }
 }
 
-/// Every route.
+/// Every route, with the shared state, and the API's OpenAPI document made from them.
 pub fn router(shared: Shared) -> Router {
+    let routes = routes();
+    let doc = Arc::new(crate::openapi::document(&routes));
+    Router::new()
+        .hoop(affix_state::inject(shared))
+        .hoop(cors)
+        .push(Router::with_path("api/openapi.json").get(crate::openapi::Serve(doc)))
+        .push(routes)
+}
+
+/// The routes: the service's, the API's (behind `authenticate`), the dashboard, and a 404.
+pub fn routes() -> Router {
     let protected = Router::new()
         .hoop(authenticate)
         .push(
@@ -211,10 +222,8 @@ pub fn router(shared: Shared) -> Router {
         )
         .push(Router::with_path("api/alerts").get(api::list_alerts))
         .push(Router::with_path("api/alerts/{id}/ack").post(api::ack_alert))
-        .push(Router::with_path("ws").goal(ws::ws));
+        .push(Router::with_path("ws").get(ws::ws));
     Router::new()
-        .hoop(affix_state::inject(shared))
-        .hoop(cors)
         .push(Router::with_path("healthz").get(healthz))
         .push(Router::with_path("readyz").get(readyz))
         .push(Router::with_path("metrics").get(metrics))
@@ -333,7 +342,7 @@ mod session {
     use super::*;
 
     /// `GET /api/session`: whether auth is on, and who the caller is.
-    #[handler]
+    #[endpoint(tags("session"), responses((status_code = 200, body = crate::openapi::Session)))]
     pub async fn get(req: &mut Request, depot: &mut Depot, res: &mut Response) {
         let s = shared(depot);
         if !s.auth.enabled() {
@@ -352,7 +361,7 @@ mod session {
     }
 
     /// `POST /api/session` with `{"token": "..."}`: sets the session cookie.
-    #[handler]
+    #[endpoint(tags("session"), request_body = crate::openapi::Login, responses((status_code = 204, description = "signed in: the session cookie is set (or auth is off)"), (status_code = 400, description = "a bad body", body = crate::openapi::ErrorBody), (status_code = 401, description = "unknown token", body = crate::openapi::ErrorBody)))]
     pub async fn post(req: &mut Request, depot: &mut Depot, res: &mut Response) {
         let s = shared(depot).clone();
         let token = match req.payload_with_max_size(4096).await {
@@ -390,7 +399,7 @@ mod session {
     }
 
     /// `DELETE /api/session`: logs out.
-    #[handler]
+    #[endpoint(tags("session"), responses((status_code = 204, description = "signed out: the cookie is cleared")))]
     pub async fn delete(res: &mut Response) {
         let mut cookie = salvo::http::cookie::Cookie::new(auth::COOKIE, "");
         cookie.set_path("/");
@@ -500,7 +509,7 @@ async fn not_found(req: &mut Request, res: &mut Response) {
 }
 
 /// Liveness: the process answers.
-#[handler]
+#[endpoint(tags("service"), responses((status_code = 200, body = crate::openapi::Health)))]
 async fn healthz(res: &mut Response) {
     res.render(Json(json!({"status": "ok"})));
 }
@@ -510,7 +519,7 @@ async fn healthz(res: &mut Response) {
 const READY_STALL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Readiness: broker connected, storage readable, and the writer committing.
-#[handler]
+#[endpoint(tags("service"), responses((status_code = 200, description = "ready", body = crate::openapi::Ready), (status_code = 503, description = "not ready: the reason is in the body", body = crate::openapi::Ready)))]
 async fn readyz(depot: &mut Depot, res: &mut Response) {
     let s = shared(depot);
     let broker = s.mqtt.connected();
@@ -543,7 +552,7 @@ async fn readyz(depot: &mut Depot, res: &mut Response) {
 
 /// `GET /metrics`: OpenMetrics for a scraper that asks for it (Prometheus does), the
 /// Prometheus text format otherwise.
-#[handler]
+#[endpoint(tags("service"), responses((status_code = 200, description = "Prometheus text format, or OpenMetrics when the Accept header asks for it", content_type = ["text/plain", "application/openmetrics-text"], body = String)))]
 async fn metrics(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let s = shared(depot);
     let format = crate::observability::Format::for_accept(

@@ -31,7 +31,16 @@ const EARLY_MAX: usize = 256;
 const IN_FLIGHT: usize = 32;
 
 /// `GET /ws`
-#[handler]
+#[endpoint(
+    tags("commands"),
+    responses(
+        (status_code = 101, description = "a WebSocket of JSON text frames: the client sends {\"type\": \"command\", \"device\", \"name\", \"params\", \"ref\", \"key\", \"ttl\"}; the server answers accepted, ack, timeout, expired, cancelled or error (README.md, WebSocket)"),
+        (status_code = 400, description = "not a WebSocket upgrade", body = crate::openapi::ErrorBody),
+        (status_code = 401, description = "auth is on and no valid token or session came", body = crate::openapi::ErrorBody),
+        (status_code = 403, description = "the Origin is not allowed", body = crate::openapi::ErrorBody),
+        (status_code = 503, description = "too many WebSockets (max_ws_clients)", body = crate::openapi::ErrorBody),
+    )
+)]
 pub async fn ws(req: &mut Request, depot: &mut Depot, res: &mut Response) {
     let s = shared(depot).clone();
     let who = principal(depot);

@@ -14,6 +14,7 @@ mod fanout;
 mod history;
 mod ingest;
 mod observability;
+mod openapi;
 mod pg;
 mod series;
 mod sse;
