@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use telebridge::app::RunOptions;
 use telebridge::config::{Config, ConfigError, MqttUrl, TopicsConfig};
 use telebridge::observability;
@@ -62,6 +62,13 @@ enum Command {
         #[arg(long, default_value = "*")]
         devices: String,
     },
+    /// Print the man page (roff) to stdout.
+    Man,
+    /// Print shell completions to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Run simulated devices against any MQTT broker.
     Simulate {
         /// Broker URL.
@@ -88,6 +95,18 @@ enum Command {
     },
 }
 
+/// The man page, generated from the command line's own definition.
+fn print_man() -> ExitCode {
+    let page = clap_mangen::Man::new(Cli::command());
+    match page.render(&mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the man page: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Exit code for an invalid or unreadable config.
 const EXIT_CONFIG: u8 = 2;
 /// Exit code when storage cannot be opened at start-up, or fails at shutdown.
@@ -104,6 +123,16 @@ fn main() -> ExitCode {
             Err(e) => config_failed(&e),
         },
         Command::Init { path } => init(&path),
+        Command::Man => print_man(),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "telebridge",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
         Command::Run { config, demo } => {
             // The demo runs anywhere: without a config file it takes the example's values.
             let built_in = demo && !config.exists() && config == Path::new(DEFAULT_CONFIG);

@@ -1,4 +1,5 @@
-//! The command line: `init`, `check`, config errors, `--help`, `--version`, a taken broker port.
+//! The command line: `init`, `check`, config errors, `--help`, `--version`, a taken broker port,
+//! the man page and shell completions.
 
 use std::process::Command;
 
@@ -262,4 +263,46 @@ async fn logs_to_a_file_carry_no_colour_codes_unless_asked() {
         "ANSI codes in a log file: {plain}"
     );
     assert!(coloured.contains('\u{1b}'), "color = \"always\" gave none");
+}
+
+#[test]
+fn man_prints_a_man_page_and_completions_know_every_subcommand() {
+    // Act
+    let man = Command::new(BIN).arg("man").output().expect("run");
+    let bash = Command::new(BIN)
+        .args(["completions", "bash"])
+        .output()
+        .expect("run");
+    let bad = Command::new(BIN)
+        .args(["completions", "cmd.exe"])
+        .output()
+        .expect("run");
+
+    // Assert
+    assert!(man.status.success());
+    let page = String::from_utf8(man.stdout).expect("UTF-8");
+    assert!(page.contains(".TH telebridge 1"), "{page}");
+    assert!(page.contains(".SH SUBCOMMANDS"), "{page}");
+    assert!(bash.status.success());
+    let script = String::from_utf8(bash.stdout).expect("UTF-8");
+    for sub in [
+        "run",
+        "init",
+        "check",
+        "token",
+        "simulate",
+        "man",
+        "completions",
+    ] {
+        assert!(
+            script.contains(&format!("telebridge__subcmd__{sub}\"")),
+            "bash completion lacks {sub}"
+        );
+    }
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("possible values"));
 }
