@@ -43,6 +43,7 @@
 pub mod alerts;
 pub mod api;
 pub mod app;
+pub mod asyncapi;
 pub mod auth;
 pub mod broker;
 pub mod commands;

@@ -21,8 +21,8 @@ pub struct CommandRequest {
     pub ttl_ms: Option<i64>,
 }
 
-/// Server → client messages.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// Server → client messages (their schema is in the AsyncAPI document, `crate::asyncapi`).
+#[derive(Debug, Clone, Serialize, PartialEq, salvo::oapi::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
     /// The command is stored: published (`status: sent`) or waiting for an offline device
@@ -76,6 +76,7 @@ pub enum ServerMessage {
         reference: Option<Value>,
         /// Stable code: `bad_json`, `unknown_type`, `invalid_device`, `invalid_command`,
         /// `invalid_params`, `too_large`, `forbidden`, `rate_limited`, `unavailable`.
+        #[salvo(schema(value_type = String))]
         code: &'static str,
         /// What was wrong.
         message: String,

@@ -194,6 +194,10 @@ pub fn router(shared: Shared) -> Router {
         .hoop(affix_state::inject(shared))
         .hoop(cors)
         .push(Router::with_path("api/openapi.json").get(crate::openapi::Serve(doc)))
+        .push(
+            Router::with_path("api/asyncapi.json")
+                .get(crate::openapi::Serve(Arc::new(crate::asyncapi::document()))),
+        )
         .push(routes)
 }
 

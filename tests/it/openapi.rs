@@ -194,3 +194,110 @@ async fn schemathesis_finds_no_server_error_no_answer_outside_the_description_an
     assert!(daemon.alive(), "the daemon crashed:\n{out}");
     assert_eq!(daemon.get("/healthz").await.status(), 200);
 }
+
+/// A validator for the AsyncAPI message `key`'s payload, its `$ref`s resolved in `doc`.
+fn message_validator(doc: &Value, key: &str) -> jsonschema::Validator {
+    assert!(
+        doc["components"]["messages"][key].is_object(),
+        "no message {key} in the AsyncAPI document"
+    );
+    let root = json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$ref": format!("#/components/messages/{key}/payload"),
+        "components": doc["components"],
+    });
+    jsonschema::validator_for(&root).unwrap_or_else(|e| panic!("the schema of {key}: {e}"))
+}
+
+fn assert_valid(doc: &Value, key: &str, instance: &Value) {
+    let v = message_validator(doc, key);
+    let errors: Vec<String> = v.iter_errors(instance).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{key} {instance}: {errors:?}");
+}
+
+#[tokio::test]
+async fn real_sse_events_and_websocket_messages_match_the_asyncapi_document() {
+    // Arrange: a device that answers commands, a feed of every kind, a command channel.
+    let broker = Mosquitto::start().await;
+    let daemon = Daemon::start(&broker.url(), "[commands]\ntimeout = \"1s\"").await;
+    let r = daemon.get("/api/asyncapi.json").await;
+    assert_eq!(r.status(), 200);
+    let doc: Value = r.json().await.expect("JSON");
+    let mut device =
+        crate::support::FakeDevice::connect(&broker.url(), "dev-1", "devices/dev-1/commands").await;
+    let mut events = crate::support::SseClient::connect(daemon.http, "/events", None).await;
+    let mut ws = crate::support::Ws::connect(daemon.http).await;
+    let publisher = Publisher::connect(&broker.url(), "asyncapi-pub").await;
+    const T: Duration = Duration::from_secs(20);
+
+    // Act: a reading; a presence change; a command acked and one timing out; a bad message; a
+    // resume from an id that does not exist (a gap).
+    publisher
+        .publish(
+            "devices/dev-1/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            json!({"temperature": 21.5, "gps": {"lat": 1.5}}).to_string(),
+        )
+        .await;
+    publisher
+        .publish("devices/dev-2/status", QoS::AtLeastOnce, false, "offline")
+        .await;
+    ws.send_json(json!({"type": "command", "device": "dev-1", "name": "set_interval", "params": {"seconds": 5}, "ref": "r-1"}))
+        .await;
+    let accepted = ws.expect("accepted", T).await;
+    let cmd = device.next_command(T).await.expect("the command");
+    device
+        .answer(json!({"id": cmd["id"], "ok": true, "result": {"interval": 5}}))
+        .await;
+    let ack = ws.expect("ack", T).await;
+    ws.send_json(json!({"type": "command", "device": "dev-1", "name": "ping"}))
+        .await;
+    let second = ws.expect("accepted", T).await;
+    let timeout = ws.expect("timeout", T).await;
+    ws.send("{not json").await;
+    let error = ws.expect("error", T).await;
+    let mut seen = std::collections::BTreeMap::<String, Vec<Value>>::new();
+    let deadline = Instant::now() + T;
+    while Instant::now() < deadline
+        && !(seen.contains_key("reading")
+            && seen.contains_key("status")
+            && seen.get("command").is_some_and(|c| c.len() >= 4))
+    {
+        if let Some(e) = events.next(Duration::from_secs(2)).await {
+            seen.entry(e.event.clone()).or_default().push(e.json());
+        }
+    }
+    let mut resumed =
+        crate::support::SseClient::connect(daemon.http, "/events", Some("999999")).await;
+    let gap = resumed.next(T).await.expect("a gap event");
+
+    // Assert: every frame and message fits its schema.
+    for (event, datas) in &seen {
+        for data in datas {
+            assert_valid(&doc, &format!("sse_{event}"), data);
+        }
+    }
+    assert!(
+        ["reading", "status", "command"]
+            .iter()
+            .all(|k| seen.contains_key(*k)),
+        "events seen: {:?}",
+        seen.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(gap.event, "gap");
+    assert_valid(&doc, "sse_gap", &gap.json());
+    for m in [&accepted, &ack, &second, &timeout, &error] {
+        assert_valid(&doc, "ws_answer", m);
+    }
+    assert_valid(
+        &doc,
+        "ws_command",
+        &json!({"type": "command", "device": "dev-1", "name": "ping", "params": {}, "ref": 7}),
+    );
+    // The schemas are not empty: a message of the wrong shape is refused.
+    let wrong = message_validator(&doc, "ws_answer");
+    assert!(!wrong.is_valid(&json!({"type": "ack", "id": 5})));
+    let reading = message_validator(&doc, "sse_reading");
+    assert!(!reading.is_valid(&json!({"seq": "one"})));
+}
