@@ -7,7 +7,6 @@
 //! count, and the range of seqs in the bucket, which finds a device's readings of a time
 //! range through the index on (device or source, seq), without an index on time.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -238,7 +237,9 @@ pub fn of_stored(readings: &[super::StoredReading]) -> Vec<RollupRow> {
 /// The rollup rows of readings in seq order: one row per (device, tier, bucket, field),
 /// ready to be merged into what is stored.
 pub fn of_samples<'a>(readings: impl IntoIterator<Item = Sample<'a>>) -> Vec<RollupRow> {
-    let mut rows: HashMap<Key, (Stats, Option<(i64, i64)>)> = HashMap::new();
+    // foldhash: a batch makes a key per reading, tier and field (see store::dedupe).
+    let mut rows: foldhash::HashMap<Key, (Stats, Option<(i64, i64)>)> =
+        foldhash::HashMap::default();
     let mut add = |key: Key, stats: Stats, seq: Option<i64>| {
         rows.entry(key)
             .and_modify(|(s, seqs)| {

@@ -153,7 +153,7 @@ impl Batches {
         let stored = PgStore::presence(&mut tx, ids).await?;
         // Under the append lock: a copy that another instance is storing now is seen.
         let copies = stored_copies(&mut tx, batch).await?;
-        let repeats = dedupe::repeats(batch, |r| {
+        let repeats = dedupe::repeats(batch, |r, _| {
             copies
                 .get(r.device.as_str())
                 .and_then(|by_ts| by_ts.get(&r.ts))

@@ -496,7 +496,7 @@ impl Writer {
         batch: &[Item],
     ) -> Result<Commit, StoreError> {
         let recent = &self.recent;
-        let repeats = dedupe::repeats(batch, |r| recent.contains(r));
+        let repeats = dedupe::repeats(batch, |r, hash| recent.contains(r, hash));
         let online = &self.online;
         let mut p = writer::plan(
             batch,
