@@ -236,7 +236,7 @@ function updateBanner() {
 function ensureDevice(id) {
   let d = state.devices.get(id);
   if (!d) {
-    d = { id, online: false, stale: false, statusAt: 0, firstSeen: 0, lastSeen: 0, latest: null, units: {}, alertRank: 0, row: null, dirty: true };
+    d = { id, online: false, stale: false, statusAt: 0, firstSeen: 0, lastSeen: 0, latest: null, units: {}, row: null, dirty: true };
     state.devices.set(id, d);
     state.orderDirty = true;
   }
@@ -1915,7 +1915,8 @@ function syncCommandDevices() {
   const sel = $("cmd-device");
   const current = sel.value || state.selected;
   const frag = document.createDocumentFragment();
-  for (const id of state.order) {
+  // By name, whatever order the list is in.
+  for (const id of [...state.order].sort(byName)) {
     const o = el("option", null, id);
     o.value = id;
     frag.appendChild(o);
