@@ -91,6 +91,8 @@ const USAGE: &str = "usage: cargo bench --bench history [-- OPTIONS]
   --build-seconds N cap on building the database (default 14400)
   --seed N          seed of the random devices and times (default 14)
   --daemon PATH     the telebridge binary to run (default: the release build)
+  --cold            SQLite: drop the database file from the OS page cache before every
+                    request (posix_fadvise DONTNEED), so each one reads from the disk
 
   --retention       instead of the queries: whether a retention pass stalls ingest, on a
                     database of its own in DIR/retention, built anew each run (below)
@@ -155,6 +157,7 @@ struct Args {
     pass_seconds: u64,
     retention_interval: u64,
     retention_1m: String,
+    cold: bool,
 }
 
 impl Args {
@@ -180,6 +183,7 @@ impl Args {
             pass_seconds: 900,
             retention_interval: 60,
             retention_1m: "365d".into(),
+            cold: false,
         };
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -202,6 +206,7 @@ impl Args {
                 "--seed" => out.seed = number("--seed", args.next(), 0, u64::MAX)?,
                 "--daemon" => out.daemon = Some(path_value("--daemon", args.next())?),
                 "--retention" => out.retention = true,
+                "--cold" => out.cold = true,
                 "--retention-readings" => {
                     out.retention_readings =
                         number("--retention-readings", args.next(), 1, 1_000_000_000)?;
@@ -228,6 +233,9 @@ impl Args {
                 }
                 other => bail!("unknown argument {other:?}"),
             }
+        }
+        if out.cold && !matches!(out.backend, Backend::Sqlite) {
+            bail!("--cold is for SQLite: PostgreSQL keeps its own cache in shared_buffers");
         }
         if out.readings < out.devices {
             bail!(
@@ -929,6 +937,11 @@ async fn run(args: &Args) -> anyhow::Result<ExitCode> {
         "client:     reqwest on loopback, one request at a time; {} warm-up + {} measured requests per query; latency = send -> last byte of the body; random devices and times (seed {})",
         args.warmup, args.samples, args.seed
     );
+    if args.cold {
+        println!(
+            "cache:      cold: the database file is dropped from the OS page cache before every request"
+        );
+    }
     println!(
         "targets:    every query p99 < {TARGET_P99_MS:.0} ms; <= {TARGET_BYTES_PER_READING:.0} B of database per {PAYLOAD_BYTES}-byte reading"
     );
@@ -959,7 +972,16 @@ async fn run(args: &Args) -> anyhow::Result<ExitCode> {
         pg.as_ref().map_or(0.0, PgCluster::cpu_seconds),
     );
     let pg_url = pg.as_ref().map(|pg| pg.database_url(PG_DATABASE));
-    let result = measure(args, &daemon, layout, pg.as_ref(), pg_url.as_deref()).await;
+    let cold = args.cold.then(|| place.sqlite_db());
+    let result = measure(
+        args,
+        &daemon,
+        layout,
+        pg.as_ref(),
+        pg_url.as_deref(),
+        cold.as_deref(),
+    )
+    .await;
     let busy = (
         cpu_before.0.elapsed().as_secs_f64(),
         machine_busy_seconds() - cpu_before.1,
@@ -1156,6 +1178,7 @@ async fn measure(
     layout: Layout,
     pg: Option<&PgCluster>,
     pg_url: Option<&str>,
+    cold: Option<&std::path::Path>,
 ) -> anyhow::Result<Vec<Query>> {
     let http = reqwest::Client::builder()
         .no_proxy()
@@ -1181,7 +1204,12 @@ async fn measure(
     for (kind, label) in kinds {
         eprintln!("measuring {label}");
         let before = PgSnapshot::take(pg, pg_url).await?;
-        let mut q = sample(args, &http, daemon, layout, &mut rng, kind, label).await;
+        let target = Target {
+            daemon,
+            layout,
+            cold,
+        };
+        let mut q = sample(args, &http, &target, &mut rng, kind, label).await;
         (_, q.pg_top) = PgSnapshot::since(before, pg, pg_url, 3).await?;
         out.push(q);
     }
@@ -1209,15 +1237,35 @@ fn request_path(kind: Kind, layout: Layout, rng: &mut Rng) -> String {
     }
 }
 
+/// Drops a file's pages from the OS page cache (clean pages only: the daemon does not
+/// write while the queries run), so the next reads of it come from the disk.
+fn evict(path: &std::path::Path) {
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+    }
+}
+
+/// What the requests go to.
+struct Target<'a> {
+    daemon: &'a Daemon,
+    layout: Layout,
+    /// The database file to drop from the page cache before each request (`--cold`).
+    cold: Option<&'a std::path::Path>,
+}
+
 async fn sample(
     args: &Args,
     http: &reqwest::Client,
-    daemon: &Daemon,
-    layout: Layout,
+    target: &Target<'_>,
     rng: &mut Rng,
     kind: Kind,
     label: String,
 ) -> Query {
+    let Target {
+        daemon,
+        layout,
+        cold,
+    } = *target;
     let mut q = Query {
         label,
         micros: Vec::with_capacity(args.samples as usize),
@@ -1245,6 +1293,9 @@ async fn sample(
         }
         let path = request_path(kind, layout, rng);
         let url = format!("http://{}{path}", daemon.addr);
+        if let Some(db) = cold {
+            evict(db);
+        }
         let t0 = Instant::now();
         let got = match http.get(&url).send().await {
             Ok(resp) => {

@@ -83,6 +83,10 @@ const READING_COLUMNS: &str = "r.seq AS seq, s.device AS device, s.topic AS topi
      r.ts + r.lag AS received_at, CAST(r.payload AS BLOB) AS payload, r.flags AS flags";
 /// Readings with their source.
 const READINGS: &str = "readings r JOIN sources s ON s.id = r.src";
+/// Parallel reads a history page's rows are split into (the readers' pool has four).
+const READ_CHUNKS: usize = 4;
+/// Fewest rows in one of them: a short page is one query.
+const READ_CHUNK_MIN: usize = 16;
 
 /// The newest stored readings, so that one redelivered after a restart is known.
 async fn load_recent(conn: &mut SqliteConnection) -> Result<Recent, StoreError> {
@@ -512,40 +516,91 @@ impl SqliteStore {
         } else {
             (0, i64::MAX)
         };
-        // One source (the usual case) is an equality, so the index gives seq order.
+        // The covering buckets' seq range, as the open bounds the loop moves.
+        let mut after = page.after;
+        if page.from.is_some() {
+            after = after.max(lo.saturating_sub(1));
+        }
+        let mut before = page.before.unwrap_or(i64::MAX);
+        if page.to.is_some() {
+            before = before.min(hi.saturating_add(1));
+        }
+        let (from, to) = (page.from.unwrap_or(i64::MIN), page.to.unwrap_or(i64::MAX));
+        // One source (the usual case) is an equality, so the index gives seq order; the
+        // seqs come from readings_src alone, which holds (src, seq).
         let marks = vec!["?"; sources.len()].join(",");
-        let sql = format!(
-            "SELECT {READING_COLUMNS} FROM {READINGS} WHERE r.src IN ({marks}) AND r.seq > ? \
-             AND r.seq < ? AND r.ts >= ? AND r.ts <= ?{}{} ORDER BY r.seq{} LIMIT ?",
-            if page.from.is_some() {
-                " AND r.seq >= ?"
-            } else {
-                ""
-            },
-            if page.to.is_some() {
-                " AND r.seq <= ?"
-            } else {
-                ""
-            },
+        let seqs_sql = format!(
+            "SELECT seq FROM readings WHERE src IN ({marks}) AND seq > ? AND seq < ? \
+             ORDER BY seq{} LIMIT ?",
             if page.newest_first { " DESC" } else { "" },
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for src in sources {
-            q = q.bind(src);
+        let mut out = Vec::new();
+        // A row outside [from, to] (an edge bucket, or a late reading) is dropped and the
+        // next seqs are read, until the page is full or the range is done.
+        while (out.len() as i64) < page.limit {
+            let want = page.limit - out.len() as i64;
+            let mut q = sqlx::query_scalar(AssertSqlSafe(seqs_sql.clone()));
+            for src in &sources {
+                q = q.bind(*src);
+            }
+            let seqs: Vec<i64> = q
+                .bind(after)
+                .bind(before)
+                .bind(want)
+                .fetch_all(&self.pool)
+                .await?;
+            let (Some(&last), full) = (seqs.last(), seqs.len() as i64 == want) else {
+                break;
+            };
+            if page.newest_first {
+                before = last;
+            } else {
+                after = last;
+            }
+            out.extend(self.readings_at(&seqs, from, to, page.newest_first).await?);
+            if !full {
+                break;
+            }
         }
-        q = q
-            .bind(page.after)
-            .bind(page.before.unwrap_or(i64::MAX))
-            .bind(page.from.unwrap_or(i64::MIN))
-            .bind(page.to.unwrap_or(i64::MAX));
-        if page.from.is_some() {
-            q = q.bind(lo);
+        Ok(out)
+    }
+
+    /// The readings with these seqs and device time within [from, to], in seq order (or
+    /// reversed). A device's readings lie between other devices' all over the file, so
+    /// each is a random read: they are fetched in parallel chunks, one per connection,
+    /// and a cold cache costs a few disk reads' time instead of one per row.
+    async fn readings_at(
+        &self,
+        seqs: &[i64],
+        from: i64,
+        to: i64,
+        newest_first: bool,
+    ) -> Result<Vec<StoredReading>, StoreError> {
+        let chunk = seqs.len().div_ceil(READ_CHUNKS).max(READ_CHUNK_MIN);
+        let parts = seqs.chunks(chunk).map(|part| async move {
+            let marks = vec!["?"; part.len()].join(",");
+            let sql = format!(
+                "SELECT {READING_COLUMNS} FROM {READINGS} WHERE r.seq IN ({marks}) \
+                 AND r.ts >= ? AND r.ts <= ?"
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for seq in part {
+                q = q.bind(*seq);
+            }
+            q.bind(from).bind(to).fetch_all(&self.pool).await
+        });
+        let mut out = Vec::with_capacity(seqs.len());
+        for rows in futures_util::future::try_join_all(parts).await? {
+            for row in &rows {
+                out.push(reading_from_row(row)?);
+            }
         }
-        if page.to.is_some() {
-            q = q.bind(hi);
+        if newest_first {
+            out.sort_unstable_by_key(|r| std::cmp::Reverse(r.seq));
+        } else {
+            out.sort_unstable_by_key(|r| r.seq);
         }
-        let rows = q.bind(page.limit).fetch_all(&self.pool).await?;
-        rows.iter().map(reading_from_row).collect()
+        Ok(out)
     }
 
     /// The smallest and largest seq of a device's readings with device time within
