@@ -61,7 +61,12 @@ pub struct Client {
     id_written: i64,
     phase: Phase,
     heartbeat: tokio::time::Interval,
+    /// The heartbeat's period.
+    heartbeat_every: std::time::Duration,
     id_tick: tokio::time::Interval,
+    /// When the last live chunk was returned. The timers are not reset per chunk (each
+    /// reset takes the timer wheel's lock); a tick that comes early re-arms itself once.
+    sent_at: tokio::time::Instant,
     stop: CancellationToken,
     last_seq: watch::Receiver<i64>,
     metrics: Arc<Metrics>,
@@ -79,7 +84,7 @@ impl Client {
     pub fn new(shared: &Shared, slot: crate::limits::Slot, params: Params) -> Client {
         let store = shared.store.clone();
         let last_seq = shared.last_seq.clone();
-        let heartbeat = shared.heartbeat;
+        let heartbeat_every = shared.heartbeat;
         let stop = shared.streams_stop.clone();
         let metrics = shared.metrics.clone();
         metrics.sse_clients.inc();
@@ -94,8 +99,10 @@ impl Client {
         let position = params.last_event_id.unwrap_or(now);
         let mut id_tick = tokio::time::interval(ID_EVERY);
         id_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut heartbeat =
-            tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        let mut heartbeat = tokio::time::interval_at(
+            tokio::time::Instant::now() + heartbeat_every,
+            heartbeat_every,
+        );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Client {
             store,
@@ -105,7 +112,9 @@ impl Client {
             params,
             phase: Phase::Intro,
             heartbeat,
+            heartbeat_every,
             id_tick,
+            sent_at: tokio::time::Instant::now(),
             stop,
             last_seq,
             metrics,
@@ -310,10 +319,10 @@ impl Client {
                         if let Some(at) = oldest {
                             self.metrics.sse_delivery_lag.observe_duration(at.elapsed());
                         }
-                        self.heartbeat.reset();
-                        // This chunk carries the client's id: no `id:`-only frame is due
-                        // for another second, so a client that gets events never needs one.
-                        self.id_tick.reset();
+                        // This chunk is a sign of life and carries the client's id: no
+                        // heartbeat and no `id:`-only frame is due until their periods
+                        // have passed from now.
+                        self.sent_at = tokio::time::Instant::now();
                         self.id_written = last_sent.unwrap_or(self.id_written);
                         if self.position > self.id_written {
                             // Skipped events after the last one sent: the id rides along.
@@ -346,8 +355,22 @@ impl Client {
                 }
                 // Only skipped events since the last id: at most one `id:` frame a second. A
                 // routed client learns how far the feed went only by reading, so it looks.
-                _ = self.id_tick.tick(), if self.position > self.id_written || self.tap.routed() => id_due = true,
-                _ = self.heartbeat.tick() => return Some(Bytes::from_static(b": heartbeat\n\n")),
+                _ = self.id_tick.tick(), if self.position > self.id_written || self.tap.routed() => {
+                    let due = self.sent_at + ID_EVERY;
+                    if tokio::time::Instant::now() < due {
+                        self.id_tick.reset_at(due);
+                    } else {
+                        id_due = true;
+                    }
+                }
+                _ = self.heartbeat.tick() => {
+                    let due = self.sent_at + self.heartbeat_every;
+                    if tokio::time::Instant::now() < due {
+                        self.heartbeat.reset_at(due);
+                    } else {
+                        return Some(Bytes::from_static(b": heartbeat\n\n"));
+                    }
+                }
             }
         }
     }

@@ -267,6 +267,7 @@ impl Tap {
     /// about `max_bytes`, and moves the tap past every event it looked at.
     pub fn read(&mut self, max_bytes: usize, after: i64) -> Read {
         let mut c = Collect {
+            one: None,
             out: BytesMut::new(),
             max_bytes,
             after,
@@ -301,7 +302,7 @@ impl Tap {
             }
         }
         Read::Events {
-            bytes: c.out.freeze(),
+            bytes: c.one.take().unwrap_or_else(|| c.out.freeze()),
             last_read: c.last_read,
             last_sent: c.last_sent,
             oldest: c.oldest,
@@ -355,6 +356,9 @@ impl Tap {
 
 /// The frames one read collects.
 struct Collect {
+    /// The chunk while it is one frame: sent as it is, shared, not copied.
+    one: Option<Bytes>,
+    /// The chunk once it is more than one frame.
     out: BytesMut,
     max_bytes: usize,
     after: i64,
@@ -368,11 +372,18 @@ impl Collect {
     fn take(&mut self, e: &Event, wanted: bool) -> bool {
         self.last_read = Some(e.seq);
         if wanted && e.seq > self.after {
-            self.out.extend_from_slice(&e.frame);
+            if self.last_sent.is_none() {
+                self.one = Some(e.frame.clone());
+            } else {
+                if let Some(first) = self.one.take() {
+                    self.out.extend_from_slice(&first);
+                }
+                self.out.extend_from_slice(&e.frame);
+            }
             self.last_sent = Some(e.seq);
             self.oldest.get_or_insert(e.committed);
         }
-        self.out.len() < self.max_bytes
+        self.one.as_ref().map_or(0, Bytes::len) + self.out.len() < self.max_bytes
     }
 }
 
