@@ -21,7 +21,7 @@
 //! 2. The measurement: the release daemon (`target/release/telebridge`) on that database,
 //!    against a private Mosquitto, and `--samples` (default 200) sequential HTTP requests of
 //!    each kind, after a few warm-up ones: a 100-row history page of a random device from a
-//!    random time within its span, a 24-hour and a 30-day series (`step=auto`) ending at the
+//!    random time within its span, a 24-hour, a 7-day and a 30-day series (`step=auto`) ending at the
 //!    data's end, and the device list. Latency is the request's send to the last byte of its
 //!    body, on loopback. Then the database's size per reading: SQLite: the file and its WAL
 //!    (with the split by table and index from `dbstat`); PostgreSQL: `pg_database_size` and
@@ -1192,6 +1192,10 @@ async fn measure(
         (
             Kind::Series { hours: 24 },
             "24 h series: series?from=now-24h&to=now&step=auto".to_owned(),
+        ),
+        (
+            Kind::Series { hours: 7 * 24 },
+            "7 d series: series?from=now-7d&to=now&step=auto".to_owned(),
         ),
         (
             Kind::Series { hours: 30 * 24 },

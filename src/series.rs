@@ -462,7 +462,7 @@ pub async fn compute(store: &Store, q: &Query, p: &Plan) -> Result<Buckets, Seri
     match p.source {
         Source::Tier(tier) => {
             let rows = store
-                .rollups(&q.device, tier, p.lo, p.hi, q.fields.as_deref())
+                .rollups(&q.device, tier, p.step, p.lo, p.hi, q.fields.as_deref())
                 .await?;
             for r in rows {
                 out.add(rollup::bucket_of(r.bucket, p.step), &r.field, &r.stats);
@@ -473,14 +473,10 @@ pub async fn compute(store: &Store, q: &Query, p: &Plan) -> Result<Buckets, Seri
             // large is refused before it is read.
             let all = [rollup::ALL.to_owned()];
             let minute = rollup::bucket_span(Some(p.lo), Some(p.hi - 1), TIERS[0]);
+            let (from, to) = (minute.0, minute.1 + TIERS[0]);
+            // One step over the whole span: storage sums it into one row.
             let count: i64 = store
-                .rollups(
-                    &q.device,
-                    TIERS[0],
-                    minute.0,
-                    minute.1 + TIERS[0],
-                    Some(&all),
-                )
+                .rollups(&q.device, TIERS[0], to - from, from, to, Some(&all))
                 .await?
                 .iter()
                 .map(|r| r.stats.count)

@@ -262,16 +262,18 @@ impl Store {
     }
 
     /// Stored rollup rows of one device and tier (bucket width, ms) with bucket start in
-    /// [from, to), of the given fields (every numeric field when `None`), by bucket.
+    /// [from, to), of the given fields (every numeric field when `None`), merged in storage
+    /// into buckets of `step` (a multiple of the tier) counted from `from`, by bucket.
     pub async fn rollups(
         &self,
         device: &str,
         tier: i64,
+        step: i64,
         from: i64,
         to: i64,
         fields: Option<&[String]>,
     ) -> Result<Vec<rollup::RollupRow>, StoreError> {
-        dispatch!(self, b => b.rollups(device, tier, from, to, fields).await)
+        dispatch!(self, b => b.rollups(device, tier, step, from, to, fields).await)
     }
 
     /// Stores a new command and its first event, or returns the existing one for a

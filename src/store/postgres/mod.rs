@@ -412,29 +412,51 @@ impl PgStore {
     }
 
     /// Stored rollup rows of one device and tier with bucket in [from, to), of the given
-    /// fields (every field but the all-readings one when `None`), by bucket.
+    /// fields (every field but the all-readings one when `None`), merged into buckets of
+    /// `step` (a multiple of the tier) from `from`, by bucket.
     pub async fn rollups(
         &self,
         device: &str,
         tier: i64,
+        step: i64,
         from: i64,
         to: i64,
         fields: Option<&[String]>,
     ) -> Result<Vec<RollupRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT device, tier, bucket, field, n, total, lo, hi, first_v, first_ts, last_v, \
-             last_ts, seq_lo, seq_hi FROM rollups \
-             WHERE device = $1 AND tier = $2 AND bucket >= $3 AND bucket < $4 \
-             AND (CASE WHEN $5::text[] IS NULL THEN field <> '' ELSE field = ANY($5) END) \
-             ORDER BY bucket, field",
-        )
-        .bind(device)
-        .bind(tier)
-        .bind(from)
-        .bind(to)
-        .bind(fields)
-        .fetch_all(&self.pool)
-        .await?;
+        const FILTER: &str = "device = $1 AND tier = $2 AND bucket >= $3 AND bucket < $4 \
+             AND (CASE WHEN $6::text[] IS NULL THEN field <> '' ELSE field = ANY($6) END)";
+        // As on SQLite: a coarser step is merged here; a step's earliest reading is in its
+        // first bucket and its latest in its last.
+        let sql = if step > tier {
+            format!(
+                "WITH g AS (SELECT $3 + (bucket - $3) / $5 * $5 AS start, field, \
+                 sum(n)::bigint AS n, sum(total) AS total, min(lo) AS lo, max(hi) AS hi, \
+                 min(bucket) AS b0, max(bucket) AS b1 FROM rollups WHERE {FILTER} \
+                 GROUP BY 1, 2) \
+                 SELECT $1::text AS device, $2::bigint AS tier, g.start AS bucket, \
+                 g.field AS field, g.n AS n, g.total AS total, g.lo AS lo, g.hi AS hi, \
+                 f.first_v AS first_v, f.first_ts AS first_ts, l.last_v AS last_v, \
+                 l.last_ts AS last_ts, NULL::bigint AS seq_lo, NULL::bigint AS seq_hi FROM g \
+                 JOIN rollups f ON f.device = $1 AND f.tier = $2 AND f.bucket = g.b0 AND f.field = g.field \
+                 JOIN rollups l ON l.device = $1 AND l.tier = $2 AND l.bucket = g.b1 AND l.field = g.field \
+                 ORDER BY g.start, g.field"
+            )
+        } else {
+            format!(
+                "SELECT device, tier, bucket, field, n, total, lo, hi, first_v, first_ts, last_v, \
+                 last_ts, seq_lo, seq_hi FROM rollups WHERE {FILTER} AND $5::bigint > 0 \
+                 ORDER BY bucket, field"
+            )
+        };
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(device)
+            .bind(tier)
+            .bind(from)
+            .bind(to)
+            .bind(step)
+            .bind(fields)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(rollup_from_row).collect()
     }
 

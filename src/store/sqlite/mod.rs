@@ -83,6 +83,10 @@ const READING_COLUMNS: &str = "r.seq AS seq, s.device AS device, s.topic AS topi
      r.ts + r.lag AS received_at, CAST(r.payload AS BLOB) AS payload, r.flags AS flags";
 /// Readings with their source.
 const READINGS: &str = "readings r JOIN sources s ON s.id = r.src";
+/// Rows a reader's worker thread may run ahead of the task taking them. sqlx's default
+/// (50) hands a long result over in rounds of 50, each a thread wake-up on both sides:
+/// a 24-hour series (thousands of rollup rows) spent most of its time switching.
+const READER_ROW_BUFFER: usize = 4096;
 /// Parallel reads a history page's rows are split into (the readers' pool has four).
 const READ_CHUNKS: usize = 4;
 /// Fewest rows in one of them: a short page is one query.
@@ -323,7 +327,11 @@ impl SqliteStore {
         // clients at once would otherwise hold 128 MiB.
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(opts.clone().pragma("cache_size", "-8192"))
+            .connect_with(
+                opts.clone()
+                    .pragma("cache_size", "-8192")
+                    .row_buffer_size(READER_ROW_BUFFER),
+            )
             .await
             .map_err(open_error)?;
         Ok((
@@ -628,29 +636,59 @@ impl SqliteStore {
     }
 
     /// Stored rollup rows of one device and tier with bucket in [from, to), of the given
-    /// fields (every field but the all-readings one when `None`), by bucket.
+    /// fields (every field but the all-readings one when `None`), merged into buckets of
+    /// `step` (a multiple of the tier) from `from`, by bucket.
     pub async fn rollups(
         &self,
         device: &str,
         tier: i64,
+        step: i64,
         from: i64,
         to: i64,
         fields: Option<&[String]>,
     ) -> Result<Vec<RollupRow>, StoreError> {
-        let mut sql = String::from(
-            "SELECT device, tier, bucket, field, n, total, lo, hi, first_v, first_ts, last_v, last_ts, \
-             seq_lo, seq_hi FROM rollups WHERE device = ? AND tier = ? AND bucket >= ? AND bucket < ?",
-        );
-        match fields {
-            None => sql.push_str(" AND field != ''"),
-            Some(f) => push_in(&mut sql, "field", Some(f)),
-        }
-        sql.push_str(" ORDER BY bucket, field");
+        // Numbered like the rest (sqlx counts plain `?` apart from `?N`): ?6 onwards.
+        let filter = match fields {
+            None => " AND field != ''".to_owned(),
+            Some(f) => {
+                let marks: Vec<String> = (6..6 + f.len()).map(|i| format!("?{i}")).collect();
+                format!(" AND field IN ({})", marks.join(","))
+            }
+        };
+        // A coarser step is merged here, so that a week of minutes (60,000 rows of six
+        // fields) crosses into Rust as its 4,000 sums. Buckets split device time, so a
+        // step's earliest reading is in its first bucket and its latest in its last. The
+        // sums are made once (MATERIALIZED) and drive the join (CROSS JOIN keeps the
+        // order): pushed into the join, the grouping would run again for every row.
+        let sql = if step > tier {
+            format!(
+                "WITH g AS MATERIALIZED (SELECT ?3 + (bucket - ?3) / ?5 * ?5 AS start, field, sum(n) AS n, \
+                 sum(total) AS total, min(lo) AS lo, max(hi) AS hi, min(bucket) AS b0, \
+                 max(bucket) AS b1 FROM rollups \
+                 WHERE device = ?1 AND tier = ?2 AND bucket >= ?3 AND bucket < ?4{filter} \
+                 GROUP BY start, field) \
+                 SELECT ?1 AS device, ?2 AS tier, g.start AS bucket, g.field AS field, g.n AS n, \
+                 g.total AS total, g.lo AS lo, g.hi AS hi, f.first_v AS first_v, \
+                 f.first_ts AS first_ts, l.last_v AS last_v, l.last_ts AS last_ts, \
+                 NULL AS seq_lo, NULL AS seq_hi FROM g \
+                 CROSS JOIN rollups f ON f.device = ?1 AND f.tier = ?2 AND f.bucket = g.b0 AND f.field = g.field \
+                 CROSS JOIN rollups l ON l.device = ?1 AND l.tier = ?2 AND l.bucket = g.b1 AND l.field = g.field \
+                 ORDER BY g.start, g.field"
+            )
+        } else {
+            format!(
+                "SELECT device, tier, bucket, field, n, total, lo, hi, first_v, first_ts, last_v, \
+                 last_ts, seq_lo, seq_hi FROM rollups \
+                 WHERE device = ?1 AND tier = ?2 AND bucket >= ?3 AND bucket < ?4 AND ?5 > 0{filter} \
+                 ORDER BY bucket, field"
+            )
+        };
         let mut q = sqlx::query(AssertSqlSafe(sql))
             .bind(device)
             .bind(tier)
             .bind(from)
-            .bind(to);
+            .bind(to)
+            .bind(step);
         for f in fields.unwrap_or_default() {
             q = q.bind(f.as_str());
         }
