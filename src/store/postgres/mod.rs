@@ -394,21 +394,69 @@ impl PgStore {
         row.as_ref().map(device_from_row).transpose()
     }
 
-    /// History of one device (see [`crate::store::Store::history`]).
+    /// History of one device (see [`crate::store::Store::history`]). A time range is
+    /// first narrowed to a seq range by the 1-minute rollups, as on SQLite: the plan walks
+    /// readings_device in seq order, and without the bounds a `from=` deep into a device
+    /// with months of readings filtered every row before it (0.7 s at 700,000 a device).
     pub async fn history(&self, page: &Page) -> Result<Vec<StoredReading>, StoreError> {
+        let (lo, hi) = if page.from.is_some() || page.to.is_some() {
+            match self.seq_bounds(&page.device, page.from, page.to).await? {
+                Some(b) => b,
+                None => return Ok(Vec::new()),
+            }
+        } else {
+            (i64::MIN, i64::MAX)
+        };
         let order = if page.newest_first { " DESC" } else { "" };
         let rows = bind_page(
             page,
             sqlx::query(AssertSqlSafe(format!(
                 "SELECT {READING_COLUMNS} FROM readings \
                  WHERE device = $1 AND seq > $2 AND ts >= $3 AND ts <= $4 AND seq < $6 \
-                 ORDER BY seq{order} LIMIT $5"
+                 AND seq >= $7 AND seq <= $8 ORDER BY seq{order} LIMIT $5"
             ))),
         )
         .bind(page.before.unwrap_or(i64::MAX))
+        .bind(lo)
+        .bind(hi)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(reading_from_row).collect()
+    }
+
+    /// The smallest and largest seq of a device's readings with device time within
+    /// [from, to], from the all-readings rows of the covering buckets; `None` when no
+    /// reading is in the range.
+    async fn seq_bounds(
+        &self,
+        device: &str,
+        from: Option<i64>,
+        to: Option<i64>,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let parts = crate::store::rollup::covering(from, to);
+        let arms: Vec<String> = (0..parts.len())
+            .map(|i| {
+                let n = 1 + 3 * i;
+                format!(
+                    "SELECT seq_lo, seq_hi FROM rollups WHERE device = $1 AND tier = ${} \
+                     AND bucket >= ${} AND bucket <= ${} AND field = ''",
+                    n + 1,
+                    n + 2,
+                    n + 3
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT min(seq_lo), max(seq_hi) FROM ({}) b",
+            arms.join(" UNION ALL ")
+        );
+        let mut q =
+            sqlx::query_as::<_, (Option<i64>, Option<i64>)>(AssertSqlSafe(sql)).bind(device);
+        for (tier, lo, hi) in parts {
+            q = q.bind(tier).bind(lo).bind(hi);
+        }
+        let (lo, hi) = q.fetch_one(&self.pool).await?;
+        Ok(lo.zip(hi))
     }
 
     /// Stored rollup rows of one device and tier with bucket in [from, to), of the given
