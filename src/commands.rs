@@ -70,6 +70,18 @@ impl Commands {
 
     /// Stores and sends (or queues) a command; the answer is the `accepted` message.
     pub async fn submit(&self, req: CommandRequest) -> Result<ServerMessage, Refusal> {
+        self.submit_as(uuid::Uuid::new_v4().to_string(), req).await
+    }
+
+    /// [`Commands::submit`] with the id the new command gets chosen by the caller, so that
+    /// a WebSocket session knows it before the command is published and can keep its
+    /// answer even when the answer comes back before this call returns. (A repeated
+    /// idempotency key answers with the existing command's id instead.)
+    pub async fn submit_as(
+        &self,
+        id: String,
+        req: CommandRequest,
+    ) -> Result<ServerMessage, Refusal> {
         let unavailable = |e: &dyn std::fmt::Display| Refusal {
             reference: req.reference.clone(),
             code: "unavailable",
@@ -83,7 +95,6 @@ impl Commands {
         let now = domain::now_ms();
         // A device never seen is treated as reachable; only one known to be offline waits.
         let offline = matches!(self.store.device(device.as_str()).await, Ok(Some(d)) if !d.online);
-        let id = uuid::Uuid::new_v4().to_string();
         let params = Value::Object(req.params.clone()).to_string();
         let ttl = req.ttl_ms.unwrap_or(self.cfg.ttl.as_millis() as i64);
         let status = if offline { "queued" } else { "sent" };

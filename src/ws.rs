@@ -2,7 +2,7 @@
 //! out. A bad message gets an error frame and the connection stays open; a dead peer is
 //! noticed by ping/pong and closed.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,8 +24,6 @@ pub const MAX_MESSAGE: usize = 16 * 1024;
 const HARD_LIMIT: usize = 1024 * 1024;
 /// Ping interval; a peer silent for three of them is considered dead.
 const PING_EVERY: Duration = Duration::from_secs(20);
-/// Updates of unknown commands kept while submissions are in flight.
-const EARLY_MAX: usize = 256;
 /// Commands of one connection being stored and published at once; further frames wait
 /// unread (back-pressure through TCP) until one of them is done.
 const IN_FLIGHT: usize = 32;
@@ -127,16 +125,13 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
     s.metrics.ws_clients.inc();
     let (mut tx, mut rx) = socket.split();
     let mut updates = s.commands.subscribe();
-    let mut mine: HashSet<String> = HashSet::new();
+    let mut routing = Routing::default();
     let mut limit = RateLimit::new(s.command_rate);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut last_heard = Instant::now();
+    // Each submission yields the id it was given with its outcome.
     let mut submitting = FuturesUnordered::new();
-    // Updates for commands not (yet) known as ours, kept while a submission is in flight:
-    // under load the device's answer can come back before the submitting task is polled
-    // again with its `accepted`.
-    let mut early: VecDeque<Arc<Update>> = VecDeque::new();
-    // Messages to send after the one of this turn (an early answer after its `accepted`).
+    // Messages to send after the one of this turn (held answers after their `accepted`).
     let mut queued: VecDeque<ServerMessage> = VecDeque::new();
     'serve: loop {
         while let Some(msg) = queued.pop_front() {
@@ -151,47 +146,31 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
                 let _ = tx.send(Message::close_with(1001u16, "server shutting down")).await;
                 break;
             }
-            // Before updates: a device's ack is matched only once its command is known
-            // to be this connection's.
-            Some(result) = submitting.next(), if !submitting.is_empty() => match result {
-                Ok(Ok(msg)) => {
-                    if let ServerMessage::Accepted { id, .. } = &msg {
-                        mine.insert(id.clone());
-                        early.retain(|u| {
-                            if u.id != *id {
-                                return true;
-                            }
-                            mine.remove(id);
-                            queued.push_back(u.message.clone());
-                            false
-                        });
+            // Before updates, so that an `accepted` goes out as soon as it is there.
+            Some((given, result)) = submitting.next(), if !submitting.is_empty() => {
+                let given: String = given;
+                match result {
+                    Ok(Ok(msg)) => {
+                        let id = match &msg {
+                            ServerMessage::Accepted { id, .. } => Some(id.as_str()),
+                            _ => None,
+                        };
+                        queued.extend(routing.submitted(&given, id));
+                        Some(msg)
                     }
-                    if submitting.is_empty() {
-                        early.clear();
+                    Ok(Err(r)) => {
+                        routing.submitted(&given, None);
+                        Some(refuse(&s, r))
                     }
-                    Some(msg)
+                    Err(e) => {
+                        tracing::error!(error = %e, "a command submission task failed");
+                        routing.submitted(&given, None);
+                        Some(refuse(&s, Refusal { reference: None, code: "unavailable", message: "the command could not be handled; see /api/commands".into() }))
+                    }
                 }
-                Ok(Err(r)) => Some(refuse(&s, r)),
-                Err(e) => {
-                    tracing::error!(error = %e, "a command submission task failed");
-                    Some(refuse(&s, Refusal { reference: None, code: "unavailable", message: "the command could not be handled; see /api/commands".into() }))
-                }
-            },
+            }
             update = updates.recv() => match update {
-                Ok(u) if mine.contains(&u.id) => {
-                    if !matches!(u.message, ServerMessage::Accepted { .. }) {
-                        mine.remove(&u.id);
-                    }
-                    Some(u.message.clone())
-                }
-                Ok(u) if !submitting.is_empty() => {
-                    if early.len() == EARLY_MAX {
-                        early.pop_front();
-                    }
-                    early.push_back(u);
-                    None
-                }
-                Ok(_) => None,
+                Ok(u) => routing.update(&u),
                 Err(RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "a WebSocket client missed command updates; they are in /api/commands");
                     None
@@ -226,7 +205,13 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
                         // A task of its own: a command stored before its client goes away
                         // is still published (dropping the handle detaches it).
                         let commands = s.commands.clone();
-                        submitting.push(tokio::spawn(async move { commands.submit(req).await }));
+                        let id = uuid::Uuid::new_v4().to_string();
+                        routing.submitting(&id);
+                        let task = tokio::spawn({
+                            let id = id.clone();
+                            async move { commands.submit_as(id, req).await }
+                        });
+                        submitting.push(async move { (id, task.await) });
                         None
                     }
                     Err(r) => Some(refuse(&s, r)),
@@ -241,6 +226,56 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
         }
     }
     s.metrics.ws_clients.dec();
+}
+
+/// Which command updates a session passes on, and when. The id of a command is chosen
+/// before it is stored, and updates for it are held from then on: the device's answer
+/// can come back before the submitting task's `accepted` is polled (the task published the
+/// command, then was descheduled while the answer went round), and must then be neither
+/// lost (it is not yet known as this session's) nor sent before its `accepted`.
+#[derive(Debug, Default)]
+struct Routing {
+    /// Commands of this session that are accepted and not finished.
+    mine: HashSet<String>,
+    /// Updates of the commands being submitted, by the id given to each.
+    held: HashMap<String, Vec<ServerMessage>>,
+}
+
+impl Routing {
+    /// A command is about to be submitted with id `given`.
+    fn submitting(&mut self, given: &str) {
+        self.held.insert(given.to_owned(), Vec::new());
+    }
+
+    /// The submission given `given` is over: accepted as command `accepted` (whose
+    /// `accepted` is about to be sent), or refused. Returns the held updates to send right
+    /// after that `accepted`.
+    fn submitted(&mut self, given: &str, accepted: Option<&str>) -> Vec<ServerMessage> {
+        let early = self.held.remove(given).unwrap_or_default();
+        let Some(id) = accepted else {
+            return Vec::new();
+        };
+        // With an ending already held, nothing more comes for it. (A repeated idempotency
+        // key answers with the existing command's id, for which nothing was held.)
+        if early.is_empty() {
+            self.mine.insert(id.to_owned());
+        }
+        early
+    }
+
+    /// What to send for an update of any command, if it is one of this session's.
+    fn update(&mut self, u: &Arc<Update>) -> Option<ServerMessage> {
+        if self.mine.contains(&u.id) {
+            if !matches!(u.message, ServerMessage::Accepted { .. }) {
+                self.mine.remove(&u.id);
+            }
+            return Some(u.message.clone());
+        }
+        if let Some(h) = self.held.get_mut(&u.id) {
+            h.push(u.message.clone());
+        }
+        None
+    }
 }
 
 /// A command that may be submitted, or why not.
@@ -293,4 +328,68 @@ fn check_text(
 fn refuse(s: &Shared, r: Refusal) -> ServerMessage {
     s.metrics.command_errors.inc();
     r.into_message()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(id: &str) -> Arc<Update> {
+        Arc::new(Update {
+            id: id.into(),
+            message: ServerMessage::Ack {
+                id: id.into(),
+                ok: true,
+                result: None,
+                error: None,
+                rtt_ms: 1.0,
+            },
+        })
+    }
+
+    #[test]
+    fn an_answer_before_its_accepted_is_sent_right_after_it() {
+        let mut r = Routing::default();
+        r.submitting("a");
+        r.submitting("b");
+        // The answer to "a" overtakes its `accepted` while "b" is still being stored.
+        assert_eq!(r.update(&ack("a")), None);
+        assert_eq!(r.submitted("a", Some("a")), vec![ack("a").message.clone()]);
+        assert_eq!(r.submitted("b", Some("b")), vec![]);
+        assert_eq!(r.update(&ack("b")), Some(ack("b").message.clone()));
+        // Each command is over: nothing more is passed on, nothing is kept.
+        assert_eq!(r.update(&ack("a")), None);
+        assert_eq!(r.update(&ack("b")), None);
+        assert!(r.mine.is_empty() && r.held.is_empty(), "{r:?}");
+    }
+
+    #[test]
+    fn an_answer_after_its_accepted_is_passed_on_and_others_are_not() {
+        let mut r = Routing::default();
+        r.submitting("a");
+        assert_eq!(r.update(&ack("other")), None);
+        assert_eq!(r.submitted("a", Some("a")), vec![]);
+        assert_eq!(r.update(&ack("other")), None);
+        assert_eq!(r.update(&ack("a")), Some(ack("a").message.clone()));
+        assert!(r.mine.is_empty() && r.held.is_empty(), "{r:?}");
+    }
+
+    #[test]
+    fn a_refused_submission_keeps_nothing() {
+        let mut r = Routing::default();
+        r.submitting("a");
+        assert_eq!(r.submitted("a", None), vec![]);
+        assert_eq!(r.update(&ack("a")), None);
+        assert!(r.mine.is_empty() && r.held.is_empty(), "{r:?}");
+    }
+
+    #[test]
+    fn a_repeated_key_follows_the_existing_command() {
+        let mut r = Routing::default();
+        r.submitting("new");
+        // The store answers with the command that has the key.
+        assert_eq!(r.submitted("new", Some("old")), vec![]);
+        assert_eq!(r.update(&ack("old")), Some(ack("old").message.clone()));
+        assert!(r.mine.is_empty() && r.held.is_empty(), "{r:?}");
+    }
 }
