@@ -148,6 +148,7 @@ async fn serve(socket: WebSocket, s: Shared, who: Principal, _slot: crate::limit
             }
             // Before updates, so that an `accepted` goes out as soon as it is there.
             Some((given, result)) = submitting.next(), if !submitting.is_empty() => {
+                // Named for inference: the futures' type is only known further down.
                 let given: String = given;
                 match result {
                     Ok(Ok(msg)) => {

@@ -490,6 +490,8 @@ impl PgStore {
                  ORDER BY g.start, g.field"
             )
         } else {
+            // The step is bound either way ($6 follows it), and PostgreSQL refuses a bound
+            // parameter the statement does not use.
             format!(
                 "SELECT device, tier, bucket, field, n, total, lo, hi, first_v, first_ts, last_v, \
                  last_ts, seq_lo, seq_hi FROM rollups WHERE {FILTER} AND $5::bigint > 0 \

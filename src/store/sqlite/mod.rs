@@ -676,6 +676,8 @@ impl SqliteStore {
                  ORDER BY g.start, g.field"
             )
         } else {
+            // The step is bound either way (the field list starts at ?6); here it only
+            // has to be used.
             format!(
                 "SELECT device, tier, bucket, field, n, total, lo, hi, first_v, first_ts, last_v, \
                  last_ts, seq_lo, seq_hi FROM rollups \
